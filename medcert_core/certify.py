@@ -1,0 +1,325 @@
+"""Per-pixel certification statistics (SegCertify with multiple-testing correction).
+
+Statistics only: numpy, scipy and torch; no models, no I/O.
+
+For every pixel p, the first ``n0`` draws select a class ``c(p)`` (the most frequent one) and the
+next ``n`` independent draws count how often ``c(p)`` comes out, ``k(p)``. The one-sided binomial
+p-value of "the smoothed probability of c(p) is at most tau" is
+
+    pvalue(p) = P[Binom(n, tau) >= k(p)] = scipy.stats.binom.sf(k(p) - 1, n, tau).
+
+The pixels whose null hypothesis is rejected by the chosen correction at level ``alpha`` keep
+``c(p)``; all others are :data:`ABSTAIN`. With probability at least ``1 - alpha`` (family-wise
+over all pixels for "holm" and "bonferroni"), every certified pixel keeps its smoothed class under
+any L2 perturbation of norm below ``radius = sigma * Phi^-1(tau)`` (Cohen et al. 2019;
+Fischer et al. 2021).
+
+A p-value depends only on the integer count k in 0..n, so the corrections work on the n + 1
+possible values and their histogram rather than on a sort of all H*W pixels; ties and p-values
+equal to a threshold are decided exactly as ``statsmodels.stats.multitest.multipletests`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import numpy as np
+import torch
+from scipy.stats import binom, norm
+
+ABSTAIN: int = -1
+CORRECTIONS: tuple[str, ...] = ("holm", "bonferroni", "none")
+
+Array = Union[np.ndarray, torch.Tensor]
+Correction = Literal["holm", "bonferroni", "none"]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A per-pixel certificate.
+
+    labels: (H, W) int64, the certified class id or ABSTAIN.
+    pvalues: (H, W) float64, the raw (uncorrected) p-value of every pixel.
+    radius: L2 radius, in the input's [0, 1] scale, within which certified pixels are stable.
+    """
+
+    labels: Array
+    pvalues: Array
+    radius: float
+    n0: int
+    n: int
+    tau: float
+    alpha: float
+    sigma: float
+    correction: str
+
+    @property
+    def abstain_fraction(self) -> float:
+        """Fraction of pixels that abstain."""
+        height, width = self.labels.shape
+        return float((self.labels == ABSTAIN).sum()) / (height * width)
+
+
+def certified_radius(sigma: float, tau: float) -> float:
+    """R = sigma * Phi^-1(tau): the radius a pixel with smoothed probability > tau is certified at."""
+    return float(sigma * norm.ppf(tau))
+
+
+def binomial_pvalue_table(n: int, tau: float) -> np.ndarray:
+    """p-value of every possible count: table[k] = P[Binom(n, tau) >= k], k = 0..n. Shape (n+1,)."""
+    return binom.sf(np.arange(n + 1) - 1, n, tau).astype(np.float64)
+
+
+def reject_groups(
+    group_pvalues: np.ndarray, group_sizes: np.ndarray, alpha: float, correction: str
+) -> np.ndarray:
+    """Decide the tests when many of them share a p-value.
+
+    group_pvalues: (G,) the p-value of each group; group_sizes: (G,) how many tests have it.
+    Returns (G,) bool, whether the tests of each group are rejected, identical to what
+    ``multipletests(pvalues_of_all_tests, alpha, method=correction)`` decides for them.
+
+    Holm sorts the m tests by p-value and rejects the i-th smallest (0-based) while
+    p <= alpha / (m - i), stopping at the first non-rejection. Tests that share a p-value are
+    adjacent in that order and the thresholds grow along it, so a group is rejected as a whole
+    exactly when its first position passes.
+    """
+    group_pvalues = np.asarray(group_pvalues, dtype=np.float64)
+    group_sizes = np.asarray(group_sizes, dtype=np.int64)
+    m = int(group_sizes.sum())
+    if correction == "none":
+        return group_pvalues <= alpha
+    if correction == "bonferroni":
+        return group_pvalues <= alpha / float(m)
+    if correction != "holm":
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    order = np.argsort(group_pvalues, kind="stable")
+    sizes = group_sizes[order]
+    first_position = np.cumsum(sizes) - sizes
+    passes = group_pvalues[order] <= alpha / (m - first_position).clip(min=1)
+    fails_nonempty = (~passes) & (sizes > 0)
+    stop = int(np.argmax(fails_nonempty)) if fails_nonempty.any() else len(order)
+    reject = np.zeros(len(order), dtype=bool)
+    reject[order[:stop]] = True
+    reject &= group_sizes > 0
+    return reject
+
+
+def smallest_certifiable_n(num_pixels: int, tau: float, alpha: float, correction: str) -> int:
+    """The smallest n for which a pixel whose n draws all agree can be certified.
+
+    The smallest possible p-value is tau^n; Holm and Bonferroni first compare it with
+    alpha / num_pixels, no correction with alpha.
+    """
+    level = alpha if correction == "none" else alpha / num_pixels
+    n = max(1, math.ceil(math.log(level) / math.log(tau)))
+    while binom.sf(n - 1, n, tau) > level:  # guard the float rounding of the logarithms
+        n += 1
+    while n > 1 and binom.sf(n - 2, n - 1, tau) <= level:
+        n -= 1
+    return n
+
+
+def _check_float_in_open_unit(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < float(value) < 1.0):
+        raise ValueError(f"{name} must be a number with 0 < {name} < 1, got {value!r}")
+
+
+def _validate_parameters(n: int, tau: float, alpha: float, sigma: float, correction: str) -> None:
+    _check_float_in_open_unit("tau", tau)
+    _check_float_in_open_unit("alpha", alpha)
+    if not (isinstance(sigma, (int, float)) and float(sigma) > 0.0):
+        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError(f"n (the number of estimation draws) must be an integer >= 1, got {n!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+
+
+def _is_integer_dtype(values: Array) -> bool:
+    if isinstance(values, torch.Tensor):
+        return not values.dtype.is_floating_point and not values.dtype.is_complex and values.dtype != torch.bool
+    return np.issubdtype(values.dtype, np.integer)
+
+
+def _warn_if_n_too_small(num_pixels: int, n: int, tau: float, alpha: float, correction: str) -> None:
+    needed = smallest_certifiable_n(num_pixels, tau, alpha, correction)
+    if n < needed:
+        warnings.warn(
+            f"n = {n} draws cannot certify any pixel: with {num_pixels} pixels, tau = {tau}, "
+            f"alpha = {alpha} and correction = {correction!r}, the smallest n that could is {needed}.",
+            stacklevel=3,
+        )
+
+
+def certify_counts(
+    selected: Array,
+    counts: Array,
+    n: int,
+    *,
+    sigma: float,
+    tau: float = 0.75,
+    alpha: float = 0.001,
+    correction: Correction = "holm",
+    n0: int = 0,
+) -> Certificate:
+    """Certify from accumulated counts.
+
+    selected: (H, W) integer class ids chosen from the selection draws.
+    counts: (H, W) integers in 0..n, how many of the n estimation draws gave ``selected``.
+    Returns a Certificate whose arrays are of the input's family (torch on its device, or numpy).
+    """
+    _validate_parameters(n, tau, alpha, sigma, correction)
+    if tuple(selected.shape) != tuple(counts.shape) or len(selected.shape) != 2:
+        raise ValueError(
+            f"selected and counts must both have shape (H, W); got {tuple(selected.shape)} and "
+            f"{tuple(counts.shape)}"
+        )
+    if not (_is_integer_dtype(selected) and _is_integer_dtype(counts)):
+        raise TypeError(f"selected and counts must be integer arrays, got {selected.dtype} and {counts.dtype}")
+    if int(counts.min()) < 0 or int(counts.max()) > n:
+        raise ValueError(f"counts must lie in 0..n = 0..{n}, got {int(counts.min())}..{int(counts.max())}")
+    if int(selected.min()) < 0:
+        raise ValueError(f"selected class ids must be >= 0, got {int(selected.min())}")
+    num_pixels = int(np.prod(tuple(counts.shape)))
+    _warn_if_n_too_small(num_pixels, n, tau, alpha, correction)
+
+    table = binomial_pvalue_table(n, tau)
+    if isinstance(counts, torch.Tensor):
+        histogram = torch.bincount(counts.reshape(-1).long(), minlength=n + 1).cpu().numpy()
+    else:
+        histogram = np.bincount(counts.reshape(-1).astype(np.int64), minlength=n + 1)
+    rejected = reject_groups(table, histogram, alpha, correction)
+
+    if isinstance(counts, torch.Tensor):
+        index = counts.long()
+        pvalues = torch.as_tensor(table, device=counts.device)[index]
+        keep = torch.as_tensor(rejected, device=counts.device)[index]
+        labels = torch.where(keep, selected.to(torch.int64), torch.full_like(index, ABSTAIN))
+    else:
+        index = counts.astype(np.int64)
+        pvalues = table[index]
+        labels = np.where(rejected[index], selected.astype(np.int64), ABSTAIN).astype(np.int64)
+    return Certificate(
+        labels=labels,
+        pvalues=pvalues,
+        radius=certified_radius(sigma, tau),
+        n0=int(n0),
+        n=int(n),
+        tau=float(tau),
+        alpha=float(alpha),
+        sigma=float(sigma),
+        correction=correction,
+    )
+
+
+def count_agreement(estimation: Array, selected: Array, chunk: int = 8) -> Array:
+    """How many of the draws (n, H, W) equal ``selected`` (H, W), per pixel: (H, W) int64.
+
+    Compares a few draws at a time so that the boolean temporaries stay in cache.
+    """
+    if isinstance(estimation, torch.Tensor):
+        counts = torch.zeros(tuple(selected.shape), dtype=torch.int32, device=estimation.device)
+    else:
+        counts = np.zeros(selected.shape, dtype=np.int32)
+    for start in range(0, estimation.shape[0], chunk):
+        counts += (estimation[start : start + chunk] == selected).sum(0, dtype=counts.dtype)
+    return counts.long() if isinstance(counts, torch.Tensor) else counts.astype(np.int64)
+
+
+def select_and_count(samples: Array, n0: int) -> tuple[Array, Array]:
+    """Selected class (mode of the first n0 draws; ties -> smallest id) and its count in the rest.
+
+    samples: (n0 + n, H, W) class ids. Returns selected (H, W) int64 and counts (H, W) int64.
+    """
+    selection = samples[:n0]
+    num_classes = int(selection.max()) + 1
+    stack = torch.stack if isinstance(samples, torch.Tensor) else np.stack
+    histogram = stack([(selection == c).sum(0) for c in range(num_classes)])
+    selected = histogram.argmax(0)
+    return selected, count_agreement(samples[n0:], selected)
+
+
+def certify(
+    samples: Array,
+    n0: int,
+    *,
+    sigma: float,
+    tau: float = 0.75,
+    alpha: float = 0.001,
+    correction: Correction = "holm",
+) -> Certificate:
+    """Certify every pixel from sampled class ids.
+
+    samples: (n0 + n, H, W) integer class ids >= 0 of the base segmenter on n0 + n independent
+    noisy copies of one image; the first n0 select, the other n estimate.
+    """
+    if not isinstance(samples, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"samples must be a torch.Tensor or numpy.ndarray, got {type(samples).__name__}")
+    if len(samples.shape) != 3:
+        raise ValueError(f"samples must have shape (n0 + n, H, W), got {tuple(samples.shape)}")
+    if not _is_integer_dtype(samples):
+        raise TypeError(f"samples must hold integer class ids, got dtype {samples.dtype}")
+    if not (isinstance(n0, (int, np.integer)) and n0 >= 1):
+        raise ValueError(f"n0 (the number of selection draws) must be an integer >= 1, got {n0!r}")
+    n = int(samples.shape[0]) - int(n0)
+    if n < 1:
+        raise ValueError(
+            f"samples has {samples.shape[0]} draws, so n = {n}; it must hold n0 = {n0} selection "
+            "draws plus n >= 1 estimation draws"
+        )
+    if int(samples.min()) < 0:
+        raise ValueError(f"class ids must be >= 0, got {int(samples.min())}")
+    _validate_parameters(n, tau, alpha, sigma, correction)
+    selected, counts = select_and_count(samples, int(n0))
+    return certify_counts(
+        selected, counts, n, sigma=sigma, tau=tau, alpha=alpha, correction=correction, n0=int(n0)
+    )
+
+
+def two_sided_pvalue_table(n: int) -> np.ndarray:
+    """Two-sided binomial test of a top-2 count split at 1/2, for every possible pair of counts.
+
+    table[a, t] = ``scipy.stats.binomtest(a, t, 0.5).pvalue`` for the top count a >= t / 2 of
+    t = a + b draws (1 where a <= t / 2). Shape (n + 1, n + 1).
+    """
+    a = np.arange(n + 1)[:, None]
+    t = np.arange(n + 1)[None, :]
+    with np.errstate(invalid="ignore"):
+        pvalues = binom.cdf(t - a, t, 0.5) + binom.sf(a - 1, t, 0.5)
+    return np.where(2 * a > t, np.minimum(pvalues, 1.0), 1.0).astype(np.float64)
+
+
+def predict_counts(
+    top_class: Array,
+    top_count: Array,
+    runner_up_count: Array,
+    n: int,
+    *,
+    alpha: float = 0.001,
+    correction: Correction = "holm",
+) -> Array:
+    """Smoothed prediction without certificate (Cohen et al.'s PREDICT, per pixel, corrected).
+
+    top_class, top_count, runner_up_count: (H, W) integers from n draws. A pixel keeps its top
+    class when the two-sided binomial test of top_count against top_count + runner_up_count at
+    1/2 is rejected by ``correction`` at level ``alpha`` over all pixels; otherwise ABSTAIN.
+    Returns (H, W) int64 of the input's family.
+    """
+    _check_float_in_open_unit("alpha", alpha)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    table = two_sided_pvalue_table(n)
+    if isinstance(top_count, torch.Tensor):
+        group = (top_count.long() * (n + 1) + (top_count + runner_up_count).long()).reshape(-1)
+        histogram = torch.bincount(group, minlength=(n + 1) ** 2).cpu().numpy()
+        rejected = reject_groups(table.reshape(-1), histogram, alpha, correction)
+        keep = torch.as_tensor(rejected, device=top_count.device)[group].reshape(top_count.shape)
+        return torch.where(keep, top_class.long(), torch.full_like(top_class, ABSTAIN, dtype=torch.int64))
+    group = (np.asarray(top_count, np.int64) * (n + 1) + np.asarray(top_count + runner_up_count, np.int64)).reshape(-1)
+    histogram = np.bincount(group, minlength=(n + 1) ** 2)
+    rejected = reject_groups(table.reshape(-1), histogram, alpha, correction)
+    return np.where(rejected[group].reshape(top_count.shape), top_class, ABSTAIN).astype(np.int64)

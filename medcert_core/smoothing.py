@@ -1,0 +1,159 @@
+"""Randomized smoothing of a segmenter: sampling, streamed counting, certification.
+
+``SmoothedSegmenter`` draws independent Gaussian noise for every sample (one generator call per
+draw, so the draws do not depend on the batch size), passes each noisy copy through the optional
+denoiser and the segmenter under ``torch.inference_mode``, and accumulates on the device the class
+histogram of the n0 selection draws and the agreement counts of the n estimation draws. The full
+(n0 + n, H, W) sample tensor is never kept. Everything after the noise, ``segmenter(denoiser(.))``,
+is one deterministic function, so the certificate holds for any plugged-in models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from medcert_core.certify import Certificate, Correction, certify_counts, predict_counts
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' or None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SmoothedSegmenter:
+    """A segmenter smoothed with N(0, sigma^2 I) noise on its [0, 1]-scaled input.
+
+    segmenter: module mapping (B, C, H, W) to logits (B, K, H, W) with K = num_classes, or to
+        (B, 1, H, W) for a binary segmenter (class 1 where sigmoid(logit) > 0.5) with num_classes 2.
+    denoiser: optional module mapping a noisy (B, C, H, W) batch to its clean estimate.
+    """
+
+    def __init__(
+        self,
+        segmenter: torch.nn.Module,
+        num_classes: int,
+        sigma: float,
+        denoiser: torch.nn.Module | None = None,
+        batch_size: int = 16,
+        device: str | torch.device | None = "auto",
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (use 2 for a one-logit binary segmenter), got {num_classes}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.segmenter = segmenter.to(self.device).eval()
+        self.denoiser = denoiser.to(self.device).eval() if denoiser is not None else None
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self.batch_size = int(batch_size)
+
+    def base_classes(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch."""
+        if self.denoiser is not None:
+            batch = self.denoiser(batch)
+        logits = self.segmenter(batch)
+        channels = logits.shape[1]
+        if channels == 1 and self.num_classes == 2:
+            return (logits[:, 0] > 0).long()
+        if channels != self.num_classes:
+            raise ValueError(
+                f"the segmenter returns {channels} channels but num_classes = {self.num_classes}; "
+                "expected num_classes logits, or 1 logit for a binary segmenter with num_classes = 2"
+            )
+        return logits.argmax(1)
+
+    def noisy_class_batches(
+        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = ""
+    ) -> Iterator[torch.Tensor]:
+        """Yield class ids (b, H, W) of the base model on ``num`` independent noisy copies of x."""
+        gen_device = generator.device
+        with torch.inference_mode():
+            for start in tqdm(range(0, num, self.batch_size), desc=desc, disable=not progress, leave=False):
+                size = min(self.batch_size, num - start)
+                noise = torch.stack(
+                    [torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype) for _ in range(size)]
+                ).to(self.device)
+                yield self.base_classes(x.unsqueeze(0) + self.sigma * noise)
+
+    def class_histogram(
+        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False
+    ) -> torch.Tensor:
+        """Per-pixel class counts (K, H, W) int64 over ``num`` noisy draws."""
+        height, width = x.shape[-2:]
+        histogram = torch.zeros((self.num_classes, height * width), dtype=torch.int64, device=self.device)
+        for classes in self.noisy_class_batches(x, num, generator, progress, "selection"):
+            histogram.scatter_add_(0, classes.reshape(classes.shape[0], -1), torch.ones_like(classes).reshape(classes.shape[0], -1))
+        return histogram.reshape(self.num_classes, height, width)
+
+    def agreement_counts(
+        self, x: torch.Tensor, selected: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False
+    ) -> torch.Tensor:
+        """How many of ``num`` noisy draws give the selected class, per pixel: (H, W) int64."""
+        counts = torch.zeros(selected.shape, dtype=torch.int64, device=self.device)
+        for classes in self.noisy_class_batches(x, num, generator, progress, "estimation"):
+            counts += (classes == selected).sum(0)
+        return counts
+
+    def _prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Generator]:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
+            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+            raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.seed()
+        return x.to(self.device), generator
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        *,
+        tau: float = 0.75,
+        alpha: float = 0.001,
+        correction: Correction = "holm",
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Certificate:
+        """Certify every pixel of one image x (C, H, W) in [0, 1] from n0 selection and n estimation draws.
+
+        Pass a seeded ``torch.Generator`` (ideally on ``self.device``) for a reproducible run;
+        without one, a fresh random seed is used.
+        """
+        if n0 < 1 or n < 1:
+            raise ValueError(f"n0 and n must both be >= 1, got n0 = {n0}, n = {n}")
+        x, generator = self._prepare(x, generator)
+        selected = self.class_histogram(x, n0, generator, progress).argmax(0)
+        counts = self.agreement_counts(x, selected, n, generator, progress)
+        return certify_counts(
+            selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0
+        )
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int,
+        *,
+        alpha: float = 0.001,
+        correction: Correction = "holm",
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Smoothed prediction (H, W) int64 of x (C, H, W): top class per pixel or ABSTAIN.
+
+        A pixel keeps its most frequent class of n draws when a two-sided binomial test of its
+        count against the runner-up's is significant after ``correction`` over all pixels.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        x, generator = self._prepare(x, generator)
+        top = self.class_histogram(x, n, generator, progress).topk(2, dim=0)
+        return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)

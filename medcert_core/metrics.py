@@ -1,0 +1,113 @@
+"""Segmentation scores with abstentions: per-class Dice, IoU and abstain fraction.
+
+A confusion matrix with the ground-truth classes as rows and the predicted classes plus an extra
+ABSTAIN column, as in the paper's code. An abstained pixel is never a true positive: it counts
+as a false negative of the ground-truth class it belongs to, and as a false positive of none.
+For class c: TP = pixels labelled c that are c; FP = pixels labelled c that are not c;
+FN = pixels of c labelled anything else or ABSTAIN. Dice = 2TP / (2TP + FP + FN),
+IoU = TP / (TP + FP + FN); both are NaN for a class absent from both the target and the
+prediction (it is then skipped by the per-class means). The same functions score uncertified
+predictions (they simply contain no ABSTAIN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medcert_core.certify import ABSTAIN
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def confusion_matrix(labels: Any, target: Any, num_classes: int) -> np.ndarray:
+    """Counts (K, K + 1): row = ground-truth class, column = predicted class, last column ABSTAIN.
+
+    labels: (H, W) class ids in 0..K-1 or ABSTAIN; target: (H, W) class ids in 0..K-1.
+    """
+    labels, target = _to_numpy(labels).astype(np.int64), _to_numpy(target).astype(np.int64)
+    if labels.shape != target.shape:
+        raise ValueError(f"labels and target must have the same shape, got {labels.shape} and {target.shape}")
+    if target.size and (target.min() < 0 or target.max() >= num_classes):
+        raise ValueError(f"target class ids must lie in 0..{num_classes - 1}, got {target.min()}..{target.max()}")
+    valid = (labels == ABSTAIN) | ((labels >= 0) & (labels < num_classes))
+    if not valid.all():
+        raise ValueError(f"labels must be class ids in 0..{num_classes - 1} or ABSTAIN ({ABSTAIN})")
+    column = np.where(labels == ABSTAIN, num_classes, labels)
+    flat = target.reshape(-1) * (num_classes + 1) + column.reshape(-1)
+    return np.bincount(flat, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+
+
+def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class dice, iou, abstain_in_class (fraction of the class's pixels abstained), each (K,)."""
+    num_classes = confusion.shape[0]
+    true_positive = np.diag(confusion[:, :num_classes]).astype(np.float64)
+    false_positive = confusion[:, :num_classes].sum(0) - true_positive
+    class_pixels = confusion.sum(1).astype(np.float64)
+    false_negative = class_pixels - true_positive
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2 * true_positive / (2 * true_positive + false_positive + false_negative)
+        iou = true_positive / (true_positive + false_positive + false_negative)
+        abstain_in_class = confusion[:, num_classes] / class_pixels
+    return {"dice": dice, "iou": iou, "abstain_in_class": abstain_in_class}
+
+
+def segmentation_scores(labels: Any, target: Any, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-class Dice, IoU and abstain-in-class of one image, plus ``abstain`` (image fraction, scalar)."""
+    confusion = confusion_matrix(labels, target, num_classes)
+    scores = scores_from_confusion(confusion)
+    scores["abstain"] = np.float64(confusion[:, num_classes].sum() / max(confusion.sum(), 1))
+    return scores
+
+
+class MetricAccumulator:
+    """Collects per-image scores and averages them per image, as the paper's tables do.
+
+    >>> acc = MetricAccumulator(["background", "lung"])
+    >>> acc.add(labels, target, image_id="case1", sigma=0.25)   # any extra columns
+    >>> acc.to_frame()    # one row per image x class
+    >>> acc.summary()     # mean per class (and per extra column value)
+    """
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.class_names = tuple(class_names)
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, labels: Any, target: Any, image_id: str | int, **columns: Any) -> dict[str, np.ndarray]:
+        """Score one image (labels, target: (H, W)) and keep one row per class; returns its scores."""
+        scores = segmentation_scores(labels, target, len(self.class_names))
+        for class_id, class_name in enumerate(self.class_names):
+            self.rows.append(
+                {
+                    "image_id": image_id,
+                    "class_id": class_id,
+                    "class_name": class_name,
+                    "dice": float(scores["dice"][class_id]),
+                    "iou": float(scores["iou"][class_id]),
+                    "abstain_in_class": float(scores["abstain_in_class"][class_id]),
+                    "abstain": float(scores["abstain"]),
+                    **columns,
+                }
+            )
+        return scores
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: one row per image x class (x whatever extra columns were given)."""
+        return pd.DataFrame(self.rows)
+
+    def summary(self, by: Sequence[str] = ()) -> pd.DataFrame:
+        """Per-image means per class (NaN scores of absent classes skipped) and the image count."""
+        frame = self.to_frame()
+        keys = [*by, "class_id", "class_name"]
+        grouped = frame.groupby(keys, sort=True)
+        summary = grouped[["dice", "iou", "abstain_in_class", "abstain"]].mean()
+        summary["images"] = grouped["image_id"].nunique()
+        return summary.reset_index()

@@ -1,0 +1,216 @@
+"""The certification statistics against an independent, straightforward implementation."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest, norm
+from statsmodels.stats.multitest import multipletests
+
+from medcert_core import ABSTAIN, certify, certify_counts
+from medcert_core.certify import (
+    binomial_pvalue_table,
+    predict_counts,
+    reject_groups,
+    smallest_certifiable_n,
+    two_sided_pvalue_table,
+)
+
+
+def reference_certify(samples: np.ndarray, n0: int, tau: float, alpha: float, correction: str):
+    """Per pixel: mode of the first n0 draws, binomtest of its count, then statsmodels."""
+    draws, height, width = samples.shape
+    n = draws - n0
+    selected = np.zeros((height, width), dtype=np.int64)
+    pvalues = np.zeros((height, width))
+    for i in range(height):
+        for j in range(width):
+            votes = Counter(samples[:n0, i, j].tolist())
+            best = max(votes.values())
+            selected[i, j] = min(c for c, v in votes.items() if v == best)
+            k = int((samples[n0:, i, j] == selected[i, j]).sum())
+            pvalues[i, j] = binomtest(k, n, tau, alternative="greater").pvalue
+    if correction == "none":
+        reject = pvalues.reshape(-1) <= alpha
+    else:
+        reject = multipletests(pvalues.reshape(-1), alpha, method=correction)[0]
+    labels = np.where(reject.reshape(height, width), selected, ABSTAIN)
+    return labels, pvalues
+
+
+def random_samples(rng: np.random.Generator, shape, num_classes: int, draws: int) -> np.ndarray:
+    """Draws whose per-pixel agreement with a base class ranges from chance to certain."""
+    height, width = shape
+    base = rng.integers(0, num_classes, size=(height, width))
+    agreement = rng.uniform(0.3, 1.0, size=(height, width))
+    agree = rng.random((draws, height, width)) < agreement
+    other = rng.integers(0, num_classes, size=(draws, height, width))
+    return np.where(agree, base, other).astype(np.int64)
+
+
+@pytest.mark.parametrize("correction", ["holm", "bonferroni", "none"])
+@pytest.mark.parametrize(
+    "shape,num_classes,n0,n,alpha",
+    [((5, 7), 2, 1, 30, 0.2), ((12, 12), 3, 5, 50, 0.01), ((3, 40), 5, 10, 100, 0.001), ((9, 9), 4, 10, 100, 0.2)],
+)
+def test_certify_matches_binomtest_and_statsmodels(shape, num_classes, n0, n, alpha, correction):
+    rng = np.random.default_rng(hash((shape, num_classes, n0, n)) % 2**32)
+    samples = random_samples(rng, shape, num_classes, n0 + n)
+    expected_labels, expected_pvalues = reference_certify(samples, n0, 0.75, alpha, correction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cert = certify(samples, n0, sigma=0.5, tau=0.75, alpha=alpha, correction=correction)
+    np.testing.assert_array_equal(cert.labels, expected_labels)
+    np.testing.assert_allclose(cert.pvalues, expected_pvalues, rtol=1e-12, atol=0)
+    assert (cert.labels != ABSTAIN).any() and (cert.labels == ABSTAIN).any(), "the case should be mixed"
+    assert cert.radius == pytest.approx(0.5 * norm.ppf(0.75))
+    assert (cert.n0, cert.n, cert.correction) == (n0, n, correction)
+
+
+@pytest.mark.parametrize("correction", ["holm", "bonferroni", "none"])
+def test_reject_groups_matches_statsmodels_with_ties_and_threshold_equality(correction):
+    rng = np.random.default_rng(7)
+    alpha = 0.05
+    for _ in range(200):
+        groups = rng.integers(1, 8)
+        sizes = rng.integers(0, 5, size=groups)
+        if sizes.sum() == 0:
+            continue
+        m = int(sizes.sum())
+        # p-values on or next to the thresholds that Holm and Bonferroni compare with
+        candidates = np.concatenate([alpha / np.arange(1, m + 1), rng.uniform(0, 2 * alpha, 4), [alpha, 1.0]])
+        pvalues = rng.choice(candidates, size=groups)
+        expanded = np.repeat(pvalues, sizes)
+        if correction == "none":
+            expected = expanded <= alpha
+        else:
+            expected = multipletests(expanded, alpha, method=correction)[0]
+        ours = np.repeat(reject_groups(pvalues, sizes, alpha, correction), sizes)
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_holm_certifies_more_than_bonferroni():
+    n, tau = 20, 0.75
+    table = binomial_pvalue_table(n, tau)
+    # pixel 0 agrees 20/20, pixel 1 agrees 19/20: alpha between p(19) and 2 p(19)
+    alpha = 1.5 * table[19]
+    assert table[20] <= alpha / 2 < table[19] <= alpha
+    counts = np.array([[20, 19]])
+    selected = np.array([[1, 2]])
+    holm = certify_counts(selected, counts, n, sigma=0.25, tau=tau, alpha=alpha, correction="holm")
+    bonferroni = certify_counts(selected, counts, n, sigma=0.25, tau=tau, alpha=alpha, correction="bonferroni")
+    np.testing.assert_array_equal(holm.labels, [[1, 2]])
+    np.testing.assert_array_equal(bonferroni.labels, [[1, ABSTAIN]])
+
+
+def test_holm_step_down_stops_at_first_non_rejection():
+    n, tau = 200, 0.75
+    table = binomial_pvalue_table(n, tau)
+    # sorted p-values p(200) < p(165) < p(164); thresholds alpha/3, alpha/2, alpha
+    alpha = table[164] * 1.01
+    assert table[200] <= alpha / 3
+    assert table[165] > alpha / 2, "the second test fails"
+    assert table[164] <= alpha, "a step-up procedure (Hochberg) would reject the third"
+    counts = np.array([[200, 165, 164]])
+    cert = certify_counts(np.zeros((1, 3), dtype=np.int64), counts, n, sigma=1.0, tau=tau, alpha=alpha)
+    np.testing.assert_array_equal(cert.labels, [[0, ABSTAIN, ABSTAIN]])
+    reference = multipletests(table[[200, 165, 164]], alpha, method="holm")[0]
+    np.testing.assert_array_equal(cert.labels != ABSTAIN, reference[None])
+    hochberg = multipletests(table[[200, 165, 164]], alpha, method="simes-hochberg")[0]
+    assert hochberg.all(), "the case separates step-down from step-up"
+
+
+def test_torch_and_numpy_give_the_same_certificate_and_keep_their_type():
+    rng = np.random.default_rng(3)
+    samples = random_samples(rng, (16, 16), 3, 110)
+    as_numpy = certify(samples, 10, sigma=0.25, alpha=0.01)
+    as_torch = certify(torch.from_numpy(samples), 10, sigma=0.25, alpha=0.01)
+    assert isinstance(as_numpy.labels, np.ndarray) and as_numpy.labels.dtype == np.int64
+    assert isinstance(as_torch.labels, torch.Tensor) and as_torch.labels.dtype == torch.int64
+    assert as_torch.pvalues.dtype == torch.float64
+    np.testing.assert_array_equal(as_torch.labels.numpy(), as_numpy.labels)
+    np.testing.assert_array_equal(as_torch.pvalues.numpy(), as_numpy.pvalues)
+    assert as_numpy.abstain_fraction == pytest.approx(float((as_numpy.labels == ABSTAIN).mean()))
+    assert as_torch.abstain_fraction == pytest.approx(as_numpy.abstain_fraction)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"tau": 1.0}, "tau"),
+        ({"tau": 0.0}, "tau"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"correction": "fdr"}, "holm"),
+    ],
+)
+def test_invalid_parameters_are_named(kwargs, message):
+    samples = np.zeros((11, 4, 4), dtype=np.int64)
+    arguments = {"sigma": 0.25, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        certify(samples, 1, **arguments)
+
+
+def test_invalid_samples_are_explained():
+    with pytest.raises(ValueError, match=r"n0 \+ n, H, W"):
+        certify(np.zeros((11, 4), dtype=np.int64), 1, sigma=0.25)
+    with pytest.raises(TypeError, match="integer"):
+        certify(np.zeros((11, 4, 4)), 1, sigma=0.25)
+    with pytest.raises(ValueError, match=">= 0"):
+        certify(-np.ones((11, 4, 4), dtype=np.int64), 1, sigma=0.25)
+    with pytest.raises(ValueError, match="n0"):
+        certify(np.zeros((11, 4, 4), dtype=np.int64), 0, sigma=0.25)
+    with pytest.raises(ValueError, match="n >= 1"):
+        certify(np.zeros((5, 4, 4), dtype=np.int64), 5, sigma=0.25)
+    with pytest.raises(ValueError, match="0..n"):
+        certify_counts(np.zeros((2, 2), dtype=np.int64), np.full((2, 2), 11), 10, sigma=0.25)
+
+
+def test_warns_when_n_is_too_small_and_names_the_smallest_n():
+    samples = np.zeros((1 + 20, 64, 64), dtype=np.int64)
+    needed = smallest_certifiable_n(64 * 64, 0.75, 0.001, "holm")
+    with pytest.warns(UserWarning, match=f"smallest n that could is {needed}"):
+        cert = certify(samples, 1, sigma=0.25)
+    assert (cert.labels == ABSTAIN).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        certify(np.zeros((1 + needed, 64, 64), dtype=np.int64), 1, sigma=0.25)
+
+
+@pytest.mark.parametrize("pixels,tau,alpha,correction", [(1, 0.75, 0.001, "none"), (4096, 0.75, 0.001, "holm"), (262144, 0.9, 0.01, "bonferroni")])
+def test_smallest_certifiable_n_is_the_smallest(pixels, tau, alpha, correction):
+    n = smallest_certifiable_n(pixels, tau, alpha, correction)
+    level = alpha if correction == "none" else alpha / pixels
+    assert binomtest(n, n, tau, alternative="greater").pvalue <= level
+    assert binomtest(n - 1, n - 1, tau, alternative="greater").pvalue > level
+
+
+def test_two_sided_table_matches_binomtest():
+    n = 30
+    table = two_sided_pvalue_table(n)
+    for total in range(1, n + 1):
+        for top in range((total + 1) // 2, total + 1):
+            expected = binomtest(top, total, 0.5, alternative="two-sided").pvalue
+            assert table[top, total] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("correction", ["holm", "bonferroni", "none"])
+def test_predict_counts_matches_binomtest_and_statsmodels(correction):
+    rng = np.random.default_rng(11)
+    n, alpha = 40, 0.05
+    top = rng.integers(n // 2, n + 1, size=(10, 10))
+    runner_up = np.minimum(rng.integers(0, n // 2 + 1, size=(10, 10)), n - top)
+    top_class = rng.integers(0, 4, size=(10, 10))
+    pvalues = np.array([binomtest(a, a + b, 0.5).pvalue for a, b in zip(top.ravel(), runner_up.ravel())])
+    reject = pvalues <= alpha if correction == "none" else multipletests(pvalues, alpha, method=correction)[0]
+    expected = np.where(reject.reshape(10, 10), top_class, ABSTAIN)
+    labels = predict_counts(top_class, top, runner_up, n, alpha=alpha, correction=correction)
+    np.testing.assert_array_equal(labels, expected)
+    labels_torch = predict_counts(torch.from_numpy(top_class), torch.from_numpy(top), torch.from_numpy(runner_up), n, alpha=alpha, correction=correction)
+    np.testing.assert_array_equal(labels_torch.numpy(), expected)

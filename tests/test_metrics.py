@@ -1,0 +1,93 @@
+"""Metrics on hand-checkable 4 x 4 cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medcert_core import ABSTAIN
+from medcert_core.metrics import MetricAccumulator, confusion_matrix, segmentation_scores
+
+A = ABSTAIN
+TARGET = np.array(
+    [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 1, 1],
+        [2, 2, 0, 0],
+    ]
+)
+LABELS = np.array(
+    [
+        [0, 0, 1, A],
+        [0, 1, 1, 1],
+        [2, A, 1, A],
+        [0, 2, 0, 0],
+    ]
+)
+
+
+def test_confusion_matrix_has_an_abstain_column():
+    confusion = confusion_matrix(LABELS, TARGET, 3)
+    expected = np.array(
+        [
+            [5, 1, 0, 0],  # background: 5 right, 1 called class 1
+            [0, 4, 0, 2],  # class 1: 4 right, 2 abstained
+            [1, 0, 2, 1],  # class 2: 1 called background, 2 right, 1 abstained
+        ]
+    )
+    np.testing.assert_array_equal(confusion, expected)
+
+
+def test_dice_iou_abstain_by_hand():
+    scores = segmentation_scores(torch.from_numpy(LABELS), torch.from_numpy(TARGET), 3)
+    # class 0: TP 5, FP 1 (a class-2 pixel), FN 1 -> Dice 10/12, IoU 5/7
+    # class 1: TP 4, FP 1, FN 2 (both abstained) -> Dice 8/11, IoU 4/7
+    # class 2: TP 2, FP 0, FN 2 (one abstained, one called 0) -> Dice 4/6, IoU 2/4
+    np.testing.assert_allclose(scores["dice"], [10 / 12, 8 / 11, 4 / 6])
+    np.testing.assert_allclose(scores["iou"], [5 / 7, 4 / 7, 2 / 4])
+    np.testing.assert_allclose(scores["abstain_in_class"], [0, 2 / 6, 1 / 4])
+    assert scores["abstain"] == pytest.approx(3 / 16)
+
+
+def test_abstained_pixels_are_never_true_positives():
+    all_abstain = np.full((4, 4), ABSTAIN)
+    scores = segmentation_scores(all_abstain, TARGET, 3)
+    np.testing.assert_array_equal(scores["dice"], [0, 0, 0])
+    np.testing.assert_array_equal(scores["abstain_in_class"], [1, 1, 1])
+    assert scores["abstain"] == 1.0
+
+
+def test_empty_classes():
+    scores = segmentation_scores(TARGET, TARGET, 4)
+    np.testing.assert_array_equal(scores["dice"][:3], [1, 1, 1])
+    assert np.isnan(scores["dice"][3]) and np.isnan(scores["iou"][3]), "absent everywhere: undefined"
+    predicted_but_absent = TARGET.copy()
+    predicted_but_absent[0, 0] = 3
+    scores = segmentation_scores(predicted_but_absent, TARGET, 4)
+    assert scores["dice"][3] == 0.0 and scores["iou"][3] == 0.0
+    assert scores["dice"][0] == pytest.approx(2 * 5 / (2 * 5 + 0 + 1)), "6 pixels, 1 lost"
+
+
+def test_accumulator_averages_per_image_and_skips_undefined():
+    accumulator = MetricAccumulator(["background", "one", "two", "three"])
+    accumulator.add(LABELS, TARGET, image_id="a", sigma=0.25)
+    accumulator.add(TARGET, TARGET, image_id="b", sigma=0.25)
+    frame = accumulator.to_frame()
+    assert len(frame) == 8 and set(frame.columns) >= {"image_id", "class_name", "dice", "iou", "abstain", "sigma"}
+    summary = accumulator.summary(by=["sigma"]).set_index("class_name")
+    assert summary.loc["one", "dice"] == pytest.approx((8 / 11 + 1) / 2)
+    assert summary.loc["two", "iou"] == pytest.approx((0.5 + 1) / 2)
+    assert summary.loc["background", "abstain"] == pytest.approx((3 / 16 + 0) / 2)
+    assert np.isnan(summary.loc["three", "dice"])
+    assert (summary["images"] == 2).all()
+
+
+def test_bad_labels_are_explained():
+    with pytest.raises(ValueError, match="same shape"):
+        segmentation_scores(LABELS[:3], TARGET, 3)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        segmentation_scores(LABELS, TARGET + 1, 3)
+    with pytest.raises(ValueError, match="ABSTAIN"):
+        segmentation_scores(LABELS - 2, TARGET, 3)

@@ -1,0 +1,155 @@
+"""Sampling and streamed counting of SmoothedSegmenter, and the family-wise error it promises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from medcert_core import ABSTAIN, certify
+from medcert_core.smoothing import SmoothedSegmenter
+
+
+class ThresholdSegmenter(torch.nn.Module):
+    """Class 1 where the input is below ``threshold``, else 0, as two logits (B, 2, H, W)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        below = (x[:, 0] < self.threshold).float()
+        return torch.stack([1 - below, below], dim=1)
+
+
+class RecordingSegmenter(torch.nn.Module):
+    """Records every input batch; predicts the sign of the first channel as one binary logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return x[:, :1] - 0.5
+
+
+class ShiftDenoiser(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 10.0
+
+
+def test_family_wise_error_stays_below_alpha():
+    """Every pixel's selected class has probability exactly tau, so any certified pixel is an error.
+
+    With the input 0 and f(x + d)[p] = 1 iff d[p] < sigma * Phi^-1(tau), P[f = 1] = tau on every
+    pixel. Over 1000 trials the fraction with any certified pixel must stay below alpha + 3 SE.
+    (With correction="none" this fraction is about 0.9 here: the test fails, as it should.)
+    """
+    sigma, tau, alpha, trials = 0.5, 0.75, 0.05, 1000
+    segmenter = ThresholdSegmenter(sigma * norm.ppf(tau))
+    smoothed = SmoothedSegmenter(segmenter, num_classes=2, sigma=sigma, batch_size=110, device="cpu")
+    image = torch.zeros(1, 8, 8)
+    generator = torch.Generator().manual_seed(2024)
+    failures = sum(
+        bool((smoothed.certify(image, 10, 100, tau=tau, alpha=alpha, generator=generator).labels != ABSTAIN).any())
+        for _ in range(trials)
+    )
+    margin = 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert failures / trials <= alpha + margin, f"family-wise error {failures / trials:.3f} > {alpha} + {margin:.3f}"
+
+
+@pytest.mark.filterwarnings("ignore:n = 9 draws cannot certify")
+def test_draws_are_independent_within_and_across_batches():
+    recorder = RecordingSegmenter()
+    smoothed = SmoothedSegmenter(recorder, num_classes=2, sigma=0.3, batch_size=4, device="cpu")
+    image = torch.full((3, 6, 5), 0.5)
+    smoothed.certify(image, 2, 9, alpha=0.1, generator=torch.Generator().manual_seed(0))
+    noise = (torch.cat(recorder.inputs) - image).reshape(11, -1)
+    assert [len(batch) for batch in recorder.inputs] == [2, 4, 4, 1]
+    distances = torch.cdist(noise, noise) + torch.eye(11) * 1e9
+    assert distances.min() > 1.0, "two draws share their noise"
+    correlation = torch.corrcoef(noise)
+    off_diagonal = correlation[~torch.eye(11, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 0.5
+    assert noise.std().item() == pytest.approx(0.3, rel=0.1)
+
+
+def test_same_seed_same_certificate_whatever_the_batch_size():
+    segmenter = ThresholdSegmenter(0.1)
+    image = torch.rand(1, 12, 12, generator=torch.Generator().manual_seed(1)) * 0.2
+    certificates = [
+        SmoothedSegmenter(segmenter, 2, sigma=0.25, batch_size=size, device="cpu").certify(
+            image, 10, 100, alpha=0.01, generator=torch.Generator().manual_seed(5)
+        )
+        for size in (7, 32, 110)
+    ]
+    for other in certificates[1:]:
+        assert torch.equal(other.labels, certificates[0].labels)
+        assert torch.equal(other.pvalues, certificates[0].pvalues)
+    different = SmoothedSegmenter(segmenter, 2, sigma=0.25, device="cpu").certify(
+        image, 10, 100, alpha=0.01, generator=torch.Generator().manual_seed(6)
+    )
+    assert not torch.equal(different.pvalues, certificates[0].pvalues)
+
+
+def test_streamed_counts_equal_the_full_sample_tensor():
+    segmenter = ThresholdSegmenter(0.05)
+    image = torch.linspace(-0.6, 0.7, 90).reshape(1, 10, 9)
+    smoothed = SmoothedSegmenter(segmenter, 2, sigma=0.25, batch_size=8, device="cpu")
+    streamed = smoothed.certify(image, 10, 60, alpha=0.05, generator=torch.Generator().manual_seed(9))
+    full = torch.cat(list(smoothed.noisy_class_batches(image, 70, torch.Generator().manual_seed(9))))
+    assert full.shape == (70, 10, 9)
+    reference = certify(full, 10, sigma=0.25, alpha=0.05)
+    assert torch.equal(streamed.labels, reference.labels)
+    assert torch.equal(streamed.pvalues, reference.pvalues)
+    assert ((streamed.labels != ABSTAIN).float().mean() > 0.2) and ((streamed.labels == ABSTAIN).any())
+
+
+def test_binary_one_logit_segmenter_and_denoiser_are_applied():
+    recorder = RecordingSegmenter()
+    smoothed = SmoothedSegmenter(recorder, 2, sigma=0.1, denoiser=ShiftDenoiser(), device="cpu")
+    image = torch.zeros(2, 4, 4)
+    cert = smoothed.certify(image, 5, 50, alpha=0.01, generator=torch.Generator().manual_seed(0))
+    assert all(batch.min() > 9.0 for batch in recorder.inputs), "the segmenter must see the denoised batch"
+    assert torch.equal(cert.labels, torch.ones(4, 4, dtype=torch.int64))
+
+
+def test_multiclass_certificate_on_a_clear_image():
+    class Quadrants(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(x[:, 0].round().clamp(0, 3).long(), 4).permute(0, 3, 1, 2).float()
+
+    image = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).repeat_interleave(4, 0).repeat_interleave(4, 1)[None]
+    smoothed = SmoothedSegmenter(Quadrants(), 4, sigma=0.05, device="cpu")
+    cert = smoothed.certify(image, 10, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cert.labels, image[0].long())
+    labels = smoothed.predict(image, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels, image[0].long())
+
+
+def test_predict_abstains_on_a_coin_flip():
+    segmenter = ThresholdSegmenter(0.0)
+    smoothed = SmoothedSegmenter(segmenter, 2, sigma=1.0, device="cpu")
+    labels = smoothed.predict(torch.zeros(1, 6, 6), 100, alpha=0.01, generator=torch.Generator().manual_seed(3))
+    assert (labels == ABSTAIN).all()
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="returns 3 channels but num_classes = 2"):
+        SmoothedSegmenter(lambda_module(3), 2, sigma=0.1, device="cpu").certify(
+            torch.zeros(1, 4, 4), 1, 10, generator=torch.Generator().manual_seed(0)
+        )
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        SmoothedSegmenter(ThresholdSegmenter(0), 2, sigma=0.1, device="cpu").certify(torch.zeros(1, 1, 4, 4), 1, 10)
+    with pytest.raises(ValueError, match="sigma"):
+        SmoothedSegmenter(ThresholdSegmenter(0), 2, sigma=0.0)
+
+
+def lambda_module(channels: int) -> torch.nn.Module:
+    class Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], channels, *x.shape[-2:])
+
+    return Constant()

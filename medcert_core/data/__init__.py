@@ -1,0 +1,111 @@
+"""Segmentation datasets: ``load_dataset(name, root, split)`` -> (image, mask) torch Dataset.
+
+Items are ``(image float32 (C, H, W) in [0, 1], mask int64 (H, W))``. Splits are a
+deterministic 70 / 10 / 20 train / val / test shuffle of the sorted case ids by ``seed``.
+X-ray datasets are 3 channels (grayscale replicated) by default, as the paper reads them; the
+certified radius depends on this input space, so ``channels=1`` is a different experiment.
+
+Layouts and class conventions: :mod:`.chest` (jsrt, montgomery, shenzhen), :mod:`.rgb`
+(isic2018, cvc_clinicdb), :mod:`.folder` (users' own data), :mod:`.phantom` (embedded default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from medcert_core.data.base import SPLITS, SegmentationDataset, Size, Source, as_size, split_ids
+from medcert_core.data.chest import (
+    jsrt_source,
+    montgomery_source,
+    read_jsrt_img,
+    read_scr_gif,
+    shenzhen_source,
+)
+from medcert_core.data.folder import folder_source
+from medcert_core.data.phantom import chest_phantom, lesion_phantom, phantom_source
+from medcert_core.data.rgb import cvc_clinicdb_source, isic2018_source
+
+_SOURCES: dict[str, Callable[..., Source]] = {
+    "jsrt": jsrt_source,
+    "montgomery": montgomery_source,
+    "shenzhen": shenzhen_source,
+    "isic2018": isic2018_source,
+    "cvc_clinicdb": cvc_clinicdb_source,
+    "folder": folder_source,
+    "phantom": phantom_source,
+}
+DATASET_NAMES = tuple(_SOURCES)
+
+# The paper's input sizes (H, W); "folder" uses the native size of its first image.
+_DEFAULT_SIZES: dict[str, Size | None] = {
+    "jsrt": (512, 512),
+    "montgomery": (512, 512),
+    "shenzhen": (512, 512),
+    "isic2018": (384, 512),
+    "cvc_clinicdb": (288, 384),
+    "folder": None,
+    "phantom": (128, 128),
+}
+
+
+def _check_name(name: str) -> None:
+    """Raise ValueError listing the valid names if ``name`` is not a dataset."""
+    if name not in _SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+def default_image_size(name: str) -> Size | None:
+    """Default (H, W) of dataset ``name``; None for "folder" (native size of its first image)."""
+    _check_name(name)
+    return _DEFAULT_SIZES[name]
+
+
+def load_dataset(name: str, root: str | Path | None, split: str, *,
+                 image_size: int | Sequence[int] | None = None, seed: int = 0,
+                 channels: int | None = None, **options: Any) -> SegmentationDataset:
+    """One split of dataset ``name`` read from ``root``.
+
+    Args:
+        name: one of :data:`DATASET_NAMES`.
+        root: the dataset folder (ignored by "phantom").
+        split: "train", "val", "test" or "all".
+        image_size: output (H, W) or an int for a square; default :func:`default_image_size`.
+        seed: seed of the split shuffle (and, for "phantom", of the generated images).
+        channels: 1 or 3 (default 3: grayscale replicated; RGB with 1 -> mean of R, G, B).
+        options: dataset-specific: jsrt ``layout`` ("auto", "png", "original"); folder
+            ``class_names``; phantom ``variant`` ("chest", "lesion") and ``num_images``.
+
+    Returns:
+        a :class:`SegmentationDataset` with ``.class_names``, ``.ids``, ``.name``, ``.split``,
+        ``.image_size`` and ``.channels``.
+    """
+    _check_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    channels = 3 if channels is None else channels
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    size = as_size(image_size) if image_size is not None else _DEFAULT_SIZES[name]
+    if name == "phantom":
+        options = {"seed": seed, **options}
+    source = _SOURCES[name](root, size, **options)
+    ids = split_ids(source.ids, split, seed)
+    if not ids:
+        raise ValueError(f"{name}: split {split!r} of {len(source.ids)} cases is empty")
+    return SegmentationDataset(name, ids, source.load, source.class_names, source.image_size,
+                               channels, split)
+
+
+__all__ = [
+    "DATASET_NAMES",
+    "SPLITS",
+    "SegmentationDataset",
+    "chest_phantom",
+    "default_image_size",
+    "lesion_phantom",
+    "load_dataset",
+    "read_jsrt_img",
+    "read_scr_gif",
+    "split_ids",
+]

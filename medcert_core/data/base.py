@@ -1,0 +1,329 @@
+"""Shared pieces of the dataset loaders: file reading, splits, resizing and the dataset class.
+
+Every loader builds a :class:`Source` (all case ids of the dataset, a function that reads one
+case at its native size, the class names and the output size);
+:func:`medcert_core.data.load_dataset` picks the split and wraps the source in a
+:class:`SegmentationDataset`, which resizes, sets the channel count and caches every decoded
+item in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import tifffile
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test", "all")
+SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; test is the rest
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+Size = tuple[int, int]
+Loader = Callable[[str], tuple[np.ndarray, np.ndarray]]
+LabelFn = Callable[[np.ndarray, Path], np.ndarray]
+
+
+# --------------------------------------------------------------------------- errors and files
+
+
+def layout_error(dataset: str, path: Path, layout: str, what: str = "folder") -> FileNotFoundError:
+    """FileNotFoundError naming the missing ``path`` and showing the dataset's expected layout."""
+    return FileNotFoundError(
+        f"{dataset}: {what} not found: {path}\nExpected layout:\n{layout.rstrip()}"
+    )
+
+
+def require_dir(path: str | Path | None, dataset: str, layout: str) -> Path:
+    """``path`` as a Path if it is a directory, else :func:`layout_error`."""
+    if path is None:
+        raise layout_error(dataset, Path("<root=None>"), layout, what="root folder (not given)")
+    path = Path(path)
+    if not path.is_dir():
+        raise layout_error(dataset, path, layout)
+    return path
+
+
+def index_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, Path]:
+    """Map file stem -> path for the files of ``folder`` with one of ``extensions`` (any case).
+
+    Hidden files are ignored; two files with the same stem raise ValueError naming both.
+    """
+    index: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in extensions:
+            continue
+        if path.stem in index:
+            raise ValueError(f"two files with the same stem: {index[path.stem]} and {path}")
+        index[path.stem] = path
+    return index
+
+
+def missing_mask_error(mask: Path | str, image_path: Path) -> FileNotFoundError:
+    """FileNotFoundError naming the expected mask and the image that lacks it."""
+    return FileNotFoundError(f"mask file not found: {mask} (for image {image_path})")
+
+
+def require_file(path: Path, image_path: Path) -> Path:
+    """``path`` if it is a file, else :func:`missing_mask_error`."""
+    if not path.is_file():
+        raise missing_mask_error(path, image_path)
+    return path
+
+
+def match_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> dict[str, Path]:
+    """The mask path of every image stem; a missing one raises :func:`missing_mask_error`."""
+    for stem, image_path in images.items():
+        if stem not in masks:
+            raise missing_mask_error(mask_dir / f"{stem}.*", image_path)
+    return {stem: masks[stem] for stem in images}
+
+
+def require_cases(ids: Sequence[str], dataset: str, folder: Path, layout: str) -> list[str]:
+    """``ids`` as a list, or :func:`layout_error` naming ``folder`` if there are none."""
+    if not ids:
+        raise layout_error(dataset, folder, layout, what="image files (no cases)")
+    return list(ids)
+
+
+def check_same_shape(image_path: Path, image_shape: Sequence[int], mask_path: Path,
+                     mask_shape: Sequence[int], *, scaled_ok: bool = False) -> None:
+    """Raise ValueError naming both files if the (H, W) of image and mask differ.
+
+    With ``scaled_ok`` a mask of another resolution with the same aspect ratio is accepted.
+    """
+    (ih, iw), (mh, mw) = tuple(image_shape[:2]), tuple(mask_shape[:2])
+    if (ih, iw) == (mh, mw) or (scaled_ok and ih * mw == iw * mh):
+        return
+    raise ValueError(
+        f"mask shape {(mh, mw)} of {mask_path} differs from image shape {(ih, iw)} of {image_path}"
+    )
+
+
+# --------------------------------------------------------------------------- reading arrays
+
+
+def _read_raw(path: Path, kind: str) -> np.ndarray:
+    """Decode an image file to an array (H, W) or (H, W, C) of its stored dtype.
+
+    ``kind`` "image" turns palette images into RGB; "mask" keeps palette indices (label values).
+    TIFF goes through tifffile, everything else through PIL. Any decoding failure becomes a
+    ValueError naming the file.
+    """
+    try:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            array = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("1", "LA"):
+                    im = im.convert("L")
+                elif (im.mode == "P" and kind == "image") or im.mode == "PA":
+                    im = im.convert("RGB")
+                elif im.mode not in ("L", "P", "RGB", "I", "F") and not im.mode.startswith("I;16"):
+                    im = im.convert("RGB")
+                array = np.array(im)
+    except Exception as exc:  # PIL / tifffile raise many types for broken files
+        raise ValueError(f"cannot read {kind} file {path}: {exc}") from exc
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar TIFF (C, H, W)
+    if array.ndim not in (2, 3) or min(array.shape[:2]) == 0:
+        raise ValueError(f"cannot read {kind} file {path}: unexpected array shape {array.shape}")
+    return array
+
+
+def to_unit(array: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 [0, 1]: 8-bit /255, 16-bit (and int32) /65535, floats clipped."""
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        scale = 255.0 if array.dtype.itemsize == 1 else 65535.0
+        return np.clip(array.astype(np.float32) / scale, 0.0, 1.0)
+    return np.clip(array.astype(np.float32), 0.0, 1.0)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Image file -> float32 (H, W) grayscale or (H, W, 3) RGB in [0, 1] (alpha dropped)."""
+    array = to_unit(_read_raw(path, "image"))
+    if array.ndim == 3:
+        array = array[..., 0] if array.shape[-1] < 3 else array[..., :3]
+    return array
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """Image file -> float32 (H, W) in [0, 1]; RGB is averaged over its channels."""
+    array = read_image(path)
+    return array.mean(axis=-1) if array.ndim == 3 else array
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Mask file -> integer array (H, W) of its stored values (colour: maximum over R, G, B)."""
+    array = _read_raw(path, "mask")
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=-1)
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        array = np.rint(array * (255 if array.max() <= 1 else 1))
+    return array.astype(np.int64)
+
+
+def binarize(mask: np.ndarray) -> np.ndarray:
+    """Stored mask values (H, W) -> bool: ``>= 128`` for 0/255-style masks, ``> 0`` for 0/1."""
+    return mask >= 128 if mask.max(initial=0) > 1 else mask > 0
+
+
+def binary_labels(mask: np.ndarray, path: Path) -> np.ndarray:
+    """Stored mask values (H, W) -> int64 labels {0, 1} (``path`` unused: a :data:`LabelFn`)."""
+    return binarize(mask).astype(np.int64)
+
+
+def paired_loader(images: dict[str, Path], masks: dict[str, Path],
+                  read: Callable[[Path], np.ndarray], to_labels: LabelFn) -> Loader:
+    """Loader of cases made of one image file and one mask file with the same (H, W).
+
+    ``read`` decodes the image (e.g. :func:`read_image`, :func:`read_gray`); ``to_labels``
+    turns the stored mask values (and the mask path, for error messages) into class ids.
+    """
+
+    def load(case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = images[case_id], masks[case_id]
+        image, mask = read(image_path), read_mask(mask_path)
+        check_same_shape(image_path, image.shape, mask_path, mask.shape)
+        return image, to_labels(mask, mask_path)
+
+    return load
+
+
+def paint_labels(layers: Sequence[np.ndarray]) -> np.ndarray:
+    """Bool masks (H, W), painting order -> int64 labels; layer k paints k + 1 over earlier ones."""
+    labels = np.zeros(layers[0].shape, dtype=np.int64)
+    for class_id, layer in enumerate(layers, start=1):
+        labels[layer] = class_id
+    return labels
+
+
+# --------------------------------------------------------------------------- splits and sizes
+
+
+def split_ids(ids: Sequence[str], split: str, seed: int) -> list[str]:
+    """The ``split`` ("train", "val", "test" or "all") of ``ids``, sorted.
+
+    The sorted ids are shuffled with ``numpy.random.default_rng(seed)``; the first
+    round(0.7 N) are train, the next round(0.1 N) val, the rest test.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    ordered = sorted(ids)
+    if split == "all":
+        return ordered
+    n = len(ordered)
+    n_train, n_val = (round(fraction * n) for fraction in SPLIT_FRACTIONS)
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+              "test": (n_train + n_val, n)}
+    start, stop = bounds[split]
+    return sorted(ordered[i] for i in order[start:stop])
+
+
+def as_size(image_size: int | Sequence[int]) -> Size:
+    """``image_size`` as (H, W): an int n means (n, n)."""
+    if isinstance(image_size, (int, np.integer)):
+        image_size = (image_size, image_size)
+    size = tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    return int(size[0]), int(size[1])
+
+
+def resize_image(image: torch.Tensor, size: Size) -> torch.Tensor:
+    """(C, H, W) float -> (C, *size), bilinear with antialiasing, clipped to [0, 1]."""
+    if tuple(image.shape[-2:]) == size:
+        return image
+    out = F.interpolate(image[None], size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out[0].clamp_(0.0, 1.0)
+
+
+def resize_mask(mask: torch.Tensor, size: Size) -> torch.Tensor:
+    """(H, W) int64 labels -> (*size), nearest neighbour (pixel-centre aligned)."""
+    if tuple(mask.shape) == size:
+        return mask
+    out = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")
+    return out[0, 0].round().long()
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset on disk (or generated): every case id, a reader and its metadata.
+
+    ``load(id)`` returns the image float32 (H, W) or (H, W, 3) in [0, 1] and the mask int64
+    (H', W') of class ids, both at their native size (a mask may have another resolution with
+    the same aspect ratio; it is resized to ``image_size`` by nearest neighbour).
+    """
+
+    ids: list[str]
+    load: Loader
+    class_names: tuple[str, ...]
+    image_size: Size
+
+
+class SegmentationDataset(Dataset):
+    """``(image float32 (C, H, W) in [0, 1], mask int64 (H, W))`` items of one split.
+
+    Items are read on first access, resized to ``image_size`` (image bilinear + antialias, mask
+    nearest) and cached in memory; grayscale images are cached with one channel and replicated
+    to ``channels`` on access, RGB images with ``channels=1`` become the mean of R, G and B.
+    """
+
+    def __init__(self, name: str, ids: Sequence[str], load: Loader, class_names: Sequence[str],
+                 image_size: Size, channels: int = 3, split: str = "all") -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.name = name
+        self.split = split
+        self.ids = list(ids)
+        self.class_names = tuple(class_names)
+        self.image_size = as_size(image_size)
+        self.channels = channels
+        self._load = load
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self)
+        if index not in self._cache:
+            self._cache[index] = self._prepare(self.ids[index])
+        image, mask = self._cache[index]
+        if image.shape[0] != self.channels:
+            return image.repeat(self.channels, 1, 1), mask.clone()
+        return image.clone(), mask.clone()
+
+    def _prepare(self, case_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one case; image (1 or ``channels``, H, W), mask (H, W), both at ``image_size``."""
+        image, mask = self._load(case_id)
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        if tensor.shape[0] == 3 and self.channels == 1:
+            tensor = tensor.mean(dim=0, keepdim=True)
+        labels = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        return (resize_image(tensor, self.image_size).contiguous(),
+                resize_mask(labels, self.image_size))
+
+    def __repr__(self) -> str:
+        return (f"SegmentationDataset(name={self.name!r}, split={self.split!r}, items={len(self)}, "
+                f"image_size={self.image_size}, channels={self.channels}, "
+                f"class_names={self.class_names})")

@@ -1,0 +1,79 @@
+"""Denoisers: every one is built for one sigma and maps a noisy (B, C, H, W) batch in [0, 1] scale
+to its clean estimate.
+
+``load_denoiser(spec, sigma)`` is the one entry point, for specs
+``none``, ``ddpm:<folder>`` (a diffusers DDPMPipeline folder, or any folder with ``unet/`` and
+``scheduler/``), ``guided-diffusion:<file.pt>`` (OpenAI's checkpoint, e.g. the paper's
+256x256_diffusion_uncond.pt) and ``unet:<folder>`` (the baseline written by
+``train_unet_denoiser``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcert_core.denoisers.diffusion import DiffusionDenoiser, resize_noise_factor, timestep_for_sigma
+from medcert_core.denoisers.training import DDPM_PRESETS, linear_scheduler, train_ddpm, train_unet_denoiser
+from medcert_core.denoisers.unet_denoiser import UNetDenoiser
+
+SPEC_KINDS = ("none", "ddpm", "guided-diffusion", "unet")
+
+
+def load_ddpm(folder: str | Path, sigma: float, **options: Any) -> DiffusionDenoiser:
+    """A DiffusionDenoiser over a diffusers folder holding ``unet/`` and ``scheduler/``."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    missing = [name for name in ("unet", "scheduler") if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers DDPM folder: missing {', '.join(f'{name}/' for name in missing)}; expected "
+            f"{folder}/unet/(config.json, diffusion_pytorch_model.safetensors) and {folder}/scheduler/scheduler_config.json"
+        )
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    return DiffusionDenoiser(unet, scheduler, sigma, **options)
+
+
+def load_guided_diffusion(path: str | Path, sigma: float, *, steps: str | int = "single",
+                          sampler: str = "ddpm", generator: torch.Generator | None = None,
+                          **flags: Any) -> DiffusionDenoiser:
+    """The paper's denoiser: an OpenAI guided-diffusion checkpoint on its linear 1000-step schedule."""
+    from medcert_core.denoisers.guided_diffusion import load_guided_diffusion_unet
+
+    unet = load_guided_diffusion_unet(path, **flags)
+    return DiffusionDenoiser(unet, linear_scheduler(), sigma, steps=steps, sampler=sampler, generator=generator)
+
+
+def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Module | None:
+    """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
+
+    options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``) or, for
+    guided-diffusion, also its flags.
+    """
+    if spec is None or spec == "none":
+        return None
+    kind, _, location = spec.partition(":")
+    if kind not in SPEC_KINDS or not location:
+        raise ValueError(f"denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, "
+                         f"unet:<folder>; got {spec!r}")
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"denoiser {spec!r}: {path} does not exist")
+    if kind == "ddpm":
+        return load_ddpm(path, sigma, **options)
+    if kind == "guided-diffusion":
+        return load_guided_diffusion(path, sigma, **options)
+    denoiser = UNetDenoiser.load(path)
+    if abs(denoiser.sigma - sigma) > 1e-9:
+        raise ValueError(f"the UNet denoiser in {path} was trained for sigma = {denoiser.sigma}, not {sigma}")
+    return denoiser
+
+
+__all__ = [
+    "DDPM_PRESETS", "DiffusionDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser",
+    "load_guided_diffusion", "resize_noise_factor", "timestep_for_sigma", "train_ddpm", "train_unet_denoiser",
+]

@@ -1,0 +1,167 @@
+"""Diffusion denoised smoothing (Carlini et al. 2023) over any diffusers UNet2DModel + scheduler.
+
+Randomized smoothing adds N(0, sigma^2) noise to x in [0, 1]. A DDPM works in [-1, 1], where that
+noise has std 2 sigma; the step t* whose sqrt((1 - abar_t) / abar_t) is nearest to 2 sigma has the
+same signal-to-noise ratio, and x_t = sqrt(abar_t*) (2 (x + delta) - 1) is then distributed as
+the forward process at t*. One step predicts x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); several
+steps follow the DDPM posterior (or DDIM) from t* down to 0; (x0 + 1) / 2 maps back.
+
+Two operations change the noise level before the model sees it, and t* follows them:
+- resizing to the model's resolution (a linear filter with weights w per output pixel scales
+  the noise std by sqrt(sum w^2); the root mean square over output pixels is used);
+- averaging 3 channels for a 1-channel model (std / sqrt(3)); a 1-channel image replicated for a
+  3-channel model keeps its std.
+The result is resized back smoothly (bilinear) and to the input's channel count.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
+    """t* = the step whose sqrt((1 - abar_t) / abar_t) is nearest to 2 * sigma ([0, 1] -> [-1, 1])."""
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    ratio = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    target = 2.0 * float(sigma)
+    if not ratio.min() <= target <= ratio.max():
+        raise ValueError(
+            f"2 * sigma = {target:g} is outside the schedule's noise range "
+            f"[{ratio.min().item():.4g}, {ratio.max().item():.4g}] (sqrt((1 - abar_t) / abar_t))"
+        )
+    return int((ratio - target).abs().argmin())
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W), antialiased when shrinking."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrinking = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+@lru_cache(maxsize=64)
+def resize_noise_factor(source: tuple[int, int], target: tuple[int, int]) -> float:
+    """RMS over output pixels of sqrt(sum of squared filter weights) of ``resize(source -> target)``.
+
+    i.i.d. noise of std s becomes noise of (per-pixel) std s * sqrt(sum w^2) after the resize.
+    """
+    factors = []
+    for length, new_length in zip(source, target):
+        identity = torch.eye(length, dtype=torch.float64)[:, None, None, :]  # length unit impulses, (N, 1, 1, L)
+        rows = resize(identity, (1, new_length))[:, 0, 0, :]  # (L_in, L_out): column j = weights of output j
+        factors.append((rows**2).sum(0).mean().item())
+    return math.sqrt(factors[0] * factors[1])
+
+
+class DiffusionDenoiser(torch.nn.Module):
+    """Maps a noisy batch (B, C, H, W) in [0, 1] scale (x + N(0, sigma^2)) to its clean estimate.
+
+    unet: diffusers ``UNet2DModel`` (learned-sigma models: the first C output channels are used).
+    scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.prediction_type``
+        ("epsilon", "v_prediction" or "sample").
+    steps: "single" (one x0 prediction at t*) or an int number of model calls from t* down to 0.
+    sampler: "ddpm" (posterior sampling between the steps, drawing from ``generator``) or "ddim"
+        (deterministic); only used when steps > 1.
+    image_size: the model's (H, W); default its ``config.sample_size``.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler,
+        sigma: float,
+        *,
+        steps: str | int = "single",
+        sampler: str = "ddpm",
+        image_size: int | tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if steps != "single" and not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f'steps must be "single" or an int >= 1, got {steps!r}')
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f'sampler must be "ddpm" or "ddim", got {sampler!r}')
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = unet.eval()
+        self.sigma = float(sigma)
+        self.steps = 1 if steps == "single" else int(steps)
+        self.sampler = sampler
+        self.prediction_type = prediction_type
+        self.generator = generator
+        size = image_size if image_size is not None else unet.config.sample_size
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.model_channels = int(unet.config.in_channels)
+        self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+        timestep_for_sigma(self.alphas_cumprod, self.sigma)  # fail early when sigma is out of range
+
+    def effective_sigma(self, channels: int, size: tuple[int, int]) -> float:
+        """Noise std, in [0, 1] scale, of the batch the model sees for a (channels, *size) input."""
+        sigma = self.sigma * resize_noise_factor(tuple(size), self.image_size)
+        if channels > 1 and self.model_channels == 1:
+            sigma /= math.sqrt(channels)
+        return sigma
+
+    def timesteps(self, start: int) -> list[int]:
+        """The model-call steps, from t* down to 0 (one entry for single step)."""
+        if self.steps == 1:
+            return [start]
+        return sorted({round(start * (1 - i / (self.steps - 1))) for i in range(self.steps)}, reverse=True)
+
+    def _model_channels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == self.model_channels:
+            return images
+        if images.shape[1] == 1:
+            return images.expand(-1, self.model_channels, -1, -1)
+        if self.model_channels == 1:
+            return images.mean(1, keepdim=True)
+        raise ValueError(f"cannot feed {images.shape[1]}-channel images to a {self.model_channels}-channel model")
+
+    def predict_x0(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The model's x0 estimate (B, C, H, W) in [-1, 1] at step t."""
+        channels = x_t.shape[1]
+        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        output = self.unet(x_t, timestep).sample[:, :channels].to(x_t.dtype)
+        abar = self.alphas_cumprod[t].item()
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - math.sqrt(1 - abar) * output) / math.sqrt(abar)
+        elif self.prediction_type == "v_prediction":
+            x0 = math.sqrt(abar) * x_t - math.sqrt(1 - abar) * output
+        else:
+            x0 = output
+        return x0.clamp(-1, 1)
+
+    def step_back(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        """x_s from x_t and the x0 estimate: DDPM posterior q(x_s | x_t, x0) sample, or DDIM."""
+        abar_t, abar_s = self.alphas_cumprod[t].item(), self.alphas_cumprod[s].item()
+        if self.sampler == "ddim":
+            eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+            return math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
+        alpha_ts = abar_t / abar_s
+        beta_ts = 1 - alpha_ts
+        mean = (math.sqrt(abar_s) * beta_ts * x0 + math.sqrt(alpha_ts) * (1 - abar_s) * x_t) / (1 - abar_t)
+        std = math.sqrt(beta_ts * (1 - abar_s) / (1 - abar_t))
+        noise = torch.randn(x_t.shape, generator=self.generator, device=x_t.device if self.generator is None else self.generator.device, dtype=x_t.dtype)
+        return mean + std * noise.to(x_t.device)
+
+    @torch.inference_mode()
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = noisy.shape
+        start = timestep_for_sigma(self.alphas_cumprod, self.effective_sigma(channels, (height, width)))
+        images = self._model_channels(resize(noisy.float(), self.image_size))
+        x_t = math.sqrt(self.alphas_cumprod[start].item()) * (2 * images - 1)
+        steps = self.timesteps(start)
+        for t, s in zip(steps, steps[1:] + [None]):
+            x0 = self.predict_x0(x_t, t)
+            if s is not None:
+                x_t = self.step_back(x_t, x0, t, s)
+        clean = resize((x0 + 1) / 2, (height, width)).clamp(0, 1)
+        if clean.shape[1] != channels:
+            clean = clean.expand(-1, channels, -1, -1) if clean.shape[1] == 1 else clean.mean(1, keepdim=True)
+        return clean.to(noisy.dtype)

@@ -1,0 +1,168 @@
+"""Offline training of the denoisers: a DDPM (diffusers layout) and the UNet baseline.
+
+``train_ddpm`` trains a diffusers ``UNet2DModel`` to predict the noise on the linear 1000-step
+schedule of the paper's checkpoint (betas 1e-4 to 0.02) and saves it as a ``DDPMPipeline``
+(``model_index.json``, ``unet/``, ``scheduler/``), loadable offline with ``ddpm:<folder>``.
+Training timesteps can be limited to the largest t* the study needs (``max_sigma``): denoised
+smoothing never asks the model about noisier steps. Both trainers checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
+from medcert_core.denoisers.unet_denoiser import UNetDenoiser
+from medcert_core.smoothing import resolve_device
+
+DDPM_PRESETS: dict[str, dict[str, Any]] = {
+    # a few minutes on 2 CPU cores
+    "tiny": {"image_size": 64, "steps": 300, "batch_size": 16, "lr": 2e-3, "unet": {
+        "block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    }},
+    # the paper's resolution, for a GPU
+    "paper": {"image_size": 256, "steps": 100_000, "batch_size": 16, "lr": 1e-4, "unet": {
+        "block_out_channels": (128, 128, 256, 256, 512, 512), "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    }},
+}
+
+
+def linear_scheduler() -> DDPMScheduler:
+    """The schedule of guided-diffusion's 256x256 model: 1000 steps, linear betas 1e-4 to 0.02."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def _stacked_images(dataset: Dataset, size: tuple[int, int]) -> torch.Tensor:
+    """All images of a (image, mask) dataset at ``size``: (N, C, H, W) in [0, 1]."""
+    return torch.cat([resize(dataset[i][0][None], size) for i in range(len(dataset))])
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def train_ddpm(
+    dataset: Dataset,
+    output_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    max_sigma: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    checkpoint_every: int = 50,
+) -> Path:
+    """Train a DDPM on the images of ``dataset`` and save it in ``output_dir`` (DDPMPipeline layout).
+
+    max_sigma: draw training timesteps only up to t*(max_sigma) (all 1000 when None).
+    A finished folder is returned as is; an interrupted one resumes from ``training_state.pt``.
+    """
+    if preset not in DDPM_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(DDPM_PRESETS)}, got {preset!r}")
+    settings = DDPM_PRESETS[preset]
+    size = image_size or settings["image_size"]
+    total_steps = steps or settings["steps"]
+    batch_size = batch_size or settings["batch_size"]
+    output_dir = Path(output_dir)
+    if (output_dir / "model_index.json").is_file():
+        return output_dir
+    device = resolve_device(device)
+    images = _stacked_images(dataset, (size, size))
+    scheduler = linear_scheduler()
+    max_timestep = 1000 if max_sigma is None else timestep_for_sigma(scheduler.alphas_cumprod, max_sigma) + 1
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=images.shape[1], out_channels=images.shape[1], **settings["unet"]).to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr or settings["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = 0, []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state_path = output_dir / "training_state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start, losses = state["step"], state["losses"]
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    unet.train()
+    bar = tqdm(range(start, total_steps), desc="train ddpm", disable=not progress)
+    for step in bar:
+        clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)] * 2 - 1
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, max_timestep, (batch_size,), generator=generator)
+        abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
+        noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
+        loss = F.mse_loss(unet(noisy, timesteps.to(device)).sample, noise.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            _save_state({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), "step": step + 1, "losses": losses}, state_path)
+    DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler).save_pretrained(output_dir)
+    state_path.unlink(missing_ok=True)
+    return output_dir
+
+
+def train_unet_denoiser(
+    dataset: Dataset,
+    sigma: float,
+    output_dir: str | Path,
+    *,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``."""
+    output_dir = Path(output_dir)
+    if (output_dir / "unet_denoiser.pt").is_file():
+        return output_dir
+    device = resolve_device(device)
+    first = dataset[0][0]
+    size = (image_size, image_size) if image_size else tuple(first.shape[-2:])
+    images = _stacked_images(dataset, size)
+    torch.manual_seed(seed)
+    kwargs = model_kwargs or {"encoder_name": "resnet18", "decoder_channels": (128, 64, 32, 16, 8)}
+    denoiser = UNetDenoiser.build(images.shape[1], sigma, **kwargs).to(device).train()
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"train unet denoiser sigma={sigma}", disable=not progress)
+    for _ in bar:
+        clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+        noisy = noisy.to(device)
+        loss = F.mse_loss(noisy - denoiser.network(noisy), clean.to(device))  # unclamped: keeps gradients
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    denoiser.eval().cpu().save(output_dir, image_size=list(size), steps=steps, seed=seed)
+    return output_dir

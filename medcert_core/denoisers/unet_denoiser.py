@@ -1,0 +1,59 @@
+"""The custom-trained baseline denoiser (paper Table S3; Salman et al. 2020).
+
+A plain UNet trained with MSE to map x + N(0, sigma^2) to x, one per sigma. It predicts the noise
+(residual learning) and returns ``clamp(noisy - predicted_noise, 0, 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcert_core.models import create_model
+
+WEIGHTS = "unet_denoiser.pt"
+
+
+class UNetDenoiser(torch.nn.Module):
+    """(B, C, H, W) noisy batch in [0, 1] scale -> clean estimate, for the sigma it was trained at."""
+
+    def __init__(self, network: torch.nn.Module, sigma: float, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.network = network
+        self.sigma = float(sigma)
+        self.config = config
+
+    @classmethod
+    def build(cls, channels: int, sigma: float, **model_kwargs: Any) -> "UNetDenoiser":
+        """A fresh (untrained) denoiser: a ``create_model("unet", C, C)`` network."""
+        config = {"channels": channels, "sigma": float(sigma), "model_kwargs": model_kwargs}
+        return cls(create_model("unet", channels, channels, **model_kwargs), sigma, config)
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        return (noisy - self.network(noisy)).clamp(0, 1)
+
+    def save(self, folder: str | Path, **extra: Any) -> Path:
+        """Write ``folder/unet_denoiser.pt`` (config + weights) atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / (WEIGHTS + ".tmp")
+        torch.save({"config": {**self.config, **extra}, "state_dict": self.network.state_dict()}, temporary)
+        os.replace(temporary, folder / WEIGHTS)
+        (folder / "config.json").write_text(json.dumps({**self.config, **extra}, indent=2, default=str) + "\n")
+        return folder / WEIGHTS
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "UNetDenoiser":
+        path = Path(folder) / WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"no UNet denoiser at {path} (expected {folder}/{WEIGHTS}, written by train_unet_denoiser)")
+        saved = torch.load(path, map_location=map_location, weights_only=False)
+        config = saved["config"]
+        denoiser = cls.build(config["channels"], config["sigma"], **config["model_kwargs"])
+        denoiser.config = config
+        denoiser.network.load_state_dict(saved["state_dict"])
+        return denoiser.eval()

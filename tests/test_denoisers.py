@@ -1,0 +1,226 @@
+"""Diffusion denoised smoothing: t*, oracle denoising, multi-step, resizing, loading, training."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import medcert_core.denoisers.training as denoiser_training
+from medcert_core.data import load_dataset
+from medcert_core.denoisers import (
+    DiffusionDenoiser,
+    UNetDenoiser,
+    linear_scheduler,
+    load_denoiser,
+    resize_noise_factor,
+    timestep_for_sigma,
+    train_ddpm,
+    train_unet_denoiser,
+)
+from medcert_core.denoisers.diffusion import resize
+
+
+def direct_alphas_cumprod() -> list[float]:
+    """abar_t of the linear schedule, by a plain running product of (1 - beta_t)."""
+    product, values = 1.0, []
+    for t in range(1000):
+        beta = 1e-4 + (0.02 - 1e-4) * t / 999
+        product *= 1 - beta
+        values.append(product)
+    return values
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
+def test_timestep_for_sigma_on_the_linear_schedule(sigma):
+    abar = direct_alphas_cumprod()
+    distances = [abs(math.sqrt((1 - a) / a) - 2 * sigma) for a in abar]
+    expected = min(range(1000), key=distances.__getitem__)
+    assert timestep_for_sigma(linear_scheduler().alphas_cumprod, sigma) == expected
+
+
+def test_timestep_for_sigma_out_of_range():
+    with pytest.raises(ValueError, match="outside the schedule"):
+        timestep_for_sigma(linear_scheduler().alphas_cumprod, 100.0)
+    with pytest.raises(ValueError, match="outside the schedule"):
+        timestep_for_sigma(linear_scheduler().alphas_cumprod, 0.001)
+
+
+class OracleUNet(torch.nn.Module):
+    """Knows the clean image (model space, [0, 1]) and returns the exact eps / v / x0 for any x_t."""
+
+    def __init__(self, clean: torch.Tensor, prediction_type: str = "epsilon", learned_sigma: bool = False) -> None:
+        super().__init__()
+        self.clean = clean
+        self.prediction_type = prediction_type
+        self.learned_sigma = learned_sigma
+        self.alphas_cumprod = linear_scheduler().alphas_cumprod.double()
+        channels = clean.shape[1]
+        self.config = SimpleNamespace(sample_size=clean.shape[-1], in_channels=channels)
+        self.seen_timesteps: list[int] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        self.seen_timesteps.append(int(t[0]))
+        abar = self.alphas_cumprod[t].to(x_t.dtype)[:, None, None, None]
+        x0 = 2 * self.clean - 1
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        output = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}
+        output = output[self.prediction_type]
+        if self.learned_sigma:
+            output = torch.cat([output, torch.randn_like(output)], 1)
+        return SimpleNamespace(sample=output)
+
+
+def scheduler_with(prediction_type: str):
+    scheduler = linear_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    return scheduler
+
+
+def noisy_copy(clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    return clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed), dtype=clean.dtype)
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_oracle_single_step_returns_the_clean_image(sigma, size, prediction_type):
+    clean = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    unet = OracleUNet(clean, prediction_type, learned_sigma=prediction_type == "epsilon")
+    denoiser = DiffusionDenoiser(unet, scheduler_with(prediction_type), sigma, image_size=size).double()
+    denoised = denoiser(noisy_copy(clean, sigma))
+    torch.testing.assert_close(denoised, clean, rtol=0, atol=1e-5)  # float32 inside the denoiser
+    assert unet.seen_timesteps == [timestep_for_sigma(linear_scheduler().alphas_cumprod, sigma)]
+
+
+@pytest.mark.parametrize("image_channels,model_channels", [(1, 3), (3, 1)])
+def test_oracle_with_channel_conversion(image_channels, model_channels):
+    gray = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    clean = gray.expand(-1, image_channels, -1, -1)
+    unet = OracleUNet(gray.expand(-1, model_channels, -1, -1))
+    denoiser = DiffusionDenoiser(unet, linear_scheduler(), 0.5).double()
+    denoised = denoiser(noisy_copy(clean, 0.5))
+    assert denoised.shape == clean.shape
+    torch.testing.assert_close(denoised, clean, rtol=0, atol=1e-5)  # float32 inside the denoiser
+    averaged_sigma = 0.5 / math.sqrt(3) if model_channels == 1 else 0.5
+    assert unet.seen_timesteps == [timestep_for_sigma(linear_scheduler().alphas_cumprod, averaged_sigma)]
+
+
+def test_resize_noise_factor_matches_empirical_noise():
+    noise = torch.randn(64, 1, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for target in [(32, 32), (16, 24), (128, 128)]:
+        empirical = resize(noise, target).std().item()
+        assert resize_noise_factor((64, 64), target) == pytest.approx(empirical, rel=0.02)
+    assert resize_noise_factor((64, 64), (64, 64)) == pytest.approx(1.0)
+
+
+def test_resizing_to_the_model_picks_t_star_for_the_resized_noise():
+    clean = torch.full((1, 3, 64, 64), 0.4, dtype=torch.float64)  # constant: survives resizing exactly
+    unet = OracleUNet(torch.full((1, 3, 32, 32), 0.4, dtype=torch.float64))
+    denoiser = DiffusionDenoiser(unet, linear_scheduler(), 0.5).double()
+    denoised = denoiser(noisy_copy(clean, 0.5))
+    torch.testing.assert_close(denoised, clean, rtol=0, atol=1e-5)  # float32 inside the denoiser
+    expected = timestep_for_sigma(linear_scheduler().alphas_cumprod, 0.5 * resize_noise_factor((64, 64), (32, 32)))
+    assert unet.seen_timesteps == [expected] and expected < timestep_for_sigma(linear_scheduler().alphas_cumprod, 0.5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_oracle_multi_step_returns_the_clean_image_and_steps_down_to_zero(sampler):
+    clean = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    unet = OracleUNet(clean)
+    denoiser = DiffusionDenoiser(unet, linear_scheduler(), 0.5, steps=5, sampler=sampler,
+                                 generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(denoiser(noisy_copy(clean, 0.5)), clean, rtol=0, atol=1e-5)  # float32 inside the denoiser
+    start = timestep_for_sigma(linear_scheduler().alphas_cumprod, 0.5)
+    assert unet.seen_timesteps[0] == start and unet.seen_timesteps[-1] == 0 and len(unet.seen_timesteps) == 5
+    assert unet.seen_timesteps == sorted(unet.seen_timesteps, reverse=True)
+
+
+class BlurryUNet(torch.nn.Module):
+    """An imperfect epsilon model (predicts half the true noise), so that sampling matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(sample_size=16, in_channels=3)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=0.5 * x_t)
+
+
+def test_multi_step_is_reproducible_from_a_seed():
+    noisy = noisy_copy(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)), 0.5)
+    run = lambda seed, sampler="ddpm": DiffusionDenoiser(  # noqa: E731
+        BlurryUNet(), linear_scheduler(), 0.5, steps=4, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+    )(noisy)
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+    assert torch.equal(run(7, "ddim"), run(8, "ddim")), "DDIM is deterministic"
+
+
+def test_load_denoiser_specs_and_errors(tmp_path):
+    assert load_denoiser("none", 0.25) is None and load_denoiser(None, 0.25) is None
+    with pytest.raises(ValueError, match="ddpm:<folder>"):
+        load_denoiser("diffusion:/x", 0.25)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_denoiser(f"ddpm:{tmp_path / 'nowhere'}", 0.25)
+    with pytest.raises(FileNotFoundError, match="unet/"):
+        load_denoiser(f"ddpm:{tmp_path}", 0.25)
+    with pytest.raises(FileNotFoundError, match="unet_denoiser.pt"):
+        load_denoiser(f"unet:{tmp_path}", 0.25)
+
+
+@pytest.fixture(scope="module")
+def small_phantoms():
+    return load_dataset("phantom", None, "train", image_size=32, num_images=20)
+
+
+def test_unet_denoiser_trains_saves_and_loads(small_phantoms, tmp_path):
+    folder = train_unet_denoiser(small_phantoms, 0.5, tmp_path / "unet", steps=3, batch_size=4, progress=False,
+                                 device="cpu", model_kwargs={"encoder_name": "resnet18", "decoder_channels": (16, 8, 8, 8, 8)})
+    loaded = load_denoiser(f"unet:{folder}", 0.5)
+    assert isinstance(loaded, UNetDenoiser)
+    noisy = noisy_copy(small_phantoms[0][0][None], 0.5)
+    output = loaded(noisy)
+    assert output.shape == noisy.shape and 0 <= output.min() and output.max() <= 1
+    with pytest.raises(ValueError, match="trained for sigma = 0.5, not 0.25"):
+        load_denoiser(f"unet:{folder}", 0.25)
+
+
+def test_train_ddpm_resumes_bit_for_bit(small_phantoms, tmp_path, monkeypatch):
+    settings = dict(steps=4, batch_size=4, image_size=32, max_sigma=0.5, progress=False, device="cpu", checkpoint_every=1)
+    straight = train_ddpm(small_phantoms, tmp_path / "straight", **settings)
+    real_save = denoiser_training._save_state
+    calls = []
+
+    def crash_on_second(state, path):
+        if calls:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(path)
+        real_save(state, path)
+
+    monkeypatch.setattr(denoiser_training, "_save_state", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
+    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["step"] == 1
+    monkeypatch.setattr(denoiser_training, "_save_state", real_save)
+    resumed = train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
+    assert not (resumed / "training_state.pt").exists()
+    a, b = load_denoiser(f"ddpm:{straight}", 0.5), load_denoiser(f"ddpm:{resumed}", 0.5)
+    for (name, x), y in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert a.image_size == (32, 32) and a.alphas_cumprod.shape == (1000,)
+
+
+@pytest.mark.slow
+def test_tiny_ddpm_on_phantoms_denoises_five_times_better_than_the_noisy_input(tmp_path):
+    train = load_dataset("phantom", None, "train", image_size=32)
+    test = load_dataset("phantom", None, "test", image_size=32)
+    folder = train_ddpm(train, tmp_path / "ddpm", steps=150, image_size=32, max_sigma=1.0, progress=False, device="cpu")
+    clean = torch.stack([test[i][0] for i in range(len(test))])
+    noisy = noisy_copy(clean, 0.5, seed=5)
+    denoised = load_denoiser(f"ddpm:{folder}", 0.5)(noisy)
+    noisy_mse = (noisy - clean).pow(2).mean().item()
+    denoised_mse = (denoised - clean).pow(2).mean().item()
+    assert denoised_mse * 5 <= noisy_mse, f"MSE {denoised_mse:.4f} vs noisy {noisy_mse:.4f}"

@@ -111,3 +111,9 @@ class MetricAccumulator:
         summary = grouped[["dice", "iou", "abstain_in_class", "abstain"]].mean()
         summary["images"] = grouped["image_id"].nunique()
         return summary.reset_index()
+
+
+def psnr(estimate: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each image: (B, C, H, W) pairs -> (B,)."""
+    mse = (estimate.double() - clean.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)

@@ -84,13 +84,14 @@ class SmoothedSegmenter:
                 yield self.base_classes(x.unsqueeze(0) + self.sigma * noise)
 
     def class_histogram(
-        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False
+        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = "selection"
     ) -> torch.Tensor:
         """Per-pixel class counts (K, H, W) int64 over ``num`` noisy draws."""
         height, width = x.shape[-2:]
         histogram = torch.zeros((self.num_classes, height * width), dtype=torch.int64, device=self.device)
-        for classes in self.noisy_class_batches(x, num, generator, progress, "selection"):
-            histogram.scatter_add_(0, classes.reshape(classes.shape[0], -1), torch.ones_like(classes).reshape(classes.shape[0], -1))
+        for classes in self.noisy_class_batches(x, num, generator, progress, desc):
+            flat = classes.reshape(classes.shape[0], -1)
+            histogram.scatter_add_(0, flat, torch.ones_like(flat))
         return histogram.reshape(self.num_classes, height, width)
 
     def agreement_counts(
@@ -155,5 +156,5 @@ class SmoothedSegmenter:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         x, generator = self._prepare(x, generator)
-        top = self.class_histogram(x, n, generator, progress).topk(2, dim=0)
+        top = self.class_histogram(x, n, generator, progress, "prediction").topk(2, dim=0)
         return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)

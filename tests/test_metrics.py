@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medcert_core import ABSTAIN
-from medcert_core.metrics import MetricAccumulator, confusion_matrix, segmentation_scores
+from medcert_core.metrics import MetricAccumulator, confusion_matrix, psnr, segmentation_scores
 
 A = ABSTAIN
 TARGET = np.array(
@@ -91,3 +91,11 @@ def test_bad_labels_are_explained():
         segmentation_scores(LABELS, TARGET + 1, 3)
     with pytest.raises(ValueError, match="ABSTAIN"):
         segmentation_scores(LABELS - 2, TARGET, 3)
+
+
+def test_psnr_by_hand():
+    clean = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    estimate = clean.clone()
+    estimate[0, 0, 0, 0] = 0.2  # MSE 0.01 -> 20 dB
+    estimate[1] = 0.5  # MSE 0.25 -> 6.02 dB
+    np.testing.assert_allclose(psnr(estimate, clean).numpy(), [20.0, 10 * np.log10(4)], rtol=1e-12)

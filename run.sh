@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# medcert's entry point on a fresh machine.
+#   ./run.sh               set up (first run only) and run the main job: the quick study
+#   ./run.sh test [ARGS]   set up (first run only) and run the tests: python -m pytest [ARGS]
+#   ./run.sh ARGS...       any `python -m medcert_core` command, e.g. ./run.sh certify --help
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${MEDCERT_VENV:-.venv}"
+STAMP="$VENV/.installed-$(cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)"
+
+if [ ! -f "$STAMP" ]; then
+  echo "[medcert] creating $VENV and installing requirements (first run: a few minutes)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+
+export HF_HUB_OFFLINE=1
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+if [ "$#" -eq 0 ]; then
+  set -- demo
+fi
+exec "$VENV/bin/python" -m medcert_core "$@"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 
 from medcert_core.data import DATASET_NAMES, load_dataset
+from medcert_core.io import write_json_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import SmoothedSegmenter, resolve_device
@@ -43,14 +43,6 @@ def _datasets(args: argparse.Namespace, *splits: str):
         load_dataset(args.dataset, args.data_root, split, image_size=_image_size(args.image_size), seed=args.seed)
         for split in splits
     ]
-
-
-def write_json_atomically(payload: object, path: Path) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def per_class_means(frame: pd.DataFrame) -> dict[str, float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from medcert_core.io import save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import create_model
 from medcert_core.smoothing import resolve_device
@@ -141,13 +141,6 @@ def mean_foreground_dice(frame: pd.DataFrame) -> float:
     return float(foreground.groupby("class_id")["dice"].mean().mean())
 
 
-def _save_atomically(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
 def _config_from_dataset(dataset: Dataset, arch: str, preset: str, **overrides: Any) -> TrainConfig:
     image, _ = dataset[0]
     settings = {key: value for key, value in PRESETS[preset].items() if key != "model_kwargs"}
@@ -251,7 +244,7 @@ def train_segmenter(
             best = {"dice": val_dice, "state_dict": copy.deepcopy(model.state_dict())}
         epochs_bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_dice=f"{val_dice:.3f}")
         if path is not None:
-            _save_atomically(
+            save_torch_atomically(
                 {
                     "config": dataclasses.asdict(config),
                     "state_dict": best["state_dict"],

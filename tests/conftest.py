@@ -1,6 +1,34 @@
-"""Test-wide settings: nothing may reach a model hub."""
+"""Test-wide settings (nothing may reach a model hub) and shared fixtures."""
 
 import os
 
+import pytest
+
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture
+def crash_on_second_save(monkeypatch):
+    """Patch ``module.save_torch_atomically`` to save once, then raise KeyboardInterrupt (a crash).
+
+    Returns a function ``arm(module)``; ``disarm(module)`` puts the real function back.
+    """
+    from medcert_core.io import save_torch_atomically
+
+    def arm(module) -> None:
+        saves = []
+
+        def save_once(payload, path):
+            if saves:
+                raise KeyboardInterrupt("simulated crash")
+            saves.append(path)
+            return save_torch_atomically(payload, path)
+
+        monkeypatch.setattr(module, "save_torch_atomically", save_once)
+
+    def disarm(module) -> None:
+        monkeypatch.setattr(module, "save_torch_atomically", save_torch_atomically)
+
+    return arm, disarm

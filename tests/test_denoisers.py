@@ -188,23 +188,15 @@ def test_unet_denoiser_trains_saves_and_loads(small_phantoms, tmp_path):
         load_denoiser(f"unet:{folder}", 0.25)
 
 
-def test_train_ddpm_resumes_bit_for_bit(small_phantoms, tmp_path, monkeypatch):
+def test_train_ddpm_resumes_bit_for_bit(small_phantoms, tmp_path, crash_on_second_save):
     settings = dict(steps=4, batch_size=4, image_size=32, max_sigma=0.5, progress=False, device="cpu", checkpoint_every=1)
     straight = train_ddpm(small_phantoms, tmp_path / "straight", **settings)
-    real_save = denoiser_training._save_state
-    calls = []
-
-    def crash_on_second(state, path):
-        if calls:
-            raise KeyboardInterrupt("simulated crash")
-        calls.append(path)
-        real_save(state, path)
-
-    monkeypatch.setattr(denoiser_training, "_save_state", crash_on_second)
+    arm, disarm = crash_on_second_save
+    arm(denoiser_training)
     with pytest.raises(KeyboardInterrupt):
         train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
     assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["step"] == 1
-    monkeypatch.setattr(denoiser_training, "_save_state", real_save)
+    disarm(denoiser_training)
     resumed = train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
     assert not (resumed / "training_state.pt").exists()
     a, b = load_denoiser(f"ddpm:{straight}", 0.5), load_denoiser(f"ddpm:{resumed}", 0.5)

@@ -31,7 +31,7 @@ def test_dice_ce_loss_against_a_direct_computation():
     assert dice_ce_loss(perfect, target).item() < 0.01
 
 
-def test_training_learns_and_checkpoint_resumes_bit_for_bit(phantoms, tmp_path, monkeypatch):
+def test_training_learns_and_checkpoint_resumes_bit_for_bit(phantoms, tmp_path, crash_on_second_save):
     train_set, val_set = phantoms
     settings = dict(arch="unet", epochs=3, batch_size=7, seed=1, progress=False, device="cpu",
                     model_kwargs={"encoder_name": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)})
@@ -44,20 +44,12 @@ def test_training_learns_and_checkpoint_resumes_bit_for_bit(phantoms, tmp_path, 
     assert (config.dataset, config.split) == ("phantom", "train")
 
     checkpoint = tmp_path / "model.pt"
-    real_save = training._save_atomically
-    saves = []
-
-    def crash_on_second_save(payload, path):
-        if saves:
-            raise KeyboardInterrupt("simulated crash")
-        saves.append(path)
-        real_save(payload, path)
-
-    monkeypatch.setattr(training, "_save_atomically", crash_on_second_save)
+    arm, disarm = crash_on_second_save
+    arm(training)
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(train_set, val_set, checkpoint=checkpoint, **settings)
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(training, "_save_atomically", real_save)
+    disarm(training)
     resumed, _, resumed_history = train_segmenter(train_set, val_set, checkpoint=checkpoint, **settings)
     assert list(resumed_history["epoch"]) == [1, 2, 3]
     for (name, expected), actual in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):

@@ -9,7 +9,6 @@ smoothing never asks the model about noisier steps. Both trainers checkpoint and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
+from medcert_core.io import save_torch_atomically
 from medcert_core.smoothing import resolve_device
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
@@ -48,12 +48,6 @@ def linear_scheduler() -> DDPMScheduler:
 def _stacked_images(dataset: Dataset, size: tuple[int, int]) -> torch.Tensor:
     """All images of a (image, mask) dataset at ``size``: (N, C, H, W) in [0, 1]."""
     return torch.cat([resize(dataset[i][0][None], size) for i in range(len(dataset))])
-
-
-def _save_state(state: dict[str, Any], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
 
 
 def train_ddpm(
@@ -118,7 +112,7 @@ def train_ddpm(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            _save_state({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+            save_torch_atomically({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
                          "generator": generator.get_state(), "step": step + 1, "losses": losses}, state_path)
     DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler).save_pretrained(output_dir)
     state_path.unlink(missing_ok=True)

@@ -6,13 +6,12 @@ A plain UNet trained with MSE to map x + N(0, sigma^2) to x, one per sigma. It p
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medcert_core.io import save_torch_atomically, write_json_atomically
 from medcert_core.models import create_model
 
 WEIGHTS = "unet_denoiser.pt"
@@ -38,13 +37,9 @@ class UNetDenoiser(torch.nn.Module):
 
     def save(self, folder: str | Path, **extra: Any) -> Path:
         """Write ``folder/unet_denoiser.pt`` (config + weights) atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / (WEIGHTS + ".tmp")
-        torch.save({"config": {**self.config, **extra}, "state_dict": self.network.state_dict()}, temporary)
-        os.replace(temporary, folder / WEIGHTS)
-        (folder / "config.json").write_text(json.dumps({**self.config, **extra}, indent=2, default=str) + "\n")
-        return folder / WEIGHTS
+        config = {**self.config, **extra}
+        write_json_atomically(config, Path(folder) / "config.json")
+        return save_torch_atomically({"config": config, "state_dict": self.network.state_dict()}, Path(folder) / WEIGHTS)
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "UNetDenoiser":

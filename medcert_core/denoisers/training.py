@@ -152,7 +152,7 @@ def train_unet_denoiser(
         clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
         noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
         noisy = noisy.to(device)
-        loss = F.mse_loss(noisy - denoiser.network(noisy), clean.to(device))  # unclamped: keeps gradients
+        loss = F.mse_loss(denoiser.network(noisy), clean.to(device))  # unclamped: keeps gradients
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,7 +1,9 @@
 """The custom-trained baseline denoiser (paper Table S3; Salman et al. 2020).
 
-A plain UNet trained with MSE to map x + N(0, sigma^2) to x, one per sigma. It predicts the noise
-(residual learning) and returns ``clamp(noisy - predicted_noise, 0, 1)``.
+A plain UNet trained with MSE to map x + N(0, sigma^2) to x, one per sigma; it predicts the clean
+image directly and returns it clamped to [0, 1]. (Predicting the noise instead does not work with
+segmentation_models_pytorch's UNet: its decoder has no full-resolution skip, so it cannot
+reproduce per-pixel i.i.d. noise.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class UNetDenoiser(torch.nn.Module):
         return cls(create_model("unet", channels, channels, **model_kwargs), sigma, config)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        return (noisy - self.network(noisy)).clamp(0, 1)
+        return self.network(noisy).clamp(0, 1)
 
     def save(self, folder: str | Path, **extra: Any) -> Path:
         """Write ``folder/unet_denoiser.pt`` (config + weights) atomically."""

@@ -3,6 +3,7 @@ small fixture written in its dataset's layout, error messages, and the phantom g
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -26,11 +27,13 @@ from medcert_core.data import (
 )
 from medcert_core.data.chest import JSRT_ORGANS
 
-JSRT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsrt"
-if not JSRT_ROOT.is_dir():
-    JSRT_ROOT = Path("/work/shared/data/jsrt")
+# The real data lies in ../shared/data/jsrt beside the repository (MEDCERT_JSRT_ROOT overrides);
+# CI has it, so there a missing folder is an error, not a skip.
+JSRT_ROOT = Path(os.environ.get("MEDCERT_JSRT_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "jsrt"))
+if os.environ.get("CI") and not (JSRT_ROOT / "images").is_dir():
+    raise RuntimeError(f"CI must test the real JSRT data, but {JSRT_ROOT} has no images/")
 needs_jsrt = pytest.mark.skipif(
-    not (JSRT_ROOT / "images").is_dir(), reason=f"real JSRT data not found at {JSRT_ROOT}"
+    not (JSRT_ROOT / "images").is_dir(), reason=f"real JSRT data not found at {JSRT_ROOT} (set MEDCERT_JSRT_ROOT)"
 )
 SCR_SAMPLE_IDS = ("JPCLN001", "JPCNN001")
 SIZE = (40, 48)  # fixture images, H x W

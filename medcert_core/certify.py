@@ -216,31 +216,50 @@ def certify_counts(
     )
 
 
-def count_agreement(estimation: Array, selected: Array, chunk: int = 8) -> Array:
-    """How many of the draws (n, H, W) equal ``selected`` (H, W), per pixel: (H, W) int64.
+def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> tuple[Array, int]:
+    """Per pixel, how many of the draws (n, H, W) equal ``selected`` (H, W); and the smallest id.
 
-    Compares a few draws at a time so that the boolean temporaries stay in cache.
+    Returns counts (H, W) int64 and the minimum class id of ``estimation``, from one pass over the
+    draws. On numpy it walks tiles of pixels through all n draws so that each tile stays in cache
+    (the certificate is memory-bound: one read of the int64 samples).
     """
     if isinstance(estimation, torch.Tensor):
-        counts = torch.zeros(tuple(selected.shape), dtype=torch.int32, device=estimation.device)
-    else:
-        counts = np.zeros(selected.shape, dtype=np.int32)
-    for start in range(0, estimation.shape[0], chunk):
-        counts += (estimation[start : start + chunk] == selected).sum(0, dtype=counts.dtype)
-    return counts.long() if isinstance(counts, torch.Tensor) else counts.astype(np.int64)
+        counts = torch.zeros(tuple(selected.shape), dtype=torch.int64, device=estimation.device)
+        for draws in estimation.split(8):
+            counts += (draws == selected).sum(0)
+        return counts, int(estimation.min())
+    draws = estimation.reshape(estimation.shape[0], -1)
+    flat_selected = selected.reshape(-1)
+    counts = np.zeros(flat_selected.shape, dtype=np.int32)
+    equal = np.empty(min(tile, flat_selected.size), dtype=bool)
+    smallest = 0
+    for start in range(0, flat_selected.size, tile):
+        stop = start + tile
+        tile_selected, tile_counts = flat_selected[start:stop], counts[start:stop]
+        tile_equal = equal[: tile_selected.size]
+        for draw in draws[:, start:stop]:
+            np.equal(draw, tile_selected, out=tile_equal)
+            np.add(tile_counts, tile_equal, out=tile_counts, casting="unsafe")
+            smallest = min(smallest, int(draw.min()))
+    return counts.reshape(selected.shape).astype(np.int64), smallest
 
 
 def select_and_count(samples: Array, n0: int) -> tuple[Array, Array]:
     """Selected class (mode of the first n0 draws; ties -> smallest id) and its count in the rest.
 
-    samples: (n0 + n, H, W) class ids. Returns selected (H, W) int64 and counts (H, W) int64.
+    samples: (n0 + n, H, W) class ids >= 0. Returns selected (H, W) int64 and counts (H, W) int64.
+    Raises ValueError on a negative class id.
     """
     selection = samples[:n0]
+    smallest = int(selection.min())
     num_classes = int(selection.max()) + 1
     stack = torch.stack if isinstance(samples, torch.Tensor) else np.stack
-    histogram = stack([(selection == c).sum(0) for c in range(num_classes)])
+    histogram = stack([(selection == c).sum(0) for c in range(max(num_classes, 1))])
     selected = histogram.argmax(0)
-    return selected, count_agreement(samples[n0:], selected)
+    counts, smallest_estimation = count_agreement(samples[n0:], selected)
+    if min(smallest, smallest_estimation) < 0:
+        raise ValueError(f"class ids must be >= 0, got {min(smallest, smallest_estimation)}")
+    return selected, counts
 
 
 def certify(
@@ -271,8 +290,6 @@ def certify(
             f"samples has {samples.shape[0]} draws, so n = {n}; it must hold n0 = {n0} selection "
             "draws plus n >= 1 estimation draws"
         )
-    if int(samples.min()) < 0:
-        raise ValueError(f"class ids must be >= 0, got {int(samples.min())}")
     _validate_parameters(n, tau, alpha, sigma, correction)
     selected, counts = select_and_count(samples, int(n0))
     return certify_counts(

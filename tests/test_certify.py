@@ -14,6 +14,7 @@ from statsmodels.stats.multitest import multipletests
 from medcert_core import ABSTAIN, certify, certify_counts
 from medcert_core.certify import (
     binomial_pvalue_table,
+    count_agreement,
     predict_counts,
     reject_groups,
     smallest_certifiable_n,
@@ -214,3 +215,18 @@ def test_predict_counts_matches_binomtest_and_statsmodels(correction):
     np.testing.assert_array_equal(labels, expected)
     labels_torch = predict_counts(torch.from_numpy(top_class), torch.from_numpy(top), torch.from_numpy(runner_up), n, alpha=alpha, correction=correction)
     np.testing.assert_array_equal(labels_torch.numpy(), expected)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 45, 1000])
+def test_count_agreement_tiles_cover_every_pixel(tile):
+    rng = np.random.default_rng(tile)
+    draws = rng.integers(0, 3, size=(13, 5, 9))
+    selected = rng.integers(0, 3, size=(5, 9))
+    counts, smallest = count_agreement(draws, selected, tile=tile)
+    np.testing.assert_array_equal(counts, (draws == selected).sum(0))
+    assert smallest == draws.min()
+    draws[4, 2, 8] = -3
+    assert count_agreement(draws, selected, tile=tile)[1] == -3
+    torch_counts, torch_smallest = count_agreement(torch.from_numpy(draws), torch.from_numpy(selected))
+    np.testing.assert_array_equal(torch_counts.numpy(), (draws == selected).sum(0))
+    assert torch_smallest == -3

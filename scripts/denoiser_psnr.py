@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--ddpm-steps", type=int, default=400, help="training steps of the DDPM")
-    parser.add_argument("--unet-steps", type=int, default=200, help="training steps of each UNet denoiser")
+    parser.add_argument("--unet-steps", type=int, default=800, help="training steps of each UNet denoiser")
     parser.add_argument("--multi-steps", type=int, default=10, help="model calls of multi-step denoising")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")

@@ -156,7 +156,7 @@ def chest_phantom(seed: int, index: int, size: Size = (128, 128)) -> tuple[np.nd
     image = image - lung_soft * (1 - 0.85 * heart_soft) * (rng.uniform(0.28, 0.4) + texture)
     image = image + body * (rng.uniform(0.12, 0.25) * mediastinum * vertebrae * (1 - lung_soft)
                             + rng.uniform(0.0, 0.06) * heart_soft
-                            + rng.uniform(0.1, 0.2) * ribs + rng.uniform(0.15, 0.3) * clavicles)
+                            + rng.uniform(0.1, 0.2) * ribs + rng.uniform(0.3, 0.45) * clavicles)
     image = image + rng.uniform(0.03, 0.1) * _smooth_field(rng, y, x, 3, (0.3, 1.0))
     image = np.clip(image, 0, 1) ** rng.uniform(0.7, 1.4)
     low, high = rng.uniform(0.0, 0.08), rng.uniform(0.85, 1.0)

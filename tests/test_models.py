@@ -118,7 +118,7 @@ def test_invalid_channel_counts() -> None:
 
 def test_unet_rejects_encoder_weights() -> None:
     with pytest.raises(TypeError, match="encoder_weights"):
-        create_model("unet", 3, 2, encoder_weights="imagenet")
+        create_model("unet", 3, 2, encoder_weights="imagenet")  # offline: rejected before any download
 
 
 def test_count_parameters() -> None:

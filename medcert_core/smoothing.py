@@ -78,9 +78,10 @@ class SmoothedSegmenter:
         with torch.inference_mode():
             for start in tqdm(range(0, num, self.batch_size), desc=desc, disable=not progress, leave=False):
                 size = min(self.batch_size, num - start)
-                noise = torch.stack(
-                    [torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype) for _ in range(size)]
-                ).to(self.device)
+                noise = torch.empty((size, *x.shape), device=gen_device, dtype=x.dtype)
+                for draw in noise:  # one generator call per draw: independent of the batch size
+                    torch.randn(x.shape, generator=generator, out=draw)
+                noise = noise.to(self.device)
                 yield self.base_classes(x.unsqueeze(0) + self.sigma * noise)
 
     def class_histogram(

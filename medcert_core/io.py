@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-def _replace_via_temporary(path: Path, write) -> Path:
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(temporary_path)``, then rename the temporary file to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -21,10 +23,10 @@ def _replace_via_temporary(path: Path, write) -> Path:
 
 def save_torch_atomically(payload: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    return _replace_via_temporary(Path(path), lambda temporary: torch.save(payload, temporary))
+    return write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
 
 
 def write_json_atomically(payload: Any, path: str | Path) -> Path:
     """JSON (indented, non-JSON values as str) to a temporary file, then rename it into place."""
     text = json.dumps(payload, indent=2, default=str) + "\n"
-    return _replace_via_temporary(Path(path), lambda temporary: temporary.write_text(text))
+    return write_atomically(Path(path), lambda temporary: temporary.write_text(text))

@@ -123,8 +123,9 @@ def _chest_side(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, side: in
     apex = center[0] - radii[0]
     ends = (cx0 + side * rng.uniform(0.05, 0.12), cx0 + side * rng.uniform(0.58, 0.75))
     heights = (apex + rng.uniform(0.15, 0.25), apex + rng.uniform(0.0, 0.1))
+    pixel = float(abs(y[1, 0] - y[0, 0]))  # at least ~3.5 px thick, so small inputs keep a learnable band
     clavicle = _curve_band(y, x, ends, heights, rng.uniform(-0.05, 0.04),
-                           rng.uniform(0.04, 0.055) * scale)
+                           max(rng.uniform(0.04, 0.055) * scale, 2.1 * pixel))
     lateral = side * (x - cx0 - tilt * y)
     reach = abs(center[1] - cx0) + 1.4 * radii[1]
     ribs = _ribs(rng, y, lateral, apex, center[0] + radii[0], reach, scale)

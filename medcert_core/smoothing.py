@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.certify import Certificate, Correction, certify_counts, predict_counts
 

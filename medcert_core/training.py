@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.io import save_torch_atomically
 from medcert_core.metrics import MetricAccumulator

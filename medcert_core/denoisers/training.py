@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser

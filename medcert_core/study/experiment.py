@@ -1,0 +1,159 @@
+"""What a chapter notebook builds from its parameters cell: one ``Experiment``.
+
+    experiment = Experiment.from_parameters(globals())      # the notebook's parameters
+    results = experiment.run(archs=["unet"], methods=[ours("ddpm:auto"), segcertify()])
+
+Relative ``results_dir`` / ``cache_dir`` are taken from the project root (the folder holding
+``_toc.yml`` or ``pyproject.toml`` above the working directory), so a notebook run in Jupyter
+from ``notebooks/`` and the same one run by the grid share one cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medcert_core.smoothing import resolve_device
+from medcert_core.study import store
+from medcert_core.study.assets import DataSpec, TrainingSpec
+from medcert_core.study.profiles import training_spec
+from medcert_core.study.report import abstention_maps
+from medcert_core.study.runs import CertificationRun, Method, plain, run_all
+
+PROJECT_MARKERS = ("_toc.yml", "pyproject.toml")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: cwd) holding _toc.yml or pyproject.toml."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    return start
+
+
+def _under_project(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+@dataclass
+class Experiment:
+    """The shared settings of a chapter: data, training profile, certificate parameters, where to store."""
+
+    profile: str = "quick"
+    dataset: str = "phantom"
+    data_root: str | None = None
+    image_size: int | Sequence[int] = 64
+    sigmas: Sequence[float] = (0.25, 0.5, 1.0)
+    n0: int = 10
+    n: int = 100
+    alpha: float = 0.001
+    tau: float = 0.75
+    test_images: int | None = 3
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 32
+    results_dir: str = "runs/results"
+    cache_dir: str = "runs/cache"
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_parameters(cls, namespace: Mapping[str, Any]) -> "Experiment":
+        """Build from a notebook's parameters (extra names, e.g. ``archs``, are kept in ``.extra``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {name: namespace[name] for name in names if name in namespace}
+        return cls(**known)
+
+    def __post_init__(self) -> None:
+        training_spec(self.profile)  # fail early on an unknown profile
+        if self.data_root is not None:
+            self.data_root = str(_under_project(self.data_root))
+
+    @property
+    def data(self) -> DataSpec:
+        size = int(self.image_size) if isinstance(self.image_size, int) else tuple(int(s) for s in self.image_size)
+        return DataSpec(self.dataset, self.data_root, size, int(self.seed))
+
+    @property
+    def training(self) -> TrainingSpec:
+        return training_spec(self.profile)
+
+    @property
+    def results_path(self) -> Path:
+        return _under_project(self.results_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return _under_project(self.cache_dir)
+
+    def certification_run(self, arch: str, method: Method, sigma: float) -> CertificationRun:
+        return CertificationRun(
+            data=self.data, training=self.training, arch=arch, method=method, sigma=float(sigma),
+            n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), tau=float(self.tau),
+            test_images=int(self.test_images) if self.test_images else None,
+        )
+
+    def runs(self, archs: Sequence[str], methods: Sequence[Method]) -> list[CertificationRun]:
+        """Every (arch, method, sigma) run; plain methods run once, at sigma 0."""
+        return [
+            self.certification_run(arch, method, sigma)
+            for arch in archs
+            for method in methods
+            for sigma in ([0.0] if method.name == "plain" else self.sigmas)
+        ]
+
+    def run(self, archs: Sequence[str], methods: Sequence[Method]) -> pd.DataFrame:
+        """Tidy results of all runs (computed once, then read from the store); also refreshes the aggregate."""
+        frame = run_all(self.runs(archs, methods), results_dir=self.results_path, cache=self.cache_path,
+                        device=self.device, batch_size=int(self.batch_size), progress=self.progress)
+        store.aggregate(self.results_path)
+        return frame
+
+    def maps(self, arch: str, method: Method, sigma: float) -> dict[str, np.ndarray]:
+        """Stored label maps of a completed run (see ``runs.MAP_IMAGES``)."""
+        return store.load_maps(self.results_path, self.certification_run(arch, method, sigma).hash)
+
+    def abstention_panels(self, arch: str, methods: Sequence[Method]) -> dict[float, dict[str, np.ndarray]]:
+        """{sigma: {"noisy", "target", <method label>: labels}} of completed runs, for ``report.abstention_maps``."""
+        panels = {}
+        for sigma in self.sigmas:
+            first = self.maps(arch, methods[0], sigma)
+            panels[float(sigma)] = {"noisy": first["noisy"], "target": first["target"],
+                                    **{method.label: self.maps(arch, method, sigma)["labels"] for method in methods}}
+        return panels
+
+    def abstention_figure(self, arch: str, methods: Sequence[Method]):
+        """The paper's Figure 1 for the first test image: noisy input, ground truth, each method per sigma."""
+        return abstention_maps(self.abstention_panels(arch, methods), [method.label for method in methods])
+
+    def settings_table(self) -> pd.DataFrame:
+        """The settings a chapter states: data, input space, certificate parameters, profile, device."""
+        test_set = self.data.load("test")
+        image, _ = test_set[0]
+        shown = min(len(test_set), self.test_images or len(test_set))
+        return pd.DataFrame({"setting": [
+            "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
+        ], "value": [
+            self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
+            f"{shown} of {len(test_set)} (split seed {self.seed})", ", ".join(f"{s:g}" for s in self.sigmas),
+            f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile,
+            str(resolve_device(self.device)),
+        ]}).set_index("setting")
+
+
+def combine(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Tidy frames of several ``Experiment.run`` calls, each run's rows once."""
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["run", "image_id", "class_id"], ignore_index=True)
+
+
+def clean_baselines(train_noise: float) -> list[Method]:
+    """The paper's sigma = 0 rows: the plain model trained without noise and with ``train_noise``."""
+    return [plain(0.0), plain(train_noise)]

@@ -1,0 +1,174 @@
+"""The papermill grid runner: execute chapter notebooks with parameters, write them into the book.
+
+A grid file (YAML)::
+
+    parameters:            # given to every entry
+      profile: quick
+    runs:
+      - notebook: phantom                  # notebooks/phantom.ipynb -> <book>/phantom.ipynb
+      - notebook: ablation_denoising_steps
+        parameters: {test_images: 2}
+      - notebook: jsrt
+        output: jsrt_sigmas                # default: the notebook's name (+ the swept values)
+        sweep: {alpha: [0.001, 0.01]}      # lists, expanded as a product: one notebook each
+
+Every executed notebook gets ``interactive = False`` and its parameter hash in its metadata. An
+entry is skipped when its output exists with the same hash and the results store recorded that
+hash as complete (``grid_state.json``); it is executed into a temporary file and moved into place
+only when it succeeded, so the book never holds a half-run chapter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.study.store import parameter_hash
+
+GRID_KEYS = {"parameters", "runs", "book_dir", "notebooks_dir"}
+ENTRY_KEYS = {"notebook", "output", "parameters", "sweep"}
+STATE = "grid_state.json"
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One notebook execution: template name, output name, parameters."""
+
+    notebook: str
+    output: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return parameter_hash({"notebook": self.notebook, "parameters": self.parameters})
+
+
+def _fail(path: str | Path, message: str) -> None:
+    raise ValueError(f"{path}: {message}")
+
+
+def _sweep_suffix(values: Mapping[str, Any]) -> str:
+    return "-".join(f"{key}={value}" for key, value in values.items()).replace("/", "_").replace(" ", "")
+
+
+def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks_dir: str | Path = "notebooks") -> list[GridEntry]:
+    """Validate a grid mapping and expand its sweeps; errors name ``source`` and the valid keys."""
+    if not isinstance(spec, Mapping):
+        _fail(source, "a grid must be a mapping with 'runs:' (a list) and optional 'parameters:'")
+    unknown = set(spec) - GRID_KEYS
+    if unknown:
+        _fail(source, f"unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
+    shared = dict(spec.get("parameters") or {})
+    runs = spec.get("runs")
+    if not isinstance(runs, list) or not runs:
+        _fail(source, "'runs:' must be a non-empty list of entries like {notebook: phantom}")
+    available = sorted(path.stem for path in Path(notebooks_dir).glob("*.ipynb"))
+    entries = []
+    for number, entry in enumerate(runs, start=1):
+        if not isinstance(entry, Mapping) or "notebook" not in entry:
+            _fail(source, f"entry {number} must be a mapping with 'notebook:' (one of {available})")
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:
+            _fail(source, f"entry {number} has unknown keys {sorted(unknown)}; valid: {sorted(ENTRY_KEYS)}")
+        if entry["notebook"] not in available:
+            _fail(source, f"entry {number}: no notebook {entry['notebook']!r} in {notebooks_dir}; valid: {available}")
+        sweep = dict(entry.get("sweep") or {})
+        if any(not isinstance(values, list) or not values for values in sweep.values()):
+            _fail(source, f"entry {number}: every 'sweep:' value must be a non-empty list")
+        for combination in itertools.product(*sweep.values()) if sweep else [()]:
+            swept = dict(zip(sweep, combination))
+            output = entry.get("output", entry["notebook"]) + (f"-{_sweep_suffix(swept)}" if swept else "")
+            parameters = {**shared, **(entry.get("parameters") or {}), **swept, "interactive": False}
+            entries.append(GridEntry(entry["notebook"], output, parameters))
+    outputs = [entry.output for entry in entries]
+    duplicated = sorted({name for name in outputs if outputs.count(name) > 1})
+    if duplicated:
+        _fail(source, f"several entries write {duplicated}; give them distinct 'output:' names")
+    return entries
+
+
+def load_grid(path: str | Path, notebooks_dir: str | Path = "notebooks") -> list[GridEntry]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no grid file at {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    return parse_grid(spec, path, notebooks_dir)
+
+
+def _state(results_dir: Path) -> dict[str, str]:
+    path = results_dir / STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_done(entry: GridEntry, book_dir: Path, results_dir: Path) -> bool:
+    """True when the book holds this entry's output with the same hash, recorded complete in the store."""
+    output = book_dir / f"{entry.output}.ipynb"
+    if not output.is_file() or _state(results_dir).get(entry.output) != entry.hash:
+        return False
+    metadata = json.loads(output.read_text()).get("metadata", {}).get("medcert", {})
+    return metadata.get("parameters_hash") == entry.hash
+
+
+def without_stderr(notebook):
+    """The notebook without stderr stream outputs (progress bars, kernel warnings)."""
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [out for out in cell.outputs if not (out.output_type == "stream" and out.name == "stderr")]
+    return notebook
+
+
+def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_dir: Path, cwd: Path,
+            progress: bool = True) -> Path:
+    """Run one entry with papermill; the output appears in ``book_dir`` only if every cell succeeded."""
+    import nbformat
+    import papermill
+
+    output = book_dir / f"{entry.output}.ipynb"
+    temporary = book_dir / f".{entry.output}.running.ipynb"
+    book_dir.mkdir(parents=True, exist_ok=True)
+    try:  # the kernel's progress bars stream to this terminal; they are dropped from the chapter
+        papermill.execute_notebook(
+            str(notebooks_dir / f"{entry.notebook}.ipynb"), str(temporary), parameters=entry.parameters,
+            cwd=str(cwd), kernel_name="python3", progress_bar=progress, language="python", stderr_file=sys.stderr,
+        )
+    except Exception as error:
+        raise RuntimeError(f"notebook {entry.notebook} failed with {entry.parameters}; "
+                           f"the partly executed copy is {temporary}") from error
+    notebook = without_stderr(nbformat.read(temporary, as_version=4))
+    notebook.metadata["medcert"] = {"notebook": entry.notebook, "parameters": entry.parameters,
+                                    "parameters_hash": entry.hash}
+    write_atomically(output, lambda path: nbformat.write(notebook, str(path)))
+    temporary.unlink()
+    state = _state(results_dir)
+    state[entry.output] = entry.hash
+    write_json_atomically(state, results_dir / STATE)
+    return output
+
+
+def run_grid(entries: list[GridEntry], *, notebooks_dir: str | Path = "notebooks", book_dir: str | Path = "book",
+             results_dir: str | Path = "runs/results", cwd: str | Path = ".", force: bool = False) -> list[Path]:
+    """Execute every entry not already done (all of them with ``force``); returns the output paths."""
+    notebooks_dir, book_dir, results_dir, cwd = map(Path, (notebooks_dir, book_dir, results_dir, cwd))
+    outputs = []
+    bar = tqdm(entries, desc="grid", unit="notebook")
+    for entry in bar:
+        bar.set_postfix_str(entry.output)
+        output = book_dir / f"{entry.output}.ipynb"
+        if not force and is_done(entry, book_dir, results_dir):
+            tqdm.write(f"skip {entry.output}: already executed with these parameters")
+        else:
+            execute(entry, notebooks_dir=notebooks_dir, book_dir=book_dir, results_dir=results_dir, cwd=cwd)
+        outputs.append(output)
+    return outputs

@@ -1,0 +1,113 @@
+"""The results store: one folder per completed run, keyed by the hash of its parameters.
+
+    <results_dir>/runs/<hash>/results.csv    tidy: one row per image x class (x sigma)
+    <results_dir>/runs/<hash>/maps.npz       label maps of the first test images, for figures
+    <results_dir>/runs/<hash>/metadata.json  parameters, versions, git commit, device; written last
+    <results_dir>/aggregate.csv              every completed run's rows, for the chapters
+
+A run is complete when its metadata.json exists; every file is written atomically, so a crash
+leaves either a complete run or one that is simply computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medcert_core.io import write_atomically, write_json_atomically
+
+RESULTS = "results.csv"
+MAPS = "maps.npz"
+METADATA = "metadata.json"
+AGGREGATE = "aggregate.csv"
+_PACKAGES = ("medcert", "torch", "torchvision", "numpy", "scipy", "statsmodels", "diffusers",
+             "segmentation-models-pytorch")
+
+
+def parameter_hash(parameters: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of JSON-able parameters (key order does not matter)."""
+    text = json.dumps(parameters, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_folder(results_dir: str | Path, run_hash: str) -> Path:
+    return Path(results_dir) / "runs" / run_hash
+
+
+def is_complete(results_dir: str | Path, run_hash: str) -> bool:
+    return (run_folder(results_dir, run_hash) / METADATA).is_file()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_commit(folder: str | Path = ".") -> str | None:
+    """The checked-out commit of the repository holding ``folder`` (+ "-dirty" with local changes)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def save_run(results_dir: str | Path, run_hash: str, rows: pd.DataFrame, maps: dict[str, np.ndarray],
+             parameters: dict[str, Any], **extra: Any) -> Path:
+    """Write a finished run: rows, maps, then metadata (the completion mark), each atomically."""
+    folder = run_folder(results_dir, run_hash)
+    write_atomically(folder / RESULTS, lambda path: rows.to_csv(path, index=False))
+
+    def write_maps(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **maps)
+
+    write_atomically(folder / MAPS, write_maps)
+    write_json_atomically({
+        "hash": run_hash, "parameters": parameters, "versions": package_versions(),
+        "git_commit": git_commit(Path(__file__).parent), "platform": platform.platform(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }, folder / METADATA)
+    return folder
+
+
+def load_rows(results_dir: str | Path, run_hash: str) -> pd.DataFrame:
+    return pd.read_csv(run_folder(results_dir, run_hash) / RESULTS)
+
+
+def load_maps(results_dir: str | Path, run_hash: str) -> dict[str, np.ndarray]:
+    with np.load(run_folder(results_dir, run_hash) / MAPS) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def load_metadata(results_dir: str | Path, run_hash: str) -> dict[str, Any]:
+    return json.loads((run_folder(results_dir, run_hash) / METADATA).read_text())
+
+
+def aggregate(results_dir: str | Path) -> pd.DataFrame:
+    """Rows of every completed run, with its hash and device; written to aggregate.csv too."""
+    frames = []
+    for metadata_path in sorted(Path(results_dir).glob(f"runs/*/{METADATA}")):
+        metadata = json.loads(metadata_path.read_text())
+        rows = pd.read_csv(metadata_path.parent / RESULTS)
+        frames.append(rows.assign(run=metadata["hash"], device=metadata.get("device", "")))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_atomically(Path(results_dir) / AGGREGATE, lambda path: frame.to_csv(path, index=False))
+    return frame

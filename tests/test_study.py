@@ -1,0 +1,265 @@
+"""The study layer: results store, certification runs, paper tables, figures, grid files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from medcert_core import ABSTAIN
+from medcert_core.study import paper, report, store
+from medcert_core.study.assets import DataSpec, TrainingSpec, segmenter_path
+from medcert_core.study.experiment import Experiment, combine
+from medcert_core.study.grid import GridEntry, is_done, parse_grid
+from medcert_core.study.runs import CertificationRun, Method, ours, plain, radius, run_certification, segcertify
+from medcert_core.study.workflow import fill_data_root
+
+TINY_TRAINING = TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
+TINY_DATA = DataSpec("phantom", None, 32, 0)
+
+
+# --- store ---------------------------------------------------------------------------------------
+
+def test_parameter_hash_ignores_key_order_and_sees_every_value():
+    assert store.parameter_hash({"a": 1, "b": [1, 2]}) == store.parameter_hash({"b": [1, 2], "a": 1})
+    assert store.parameter_hash({"a": 1}) != store.parameter_hash({"a": 2})
+    assert len(store.parameter_hash({})) == 16
+
+
+def test_a_run_is_complete_only_once_its_metadata_is_written(tmp_path, monkeypatch):
+    rows = pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]})
+    maps = {"labels": np.zeros((1, 2, 2), dtype=np.int64)}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("crash before the metadata")
+
+    monkeypatch.setattr(store, "write_json_atomically", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_run(tmp_path, "abc", rows, maps, {"x": 1})
+    assert not store.is_complete(tmp_path, "abc")
+    assert store.aggregate(tmp_path).empty
+    monkeypatch.undo()
+
+    store.save_run(tmp_path, "abc", rows, maps, {"x": 1}, device="cpu")
+    assert store.is_complete(tmp_path, "abc")
+    assert store.load_metadata(tmp_path, "abc")["parameters"] == {"x": 1}
+    assert set(store.load_metadata(tmp_path, "abc")["versions"]) >= {"torch", "numpy", "python"}
+    np.testing.assert_array_equal(store.load_maps(tmp_path, "abc")["labels"], maps["labels"])
+    aggregated = store.aggregate(tmp_path)
+    assert aggregated["run"].tolist() == ["abc"] and aggregated["device"].tolist() == ["cpu"]
+    assert pd.read_csv(tmp_path / store.AGGREGATE)["dice"].tolist() == [0.5]
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+def test_run_hash_ignores_the_data_root_but_not_the_settings():
+    run = CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    moved = CertificationRun(DataSpec("phantom", "/elsewhere", 32, 0), TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    assert run.hash == moved.hash
+    for changed in (CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto", 4), 0.5),
+                    CertificationRun(TINY_DATA, TINY_TRAINING, "unet", segcertify(), 0.5),
+                    CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5, alpha=0.01)):
+        assert changed.hash != run.hash
+
+
+def test_radius_is_sigma_times_the_normal_quantile():
+    assert radius(0.25, 0.75) == pytest.approx(0.25 * norm.ppf(0.75))
+    assert radius(1.0, 0.75) == pytest.approx(0.6745, abs=1e-4)  # the paper's R 0.67
+
+
+def test_method_labels_name_the_comparison():
+    assert segcertify().label == "SegCertify"
+    assert ours("ddpm:auto").label == "ours (ddpm, single-step)"
+    assert ours("ddpm:auto", 4).label == "ours (ddpm, 4-step)"
+    assert ours("unet:auto").label == "ours (unet)"
+    assert ours("none").label == "ours (no denoiser)"
+    assert plain(0.25).label == "plain (noise 0.25)"
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    """A phantom experiment at 32 px with 1-epoch models: every run computed once for this module."""
+    folder = tmp_path_factory.mktemp("study")
+    experiment = Experiment(profile="quick", dataset="phantom", image_size=32, sigmas=[0.5], n0=4, n=60,
+                            test_images=2, results_dir=str(folder / "results"), cache_dir=str(folder / "cache"),
+                            progress=False)
+    return experiment
+
+
+def test_certification_runs_are_stored_and_read_back(tiny_experiment, monkeypatch):
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    methods = [plain(0.0), ours("none")]
+    first = tiny_experiment.run(["unet"], methods)
+    # 2 images x 4 classes, for the plain run (sigma 0) and the certified run (sigma 0.5)
+    assert len(first) == 2 * 4 * 2
+    certified = first[first["sigma"] == 0.5]
+    assert certified["radius"].unique() == pytest.approx([0.5 * norm.ppf(0.75)])
+    assert set(certified[["n0", "n", "alpha", "tau"]].drop_duplicates().itertuples(index=False)) == {(4, 60, 0.001, 0.75)}
+    assert (first[first["sigma"] == 0]["abstain"] == 0).all(), "a plain prediction never abstains"
+    assert {"dice", "iou", "abstain", "seconds", "arch", "dataset", "seed", "denoiser"} <= set(first.columns)
+    assert set(first["run"]) == {run.hash for run in tiny_experiment.runs(["unet"], methods)}
+
+    def must_not_compute(*args, **kwargs):
+        raise AssertionError("a completed run was computed again")
+
+    monkeypatch.setattr("medcert_core.study.runs.compute", must_not_compute)
+    again = tiny_experiment.run(["unet"], methods)
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
+
+    maps = tiny_experiment.maps("unet", ours("none"), 0.5)
+    assert maps["labels"].shape == (2, 32, 32) and maps["noisy"].shape == (2, 3, 32, 32)
+    assert set(np.unique(maps["labels"])) <= {ABSTAIN, 0, 1, 2, 3}
+    figure = tiny_experiment.abstention_figure("unet", [ours("none")])
+    assert [trace.type for trace in figure.data] == ["image"] * 3  # noisy, ground truth, one method
+    assert tiny_experiment.cache_path.joinpath("segmenters").is_dir()
+    expected = segmenter_path(tiny_experiment.cache_path, tiny_experiment.data, TINY_TRAINING, "unet", 0.0)
+    assert expected.is_file()
+
+
+def test_experiment_reads_a_notebook_namespace():
+    namespace = {"profile": "jsrt", "dataset": "jsrt", "image_size": [288, 384], "archs": ["unet"], "sigmas": [1.0],
+                 "unrelated": object()}
+    experiment = Experiment.from_parameters(namespace)
+    assert experiment.profile == "jsrt" and experiment.sigmas == [1.0]
+    assert experiment.data.image_size == (288, 384) and experiment.data.tag == "jsrt_288x384"
+    with pytest.raises(ValueError, match="profile must be one of"):
+        Experiment(profile="fast")
+
+
+# --- tables and figures --------------------------------------------------------------------------
+
+def tidy(rows: list[tuple]) -> pd.DataFrame:
+    """(method_label, sigma, image_id, class_id, dice, iou, abstain_in_class, abstain) -> a tidy frame."""
+    names = ["background", "lung", "heart"]
+    frame = pd.DataFrame(rows, columns=["method_label", "sigma", "image_id", "class_id", "dice", "iou",
+                                        "abstain_in_class", "abstain"])
+    frame["class_name"] = [names[i] for i in frame["class_id"]]
+    frame["arch"] = "unet"
+    frame["radius"] = [radius(s, 0.75) for s in frame["sigma"]]
+    return frame
+
+
+def test_paper_table_averages_per_image_in_the_papers_layout():
+    frame = tidy([
+        ("ours", 0.5, "a", 0, 0.99, 0.98, 0.0, 0.10), ("ours", 0.5, "a", 1, 0.8, 0.6, 0.2, 0.10),
+        ("ours", 0.5, "a", 2, 0.6, 0.4, 0.1, 0.10), ("ours", 0.5, "b", 1, 1.0, 1.0, 0.0, 0.30),
+        ("ours", 0.5, "b", 2, np.nan, np.nan, 0.0, 0.30),
+    ])
+    table = report.paper_table(frame)
+    assert list(table.columns) == [("lung", "Dice"), ("lung", "IoU"), ("lung", "%⊘"), ("heart", "Dice"),
+                                   ("heart", "IoU"), ("heart", "%⊘"), ("all", "%⊘")]
+    row = table.loc[("ours", "unet", 0.5, radius(0.5, 0.75))]
+    assert row[("lung", "Dice")] == pytest.approx(0.9) and row[("lung", "IoU")] == pytest.approx(0.8)
+    assert row[("heart", "Dice")] == pytest.approx(0.6), "a NaN (class absent) is skipped, not counted as 0"
+    assert row[("lung", "%⊘")] == pytest.approx(0.1)
+    assert row[("all", "%⊘")] == pytest.approx(0.2)
+    html = report.table_html(table)
+    assert "<table" in html and "medcert-results" in html and "20.00" in html  # all %⊘ shown in percent
+
+
+def test_dice_against_sigma_has_one_panel_per_class_and_one_line_per_method():
+    frame = tidy([(method, sigma, "a", c, 0.9 - sigma / 2, 0.8, 0.0, 0.0)
+                  for method in ("ours", "SegCertify") for sigma in (0.25, 0.5, 1.0) for c in (0, 1, 2)])
+    figure = report.dice_against_sigma(frame)
+    assert len(figure.data) == 2 * 2  # 2 methods x 2 foreground classes
+    assert sorted({trace.name for trace in figure.data}) == ["SegCertify · unet", "ours · unet"]
+    assert list(figure.data[0].y) == pytest.approx([0.775, 0.65, 0.4])
+    assert "R 0.67" in figure.layout.xaxis.ticktext[-1]
+
+
+def test_abstained_pixels_are_white_and_background_black():
+    labels = np.array([[0, 1], [ABSTAIN, 2]])
+    rgb = report.colour_labels(labels)
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[1, 0].tolist() == [255, 255, 255]
+    assert rgb[0, 1].tolist() != rgb[1, 1].tolist()
+    assert report.png_data_uri(rgb).startswith("data:image/png;base64,")
+
+
+def test_next_to_paper_subtracts_the_papers_value():
+    rows = []
+    for image, dice in (("a", 0.90), ("b", 0.96)):
+        for class_id, name in enumerate(("background", "lung", "heart", "clavicle")):
+            rows.append({"method": "ours", "train_noise": 0.0, "arch": "resunetpp", "sigma": 0.25, "image_id": image,
+                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice - 0.1, "abstain": 0.03})
+    table = paper.next_to_paper(pd.DataFrame(rows), "jsrt_table1")
+    assert len(table) == 1, "only the rows this study ran"
+    row = table.iloc[0]
+    assert row[("lung", "Dice", "here")] == pytest.approx(0.93)
+    assert row[("lung", "Dice", "paper")] == pytest.approx(0.95)  # Table 1, ResUNet++, sigma 0.25
+    assert row[("lung", "Dice", "Δ")] == pytest.approx(-0.02)
+    assert row[("all", "%⊘", "paper")] == pytest.approx(5.0) and row[("all", "%⊘", "here")] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="jsrt_table1"):
+        paper.paper_reference("table9")
+
+
+def test_combine_keeps_each_runs_rows_once():
+    a = pd.DataFrame({"run": ["x", "x"], "image_id": ["1", "1"], "class_id": [0, 1]})
+    assert len(combine(a, a)) == 2
+
+
+# --- grid files ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def notebooks(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("phantom", "jsrt"):
+        (folder / f"{name}.ipynb").write_text("{}")
+    return folder
+
+
+def test_grid_expands_sweeps_and_turns_widgets_off(notebooks):
+    entries = parse_grid({"parameters": {"profile": "quick", "n": 100},
+                          "runs": [{"notebook": "phantom"},
+                                   {"notebook": "jsrt", "parameters": {"n": 50}, "sweep": {"alpha": [0.001, 0.01]}}]},
+                         notebooks_dir=notebooks)
+    assert [entry.output for entry in entries] == ["phantom", "jsrt-alpha=0.001", "jsrt-alpha=0.01"]
+    assert entries[0].parameters == {"profile": "quick", "n": 100, "interactive": False}
+    assert entries[2].parameters == {"profile": "quick", "n": 50, "alpha": 0.01, "interactive": False}
+    assert len({entry.hash for entry in entries}) == 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"runs": []}, "non-empty list"),
+    ({"runs": [{"notebook": "nope"}]}, r"no notebook 'nope'.*\['jsrt', 'phantom'\]"),
+    ({"runs": [{"notebook": "jsrt", "colour": 1}]}, "unknown keys"),
+    ({"run": [{"notebook": "jsrt"}]}, "unknown keys"),
+    ({"runs": [{"notebook": "jsrt"}, {"notebook": "jsrt"}]}, "distinct 'output:'"),
+    ({"runs": [{"notebook": "jsrt", "sweep": {"n": 5}}]}, "non-empty list"),
+])
+def test_bad_grids_are_explained(notebooks, spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid(spec, "grid.yaml", notebooks)
+
+
+def test_an_entry_is_done_only_with_the_same_hash_in_book_and_store(tmp_path):
+    entry = GridEntry("phantom", "phantom", {"n": 100})
+    book, results = tmp_path / "book", tmp_path / "results"
+    book.mkdir()
+    results.mkdir()
+    (book / "phantom.ipynb").write_text(json.dumps({"metadata": {"medcert": {"parameters_hash": entry.hash}}}))
+    assert not is_done(entry, book, results), "a committed chapter alone does not count: the store must have it"
+    (results / "grid_state.json").write_text(json.dumps({"phantom": entry.hash}))
+    assert is_done(entry, book, results)
+    assert not is_done(GridEntry("phantom", "phantom", {"n": 50}), book, results)
+
+
+def test_data_root_placeholders_need_a_data_root():
+    assert fill_data_root("{data_root}/jsrt", "/data", "g.yaml") == "/data/jsrt"
+    assert fill_data_root(["a", 1], None, "g.yaml") == ["a", 1]
+    with pytest.raises(ValueError, match="--data-root"):
+        fill_data_root("{data_root}/jsrt", None, "g.yaml")
+
+
+def test_live_recertification_shows_each_method(tiny_experiment, monkeypatch):
+    from medcert_core.study import live
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    figure = live.certify_one(tiny_experiment, "unet", [plain(0.0), ours("none")], index=1, sigma=0.5)
+    assert [trace.type for trace in figure.data] == ["image"] * 4
+    assert [annotation.text for annotation in figure.layout.annotations][:4] == [
+        "noisy input", "ground truth", "plain (noise 0)", "ours (no denoiser)"]

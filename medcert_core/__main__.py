@@ -1,6 +1,9 @@
 """Command line: ``python -m medcert_core COMMAND`` (also the ``medcert`` console script).
 
-    demo       train a tiny segmenter on the embedded phantoms (cached) and certify test images
+    study      the whole study of a profile (quick | jsrt | paper): models, grid, website
+    grid       execute one papermill grid (YAML) of chapter notebooks into book/
+    book       build the website from book/
+    certify    certify one image file: label map, abstention overlay PNG, JSON summary
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
 """
@@ -17,9 +20,9 @@ import torch
 
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.io import write_json_atomically
-from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import ARCHITECTURES
-from medcert_core.smoothing import SmoothedSegmenter, resolve_device
+from medcert_core.smoothing import resolve_device
+from medcert_core.study.profiles import PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
 
@@ -82,26 +85,36 @@ def command_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def command_demo(args: argparse.Namespace) -> None:
-    train_set, val_set, test_set = _datasets(args, "train", "val", "test")
-    checkpoint = Path(args.cache) / f"demo_{args.arch}_sigma{args.sigma}.pt"
-    model, config, _ = train_segmenter(
-        train_set, val_set, arch=args.arch, preset="tiny", noise_sigma=args.sigma, epochs=args.epochs,
-        seed=args.seed, checkpoint=checkpoint, device=args.device,
+def command_study(args: argparse.Namespace) -> None:
+    from medcert_core.study.workflow import run_study
+
+    index = run_study(args.profile, data_root=args.data_root, device=args.device, grid_file=args.grid,
+                      force=args.force, build=not args.no_book)
+    print(f"study {args.profile} done" + (f": open {index}" if index else ""))
+
+
+def command_grid(args: argparse.Namespace) -> None:
+    from medcert_core.study.workflow import run_grid_file
+
+    outputs = run_grid_file(args.grid_file, data_root=args.data_root, device=args.device, force=args.force)
+    print("executed notebooks:\n  " + "\n  ".join(str(path) for path in outputs))
+
+
+def command_book(args: argparse.Namespace) -> None:
+    from medcert_core.study.book import build_book
+
+    print(f"built {build_book(args.root)}")
+
+
+def command_certify(args: argparse.Namespace) -> None:
+    from medcert_core.study.single_image import certify_image_file
+
+    steps = args.steps if args.steps == "single" else int(args.steps)
+    summary = certify_image_file(
+        args.image, args.checkpoint, args.denoiser, args.sigma, output_dir=args.output_dir, n0=args.n0, n=args.n,
+        alpha=args.alpha, tau=args.tau, steps=steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
     )
-    smoothed = SmoothedSegmenter(model, config.num_classes, args.sigma, batch_size=args.batch_size, device=args.device)
-    accumulator = MetricAccumulator(config.class_names)
-    generator = torch.Generator(device=smoothed.device).manual_seed(args.seed)
-    for index in range(min(args.images, len(test_set))):
-        image, mask = test_set[index]
-        certificate = smoothed.certify(image, args.n0, args.n, alpha=args.alpha, generator=generator)
-        accumulator.add(certificate.labels, mask, image_id=test_set.ids[index])
-    summary = accumulator.summary()
-    summary = summary[summary["class_id"] > 0]
-    print(f"\nSegCertify-style certificate of a tiny {args.arch} (trained with noise sigma = {args.sigma}) on "
-          f"{len(accumulator.to_frame()['image_id'].unique())} phantom test images; n0 = {args.n0}, n = {args.n}, "
-          f"alpha = {args.alpha}, radius R = {certificate.radius:.3f}")
-    print(summary[["class_name", "dice", "iou", "abstain_in_class", "abstain"]].to_string(index=False, float_format="%.3f"))
+    print(json.dumps(summary, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,18 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--results", default=None, help="JSON file to add the result to")
     evaluate.set_defaults(run=command_evaluate)
 
-    demo = commands.add_parser("demo", help="certify phantom test images with a tiny model")
-    _add_data_arguments(demo)
-    demo.add_argument("--arch", default="unet", choices=ARCHITECTURES)
-    demo.add_argument("--sigma", type=float, default=0.25)
-    demo.add_argument("--epochs", type=int, default=None)
-    demo.add_argument("--images", type=int, default=4)
-    demo.add_argument("--n0", type=int, default=10)
-    demo.add_argument("--n", type=int, default=100)
-    demo.add_argument("--alpha", type=float, default=0.001)
-    demo.add_argument("--batch-size", type=int, default=22)
-    demo.add_argument("--cache", default="cache", help="folder for trained models")
-    demo.set_defaults(run=command_demo)
+    study = commands.add_parser("study", help="the whole study: train or reuse models, run the grid, build the book")
+    study.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    study.add_argument("--data-root", default=None, help="dataset folder (jsrt) or folder of dataset folders (paper)")
+    study.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    study.add_argument("--grid", default=None, help="grid file (default: grids/<profile>.yaml)")
+    study.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
+    study.add_argument("--no-book", action="store_true", help="run the grid only, do not build the website")
+    study.set_defaults(run=command_study)
+
+    grid = commands.add_parser("grid", help="execute one papermill grid (YAML) into book/")
+    grid.add_argument("grid_file")
+    grid.add_argument("--data-root", default=None, help="fills {data_root} in the grid's parameters")
+    grid.add_argument("--device", default=None, help="overrides the grid's device for every notebook")
+    grid.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
+    grid.set_defaults(run=command_grid)
+
+    book = commands.add_parser("book", help="build the website from book/ (no notebook is executed)")
+    book.add_argument("--root", default=".", help="folder holding _config.yml and _toc.yml")
+    book.set_defaults(run=command_book)
+
+    certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG")
+    certify.add_argument("image", help="PNG, JPEG, TIFF, ... (resized to the checkpoint's input size)")
+    certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
+    certify.add_argument("--denoiser", default="none",
+                         help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder>")
+    certify.add_argument("--sigma", type=float, required=True, help="noise level in the [0, 1] input scale")
+    certify.add_argument("--steps", default="single", help='DDPM calls: "single" or an int')
+    certify.add_argument("--n0", type=int, default=10)
+    certify.add_argument("--n", type=int, default=100)
+    certify.add_argument("--alpha", type=float, default=0.001)
+    certify.add_argument("--tau", type=float, default=0.75)
+    certify.add_argument("--seed", type=int, default=0)
+    certify.add_argument("--batch-size", type=int, default=32)
+    certify.add_argument("--device", default="auto")
+    certify.add_argument("--output-dir", default=".", help="where the PNGs and the JSON go")
+    certify.set_defaults(run=command_certify)
     return parser
 
 

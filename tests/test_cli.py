@@ -4,19 +4,49 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from medcert_core.__main__ import main
 
 
 @pytest.mark.slow
-def test_demo_certifies_and_prints_a_table(tmp_path, capsys):
-    main(["demo", "--image-size", "64", "--epochs", "2", "--images", "1", "--n", "100", "--cache", str(tmp_path)])
-    output = capsys.readouterr().out
-    assert "radius R = 0.169" in output
-    for class_name in ("lung", "heart", "clavicle"):
-        assert class_name in output
-    assert (tmp_path / "demo_unet_sigma0.25.pt").is_file()
+def test_certify_writes_a_label_map_an_overlay_and_a_summary(tmp_path, capsys):
+    from PIL import Image
+
+    from medcert_core.data import load_dataset
+
+    checkpoint = tmp_path / "model.pt"
+    main(["train", "--dataset", "phantom", "--image-size", "32", "--epochs", "1", "--checkpoint", str(checkpoint)])
+    image, _ = load_dataset("phantom", None, "test", image_size=48)[0]
+    image_path = tmp_path / "chest.png"
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(image_path)  # grey, 48 px: converted
+    capsys.readouterr()
+    main(["certify", str(image_path), "--checkpoint", str(checkpoint), "--sigma", "0.25", "--n", "60",
+          "--output-dir", str(tmp_path / "out")])
+    summary = json.loads(capsys.readouterr().out)
+    labels = np.array(Image.open(tmp_path / "out" / "chest_labels.png"))
+    overlay = np.array(Image.open(tmp_path / "out" / "chest_overlay.png"))
+    assert labels.shape == (32, 32) and overlay.shape == (32, 32, 3)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3, 255}
+    abstained = labels == 255
+    assert summary["abstain_fraction"] == pytest.approx(abstained.mean())
+    assert (overlay[abstained] == 255).all(), "abstained pixels are white in the overlay"
+    assert summary["radius"] == pytest.approx(0.25 * 0.6744897501960817)
+    assert summary["input_space"] == "[0, 1]^(3x32x32)"
+    assert json.loads((tmp_path / "out" / "chest_certificate.json").read_text()) == summary
+
+
+def test_certify_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no segmenter checkpoint"):
+        main(["certify", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pt"), "--sigma", "0.5"])
+
+
+def test_grid_names_a_bad_grid_file(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("runs:\n  - notebook: no_such_chapter\n")
+    with pytest.raises(ValueError, match="no notebook 'no_such_chapter'.*phantom"):
+        main(["grid", str(grid)])
 
 
 @pytest.mark.slow

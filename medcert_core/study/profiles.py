@@ -11,7 +11,7 @@ from __future__ import annotations
 from medcert_core.study.assets import TrainingSpec
 
 PROFILES: dict[str, TrainingSpec] = {
-    "quick": TrainingSpec(preset="tiny", epochs=25, ddpm_preset="tiny", ddpm_steps=300, unet_denoiser_steps=200),
+    "quick": TrainingSpec(preset="tiny", epochs=40, ddpm_preset="tiny", ddpm_steps=300, unet_denoiser_steps=200),
     "jsrt": TrainingSpec(preset="tiny", epochs=20, ddpm_preset="tiny", ddpm_steps=400, unet_denoiser_steps=800),
     "smoke": TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2),
     "paper": TrainingSpec(preset="paper", epochs=None, ddpm_preset="paper", ddpm_steps=None, unet_denoiser_steps=5000),

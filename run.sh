@@ -24,6 +24,6 @@ if [ "${1:-}" = "test" ]; then
   exec "$VENV/bin/python" -m pytest "$@"
 fi
 if [ "$#" -eq 0 ]; then
-  set -- demo
+  set -- study --profile quick
 fi
 exec "$VENV/bin/python" -m medcert_core "$@"

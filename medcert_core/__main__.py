@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.io import write_json_atomically

@@ -14,7 +14,7 @@ from medcert_core.study import paper, report, store
 from medcert_core.study.assets import DataSpec, TrainingSpec, segmenter_path
 from medcert_core.study.experiment import Experiment, combine
 from medcert_core.study.grid import GridEntry, is_done, parse_grid
-from medcert_core.study.runs import CertificationRun, Method, ours, plain, radius, run_certification, segcertify
+from medcert_core.study.runs import CertificationRun, ours, plain, radius, segcertify
 from medcert_core.study.workflow import fill_data_root
 
 TINY_TRAINING = TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
@@ -263,3 +263,41 @@ def test_live_recertification_shows_each_method(tiny_experiment, monkeypatch):
     assert [trace.type for trace in figure.data] == ["image"] * 4
     assert [annotation.text for annotation in figure.layout.annotations][:4] == [
         "noisy input", "ground truth", "plain (noise 0)", "ours (no denoiser)"]
+
+
+def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
+    import nbformat
+
+    from medcert_core.study.book import toc_files, write_placeholders
+
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - caption: Results\n    chapters:\n"
+        "      - file: book/phantom\n      - file: book/jsrt\n      - file: book/notes\n")
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n")
+    executed = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# JSRT, executed")])
+    nbformat.write(executed, str(tmp_path / "book" / "jsrt.ipynb"))
+    templates = tmp_path / "notebooks"
+    templates.mkdir()
+    for name in ("phantom", "jsrt"):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {name} chapter\n\ntext")]),
+                       str(templates / f"{name}.ipynb"))
+
+    assert toc_files(tmp_path) == ["book/intro", "book/phantom", "book/jsrt", "book/notes"]
+    written = write_placeholders(tmp_path, templates)
+    assert written == [tmp_path / "book" / "phantom.ipynb"]
+    placeholder = nbformat.read(str(written[0]), as_version=4)
+    assert placeholder.cells[0].source.startswith("# phantom chapter")
+    assert "notebooks/phantom.ipynb" in placeholder.cells[0].source
+    assert nbformat.read(str(tmp_path / "book" / "jsrt.ipynb"), as_version=4).cells[0].source == "# JSRT, executed"
+
+
+def test_overlay_paints_abstentions_white_over_a_grey_image():
+    from medcert_core.study.single_image import overlay
+
+    image = np.full((3, 2, 2), 0.5, dtype=np.float32)
+    labels = np.array([[0, 1], [ABSTAIN, 2]])
+    rgb = overlay(image, labels)
+    assert rgb[0, 0].tolist() == [128, 128, 128], "background keeps the image"
+    assert rgb[1, 0].tolist() == [255, 255, 255]
+    assert rgb[0, 1].tolist() != [128, 128, 128] and rgb[0, 1].tolist() != rgb[1, 1].tolist()

@@ -38,14 +38,23 @@ def _require_chromium() -> None:
     pytest.skip(message)
 
 
+def smoke_entries(root: Path) -> list[GridEntry]:
+    return [GridEntry(entry.notebook, entry.output, {**entry.parameters, "results_dir": str(root / "results"),
+                                                     "cache_dir": str(root / "cache")})
+            for entry in load_grid(REPO / "grids" / "smoke.yaml", REPO / "notebooks")]
+
+
+def run_smoke_grid(root: Path) -> list[Path]:
+    return run_grid(smoke_entries(root), notebooks_dir=REPO / "notebooks", book_dir=root / "book",
+                    results_dir=root / "results", cwd=root)
+
+
 @pytest.fixture(scope="module")
 def smoke_site(tmp_path_factory) -> Path:
     """A built book with the smoke grid's chapters: returns its _build/html folder."""
     root = tmp_path_factory.mktemp("site")
-    entries = [GridEntry(entry.notebook, entry.output, {**entry.parameters, "results_dir": str(root / "results"),
-                                                          "cache_dir": str(root / "cache")})
-               for entry in load_grid(REPO / "grids" / "smoke.yaml", REPO / "notebooks")]
-    run_grid(entries, notebooks_dir=REPO / "notebooks", book_dir=root / "book", results_dir=root / "results", cwd=root)
+    entries = smoke_entries(root)
+    run_smoke_grid(root)
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     (root / "book" / "intro.md").write_text("# Smoke book\n\nThe smoke grid's chapters.\n")
     toc = {"format": "jb-book", "root": "book/intro",
@@ -78,6 +87,19 @@ def test_executed_chapters_keep_no_progress_bar_noise(smoke_site):
                if out.output_type == "stream" and out.name == "stderr"]
     assert streams == []
     assert not list((smoke_site.parents[1] / "book").glob(".*.running.ipynb"))
+
+
+def test_a_finished_grid_is_not_executed_again(smoke_site, monkeypatch):
+    root = smoke_site.parents[1]
+    before = {path: path.stat().st_mtime_ns for path in (root / "book").glob("*.ipynb")}
+
+    def must_not_execute(*args, **kwargs):
+        raise AssertionError("a notebook already executed with these parameters ran again")
+
+    monkeypatch.setattr("medcert_core.study.grid.execute", must_not_execute)
+    outputs = run_smoke_grid(root)
+    assert sorted(outputs) == sorted(before)
+    assert {path: path.stat().st_mtime_ns for path in before} == before
 
 
 def test_site_works_offline_with_charts_and_tables(served, smoke_site, tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,11 @@ class Experiment:
     results_dir: str = "runs/results"
     cache_dir: str = "runs/cache"
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_parameters(cls, namespace: Mapping[str, Any]) -> "Experiment":
-        """Build from a notebook's parameters (extra names, e.g. ``archs``, are kept in ``.extra``)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        """Build from a notebook's parameters; names that are not settings (e.g. ``archs``) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
         known = {name: namespace[name] for name in names if name in namespace}
         return cls(**known)
 

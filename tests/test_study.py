@@ -152,7 +152,7 @@ def test_paper_table_averages_per_image_in_the_papers_layout():
     table = report.paper_table(frame)
     assert list(table.columns) == [("lung", "Dice"), ("lung", "IoU"), ("lung", "%⊘"), ("heart", "Dice"),
                                    ("heart", "IoU"), ("heart", "%⊘"), ("all", "%⊘")]
-    row = table.loc[("ours", "unet", 0.5, radius(0.5, 0.75))]
+    row = table.loc[("ours", "unet", 0.5, round(radius(0.5, 0.75), 3))]  # R shown to 3 decimals
     assert row[("lung", "Dice")] == pytest.approx(0.9) and row[("lung", "IoU")] == pytest.approx(0.8)
     assert row[("heart", "Dice")] == pytest.approx(0.6), "a NaN (class absent) is skipped, not counted as 0"
     assert row[("lung", "%⊘")] == pytest.approx(0.1)

@@ -301,3 +301,28 @@ def test_overlay_paints_abstentions_white_over_a_grey_image():
     assert rgb[0, 0].tolist() == [128, 128, 128], "background keeps the image"
     assert rgb[1, 0].tolist() == [255, 255, 255]
     assert rgb[0, 1].tolist() != [128, 128, 128] and rgb[0, 1].tolist() != rgb[1, 1].tolist()
+
+
+def test_differences_from_paper_state_settings_and_numbers():
+    from types import SimpleNamespace
+
+    rows = []
+    for method, noise, sigma, lung in (("ours", 0.0, 1.0, 0.80), ("segcertify", 0.25, 1.0, 0.10),
+                                       ("plain", 0.0, 0.0, 0.96), ("plain", 0.25, 0.0, 0.90)):
+        for class_id, name in enumerate(("background", "lung", "heart", "clavicle")):
+            dice = {"lung": lung, "heart": 0.5, "clavicle": 0.2}.get(name, 0.99)
+            rows.append({"method": method, "train_noise": noise, "arch": "resunetpp", "sigma": sigma, "image_id": "a",
+                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice, "abstain": 0.1})
+    frame = pd.DataFrame(rows)
+    test_split = list(range(49))
+    experiment = SimpleNamespace(profile="jsrt", image_size=128, dataset="jsrt", test_images=10, seed=0,
+                                 data=SimpleNamespace(load=lambda split: test_split))
+    text = paper.differences_from_paper(experiment, "ddpm:auto", frame[frame["method"] == "ours"], frame)
+    assert "128 × 128 px instead of 512 × 512" in text
+    assert "400 steps" in text and "ADM" in text
+    assert "first 10 of the 49 test images" in text
+    # ResUNet++ at sigma 1 in Table 1: lung 0.90, heart 0.87, clavicle 0.28
+    assert "lung -0.10, heart -0.37, clavicle -0.08" in text
+    assert "heart with resunetpp at σ = 1: certified Dice 0.50 here against 0.87" in text
+    assert "from 0.96 to 0.90 (paper: 0.97 to 0.91)" in text
+    assert "lung Dice 0.80 against SegCertify's 0.10, as in the paper" in text

@@ -326,3 +326,12 @@ def test_differences_from_paper_state_settings_and_numbers():
     assert "heart with resunetpp at σ = 1: certified Dice 0.50 here against 0.87" in text
     assert "from 0.96 to 0.90 (paper: 0.97 to 0.91)" in text
     assert "lung Dice 0.80 against SegCertify's 0.10, as in the paper" in text
+
+
+def test_a_changed_profile_changes_the_grid_hash(monkeypatch):
+    from medcert_core.study import grid
+
+    entry = GridEntry("phantom", "phantom", {"profile": "quick"})
+    before = entry.hash
+    monkeypatch.setitem(grid.PROFILES, "quick", TrainingSpec(epochs=99))
+    assert entry.hash != before

@@ -20,6 +20,7 @@ only when it succeeded, so the book never holds a half-run chapter.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -32,6 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.study.profiles import PROFILES
 from medcert_core.study.store import parameter_hash
 
 GRID_KEYS = {"parameters", "runs", "book_dir", "notebooks_dir"}
@@ -49,7 +51,10 @@ class GridEntry:
 
     @property
     def hash(self) -> str:
-        return parameter_hash({"notebook": self.notebook, "parameters": self.parameters})
+        """Of the notebook, its parameters and its profile's training settings (a changed profile re-runs)."""
+        profile = self.parameters.get("profile")
+        training = dataclasses.asdict(PROFILES[profile]) if profile in PROFILES else None
+        return parameter_hash({"notebook": self.notebook, "parameters": self.parameters, "training": training})
 
 
 def _fail(path: str | Path, message: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
         raise RuntimeError(f"notebook {entry.notebook} failed with {entry.parameters}; "
                            f"the partly executed copy is {temporary}") from error
     notebook = without_stderr(nbformat.read(temporary, as_version=4))
+    notebook.metadata["papermill"].update(  # paths as the project sees them, not as this machine does
+        input_path=os.path.relpath(notebooks_dir / f"{entry.notebook}.ipynb", cwd),
+        output_path=os.path.relpath(output, cwd))
     notebook.metadata["medcert"] = {"notebook": entry.notebook, "parameters": entry.parameters,
                                     "parameters_hash": entry.hash}
     write_atomically(output, lambda path: nbformat.write(notebook, str(path)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -335,3 +336,29 @@ def test_a_changed_profile_changes_the_grid_hash(monkeypatch):
     before = entry.hash
     monkeypatch.setitem(grid.PROFILES, "quick", TrainingSpec(epochs=99))
     assert entry.hash != before
+
+
+@pytest.mark.parametrize("template", sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")),
+                         ids=lambda path: path.stem)
+def test_chapter_templates_are_thin_with_one_parameters_cell(template):
+    import ast
+
+    import nbformat
+
+    notebook = nbformat.read(str(template), as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged `parameters`"
+    names = {target.id for node in ast.parse(tagged[0].source).body if isinstance(node, ast.Assign)
+             for target in node.targets}
+    assert {"profile", "dataset", "data_root", "sigmas", "n0", "n", "alpha", "tau", "image_size", "test_images",
+            "seed", "device", "denoiser", "interactive"} <= names
+    assert names & {"arch", "archs"}
+    for cell in code:
+        tree = ast.parse(cell.source)
+        assert not [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))], \
+            "logic belongs in medcert_core.study, not in a chapter"
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert all(module.startswith("medcert_core") for module in modules), modules
+    assert all(not cell.outputs for cell in code), "templates are committed without outputs"

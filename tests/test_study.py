@@ -362,3 +362,16 @@ def test_chapter_templates_are_thin_with_one_parameters_cell(template):
         modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert all(module.startswith("medcert_core") for module in modules), modules
     assert all(not cell.outputs for cell in code), "templates are committed without outputs"
+
+
+@pytest.mark.parametrize("grid_file", sorted((Path(__file__).resolve().parents[1] / "grids").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_every_committed_grid_is_valid(grid_file):
+    from medcert_core.study.workflow import prepare_entries, results_dir_of
+
+    root = grid_file.parents[1]
+    entries = prepare_entries(grid_file, data_root="/data", device="cpu", root=root)
+    assert entries and all(entry.parameters["device"] == "cpu" for entry in entries)
+    assert all(entry.parameters["interactive"] is False for entry in entries)
+    assert not [value for entry in entries for value in map(str, entry.parameters.values()) if "{data_root}" in value]
+    assert results_dir_of(entries, root) == root / "runs" / "results"

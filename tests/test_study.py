@@ -11,11 +11,12 @@ import pytest
 from scipy.stats import norm
 
 from medcert_core import ABSTAIN
+from medcert_core.certify import certified_radius as radius
 from medcert_core.study import paper, report, store
 from medcert_core.study.assets import DataSpec, TrainingSpec, segmenter_path
 from medcert_core.study.experiment import Experiment, combine
 from medcert_core.study.grid import GridEntry, is_done, parse_grid
-from medcert_core.study.runs import CertificationRun, ours, plain, radius, segcertify
+from medcert_core.study.runs import CertificationRun, ours, plain, segcertify
 from medcert_core.study.workflow import fill_data_root
 
 TINY_TRAINING = TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
@@ -65,11 +66,6 @@ def test_run_hash_ignores_the_data_root_but_not_the_settings():
                     CertificationRun(TINY_DATA, TINY_TRAINING, "unet", segcertify(), 0.5),
                     CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5, alpha=0.01)):
         assert changed.hash != run.hash
-
-
-def test_radius_is_sigma_times_the_normal_quantile():
-    assert radius(0.25, 0.75) == pytest.approx(0.25 * norm.ppf(0.75))
-    assert radius(1.0, 0.75) == pytest.approx(0.6745, abs=1e-4)  # the paper's R 0.67
 
 
 def test_method_labels_name_the_comparison():

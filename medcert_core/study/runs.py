@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from medcert_core.certify import certified_radius
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import SmoothedSegmenter, resolve_device
 from medcert_core.study import assets, store
@@ -87,16 +88,9 @@ class CertificationRun:
         return store.parameter_hash(self.parameters())
 
 
-def radius(sigma: float, tau: float) -> float:
-    """Certified L2 radius R = sigma * Phi^-1(tau) of the Holm-certified pixels."""
-    from scipy.stats import norm
-
-    return float(sigma * norm.ppf(tau))
-
-
 def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
     return {
-        "sigma": run.sigma, "radius": radius(run.sigma, run.tau), "n0": run.n0 if run.sigma else 0,
+        "sigma": run.sigma, "radius": certified_radius(run.sigma, run.tau), "n0": run.n0 if run.sigma else 0,
         "n": run.n if run.sigma else 0, "alpha": run.alpha, "tau": run.tau, "method": run.method.name,
         "method_label": run.method.label, "denoiser": run.method.denoiser, "steps": str(run.method.steps),
         "train_noise": run.method.train_noise, "arch": run.arch, "dataset": run.data.dataset,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from medcert_core.smoothing import SmoothedSegmenter
@@ -33,7 +32,7 @@ def certify_one(experiment: Experiment, arch: str, methods: Sequence[Method], in
         generator = torch.Generator(device=smoothed.device).manual_seed(experiment.seed)
         certificate = smoothed.certify(image, experiment.n0, experiment.n, tau=experiment.tau,
                                        alpha=experiment.alpha, generator=generator)
-        panel[method.label] = np.asarray(certificate.labels)[None]
+        panel[method.label] = certificate.labels.cpu().numpy()[None]
     return abstention_maps({float(sigma): panel}, [method.label for method in methods])
 
 

@@ -123,7 +123,8 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
         if smoothed is None:
             labels = predict_batch(model.to(device), image[None].to(device))[0].cpu()
         else:
-            labels = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator).labels
+            certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
+            labels = certificate.labels.cpu()  # on the model's device otherwise
         seconds = time.perf_counter() - start
         accumulator.add(labels, target, image_id=str(test_set.ids[index]), seconds=seconds, **columns)
         if index < MAP_IMAGES:
@@ -131,7 +132,7 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
             maps["image"].append(image.numpy())
             maps["noisy"].append((image + run.sigma * noise).numpy())
             maps["target"].append(target.numpy())
-            maps["labels"].append(np.asarray(labels))
+            maps["labels"].append(labels.numpy())
     stacked = {key: np.stack(values) for key, values in maps.items()}
     stacked["class_names"] = np.array(config.class_names)
     return accumulator.to_frame(), stacked

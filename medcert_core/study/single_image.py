@@ -65,7 +65,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
                                  batch_size=batch_size, device=device)
     certificate: Certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=True,
                                                 generator=torch.Generator(device=device).manual_seed(seed))
-    labels = np.asarray(certificate.labels)
+    labels = certificate.labels.cpu().numpy()
     stem = Path(image_path).stem
     output_dir = Path(output_dir)
     label_png = np.where(labels == ABSTAIN, ABSTAIN_VALUE, labels).astype(np.uint8)

@@ -52,7 +52,7 @@ def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Mo
     """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
 
     options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``) or, for
-    guided-diffusion, also its flags.
+    guided-diffusion, also its flags; ``none`` and the UNet baseline ignore them.
     """
     if spec is None or spec == "none":
         return None

@@ -110,6 +110,4 @@ def denoiser(spec: str, sigma: float, cache: Path, data: DataSpec, training: Tra
              device: str | torch.device = "auto") -> torch.nn.Module | None:
     """The denoiser of ``spec`` for ``sigma`` (None for "none"); diffusion ones use ``steps`` calls."""
     resolved = resolve_denoiser_spec(spec, sigma, cache, data, training, device)
-    kind = resolved.partition(":")[0]
-    options = {"steps": steps, "generator": generator} if kind in ("ddpm", "guided-diffusion") else {}
-    return load_denoiser(resolved, sigma, **options)
+    return load_denoiser(resolved, sigma, steps=steps, generator=generator)  # options only reach diffusion ones

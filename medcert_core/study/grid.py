@@ -28,7 +28,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from tqdm import tqdm
@@ -37,7 +37,7 @@ from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.study.profiles import PROFILES
 from medcert_core.study.store import parameter_hash
 
-GRID_KEYS = {"parameters", "runs", "book_dir", "notebooks_dir"}
+GRID_KEYS = {"parameters", "runs"}
 ENTRY_KEYS = {"notebook", "output", "parameters", "sweep"}
 STATE = "grid_state.json"
 
@@ -58,7 +58,7 @@ class GridEntry:
         return parameter_hash({"notebook": self.notebook, "parameters": self.parameters, "training": training})
 
 
-def _fail(path: str | Path, message: str) -> None:
+def _fail(path: str | Path, message: str) -> NoReturn:
     raise ValueError(f"{path}: {message}")
 
 

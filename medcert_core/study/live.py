@@ -10,28 +10,23 @@ from collections.abc import Sequence
 
 import torch
 
-from medcert_core.smoothing import SmoothedSegmenter
-from medcert_core.study import assets
+from medcert_core.smoothing import resolve_device
 from medcert_core.study.experiment import Experiment
 from medcert_core.study.report import abstention_maps
-from medcert_core.study.runs import Method
+from medcert_core.study.runs import Method, smoothed_segmenter
 
 
 def certify_one(experiment: Experiment, arch: str, methods: Sequence[Method], index: int, sigma: float):
     """Certify test image ``index`` at ``sigma`` with each method; returns the abstention figure (one row)."""
-    data, training, cache = experiment.data, experiment.training, experiment.cache_path
-    image, target = data.load("test")[index]
+    image, target = experiment.data.load("test")[index]
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(index))
     panel = {"noisy": (image + sigma * noise).numpy()[None], "target": target.numpy()[None]}
+    device = resolve_device(experiment.device)
     for method in methods:
-        model, config = assets.segmenter(cache, data, training, arch, method.train_noise, experiment.device)
-        denoiser = assets.denoiser(method.denoiser, sigma, cache, data, training, steps=method.steps,
-                                   device=experiment.device)
-        smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=denoiser,
-                                     batch_size=int(experiment.batch_size), device=experiment.device)
-        generator = torch.Generator(device=smoothed.device).manual_seed(experiment.seed)
-        certificate = smoothed.certify(image, experiment.n0, experiment.n, tau=experiment.tau,
-                                       alpha=experiment.alpha, generator=generator)
+        run = experiment.certification_run(arch, method, sigma)
+        smoothed, _ = smoothed_segmenter(run, experiment.cache_path, device, int(experiment.batch_size))
+        generator = torch.Generator(device=device).manual_seed(experiment.seed)
+        certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
         panel[method.label] = certificate.labels.cpu().numpy()[None]
     return abstention_maps({float(sigma): panel}, [method.label for method in methods])
 

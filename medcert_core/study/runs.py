@@ -23,7 +23,7 @@ from medcert_core.certify import certified_radius
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import SmoothedSegmenter, resolve_device
 from medcert_core.study import assets, store
-from medcert_core.training import predict_batch
+from medcert_core.training import TrainConfig, predict_batch
 
 MAP_IMAGES = 2  # test images whose label maps are kept for the abstention figures
 
@@ -98,22 +98,31 @@ def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
     }
 
 
+def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,
+                       batch_size: int) -> tuple[SmoothedSegmenter, TrainConfig]:
+    """The run's f(D(.)) smoothed at its sigma (> 0), with the segmenter's config."""
+    model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
+    denoiser = assets.denoiser(run.method.denoiser, run.sigma, cache, run.data, run.training,
+                               steps=run.method.steps, device=device,
+                               generator=torch.Generator(device=device).manual_seed(run.data.seed + 1))
+    smoothed = SmoothedSegmenter(model, config.num_classes, run.sigma, denoiser=denoiser, batch_size=batch_size,
+                                 device=device)
+    return smoothed, config
+
+
 def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto", batch_size: int = 32,
             progress: bool = True) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Certify the run's test images; returns (tidy rows, label maps of the first MAP_IMAGES)."""
     device = resolve_device(device)
-    model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
+    smoothed = None
+    if run.sigma > 0:
+        smoothed, config = smoothed_segmenter(run, cache, device, batch_size)
+    else:
+        model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     test_set = run.data.load("test")
     count = len(test_set) if not run.test_images else min(run.test_images, len(test_set))
     accumulator = MetricAccumulator(config.class_names)
     generator = torch.Generator(device=device).manual_seed(run.data.seed)
-    smoothed = None
-    if run.sigma > 0:
-        denoiser = assets.denoiser(run.method.denoiser, run.sigma, cache, run.data, run.training,
-                                   steps=run.method.steps, device=device,
-                                   generator=torch.Generator(device=device).manual_seed(run.data.seed + 1))
-        smoothed = SmoothedSegmenter(model, config.num_classes, run.sigma, denoiser=denoiser,
-                                     batch_size=batch_size, device=device)
     maps: dict[str, list[np.ndarray]] = {"image": [], "noisy": [], "target": [], "labels": []}
     columns = _tidy_columns(run)
     description = f"{run.method.label} {run.arch} sigma={run.sigma:g}"
@@ -121,7 +130,7 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
         image, target = test_set[index]
         start = time.perf_counter()
         if smoothed is None:
-            labels = predict_batch(model.to(device), image[None].to(device))[0].cpu()
+            labels = predict_batch(model, image[None].to(device))[0].cpu()
         else:
             certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
             labels = certificate.labels.cpu()  # on the model's device otherwise

@@ -60,8 +60,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
     device = resolve_device(device)
     model, config = load_segmenter(checkpoint, device=device)
     image = load_image_file(image_path, config.in_channels, config.image_size)
-    options = {"steps": steps} if denoiser.partition(":")[0] in ("ddpm", "guided-diffusion") else {}
-    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(denoiser, sigma, **options),
+    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(denoiser, sigma, steps=steps),
                                  batch_size=batch_size, device=device)
     certificate: Certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=True,
                                                 generator=torch.Generator(device=device).manual_seed(seed))

@@ -181,7 +181,7 @@ def test_next_to_paper_subtracts_the_papers_value():
     for image, dice in (("a", 0.90), ("b", 0.96)):
         for class_id, name in enumerate(("background", "lung", "heart", "clavicle")):
             rows.append({"method": "ours", "train_noise": 0.0, "arch": "resunetpp", "sigma": 0.25, "image_id": image,
-                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice - 0.1, "abstain": 0.03})
+                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice - 0.1, "abstain": 0.03, "abstain_in_class": 0.0})
     table = paper.next_to_paper(pd.DataFrame(rows), "jsrt_table1")
     assert len(table) == 1, "only the rows this study ran"
     row = table.iloc[0]
@@ -309,7 +309,7 @@ def test_differences_from_paper_state_settings_and_numbers():
         for class_id, name in enumerate(("background", "lung", "heart", "clavicle")):
             dice = {"lung": lung, "heart": 0.5, "clavicle": 0.2}.get(name, 0.99)
             rows.append({"method": method, "train_noise": noise, "arch": "resunetpp", "sigma": sigma, "image_id": "a",
-                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice, "abstain": 0.1})
+                         "class_id": class_id, "class_name": name, "dice": dice, "iou": dice, "abstain": 0.1, "abstain_in_class": 0.0})
     frame = pd.DataFrame(rows)
     test_split = list(range(49))
     experiment = SimpleNamespace(profile="jsrt", image_size=128, dataset="jsrt", test_images=10, seed=0,

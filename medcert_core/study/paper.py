@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medcert_core.study.report import paper_table
+
 CLASSES = ("lung", "heart", "clavicle")
 _ROW = ("method", "train_noise", "arch", "sigma")
 
@@ -63,17 +65,10 @@ def paper_reference(key: str) -> pd.DataFrame:
 
 
 def measured(frame: pd.DataFrame) -> pd.DataFrame:
-    """This study's tidy rows in the paper's shape: mean per image, index (method, train_noise, arch, sigma)."""
-    foreground = frame[frame["class_id"] > 0]
-    scores = foreground.pivot_table(index=list(_ROW), columns="class_name", values=["dice", "iou"], aggfunc="mean")
-    table = pd.DataFrame(index=scores.index)
-    for name in foreground["class_name"].unique():
-        table[(name, "Dice")] = scores[("dice", name)]
-        table[(name, "IoU")] = scores[("iou", name)]
-    images = foreground.drop_duplicates([*_ROW, "image_id"])
-    table[("all", "%⊘")] = images.groupby(list(_ROW))["abstain"].mean()
-    table.columns = pd.MultiIndex.from_tuples(table.columns)
-    return table
+    """This study's tidy rows in the paper's shape: index (method, train_noise, arch, sigma), per class
+    Dice and IoU, and the image's "all %⊘" (the paper gives no per-class abstention)."""
+    table = paper_table(frame, rows={key: key for key in _ROW})
+    return table[[column for column in table.columns if column[1] != "%⊘" or column[0] == "all"]]
 
 
 def next_to_paper(frame: pd.DataFrame, key: str) -> pd.DataFrame:

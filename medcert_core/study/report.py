@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,14 +27,14 @@ PALETTE = np.array([[0, 0, 0], [230, 75, 53], [77, 187, 213], [0, 160, 135], [24
 ABSTAIN_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
 
 
-def paper_table(frame: pd.DataFrame, foreground_only: bool = True) -> pd.DataFrame:
-    """Mean per-image scores in the paper's layout: rows (method, arch, σ, R), columns (class, metric).
+def paper_table(frame: pd.DataFrame, rows: Mapping[str, str] = ROW_KEYS) -> pd.DataFrame:
+    """Mean per-image scores of the foreground classes in the paper's layout: one row per value of
+    the ``rows`` columns (default method, arch, σ, R; renamed as given), columns (class, metric).
 
     %⊘ is the abstained share of the class's pixels; the last column, "all %⊘", of the whole image.
     """
-    if foreground_only:
-        frame = frame[frame["class_id"] > 0]
-    keys = list(ROW_KEYS)
+    frame = frame[frame["class_id"] > 0]
+    keys = list(rows)
     order = frame.drop_duplicates("class_name").sort_values("class_id")["class_name"].tolist()
     per_class = frame.pivot_table(index=keys, columns="class_name", values=list(METRICS), aggfunc="mean", sort=False)
     per_class = per_class.swaplevel(0, 1, axis=1).reindex(
@@ -42,9 +42,9 @@ def paper_table(frame: pd.DataFrame, foreground_only: bool = True) -> pd.DataFra
     per_class.columns = pd.MultiIndex.from_tuples([(name, METRICS[metric]) for name, metric in per_class.columns])
     image_abstain = frame.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean()
     per_class[("all", "%⊘")] = image_abstain
-    per_class.index = per_class.index.set_names(list(ROW_KEYS.values()))
+    per_class.index = per_class.index.set_names(list(rows.values()))
     per_class = per_class.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value)
-    return per_class.sort_index(level=["method", "arch", "σ"], sort_remaining=False)
+    return per_class.sort_index()
 
 
 def table_html(table: pd.DataFrame, digits: int = 2) -> str:

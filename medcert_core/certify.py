@@ -32,18 +32,21 @@ from scipy.stats import binom, norm
 
 ABSTAIN: int = -1
 CORRECTIONS: tuple[str, ...] = ("holm", "bonferroni", "none")
+MAX_INFERRED_CLASSES = 65536  # without num_classes, a larger id is more likely a bug than a class
 
 Array = Union[np.ndarray, torch.Tensor]
 Correction = Literal["holm", "bonferroni", "none"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Certificate:
     """A per-pixel certificate.
 
     labels: (H, W) int64, the certified class id or ABSTAIN.
     pvalues: (H, W) float64, the raw (uncorrected) p-value of every pixel.
     radius: L2 radius, in the input's [0, 1] scale, within which certified pixels are stable.
+
+    Compared by identity (``eq=False``): element-wise array equality has no single truth value.
     """
 
     labels: Array
@@ -123,20 +126,58 @@ def smallest_certifiable_n(num_pixels: int, tau: float, alpha: float, correction
     return n
 
 
-def _check_float_in_open_unit(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 < float(value) < 1.0):
-        raise ValueError(f"{name} must be a number with 0 < {name} < 1, got {value!r}")
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_tau(tau: float) -> None:
+    """tau in [0.5, 1): below 0.5 the radius sigma * Phi^-1(tau) is negative and p_c > tau does not
+    make c the smoothed class; at 1 nothing can be certified."""
+    if not (_is_real_number(tau) and 0.5 <= float(tau) < 1.0):
+        raise ValueError(f"tau must be a number with 0.5 <= tau < 1, got {tau!r}")
+
+
+def check_alpha(alpha: float) -> None:
+    """alpha in (0, 1): the probability that the certificate is wrong."""
+    if not (_is_real_number(alpha) and 0.0 < float(alpha) < 1.0):
+        raise ValueError(f"alpha must be a number with 0 < alpha < 1, got {alpha!r}")
+
+
+def check_sigma(sigma: float) -> None:
+    """sigma > 0: the smoothing noise std in the input's [0, 1] scale."""
+    if not (_is_real_number(sigma) and float(sigma) > 0.0):
+        raise ValueError(f"sigma must be a number > 0 (the noise std in the [0, 1] input scale), got {sigma!r}")
+
+
+def check_draws(name: str, value: int) -> None:
+    """A number of draws (n0, n): an integer >= 1."""
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_correction(correction: str) -> None:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
 
 
 def _validate_parameters(n: int, tau: float, alpha: float, sigma: float, correction: str) -> None:
-    _check_float_in_open_unit("tau", tau)
-    _check_float_in_open_unit("alpha", alpha)
-    if not (isinstance(sigma, (int, float)) and float(sigma) > 0.0):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
-    if not (isinstance(n, (int, np.integer)) and n >= 1):
-        raise ValueError(f"n (the number of estimation draws) must be an integer >= 1, got {n!r}")
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    check_tau(tau)
+    check_alpha(alpha)
+    check_sigma(sigma)
+    check_draws("n (the number of estimation draws)", n)
+    check_correction(correction)
+
+
+def check_class_ids(values: Array, num_classes: int | None, name: str = "class ids") -> None:
+    """Reject negative ids, and ids >= num_classes when it is given, before anything is counted."""
+    if values.numel() if isinstance(values, torch.Tensor) else values.size:
+        smallest, largest = int(values.min()), int(values.max())
+        if smallest < 0:
+            raise ValueError(f"{name} must be >= 0, got {smallest}")
+        if num_classes is not None and largest >= num_classes:
+            raise ValueError(f"{name} must lie in 0..{num_classes - 1} (num_classes = {num_classes}), got {largest}")
+        if num_classes is None and largest >= MAX_INFERRED_CLASSES:
+            raise ValueError(f"{name} go up to {largest}; pass num_classes for ids >= {MAX_INFERRED_CLASSES}")
 
 
 def _is_integer_dtype(values: Array) -> bool:
@@ -165,10 +206,12 @@ def certify_counts(
     alpha: float = 0.001,
     correction: Correction = "holm",
     n0: int = 0,
+    num_classes: int | None = None,
 ) -> Certificate:
     """Certify from accumulated counts.
 
-    selected: (H, W) integer class ids chosen from the selection draws.
+    selected: (H, W) integer class ids chosen from the selection draws (in 0..num_classes - 1
+    when num_classes is given).
     counts: (H, W) integers in 0..n, how many of the n estimation draws gave ``selected``.
     Returns a Certificate whose arrays are of the input's family (torch on its device, or numpy).
     """
@@ -182,8 +225,7 @@ def certify_counts(
         raise TypeError(f"selected and counts must be integer arrays, got {selected.dtype} and {counts.dtype}")
     if int(counts.min()) < 0 or int(counts.max()) > n:
         raise ValueError(f"counts must lie in 0..n = 0..{n}, got {int(counts.min())}..{int(counts.max())}")
-    if int(selected.min()) < 0:
-        raise ValueError(f"selected class ids must be >= 0, got {int(selected.min())}")
+    check_class_ids(selected, num_classes, "selected class ids")
     num_pixels = int(np.prod(tuple(counts.shape)))
     _warn_if_n_too_small(num_pixels, n, tau, alpha, correction)
 
@@ -216,23 +258,21 @@ def certify_counts(
     )
 
 
-def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> tuple[Array, int]:
-    """Per pixel, how many of the draws (n, H, W) equal ``selected`` (H, W); and the smallest id.
+def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> Array:
+    """Per pixel, how many of the draws (n, H, W) equal ``selected`` (H, W): counts (H, W) int64.
 
-    Returns counts (H, W) int64 and the minimum class id of ``estimation``, from one pass over the
-    draws. On numpy it walks tiles of pixels through all n draws so that each tile stays in cache
+    On numpy it walks tiles of pixels through all n draws so that each tile stays in cache
     (the certificate is memory-bound: one read of the int64 samples).
     """
     if isinstance(estimation, torch.Tensor):
         counts = torch.zeros(tuple(selected.shape), dtype=torch.int64, device=estimation.device)
         for draws in estimation.split(8):
             counts += (draws == selected).sum(0)
-        return counts, int(estimation.min())
+        return counts
     draws = estimation.reshape(estimation.shape[0], -1)
     flat_selected = selected.reshape(-1)
     counts = np.zeros(flat_selected.shape, dtype=np.int32)
     equal = np.empty(min(tile, flat_selected.size), dtype=bool)
-    smallest = 0
     for start in range(0, flat_selected.size, tile):
         stop = start + tile
         tile_selected, tile_counts = flat_selected[start:stop], counts[start:stop]
@@ -240,26 +280,22 @@ def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> tu
         for draw in draws[:, start:stop]:
             np.equal(draw, tile_selected, out=tile_equal)
             np.add(tile_counts, tile_equal, out=tile_counts, casting="unsafe")
-            smallest = min(smallest, int(draw.min()))
-    return counts.reshape(selected.shape).astype(np.int64), smallest
+    return counts.reshape(selected.shape).astype(np.int64)
 
 
-def select_and_count(samples: Array, n0: int) -> tuple[Array, Array]:
+def select_and_count(samples: Array, n0: int, num_classes: int | None = None) -> tuple[Array, Array]:
     """Selected class (mode of the first n0 draws; ties -> smallest id) and its count in the rest.
 
-    samples: (n0 + n, H, W) class ids >= 0. Returns selected (H, W) int64 and counts (H, W) int64.
-    Raises ValueError on a negative class id.
+    samples: (n0 + n, H, W) class ids in 0..num_classes - 1 (checked first; without num_classes,
+    ids >= 0 and below MAX_INFERRED_CLASSES). Returns selected (H, W) int64 and counts (H, W) int64.
     """
+    check_class_ids(samples, num_classes, "class ids in samples")
     selection = samples[:n0]
-    smallest = int(selection.min())
-    num_classes = int(selection.max()) + 1
+    classes = num_classes if num_classes is not None else int(selection.max()) + 1
     stack = torch.stack if isinstance(samples, torch.Tensor) else np.stack
-    histogram = stack([(selection == c).sum(0) for c in range(max(num_classes, 1))])
+    histogram = stack([(selection == c).sum(0) for c in range(max(classes, 1))])
     selected = histogram.argmax(0)
-    counts, smallest_estimation = count_agreement(samples[n0:], selected)
-    if min(smallest, smallest_estimation) < 0:
-        raise ValueError(f"class ids must be >= 0, got {min(smallest, smallest_estimation)}")
-    return selected, counts
+    return selected, count_agreement(samples[n0:], selected)
 
 
 def certify(
@@ -270,11 +306,13 @@ def certify(
     tau: float = 0.75,
     alpha: float = 0.001,
     correction: Correction = "holm",
+    num_classes: int | None = None,
 ) -> Certificate:
     """Certify every pixel from sampled class ids.
 
-    samples: (n0 + n, H, W) integer class ids >= 0 of the base segmenter on n0 + n independent
-    noisy copies of one image; the first n0 select, the other n estimate.
+    samples: (n0 + n, H, W) integer class ids of the base segmenter on n0 + n independent noisy
+    copies of one image; the first n0 select, the other n estimate. Ids must lie in
+    0..num_classes - 1 when num_classes is given (checked before anything is counted).
     """
     if not isinstance(samples, (torch.Tensor, np.ndarray)):
         raise TypeError(f"samples must be a torch.Tensor or numpy.ndarray, got {type(samples).__name__}")
@@ -282,8 +320,7 @@ def certify(
         raise ValueError(f"samples must have shape (n0 + n, H, W), got {tuple(samples.shape)}")
     if not _is_integer_dtype(samples):
         raise TypeError(f"samples must hold integer class ids, got dtype {samples.dtype}")
-    if not (isinstance(n0, (int, np.integer)) and n0 >= 1):
-        raise ValueError(f"n0 (the number of selection draws) must be an integer >= 1, got {n0!r}")
+    check_draws("n0 (the number of selection draws)", n0)
     n = int(samples.shape[0]) - int(n0)
     if n < 1:
         raise ValueError(
@@ -291,23 +328,32 @@ def certify(
             "draws plus n >= 1 estimation draws"
         )
     _validate_parameters(n, tau, alpha, sigma, correction)
-    selected, counts = select_and_count(samples, int(n0))
+    selected, counts = select_and_count(samples, int(n0), num_classes)
     return certify_counts(
-        selected, counts, n, sigma=sigma, tau=tau, alpha=alpha, correction=correction, n0=int(n0)
+        selected, counts, n, sigma=sigma, tau=tau, alpha=alpha, correction=correction, n0=int(n0),
+        num_classes=num_classes,
     )
 
 
-def two_sided_pvalue_table(n: int) -> np.ndarray:
-    """Two-sided binomial test of a top-2 count split at 1/2, for every possible pair of counts.
+def two_sided_pvalues(top: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Two-sided binomial test at 1/2 of a top count against the total of the top two counts.
 
-    table[a, t] = ``scipy.stats.binomtest(a, t, 0.5).pvalue`` for the top count a >= t / 2 of
-    t = a + b draws (1 where a <= t / 2). Shape (n + 1, n + 1).
+    top, total: equal-shape integer arrays with top <= total. Equals
+    ``scipy.stats.binomtest(top, total, 0.5).pvalue`` where top > total / 2, and 1 otherwise.
     """
-    a = np.arange(n + 1)[:, None]
-    t = np.arange(n + 1)[None, :]
+    top, total = np.asarray(top, np.int64), np.asarray(total, np.int64)
     with np.errstate(invalid="ignore"):
-        pvalues = binom.cdf(t - a, t, 0.5) + binom.sf(a - 1, t, 0.5)
-    return np.where(2 * a > t, np.minimum(pvalues, 1.0), 1.0).astype(np.float64)
+        pvalues = binom.cdf(total - top, total, 0.5) + binom.sf(top - 1, total, 0.5)
+    return np.where(2 * top > total, np.minimum(pvalues, 1.0), 1.0).astype(np.float64)
+
+
+def _unique_with_inverse(codes: Array) -> tuple[np.ndarray, np.ndarray, Array]:
+    """Distinct values (numpy), their counts (numpy) and each element's index into them (input family)."""
+    if isinstance(codes, torch.Tensor):
+        values, inverse, sizes = torch.unique(codes, return_inverse=True, return_counts=True)
+        return values.cpu().numpy(), sizes.cpu().numpy(), inverse
+    values, inverse, sizes = np.unique(codes, return_inverse=True, return_counts=True)
+    return values, sizes, inverse
 
 
 def predict_counts(
@@ -324,19 +370,22 @@ def predict_counts(
     top_class, top_count, runner_up_count: (H, W) integers from n draws. A pixel keeps its top
     class when the two-sided binomial test of top_count against top_count + runner_up_count at
     1/2 is rejected by ``correction`` at level ``alpha`` over all pixels; otherwise ABSTAIN.
+    Only the (top, runner-up) count pairs that occur get a p-value (at most H * W of them, not
+    the (n + 1)^2 possible ones), so n = 100,000 costs no more memory than n = 100.
     Returns (H, W) int64 of the input's family.
     """
-    _check_float_in_open_unit("alpha", alpha)
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
-    table = two_sided_pvalue_table(n)
-    if isinstance(top_count, torch.Tensor):
-        group = (top_count.long() * (n + 1) + (top_count + runner_up_count).long()).reshape(-1)
-        histogram = torch.bincount(group, minlength=(n + 1) ** 2).cpu().numpy()
-        rejected = reject_groups(table.reshape(-1), histogram, alpha, correction)
-        keep = torch.as_tensor(rejected, device=top_count.device)[group].reshape(top_count.shape)
+    check_alpha(alpha)
+    check_draws("n", n)
+    check_correction(correction)
+    if int(top_count.min()) < 0 or int(runner_up_count.min()) < 0 or int((top_count + runner_up_count).max()) > n:
+        raise ValueError(f"top and runner-up counts must be >= 0 with a sum of at most n = {n}")
+    torch_input = isinstance(top_count, torch.Tensor)
+    top = top_count.long() if torch_input else np.asarray(top_count, np.int64)
+    total = top + (runner_up_count.long() if torch_input else np.asarray(runner_up_count, np.int64))
+    codes, sizes, inverse = _unique_with_inverse((top * (n + 1) + total).reshape(-1))
+    pair_pvalues = two_sided_pvalues(codes // (n + 1), codes % (n + 1))
+    rejected = reject_groups(pair_pvalues, sizes, alpha, correction)
+    if torch_input:
+        keep = torch.as_tensor(rejected, device=top_count.device)[inverse].reshape(top_count.shape)
         return torch.where(keep, top_class.long(), torch.full_like(top_class, ABSTAIN, dtype=torch.int64))
-    group = (np.asarray(top_count, np.int64) * (n + 1) + np.asarray(top_count + runner_up_count, np.int64)).reshape(-1)
-    histogram = np.bincount(group, minlength=(n + 1) ** 2)
-    rejected = reject_groups(table.reshape(-1), histogram, alpha, correction)
-    return np.where(rejected[group].reshape(top_count.shape), top_class, ABSTAIN).astype(np.int64)
+    return np.where(rejected[inverse].reshape(top_count.shape), top_class, ABSTAIN).astype(np.int64)

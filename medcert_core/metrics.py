@@ -104,12 +104,14 @@ class MetricAccumulator:
         return pd.DataFrame(self.rows)
 
     def summary(self, by: Sequence[str] = ()) -> pd.DataFrame:
-        """Per-image means per class (NaN scores of absent classes skipped) and the image count."""
+        """Per-image means per class (NaN scores of absent classes skipped) and ``images``, the number
+        of images that enter the Dice and IoU means (those where the class is present in the target
+        or the prediction)."""
         frame = self.to_frame()
         keys = [*by, "class_id", "class_name"]
         grouped = frame.groupby(keys, sort=True)
         summary = grouped[["dice", "iou", "abstain_in_class", "abstain"]].mean()
-        summary["images"] = grouped["image_id"].nunique()
+        summary["images"] = grouped["dice"].count()
         return summary.reset_index()
 
 

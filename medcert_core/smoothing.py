@@ -6,16 +6,35 @@ denoiser and the segmenter under ``torch.inference_mode``, and accumulates on th
 histogram of the n0 selection draws and the agreement counts of the n estimation draws. The full
 (n0 + n, H, W) sample tensor is never kept. Everything after the noise, ``segmenter(denoiser(.))``,
 is one deterministic function, so the certificate holds for any plugged-in models.
+
+Both modules are put in eval mode at every call: a BatchNorm in train mode would normalise each
+batch by its own statistics and make the draws of one batch depend on each other, which breaks
+the binomial test. A denoiser that samples (multi-step DDPM, ``denoiser.stochastic``) gets one
+generator per draw, seeded from the run's generator right after that draw's noise, so a seeded
+certificate is identical at any batch size.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
-from medcert_core.certify import Certificate, Correction, certify_counts, predict_counts
+from medcert_core.certify import (
+    Certificate,
+    Correction,
+    check_alpha,
+    check_correction,
+    check_draws,
+    check_sigma,
+    check_tau,
+    certify_counts,
+    predict_counts,
+)
+
+SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -44,21 +63,50 @@ class SmoothedSegmenter:
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (use 2 for a one-logit binary segmenter), got {num_classes}")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
+        check_sigma(sigma)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        denoiser_sigma = getattr(denoiser, "sigma", None)
+        if denoiser_sigma is not None and abs(float(denoiser_sigma) - float(sigma)) > 1e-9:
+            raise ValueError(
+                f"the denoiser was built for sigma = {denoiser_sigma:g} but the smoother adds sigma = {sigma:g}; "
+                f"build the denoiser for sigma = {sigma:g} (e.g. load_denoiser(spec, sigma={sigma:g}))"
+            )
         self.device = resolve_device(device)
-        self.segmenter = segmenter.to(self.device).eval()
-        self.denoiser = denoiser.to(self.device).eval() if denoiser is not None else None
+        self.segmenter = segmenter.to(self.device)
+        self.denoiser = denoiser.to(self.device) if denoiser is not None else None
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
+        self._warned_train_mode = False
+        self._eval_modules(warn=False)
 
-    def base_classes(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch."""
+    def _eval_modules(self, warn: bool = True) -> None:
+        """Put the segmenter and denoiser in eval mode; warn (once) if a submodule was training."""
+        modules = [self.segmenter] + ([self.denoiser] if self.denoiser is not None else [])
+        training = [type(module).__name__ for root in modules for module in root.modules() if module.training]
+        for module in modules:
+            module.eval()
+        if training and warn and not self._warned_train_mode:
+            self._warned_train_mode = True
+            warnings.warn(
+                f"SmoothedSegmenter put {len(training)} module(s) back in eval mode (e.g. {training[0]}); "
+                "in train mode, BatchNorm couples the draws of a batch and the certificate would not hold",
+                stacklevel=4,
+            )
+
+    @property
+    def stochastic_denoiser(self) -> bool:
+        """Whether the denoiser draws noise of its own (then it gets one generator per draw)."""
+        return bool(getattr(self.denoiser, "stochastic", False))
+
+    def base_classes(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch.
+
+        generators: one per draw, for a stochastic denoiser.
+        """
         if self.denoiser is not None:
-            batch = self.denoiser(batch)
+            batch = self.denoiser(batch, generators=generators) if self.stochastic_denoiser else self.denoiser(batch)
         logits = self.segmenter(batch)
         channels = logits.shape[1]
         if channels == 1 and self.num_classes == 2:
@@ -79,10 +127,14 @@ class SmoothedSegmenter:
             for start in tqdm(range(0, num, self.batch_size), desc=desc, disable=not progress, leave=False):
                 size = min(self.batch_size, num - start)
                 noise = torch.empty((size, *x.shape), device=gen_device, dtype=x.dtype)
+                generators = [] if self.stochastic_denoiser else None
                 for draw in noise:  # one generator call per draw: independent of the batch size
                     torch.randn(x.shape, generator=generator, out=draw)
+                    if generators is not None:
+                        seed = int(torch.randint(SEED_RANGE, (1,), generator=generator, device=gen_device))
+                        generators.append(torch.Generator(device=self.device).manual_seed(seed))
                 noise = noise.to(self.device)
-                yield self.base_classes(x.unsqueeze(0) + self.sigma * noise)
+                yield self.base_classes(x.unsqueeze(0) + self.sigma * noise, generators)
 
     def class_histogram(
         self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = "selection"
@@ -105,9 +157,14 @@ class SmoothedSegmenter:
         return counts
 
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Generator]:
+        """Check x, put the modules in eval mode, let the denoiser check the input it will see."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
+        self._eval_modules()
+        check_input = getattr(self.denoiser, "check_input", None)
+        if check_input is not None:
+            check_input(tuple(x.shape))  # fails here, before any draw, not mid-certification
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.seed()
@@ -130,13 +187,17 @@ class SmoothedSegmenter:
         Pass a seeded ``torch.Generator`` (ideally on ``self.device``) for a reproducible run;
         without one, a fresh random seed is used.
         """
-        if n0 < 1 or n < 1:
-            raise ValueError(f"n0 and n must both be >= 1, got n0 = {n0}, n = {n}")
+        check_draws("n0", n0)
+        check_draws("n", n)
+        check_tau(tau)
+        check_alpha(alpha)
+        check_correction(correction)
         x, generator = self._prepare(x, generator)
         selected = self.class_histogram(x, n0, generator, progress).argmax(0)
         counts = self.agreement_counts(x, selected, n, generator, progress)
         return certify_counts(
-            selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0
+            selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0,
+            num_classes=self.num_classes,
         )
 
     def predict(
@@ -154,8 +215,9 @@ class SmoothedSegmenter:
         A pixel keeps its most frequent class of n draws when a two-sided binomial test of its
         count against the runner-up's is significant after ``correction`` over all pixels.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_draws("n", n)
+        check_alpha(alpha)
+        check_correction(correction)
         x, generator = self._prepare(x, generator)
         top = self.class_histogram(x, n, generator, progress, "prediction").topk(2, dim=0)
         return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)

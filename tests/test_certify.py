@@ -18,7 +18,7 @@ from medcert_core.certify import (
     predict_counts,
     reject_groups,
     smallest_certifiable_n,
-    two_sided_pvalue_table,
+    two_sided_pvalues,
 )
 
 
@@ -142,8 +142,11 @@ def test_torch_and_numpy_give_the_same_certificate_and_keep_their_type():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"tau": 1.0}, "tau"),
-        ({"tau": 0.0}, "tau"),
+        ({"tau": 1.0}, r"0.5 <= tau < 1"),
+        ({"tau": 0.0}, r"0.5 <= tau < 1"),
+        ({"tau": 0.3}, r"0.5 <= tau < 1, got 0.3"),
+        ({"tau": 0.4999}, r"0.5 <= tau < 1"),
+        ({"tau": float("nan")}, r"0.5 <= tau < 1"),
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": 1.5}, "alpha"),
         ({"sigma": 0.0}, "sigma"),
@@ -192,13 +195,43 @@ def test_smallest_certifiable_n_is_the_smallest(pixels, tau, alpha, correction):
     assert binomtest(n - 1, n - 1, tau, alternative="greater").pvalue > level
 
 
-def test_two_sided_table_matches_binomtest():
+def test_tau_one_half_is_valid_with_radius_zero():
+    samples = np.zeros((1 + 40, 3, 3), dtype=np.int64)
+    cert = certify(samples, 1, sigma=0.25, tau=0.5, alpha=0.01)
+    assert cert.radius == 0.0
+    assert (cert.labels == 0).all(), "every draw agrees: certified at radius 0 (the smoothed class itself)"
+
+
+def test_two_sided_pvalues_match_binomtest():
     n = 30
-    table = two_sided_pvalue_table(n)
-    for total in range(1, n + 1):
-        for top in range((total + 1) // 2, total + 1):
-            expected = binomtest(top, total, 0.5, alternative="two-sided").pvalue
-            assert table[top, total] == pytest.approx(expected, rel=1e-12, abs=0)
+    top, total = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    valid = top <= total
+    pvalues = two_sided_pvalues(top[valid], total[valid])
+    for a, t, p in zip(top[valid], total[valid], pvalues):
+        expected = binomtest(a, t, 0.5).pvalue if 2 * a > t else 1.0
+        assert p == pytest.approx(expected, rel=1e-12, abs=0), (a, t)
+
+
+def test_predict_counts_at_cohens_n_fits_in_a_few_hundred_megabytes():
+    """n = 100,000 (Cohen et al.'s PREDICT) on a 64 x 64 image: no (n + 1)^2 table (80 GB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n = 100_000
+    top = np.where(rng.random((64, 64)) < 0.5, rng.integers(n // 2, n // 2 + 1500, size=(64, 64)),
+                   rng.integers(n // 2, n + 1, size=(64, 64)))  # half of them near a tie
+    runner_up = np.where(top < n // 2 + 1500, n - top, rng.integers(0, n - top + 1))
+    top_class = rng.integers(0, 3, size=(64, 64))
+    tracemalloc.start()
+    labels = predict_counts(top_class, top, runner_up, n, alpha=0.001)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 300e6, f"PREDICT at n = 100,000 peaked at {peak / 1e6:.0f} MB"
+    print(f"PREDICT at n = 100,000 on 64 x 64: peak {peak / 1e6:.1f} MB")
+    pvalues = np.array([binomtest(a, a + b, 0.5).pvalue for a, b in zip(top.ravel(), runner_up.ravel())])
+    reference = np.where(multipletests(pvalues, 0.001, method="holm")[0], top_class.ravel(), ABSTAIN)
+    np.testing.assert_array_equal(labels.ravel(), reference)
+    assert (labels != ABSTAIN).any() and (labels == ABSTAIN).any()
 
 
 @pytest.mark.parametrize("correction", ["holm", "bonferroni", "none"])
@@ -222,11 +255,102 @@ def test_count_agreement_tiles_cover_every_pixel(tile):
     rng = np.random.default_rng(tile)
     draws = rng.integers(0, 3, size=(13, 5, 9))
     selected = rng.integers(0, 3, size=(5, 9))
-    counts, smallest = count_agreement(draws, selected, tile=tile)
-    np.testing.assert_array_equal(counts, (draws == selected).sum(0))
-    assert smallest == draws.min()
-    draws[4, 2, 8] = -3
-    assert count_agreement(draws, selected, tile=tile)[1] == -3
-    torch_counts, torch_smallest = count_agreement(torch.from_numpy(draws), torch.from_numpy(selected))
+    np.testing.assert_array_equal(count_agreement(draws, selected, tile=tile), (draws == selected).sum(0))
+    torch_counts = count_agreement(torch.from_numpy(draws), torch.from_numpy(selected))
     np.testing.assert_array_equal(torch_counts.numpy(), (draws == selected).sum(0))
-    assert torch_smallest == -3
+
+
+@pytest.mark.parametrize("to_array", [np.asarray, torch.as_tensor])
+def test_class_ids_are_checked_before_counting(to_array, monkeypatch):
+    import sys
+
+    certify_module = sys.modules["medcert_core.certify"]
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("counted before the class ids were checked")
+
+    monkeypatch.setattr(certify_module, "count_agreement", no_counting)
+    samples = np.zeros((11, 4, 4), dtype=np.int64)
+    samples[7, 2, 3] = -2  # in the estimation draws
+    with pytest.raises(ValueError, match=">= 0, got -2"):
+        certify(to_array(samples), 1, sigma=0.25)
+    samples[7, 2, 3] = 3
+    with pytest.raises(ValueError, match=r"0..2 \(num_classes = 3\), got 3"):
+        certify(to_array(samples), 1, sigma=0.25, num_classes=3)
+    samples[7, 2, 3] = 10**9  # no histogram of a billion classes
+    with pytest.raises(ValueError, match="pass num_classes"):
+        certify(to_array(samples), 1, sigma=0.25)
+    with pytest.raises(ValueError, match="selected class ids must lie in 0..1"):
+        certify_counts(np.full((2, 2), 2), np.zeros((2, 2), dtype=np.int64), 10, sigma=0.25, num_classes=2)
+
+
+def test_certificate_is_frozen_and_compared_by_identity():
+    cert = certify(np.zeros((31, 2, 2), dtype=np.int64), 1, sigma=0.25, alpha=0.1)
+    with pytest.raises(AttributeError):
+        cert.radius = 9.0
+    same = certify(np.zeros((31, 2, 2), dtype=np.int64), 1, sigma=0.25, alpha=0.1)
+    assert cert == cert and cert != same  # no ambiguous element-wise array comparison
+
+
+def tight_holm_trials(*, trials: int, n: int, tau: float, seed: int = 0) -> np.ndarray:
+    """The tau pixel's count in each trial: Binom(n, tau) draws, (trials,)."""
+    return np.random.default_rng(seed).binomial(n, tau, size=trials)
+
+
+def holm_family_wise_error(pvalue_of_count, *, trials: int, n: int, tau: float, alpha: float, pixels: int,
+                           correction: str = "holm", seed: int = 0) -> float:
+    """Observed family-wise error where Holm is tight, through binomtest-style p-values and statsmodels.
+
+    pixels - 1 pixels always give their selected class (count n: p = tau^n, rejected first) and
+    one pixel gives it with probability exactly tau (the null is true there: certifying it is an
+    error). Holm reaches that pixel last and tests it at level alpha. ``pvalue_of_count(k)`` is the
+    p-value under test. A trial's outcome depends only on the tau pixel's count, so each distinct
+    count is decided once. Returns the fraction of trials that certify the tau pixel.
+    """
+    tau_counts = tight_holm_trials(trials=trials, n=n, tau=tau, seed=seed)
+    certified = {}
+    for k in np.unique(tau_counts):
+        pvalues = np.array([pvalue_of_count(n)] * (pixels - 1) + [pvalue_of_count(int(k))])
+        reject = multipletests(pvalues, alpha, method=correction)[0]
+        assert reject[:-1].all(), "the always-winning pixels must be rejected for Holm to be tight"
+        certified[int(k)] = bool(reject[-1])
+    return float(np.mean([certified[int(k)] for k in tau_counts]))
+
+
+FWER = {"trials": 20000, "n": 100, "tau": 0.75, "alpha": 0.05, "pixels": 64}
+
+
+def test_family_wise_error_stays_below_alpha_where_holm_is_tight():
+    n, tau, alpha, trials = FWER["n"], FWER["tau"], FWER["alpha"], FWER["trials"]
+    table = binomial_pvalue_table(n, tau)
+    errors = {"holm": 0, "bonferroni": 0}
+    selected = np.ones((8, 8), dtype=np.int64)
+    for k, repeats in Counter(tight_holm_trials(trials=trials, n=n, tau=tau).tolist()).items():
+        counts = np.full((8, 8), n)
+        counts[-1, -1] = k
+        for correction in errors:  # our certify_counts; a trial's outcome depends on k only
+            cert = certify_counts(selected, counts, n, sigma=0.5, tau=tau, alpha=alpha, correction=correction)
+            assert (cert.labels.ravel()[:-1] == 1).all()
+            errors[correction] += repeats * int(cert.labels[-1, -1] != ABSTAIN)
+    holm, bonferroni = errors["holm"] / trials, errors["bonferroni"] / trials
+    standard_error = np.sqrt(alpha * (1 - alpha) / trials)
+    exact = float(table[table <= alpha].max())  # P[Binom(n, tau) >= the smallest count with p <= alpha]
+    print(f"tight Holm FWER: {holm:.4f} over {trials} trials (exact {exact:.4f}, alpha {alpha}, "
+          f"bound alpha + 3 SE = {alpha + 3 * standard_error:.4f}); Bonferroni {bonferroni:.4f}")
+    assert holm <= alpha + 3 * standard_error
+    assert holm == pytest.approx(exact, abs=4 * np.sqrt(exact * (1 - exact) / trials)), "Holm is tight here"
+    assert exact > 0.6 * alpha, "the binomial's discreteness should not hide the bound"
+    assert bonferroni <= alpha / 4, "Bonferroni tests the tau pixel at alpha / m: far below alpha"
+    # the same trials through the independent reference (binomtest + statsmodels): the same decisions
+    reference = holm_family_wise_error(lambda k: binomtest(k, n, tau, alternative="greater").pvalue, **FWER)
+    assert reference == holm
+
+
+def test_family_wise_error_test_catches_p_values_over_too_few_trials():
+    """A published peer computes the p-value over n - n0 trials; the error then exceeds alpha."""
+    n, n0, tau, alpha = FWER["n"], 10, FWER["tau"], FWER["alpha"]
+    wrong = holm_family_wise_error(lambda k: binomtest(min(k, n - n0), n - n0, tau, alternative="greater").pvalue,
+                                   **FWER)
+    standard_error = np.sqrt(alpha * (1 - alpha) / FWER["trials"])
+    print(f"FWER with p-values over n - n0 = {n - n0} trials: {wrong:.4f}")
+    assert wrong > alpha + 3 * standard_error

@@ -81,7 +81,14 @@ def test_accumulator_averages_per_image_and_skips_undefined():
     assert summary.loc["two", "iou"] == pytest.approx((0.5 + 1) / 2)
     assert summary.loc["background", "abstain"] == pytest.approx((3 / 16 + 0) / 2)
     assert np.isnan(summary.loc["three", "dice"])
-    assert (summary["images"] == 2).all()
+    assert summary.loc[["background", "one", "two"], "images"].tolist() == [2, 2, 2]
+    assert summary.loc["three", "images"] == 0, "class three is absent from both images: no image enters its mean"
+    only_one = TARGET.copy()
+    only_one[only_one == 2] = 1  # class two absent from this image's target and prediction
+    accumulator.add(only_one, only_one, image_id="c", sigma=0.25)
+    summary = accumulator.summary().set_index("class_name")
+    assert summary.loc["two", "images"] == 2 and summary.loc["one", "images"] == 3
+    assert summary.loc["two", "dice"] == pytest.approx((2 / 3 + 1) / 2), "the mean over the 2 images that count"
 
 
 def test_bad_labels_are_explained():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +156,47 @@ def lambda_module(channels: int) -> torch.nn.Module:
             return torch.zeros(x.shape[0], channels, *x.shape[-2:])
 
     return Constant()
+
+
+def test_a_batchnorm_model_left_in_train_mode_gives_the_eval_certificate_and_one_warning():
+    """In train mode BatchNorm normalises each batch by its own statistics: the draws of a batch would
+    depend on each other. The smoother switches to eval mode at every call, so nothing changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 2, 1))
+    images = torch.rand(16, 1, 12, 12)
+    targets = (images[:, 0] > 0.5).long()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):  # trained: BatchNorm's running statistics differ from any batch's own
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    image = images[0]
+    settings = dict(n0=10, n=100, alpha=0.01)
+    smoothed = SmoothedSegmenter(model.eval(), 2, sigma=0.25, batch_size=110, device="cpu")
+    reference = smoothed.certify(image, generator=torch.Generator().manual_seed(1), **settings)
+    probe = copy.deepcopy(model)  # a train-mode call updates BatchNorm's running statistics
+    with torch.inference_mode():  # the model is sensitive to its mode: train mode would change the draws
+        noisy = image[None] + 0.25 * torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+        assert not torch.equal(probe.train()(noisy).argmax(1), model.eval()(noisy).argmax(1))
+    model.train()
+    with pytest.warns(UserWarning, match="eval mode") as caught:
+        again = smoothed.certify(image, generator=torch.Generator().manual_seed(1), **settings)
+    assert len(caught) == 1
+    assert torch.equal(again.labels, reference.labels) and torch.equal(again.pvalues, reference.pvalues)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: not again
+        third = smoothed.certify(image, generator=torch.Generator().manual_seed(1), **settings)
+    assert torch.equal(third.pvalues, reference.pvalues)
+    assert not model.training
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.4999, 1.0])
+def test_tau_outside_its_range_fails_before_any_draw(tau):
+    recorder = RecordingSegmenter()
+    smoothed = SmoothedSegmenter(recorder, 2, sigma=0.25, device="cpu")
+    with pytest.raises(ValueError, match=r"0.5 <= tau < 1"):
+        smoothed.certify(torch.zeros(1, 4, 4), 1, 10, tau=tau)
+    assert recorder.inputs == []

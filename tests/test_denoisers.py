@@ -251,3 +251,128 @@ def test_denoiser_runs_under_autocast():
         mixed = denoiser(noisy)
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
     assert (mixed - reference).abs().max() < 0.05
+
+
+class RecordingUNet(torch.nn.Module):
+    """Records what the network receives; predicts zero noise."""
+
+    def __init__(self, size: int, channels: int = 3) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(sample_size=size, in_channels=channels)
+        self.inputs: list[torch.Tensor] = []
+        self.timesteps: list[int] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        self.inputs.append(x_t.detach().clone())
+        self.timesteps.append(int(t[0]))
+        return SimpleNamespace(sample=torch.zeros_like(x_t))
+
+
+def test_the_network_receives_x_t_with_the_noise_and_signal_of_step_t_star():
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: noise std sqrt(1 - abar_t*), signal scale sqrt(abar_t*).
+
+    sigma is chosen so that 2 sigma equals sqrt((1 - abar_t) / abar_t) exactly at t = 400, so the
+    diffusers schedule (not ours) gives both expected numbers.
+    """
+    abar = float(linear_scheduler().alphas_cumprod[400])
+    sigma = math.sqrt((1 - abar) / abar) / 2
+    unet = RecordingUNet(64)
+    denoiser = DiffusionDenoiser(unet, linear_scheduler(), sigma)
+    clean = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    denoiser(clean + sigma * noise)
+    (x_t,) = unet.inputs
+    assert unet.timesteps == [400]
+    signal = 2 * clean - 1
+    scale = float((x_t * signal).sum() / (signal * signal).sum())  # least squares, noise independent of x0
+    standard_error = math.sqrt(1 - abar) / float(signal.norm())
+    assert scale == pytest.approx(math.sqrt(abar), abs=4 * standard_error)
+    residual = x_t - math.sqrt(abar) * signal
+    assert float(residual.std()) == pytest.approx(math.sqrt(1 - abar), rel=5e-3)
+    torch.testing.assert_close(residual, math.sqrt(1 - abar) * noise, rtol=0, atol=1e-5)
+
+
+def diffusers_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                  clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+    return DDPMScheduler(variance_type="fixed_small", **kwargs), DDIMScheduler(set_alpha_to_one=False, **kwargs)
+
+
+@pytest.mark.parametrize("t,inference_steps", [(500, 10), (300, 20), (120, 1000), (40, 25)])
+def test_ddpm_and_ddim_steps_match_diffusers_schedulers(t, inference_steps):
+    from medcert_core.denoisers.diffusion import ddim_step, ddpm_posterior_step, x0_from_output
+
+    ddpm, ddim = diffusers_schedulers()
+    for scheduler in (ddpm, ddim):
+        scheduler.set_timesteps(inference_steps)
+    s = t - 1000 // inference_steps
+    generator = torch.Generator().manual_seed(t)
+    x_t = 1.5 * torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    eps = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    abar = ddpm.alphas_cumprod.double()
+    abar_t, abar_s = float(abar[t]), float(abar[s])
+    x0 = x0_from_output(x_t, eps, abar_t, "epsilon")
+
+    expected = ddpm.step(eps, t, x_t, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(x0, expected.pred_original_sample, rtol=1e-6, atol=1e-6)
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ours = ddpm_posterior_step(x_t, x0, abar_t, abar_s, noise)
+    torch.testing.assert_close(ours, expected.prev_sample, rtol=1e-6, atol=1e-6)
+
+    expected = ddim.step(eps, t, x_t, eta=0.0, use_clipped_model_output=True)  # eps re-derived from clipped x0
+    torch.testing.assert_close(ddim_step(x_t, x0, abar_t, abar_s), expected.prev_sample, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_x0_from_other_predictions_matches_diffusers(prediction_type):
+    from medcert_core.denoisers.diffusion import x0_from_output
+
+    ddpm, _ = diffusers_schedulers()
+    ddpm.register_to_config(prediction_type=prediction_type)
+    ddpm.set_timesteps(10)
+    generator = torch.Generator().manual_seed(1)
+    x_t, output = torch.randn(2, 3, 8, 8, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    expected = ddpm.step(output, 500, x_t, generator=torch.Generator().manual_seed(0)).pred_original_sample
+    ours = x0_from_output(x_t, output, float(ddpm.alphas_cumprod[500]), prediction_type)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_outside_the_schedule_fails_at_construction_for_the_input_size():
+    unet = RecordingUNet(16)
+    # sigma 0.01 is inside the schedule at the model's size, but 256 -> 16 averaging divides it by about 16
+    DiffusionDenoiser(unet, linear_scheduler(), 0.01)
+    with pytest.raises(ValueError, match=r"3 x 256 x 256 inputs .* outside the schedule"):
+        DiffusionDenoiser(unet, linear_scheduler(), 0.01, input_shape=(3, 256, 256))
+    assert unet.inputs == []
+
+
+def test_a_denoiser_for_another_sigma_is_refused():
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    denoiser = DiffusionDenoiser(RecordingUNet(16), linear_scheduler(), 0.5)
+    with pytest.raises(ValueError, match="built for sigma = 0.5 but the smoother adds sigma = 0.25"):
+        SmoothedSegmenter(torch.nn.Conv2d(3, 2, 1), 2, sigma=0.25, denoiser=denoiser, device="cpu")
+
+
+def test_seeded_multi_step_certificate_is_identical_at_any_batch_size():
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x[:, :1] - 0.5) * 10
+
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    certificates = []
+    for batch_size in (1, 3, 16):
+        denoiser = DiffusionDenoiser(BlurryUNet(), linear_scheduler(), 0.5, steps=3)
+        assert denoiser.stochastic
+        smoothed = SmoothedSegmenter(Threshold(), 2, sigma=0.5, denoiser=denoiser, batch_size=batch_size, device="cpu")
+        certificates.append(smoothed.certify(image, 4, 30, alpha=0.1, generator=torch.Generator().manual_seed(5)))
+    for other in certificates[1:]:
+        assert torch.equal(other.pvalues, certificates[0].pvalues)
+    other_seed = SmoothedSegmenter(Threshold(), 2, sigma=0.5, device="cpu", batch_size=16,
+                                   denoiser=DiffusionDenoiser(BlurryUNet(), linear_scheduler(), 0.5, steps=3))
+    different = other_seed.certify(image, 4, 30, alpha=0.1, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(different.pvalues, certificates[0].pvalues)

@@ -36,6 +36,43 @@ def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
     return int((ratio - target).abs().argmin())
 
 
+def noisy_sample(images: torch.Tensor, abar: float) -> torch.Tensor:
+    """x_t = sqrt(abar_t*) (2 (x + delta) - 1): a noisy [0, 1] batch as the forward process at t*."""
+    return math.sqrt(abar) * (2 * images - 1)
+
+
+def x0_from_output(x_t: torch.Tensor, output: torch.Tensor, abar: float, prediction_type: str) -> torch.Tensor:
+    """The x0 estimate in [-1, 1] (clipped, as diffusers' ``clip_sample``) from the model output at step t."""
+    if prediction_type == "epsilon":
+        x0 = (x_t - math.sqrt(1 - abar) * output) / math.sqrt(abar)
+    elif prediction_type == "v_prediction":
+        x0 = math.sqrt(abar) * x_t - math.sqrt(1 - abar) * output
+    elif prediction_type == "sample":
+        x0 = output
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return x0.clamp(-1, 1)
+
+
+def ddpm_posterior_step(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float,
+                        noise: torch.Tensor) -> torch.Tensor:
+    """A sample of q(x_s | x_t, x0) for s < t, with ``noise`` ~ N(0, I) of x_t's shape."""
+    alpha_ts = abar_t / abar_s
+    beta_ts = 1 - alpha_ts
+    mean = (math.sqrt(abar_s) * beta_ts * x0 + math.sqrt(alpha_ts) * (1 - abar_s) * x_t) / (1 - abar_t)
+    std = math.sqrt(beta_ts * (1 - abar_s) / (1 - abar_t))
+    return mean + std * noise
+
+
+def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float) -> torch.Tensor:
+    """The deterministic DDIM (eta = 0) step from t to s < t given the (clipped) x0 estimate.
+
+    eps is re-derived from x0, as diffusers' ``DDIMScheduler.step(..., use_clipped_model_output=True)``.
+    """
+    eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+    return math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
+
+
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (B, C, H, W), antialiased when shrinking."""
     if tuple(images.shape[-2:]) == tuple(size):
@@ -68,6 +105,11 @@ class DiffusionDenoiser(torch.nn.Module):
     sampler: "ddpm" (posterior sampling between the steps, drawing from ``generator``) or "ddim"
         (deterministic); only used when steps > 1.
     image_size: the model's (H, W); default its ``config.sample_size``.
+    input_shape: the (C, H, W) of the images it will denoise, when known: t* is then checked here
+        for the noise the model will see, not at the first batch.
+    generator: draws the posterior noise of multi-step DDPM when ``forward`` gets no per-sample
+        generators (``SmoothedSegmenter`` passes one per draw, so its results do not depend on
+        the batch size).
     """
 
     def __init__(
@@ -79,6 +121,7 @@ class DiffusionDenoiser(torch.nn.Module):
         steps: str | int = "single",
         sampler: str = "ddpm",
         image_size: int | tuple[int, int] | None = None,
+        input_shape: tuple[int, int, int] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -100,6 +143,26 @@ class DiffusionDenoiser(torch.nn.Module):
         self.model_channels = int(unet.config.in_channels)
         self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
         timestep_for_sigma(self.alphas_cumprod, self.sigma)  # fail early when sigma is out of range
+        if input_shape is not None:
+            self.check_input(tuple(input_shape))
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether forward draws noise (multi-step DDPM sampling)."""
+        return self.steps > 1 and self.sampler == "ddpm"
+
+    def check_input(self, shape: tuple[int, ...]) -> int:
+        """t* for images of shape (C, H, W); a clear error when their noise is outside the schedule."""
+        channels, height, width = shape[-3:]
+        sigma = self.effective_sigma(channels, (height, width))
+        try:
+            return timestep_for_sigma(self.alphas_cumprod, sigma)
+        except ValueError as error:
+            raise ValueError(
+                f"sigma = {self.sigma:g} on {channels} x {height} x {width} inputs reaches the "
+                f"{self.model_channels}-channel {self.image_size[0]} x {self.image_size[1]} diffusion model as "
+                f"noise of std {sigma:.4g}: {error}"
+            ) from error
 
     def effective_sigma(self, channels: int, size: tuple[int, int]) -> float:
         """Noise std, in [0, 1] scale, of the batch the model sees for a (channels, *size) input."""
@@ -128,39 +191,40 @@ class DiffusionDenoiser(torch.nn.Module):
         channels = x_t.shape[1]
         timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         output = self.unet(x_t, timestep).sample[:, :channels].to(x_t.dtype)
-        abar = self.alphas_cumprod[t].item()
-        if self.prediction_type == "epsilon":
-            x0 = (x_t - math.sqrt(1 - abar) * output) / math.sqrt(abar)
-        elif self.prediction_type == "v_prediction":
-            x0 = math.sqrt(abar) * x_t - math.sqrt(1 - abar) * output
-        else:
-            x0 = output
-        return x0.clamp(-1, 1)
+        return x0_from_output(x_t, output, self.alphas_cumprod[t].item(), self.prediction_type)
 
-    def step_back(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    def _posterior_noise(self, like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """N(0, I) noise of ``like``'s shape: per sample from ``generators``, else from self.generator."""
+        if generators is not None:
+            if len(generators) != like.shape[0]:
+                raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}")
+            return torch.stack([torch.randn(like.shape[1:], generator=generator, device=generator.device,
+                                            dtype=like.dtype).to(like.device) for generator in generators])
+        device = like.device if self.generator is None else self.generator.device
+        return torch.randn(like.shape, generator=self.generator, device=device, dtype=like.dtype).to(like.device)
+
+    def step_back(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, s: int,
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """x_s from x_t and the x0 estimate: DDPM posterior q(x_s | x_t, x0) sample, or DDIM."""
         abar_t, abar_s = self.alphas_cumprod[t].item(), self.alphas_cumprod[s].item()
         if self.sampler == "ddim":
-            eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
-            return math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
-        alpha_ts = abar_t / abar_s
-        beta_ts = 1 - alpha_ts
-        mean = (math.sqrt(abar_s) * beta_ts * x0 + math.sqrt(alpha_ts) * (1 - abar_s) * x_t) / (1 - abar_t)
-        std = math.sqrt(beta_ts * (1 - abar_s) / (1 - abar_t))
-        noise = torch.randn(x_t.shape, generator=self.generator, device=x_t.device if self.generator is None else self.generator.device, dtype=x_t.dtype)
-        return mean + std * noise.to(x_t.device)
+            return ddim_step(x_t, x0, abar_t, abar_s)
+        return ddpm_posterior_step(x_t, x0, abar_t, abar_s, self._posterior_noise(x_t, generators))
 
-    @torch.inference_mode()
-    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Clean estimate (B, C, H, W) in [0, 1] of a noisy batch; differentiable (for attacks).
+
+        generators: one per sample for the posterior noise of multi-step DDPM.
+        """
         batch, channels, height, width = noisy.shape
-        start = timestep_for_sigma(self.alphas_cumprod, self.effective_sigma(channels, (height, width)))
+        start = self.check_input((channels, height, width))
         images = self._model_channels(resize(noisy.float(), self.image_size))
-        x_t = math.sqrt(self.alphas_cumprod[start].item()) * (2 * images - 1)
+        x_t = noisy_sample(images, self.alphas_cumprod[start].item())
         steps = self.timesteps(start)
         for t, s in zip(steps, steps[1:] + [None]):
             x0 = self.predict_x0(x_t, t)
             if s is not None:
-                x_t = self.step_back(x_t, x0, t, s)
+                x_t = self.step_back(x_t, x0, t, s, generators)
         clean = resize((x0 + 1) / 2, (height, width)).clamp(0, 1)
         if clean.shape[1] != channels:
             clean = clean.expand(-1, channels, -1, -1) if clean.shape[1] == 1 else clean.mean(1, keepdim=True)

@@ -68,6 +68,29 @@ def test_run_hash_ignores_the_data_root_but_not_the_settings():
         assert changed.hash != run.hash
 
 
+def test_run_hash_covers_the_package_source(monkeypatch):
+    run = CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    before = run.hash
+    monkeypatch.setattr(store, "source_digest", lambda: "other source")
+    assert run.hash != before, "results computed by other code are never served as current"
+
+
+def test_source_digest_sees_every_byte_of_the_package(tmp_path, monkeypatch):
+    import shutil
+
+    package = Path(store.__file__).resolve().parents[1]
+    copy = tmp_path / "medcert_core"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    digest_of = lambda: (store.source_digest.cache_clear(), store.source_digest())[1]  # noqa: E731
+    monkeypatch.setattr(store, "__file__", str(copy / "study" / "store.py"))
+    first = digest_of()
+    assert digest_of() == first
+    with open(copy / "certify.py", "a") as handle:
+        handle.write("\n")
+    assert digest_of() != first
+    store.source_digest.cache_clear()
+
+
 def test_method_labels_name_the_comparison():
     assert segcertify().label == "SegCertify"
     assert ours("ddpm:auto").label == "ours (ddpm, single-step)"
@@ -323,6 +346,23 @@ def test_differences_from_paper_state_settings_and_numbers():
     assert "heart with resunetpp at σ = 1: certified Dice 0.50 here against 0.87" in text
     assert "from 0.96 to 0.90 (paper: 0.97 to 0.91)" in text
     assert "lung Dice 0.80 against SegCertify's 0.10, as in the paper" in text
+
+
+def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(notebooks, monkeypatch):
+    from medcert_core.study import grid
+
+    spec = {"parameters": {"n": 100}, "runs": [{"notebook": "phantom"}]}
+    (entry,) = parse_grid(spec, "grid.yaml", notebooks)
+    template = notebooks / "phantom.ipynb"
+    assert entry.template_digest == grid.file_digest(template)
+    template.write_text(template.read_text().replace("}", "} ", 1))  # same name, other bytes
+    (edited,) = parse_grid(spec, "grid.yaml", notebooks)
+    assert edited.hash != entry.hash
+    on_gpu = GridEntry(entry.notebook, entry.output, {**entry.parameters, "device": "cuda"}, entry.template_digest)
+    assert on_gpu.hash == entry.hash, "the device is recorded per run, it does not re-execute a chapter"
+    before = entry.hash
+    monkeypatch.setattr(grid, "source_digest", lambda: "other source")
+    assert entry.hash != before, "a changed medcert_core re-executes the chapter"
 
 
 def test_a_changed_profile_changes_the_grid_hash(monkeypatch):

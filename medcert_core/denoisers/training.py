@@ -9,6 +9,9 @@ smoothing never asks the model about noisier steps. Both trainers checkpoint and
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +117,26 @@ def train_ddpm(
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             save_torch_atomically({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
                          "generator": generator.get_state(), "step": step + 1, "losses": losses}, state_path)
-    DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler).save_pretrained(output_dir)
+    pipeline = DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler)
+    _publish_pipeline(pipeline, output_dir)
     state_path.unlink(missing_ok=True)
     return output_dir
+
+
+def _publish_pipeline(pipeline: DDPMPipeline, output_dir: Path) -> None:
+    """Save a pipeline into ``output_dir`` so that ``model_index.json`` (the completion mark) lands last.
+
+    Everything is written into a temporary sibling folder first, then moved in; a crash leaves no
+    ``model_index.json`` beside half-written weights, so the next call trains or resumes instead.
+    """
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".saving", dir=output_dir.parent))
+    pipeline.save_pretrained(temporary)
+    for item in sorted(temporary.iterdir(), key=lambda path: path.name == "model_index.json"):
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(temporary)
 
 
 def train_unet_denoiser(

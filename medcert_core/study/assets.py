@@ -7,6 +7,7 @@ changed setting trains a new one instead of silently reusing an old one.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,14 @@ def segmenter(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, no
     """The segmenter of ``arch`` trained on ``data`` with Gaussian noise ``noise_sigma`` (0: none)."""
     path = segmenter_path(cache, data, training, arch, noise_sigma)
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("epoch") == saved["config"]["epochs"]:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            finished = saved.get("epoch") == saved["config"]["epochs"]
+        except Exception as error:  # e.g. emptied by a power loss before writes were fsynced: train it again
+            warnings.warn(f"unreadable segmenter checkpoint {path} ({error}); training it again", stacklevel=2)
+            path.unlink()
+            finished = False
+        if finished:  # an unfinished checkpoint is resumed by train_segmenter below
             return load_segmenter(path, device=resolve_device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
     model, config, _ = train_segmenter(

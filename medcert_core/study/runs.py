@@ -9,6 +9,7 @@ sigma = 0 means no certificate: the plain prediction on the clean image (the pap
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from medcert_core.smoothing import SmoothedSegmenter, resolve_device
 from medcert_core.study import assets, store
 from medcert_core.training import TrainConfig, predict_batch
 
+DEVICE_NOTE = ("the noise comes from torch generators on this device, one per image seeded from (seed, image id); "
+               "CPU and CUDA generators give different noise, so the same run on another device gives "
+               "other (equally valid) numbers")
 MAP_IMAGES = 2  # test images whose label maps are kept for the abstention figures
 
 
@@ -65,7 +69,12 @@ def plain(train_noise: float = 0.0) -> Method:
 
 @dataclass(frozen=True)
 class CertificationRun:
-    """Everything that defines one run's numbers (the device and data root do not)."""
+    """Everything that defines one run's numbers, hashed with medcert_core's source digest.
+
+    Not hashed: the data root (where the data lies), the batch size (the draws are batch-size
+    invariant, multi-step denoising included) and the device. The device does change the noise,
+    since CPU and CUDA generators differ: it is recorded in the run's metadata, with a note.
+    """
 
     data: assets.DataSpec
     training: assets.TrainingSpec
@@ -85,7 +94,7 @@ class CertificationRun:
 
     @property
     def hash(self) -> str:
-        return store.parameter_hash(self.parameters())
+        return store.parameter_hash({**self.parameters(), "source": store.source_digest()})
 
 
 def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
@@ -98,13 +107,19 @@ def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
     }
 
 
+def image_seed(seed: int, image_id: object) -> int:
+    """The seed of one image's noise, from (run seed, image id): a run's numbers do not depend on the
+    order of its images or on how they are split over processes."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,
                        batch_size: int) -> tuple[SmoothedSegmenter, TrainConfig]:
     """The run's f(D(.)) smoothed at its sigma (> 0), with the segmenter's config."""
     model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     denoiser = assets.denoiser(run.method.denoiser, run.sigma, cache, run.data, run.training,
-                               steps=run.method.steps, device=device,
-                               generator=torch.Generator(device=device).manual_seed(run.data.seed + 1))
+                               steps=run.method.steps, device=device)  # multi-step noise: per draw, from the smoother
     smoothed = SmoothedSegmenter(model, config.num_classes, run.sigma, denoiser=denoiser, batch_size=batch_size,
                                  device=device)
     return smoothed, config
@@ -122,7 +137,6 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
     test_set = run.data.load("test")
     count = len(test_set) if not run.test_images else min(run.test_images, len(test_set))
     accumulator = MetricAccumulator(config.class_names)
-    generator = torch.Generator(device=device).manual_seed(run.data.seed)
     maps: dict[str, list[np.ndarray]] = {"image": [], "noisy": [], "target": [], "labels": []}
     columns = _tidy_columns(run)
     description = f"{run.method.label} {run.arch} sigma={run.sigma:g}"
@@ -132,6 +146,7 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
         if smoothed is None:
             labels = predict_batch(model, image[None].to(device))[0].cpu()
         else:
+            generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
             certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
             labels = certificate.labels.cpu()  # on the model's device otherwise
         seconds = time.perf_counter() - start
@@ -155,7 +170,10 @@ def run_certification(run: CertificationRun, *, results_dir: str | Path, cache: 
         return store.load_rows(results_dir, run.hash)
     start = time.perf_counter()
     rows, maps = compute(run, Path(cache), device=device, batch_size=batch_size, progress=progress)
+    if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
+        return store.load_rows(results_dir, run.hash)
     store.save_run(results_dir, run.hash, rows, maps, run.parameters(), device=str(resolve_device(device)),
+                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), batch_size=batch_size,
                    seconds=time.perf_counter() - start, data_root=run.data.data_root)
     return rows
 

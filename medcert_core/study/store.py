@@ -11,6 +11,7 @@ leaves either a complete run or one that is simply computed again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -37,6 +38,19 @@ def parameter_hash(parameters: dict[str, Any]) -> str:
     """Stable 16-hex-digit hash of JSON-able parameters (key order does not matter)."""
     text = json.dumps(parameters, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (16 hex digits) over medcert_core's Python source files, path and bytes, in path order.
+
+    Part of every run and grid hash: results computed by other code are never served as current.
+    """
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def run_folder(results_dir: str | Path, run_hash: str) -> Path:

@@ -4,6 +4,7 @@ aggregated, the website built. Paths are taken from the project root (see ``proj
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def prepare_entries(grid_file: str | Path, *, data_root: str | None = None, devi
         if device is not None:
             parameters["device"] = device
         training_spec(parameters.get("profile", "quick"))  # unknown profiles fail before any notebook runs
-        prepared.append(GridEntry(entry.notebook, entry.output, parameters))
+        prepared.append(dataclasses.replace(entry, parameters=parameters))
     return prepared
 
 

@@ -6,17 +6,24 @@
     certify    certify one image file: label map, abstention overlay PNG, JSON summary
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
+
+Bad input (a missing file, a wrong layout, a parameter out of range) ends with
+``medcert: error: <message>`` on stderr and exit code 2; set MEDCERT_TRACEBACK=1 to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
+from medcert_core.checks import INTEGERS, check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
@@ -25,24 +32,66 @@ from medcert_core.study.profiles import PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
 
-def _image_size(text: str | None) -> int | tuple[int, int] | None:
-    if text is None:
-        return None
-    parts = [int(part) for part in text.lower().replace("x", ",").split(",")]
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    """argparse type of --image-size: "256" -> 256, "384x512" or "384,512" -> (384, 512)."""
+    parts = text.lower().replace("x", ",").split(",")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive integers (e.g. 256 or 384x512), got {text!r}")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def _parameter(name: str) -> Callable[[str], int | float]:
+    """argparse type of a certification parameter (sigma, tau, alpha, n0, n): parsed, range checked."""
+    convert, noun = (int, "an integer") if name in INTEGERS else (float, "a number")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{name} must be {noun}, got {text!r}") from error
+        try:
+            return check_parameter(name, value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    return parse
+
+
+def _steps(text: str) -> str | int:
+    """argparse type of --steps: "single" or a positive number of DDPM calls."""
+    if text == "single":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f'steps must be "single" or a positive integer, got {text!r}')
+
+
+def _denoiser_spec(text: str) -> str:
+    """argparse type of --denoiser: ``none`` or a well-formed ``kind:<path>`` spec."""
+    if text != "none":
+        from medcert_core.denoisers import parse_spec
+
+        try:
+            parse_spec(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+    return text
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="phantom", choices=DATASET_NAMES)
     parser.add_argument("--data-root", default=None, help="dataset folder (not needed for phantom)")
-    parser.add_argument("--image-size", default=None, help="e.g. 256 or 384x512 (default: the paper's)")
+    parser.add_argument("--image-size", type=_image_size, default=None, help="e.g. 256 or 384x512 (default: the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
 def _datasets(args: argparse.Namespace, *splits: str):
     return [
-        load_dataset(args.dataset, args.data_root, split, image_size=_image_size(args.image_size), seed=args.seed)
+        load_dataset(args.dataset, args.data_root, split, image_size=args.image_size, seed=args.seed)
         for split in splits
     ]
 
@@ -64,8 +113,8 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
-    model, config = load_segmenter(args.checkpoint, device=resolve_device(args.device))
     (test_set,) = _datasets(args, "test")
+    model, config = load_segmenter(args.checkpoint, num_classes=len(test_set.class_names), device=resolve_device(args.device))
     frame = evaluate_segmenter(model, test_set, config.class_names, device=args.device)
     dice = per_class_means(frame)
     print(f"{config.arch} on {args.dataset} test ({len(test_set)} images): "
@@ -108,10 +157,9 @@ def command_book(args: argparse.Namespace) -> None:
 def command_certify(args: argparse.Namespace) -> None:
     from medcert_core.study.single_image import certify_image_file
 
-    steps = args.steps if args.steps == "single" else int(args.steps)
     summary = certify_image_file(
         args.image, args.checkpoint, args.denoiser, args.sigma, output_dir=args.output_dir, n0=args.n0, n=args.n,
-        alpha=args.alpha, tau=args.tau, steps=steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        alpha=args.alpha, tau=args.tau, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
     )
     print(json.dumps(summary, indent=2))
 
@@ -158,16 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     book.set_defaults(run=command_book)
 
     certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG")
-    certify.add_argument("image", help="PNG, JPEG, TIFF, ... (resized to the checkpoint's input size)")
+    certify.add_argument("image", help="PNG, JPEG, TIFF, ... or JSRT .IMG (resized to the checkpoint's input size)")
     certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
-    certify.add_argument("--denoiser", default="none",
+    certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder>")
-    certify.add_argument("--sigma", type=float, required=True, help="noise level in the [0, 1] input scale")
-    certify.add_argument("--steps", default="single", help='DDPM calls: "single" or an int')
-    certify.add_argument("--n0", type=int, default=10)
-    certify.add_argument("--n", type=int, default=100)
-    certify.add_argument("--alpha", type=float, default=0.001)
-    certify.add_argument("--tau", type=float, default=0.75)
+    certify.add_argument("--sigma", type=_parameter("sigma"), required=True, help="noise level in the [0, 1] input scale")
+    certify.add_argument("--steps", type=_steps, default="single", help='DDPM calls: "single" or an int')
+    certify.add_argument("--n0", type=_parameter("n0"), default=10, help="selection draws (>= 1)")
+    certify.add_argument("--n", type=_parameter("n"), default=100, help="estimation draws (>= 1)")
+    certify.add_argument("--alpha", type=_parameter("alpha"), default=0.001, help="error level, 0 < alpha < 1")
+    certify.add_argument("--tau", type=_parameter("tau"), default=0.75, help="0.5 <= tau < 1")
     certify.add_argument("--seed", type=int, default=0)
     certify.add_argument("--batch-size", type=int, default=32)
     certify.add_argument("--device", default="auto")
@@ -177,8 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console entry: bad input exits with code 2 and one message (MEDCERT_TRACEBACK=1 re-raises)."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        if os.environ.get("MEDCERT_TRACEBACK") == "1":
+            raise
+        print(f"medcert: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -276,8 +276,9 @@ def load_segmenter(
     try:
         saved = torch.load(path, map_location=device, weights_only=False)
         config = TrainConfig(**saved["config"])
+        state_dict = saved["state_dict"]
     except Exception as error:  # a foreign or truncated file
-        raise ValueError(f"{path} is not a medcert segmenter checkpoint ({error})") from error
+        raise ValueError(f"{path} is not a medcert segmenter checkpoint written by `medcert train` ({error!r})") from error
     config.class_names = tuple(config.class_names)
     config.image_size = tuple(config.image_size)
     if arch is not None and arch != config.arch:
@@ -285,8 +286,20 @@ def load_segmenter(
     if num_classes is not None and num_classes != config.num_classes:
         raise ValueError(f"{path} holds a model with {config.num_classes} classes {config.class_names}, not {num_classes}")
     model = config.build_model()
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"the weights in {path} do not fit a {config.arch!r} model built from its config: {error}") from error
+    mismatch = weights_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise ValueError(f"the weights in {path} do not fit the {config.arch!r} model with {config.num_classes} classes "
+                         f"that its config describes: {mismatch}")
+    model.load_state_dict(state_dict)
     return model.to(device).eval(), config
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:
+    """How ``found`` weights differ from a model's ``expected`` state dict ("" when they fit)."""
+    shapes = {key: tuple(getattr(value, "shape", ())) for key, value in found.items()}
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [f"{key} {shapes[key]} instead of {tuple(value.shape)}" for key, value in expected.items()
+                if key in shapes and shapes[key] != tuple(value.shape)]
+    groups = (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+    return "; ".join(f"{len(items)} weights {label} (first: {items[0]})" for label, items in groups if items)

@@ -132,7 +132,8 @@ def _read_raw(path: Path, kind: str) -> np.ndarray:
                     im = im.convert("RGB")
                 array = np.array(im)
     except Exception as exc:  # PIL / tifffile raise many types for broken files
-        raise ValueError(f"cannot read {kind} file {path}: {exc}") from exc
+        raise ValueError(f"cannot read {kind} file {path}: {exc}; replace it with a complete "
+                         f"PNG, JPEG, TIFF, BMP or GIF file") from exc
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # planar TIFF (C, H, W)
     if array.ndim not in (2, 3) or min(array.shape[:2]) == 0:
@@ -141,18 +142,36 @@ def _read_raw(path: Path, kind: str) -> np.ndarray:
 
 
 def to_unit(array: np.ndarray) -> np.ndarray:
-    """Stored values -> float32 [0, 1]: 8-bit /255, 16-bit (and int32) /65535, floats clipped."""
+    """Stored values -> float32 [0, 1]: 8-bit /255, 16-bit (and int32) /65535, floats as they are."""
     if array.dtype == bool:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.integer):
         scale = 255.0 if array.dtype.itemsize == 1 else 65535.0
         return np.clip(array.astype(np.float32) / scale, 0.0, 1.0)
-    return np.clip(array.astype(np.float32), 0.0, 1.0)
+    return array.astype(np.float32)
+
+
+def check_float_image(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array``; a float image must be finite and within [0, 1] (ValueError naming ``path``)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise ValueError(f"image file {path} holds {bad} NaN or infinite values; "
+                         f"replace them, or save the image as 8- or 16-bit integers")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"image file {path} holds float values in [{low:g}, {high:g}], outside [0, 1]; "
+                         f"scale it to [0, 1], or save it as 8- or 16-bit integers")
+    return array
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Image file -> float32 (H, W) grayscale or (H, W, 3) RGB in [0, 1] (alpha dropped)."""
-    array = to_unit(_read_raw(path, "image"))
+    """Image file -> float32 (H, W) grayscale or (H, W, 3) RGB in [0, 1] (alpha dropped).
+
+    Float images must hold finite values in [0, 1] (see :func:`check_float_image`).
+    """
+    array = to_unit(check_float_image(_read_raw(path, "image"), path))
     if array.ndim == 3:
         array = array[..., 0] if array.shape[-1] < 3 else array[..., :3]
     return array
@@ -179,9 +198,24 @@ def binarize(mask: np.ndarray) -> np.ndarray:
     return mask >= 128 if mask.max(initial=0) > 1 else mask > 0
 
 
+def binary_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    """:func:`binarize` a binary mask file's values; ValueError naming ``path`` for values it would misread.
+
+    Negative values, or a maximum between 2 and 127 (e.g. class ids 0, 1, 2, which thresholding at
+    128 would turn into an empty mask), are not a 0/1 or 0/255 binary mask.
+    """
+    high = int(mask.max(initial=0))
+    if mask.min(initial=0) < 0 or 1 < high < 128:
+        values = np.unique(mask)
+        shown = values[:8].tolist() + (["..."] if len(values) > 8 else [])
+        raise ValueError(f"mask {path} holds values {shown}; a binary mask holds 0/255 (binarized at 128) or 0/1 "
+                         f"(masks of class ids 0..K-1 go in the 'folder' dataset)")
+    return binarize(mask)
+
+
 def binary_labels(mask: np.ndarray, path: Path) -> np.ndarray:
-    """Stored mask values (H, W) -> int64 labels {0, 1} (``path`` unused: a :data:`LabelFn`)."""
-    return binarize(mask).astype(np.int64)
+    """Stored mask values (H, W) of the file ``path`` -> int64 labels {0, 1} (see :func:`binary_mask`)."""
+    return binary_mask(mask, path).astype(np.int64)
 
 
 def paired_loader(images: dict[str, Path], masks: dict[str, Path],

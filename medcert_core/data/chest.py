@@ -35,8 +35,8 @@ from medcert_core.data.base import (
     Loader,
     Size,
     Source,
-    binarize,
     binary_labels,
+    binary_mask,
     check_same_shape,
     index_files,
     layout_error,
@@ -113,7 +113,7 @@ def read_jsrt_img(path: str | Path) -> np.ndarray:
 
 def read_scr_gif(path: str | Path) -> np.ndarray:
     """SCR organ mask GIF (or any binary mask image) -> bool (H, W)."""
-    return binarize(read_mask(Path(path)))
+    return binary_mask(read_mask(Path(path)), Path(path))
 
 
 def _organ_key(folder_name: str) -> str:
@@ -246,7 +246,7 @@ def montgomery_source(root: str | Path | None, image_size: Size) -> Source:
         for mask_path in masks[case_id].values():
             mask = read_mask(mask_path)
             check_same_shape(images[case_id], image.shape, mask_path, mask.shape)
-            lung |= binarize(mask)
+            lung |= binary_mask(mask, mask_path)
         return image, paint_labels([lung])
 
     return Source(ids, load, LUNG_CLASSES, image_size)

@@ -48,6 +48,15 @@ def load_guided_diffusion(path: str | Path, sigma: float, *, steps: str | int = 
     return DiffusionDenoiser(unet, linear_scheduler(), sigma, steps=steps, sampler=sampler, generator=generator)
 
 
+def parse_spec(spec: str) -> tuple[str, Path]:
+    """(kind, path) of a denoiser spec other than ``none``; ValueError listing the valid forms."""
+    kind, _, location = spec.partition(":")
+    if kind not in SPEC_KINDS[1:] or not location:
+        raise ValueError(f"denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, "
+                         f"unet:<folder>; got {spec!r}")
+    return kind, Path(location).expanduser()
+
+
 def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Module | None:
     """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
 
@@ -56,11 +65,7 @@ def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Mo
     """
     if spec is None or spec == "none":
         return None
-    kind, _, location = spec.partition(":")
-    if kind not in SPEC_KINDS or not location:
-        raise ValueError(f"denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, "
-                         f"unet:<folder>; got {spec!r}")
-    path = Path(location).expanduser()
+    kind, path = parse_spec(spec)
     if not path.exists():
         raise FileNotFoundError(f"denoiser {spec!r}: {path} does not exist")
     if kind == "ddpm":
@@ -75,5 +80,5 @@ def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Mo
 
 __all__ = [
     "DDPM_PRESETS", "DiffusionDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser",
-    "load_guided_diffusion", "resize_noise_factor", "timestep_for_sigma", "train_ddpm", "train_unet_denoiser",
+    "load_guided_diffusion", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm", "train_unet_denoiser",
 ]

@@ -399,7 +399,8 @@ def load_guided_diffusion_unet(path: str | Path, **flags: Any) -> UNet2DModel:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch state dict: {err}") from err
+        raise ValueError(f"{path} is not a readable PyTorch state dict of tensors ({type(err).__name__}); expected "
+                         f"OpenAI's guided-diffusion UNet checkpoint, e.g. 256x256_diffusion_uncond.pt") from err
     if not _looks_like_guided_diffusion(state_dict):
         raise ValueError(
             f"{path} does not look like a guided-diffusion UNet state dict "

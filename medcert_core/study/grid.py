@@ -20,12 +20,14 @@ only when it succeeded, so the book never holds a half-run chapter.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,29 +35,48 @@ from typing import Any, NoReturn
 import yaml
 from tqdm import tqdm
 
+from medcert_core.checks import check_parameter
+from medcert_core.data import DATASET_NAMES
+from medcert_core.denoisers import parse_spec
 from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.models import ARCHITECTURES
 from medcert_core.study.profiles import PROFILES
-from medcert_core.study.store import parameter_hash
+from medcert_core.study.store import parameter_hash, source_digest
 
 GRID_KEYS = {"parameters", "runs"}
 ENTRY_KEYS = {"notebook", "output", "parameters", "sweep"}
 STATE = "grid_state.json"
 
 
+# Grid parameters that change where or how fast a chapter runs, not its numbers' definition. The
+# device does change the noise (CPU and CUDA generators differ), so each run records it in its
+# metadata; a chapter run on another device is not re-executed for that alone.
+NOT_HASHED = ("device",)
+
+
 @dataclass(frozen=True)
 class GridEntry:
-    """One notebook execution: template name, output name, parameters."""
+    """One notebook execution: template name, output name, parameters, the template's digest."""
 
     notebook: str
     output: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    template_digest: str = ""
 
     @property
     def hash(self) -> str:
-        """Of the notebook, its parameters and its profile's training settings (a changed profile re-runs)."""
+        """Of the template's bytes, medcert_core's source, the parameters (not the device) and the
+        profile's training settings: a changed template, package or profile re-runs the chapter."""
         profile = self.parameters.get("profile")
         training = dataclasses.asdict(PROFILES[profile]) if profile in PROFILES else None
-        return parameter_hash({"notebook": self.notebook, "parameters": self.parameters, "training": training})
+        parameters = {key: value for key, value in self.parameters.items() if key not in NOT_HASHED}
+        return parameter_hash({"notebook": self.notebook, "template": self.template_digest,
+                               "source": source_digest(), "parameters": parameters, "training": training})
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _fail(path: str | Path, message: str) -> NoReturn:
@@ -66,13 +87,89 @@ def _sweep_suffix(values: Mapping[str, Any]) -> str:
     return "-".join(f"{key}={value}" for key, value in values.items()).replace("/", "_").replace(" ", "")
 
 
+def template_parameters(notebook: Path) -> dict[str, Any] | None:
+    """Names and default values of a template's cell tagged ``parameters``; None when it has none.
+
+    A default that is not a literal is None (any value accepted).
+    """
+    try:
+        cells = json.loads(notebook.read_text()).get("cells", [])
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{notebook} is not a readable notebook: {error}") from error
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            assignments = [node for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)]
+            return {target.id: _literal_or_none(node.value) for node in assignments
+                    for target in node.targets if isinstance(target, ast.Name)}
+    return None
+
+
+def _literal_or_none(node: ast.expr) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return None
+
+
+# Types a grid value may have besides its template default's: None for the whole test split,
+# [H, W] for a non-square size, a number of DDPM calls instead of "single".
+ALSO_ACCEPTED: dict[str, tuple[type, ...]] = {"test_images": (type(None),), "image_size": (list,),
+                                              "denoise_steps": (int,)}
+RANGED = {"sigmas": "sigma", "n0": "n0", "n": "n", "alpha": "alpha", "tau": "tau"}  # grid name -> checks name
+CHOICES: dict[str, Sequence[str]] = {"profile": sorted(PROFILES), "dataset": DATASET_NAMES,
+                                     "arch": ARCHITECTURES, "archs": ARCHITECTURES}
+DENOISER_SPECS = ("denoiser", "unet_denoiser")
+
+
+def accepted_types(key: str, default: Any) -> tuple[type, ...] | None:
+    """The types a grid value of parameter ``key`` may have, from its template default; None: any."""
+    if default is None:
+        return None
+    return ((int, float) if isinstance(default, float) else (type(default),)) + ALSO_ACCEPTED.get(key, ())
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if kind is type(None) else kind.__name__ for kind in types)
+
+
+def parameter_problem(key: str, value: Any, defaults: Mapping[str, Any]) -> str | None:
+    """Why ``value`` is not valid for template parameter ``key`` (name, type, range, choice); None if it is."""
+    if key not in defaults:
+        return f"unknown parameter {key!r}; valid: {sorted(defaults)}"
+    types = accepted_types(key, defaults[key])
+    if types is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+        return (f"parameter {key!r} must be {_type_names(types)} (its default is {defaults[key]!r}), "
+                f"got {type(value).__name__} {value!r}")
+    items = value if isinstance(value, list) else [value]
+    if key in RANGED:
+        try:
+            for item in items:
+                check_parameter(RANGED[key], item)
+        except ValueError as error:
+            return f"parameter {key!r}: {error}"
+    if key in CHOICES and any(item not in CHOICES[key] for item in items):
+        return f"parameter {key!r}: unknown value {value!r}; valid: {list(CHOICES[key])}"
+    if key in DENOISER_SPECS and value != "none":
+        try:
+            parse_spec(value)
+        except ValueError as error:
+            return f"parameter {key!r}: {error}"
+    return None
+
+
 def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks_dir: str | Path = "notebooks") -> list[GridEntry]:
-    """Validate a grid mapping and expand its sweeps; errors name ``source`` and the valid keys."""
+    """Validate a grid mapping and expand its sweeps; errors name ``source`` and the valid keys.
+
+    Parameters are checked against the template's ``parameters`` cell: known names, the type of
+    the default, and the valid ranges and choices (see :func:`parameter_problem`).
+    """
     if not isinstance(spec, Mapping):
         _fail(source, "a grid must be a mapping with 'runs:' (a list) and optional 'parameters:'")
     unknown = set(spec) - GRID_KEYS
     if unknown:
         _fail(source, f"unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
+    if not isinstance(spec.get("parameters") or {}, Mapping):
+        _fail(source, "'parameters:' must be a mapping of name: value")
     shared = dict(spec.get("parameters") or {})
     runs = spec.get("runs")
     if not isinstance(runs, list) or not runs:
@@ -87,14 +184,23 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
             _fail(source, f"entry {number} has unknown keys {sorted(unknown)}; valid: {sorted(ENTRY_KEYS)}")
         if entry["notebook"] not in available:
             _fail(source, f"entry {number}: no notebook {entry['notebook']!r} in {notebooks_dir}; valid: {available}")
+        if not all(isinstance(entry.get(key) or {}, Mapping) for key in ("parameters", "sweep")):
+            _fail(source, f"entry {number}: 'parameters:' and 'sweep:' must be mappings of name: value")
         sweep = dict(entry.get("sweep") or {})
         if any(not isinstance(values, list) or not values for values in sweep.values()):
             _fail(source, f"entry {number}: every 'sweep:' value must be a non-empty list")
+        template = Path(notebooks_dir) / f"{entry['notebook']}.ipynb"
+        defaults = template_parameters(template)
         for combination in itertools.product(*sweep.values()) if sweep else [()]:
             swept = dict(zip(sweep, combination))
             output = entry.get("output", entry["notebook"]) + (f"-{_sweep_suffix(swept)}" if swept else "")
-            parameters = {**shared, **(entry.get("parameters") or {}), **swept, "interactive": False}
-            entries.append(GridEntry(entry["notebook"], output, parameters))
+            parameters = {**shared, **(entry.get("parameters") or {}), **swept}
+            checked = [] if defaults is None else [parameter_problem(key, value, defaults) for key, value in parameters.items()]
+            problems = [problem for problem in checked if problem]
+            if problems:
+                _fail(source, f"entry {number} ({template}): {problems[0]}")
+            entries.append(GridEntry(entry["notebook"], output, {**parameters, "interactive": False},
+                                     file_digest(template)))
     outputs = [entry.output for entry in entries]
     duplicated = sorted({name for name in outputs if outputs.count(name) > 1})
     if duplicated:
@@ -144,6 +250,7 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
     output = book_dir / f"{entry.output}.ipynb"
     temporary = book_dir / f".{entry.output}.running.ipynb"
     book_dir.mkdir(parents=True, exist_ok=True)
+    temporary.unlink(missing_ok=True)  # a copy left by a killed or failed run is never taken for this one
     try:  # the kernel's progress bars stream to this terminal; they are dropped from the chapter
         papermill.execute_notebook(
             str(notebooks_dir / f"{entry.notebook}.ipynb"), str(temporary), parameters=entry.parameters,
@@ -159,7 +266,7 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
     notebook.metadata["medcert"] = {"notebook": entry.notebook, "parameters": entry.parameters,
                                     "parameters_hash": entry.hash}
     write_atomically(output, lambda path: nbformat.write(notebook, str(path)))
-    temporary.unlink()
+    temporary.unlink(missing_ok=True)
     state = _state(results_dir)
     state[entry.output] = entry.hash
     write_json_atomically(state, results_dir / STATE)

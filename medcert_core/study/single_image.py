@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcert_core.certify import ABSTAIN, Certificate
+from medcert_core.certify import ABSTAIN, Certificate, smallest_certifiable_n
+from medcert_core.checks import check_parameter
 from medcert_core.data.base import read_image, resize_image
+from medcert_core.data.chest import read_jsrt_img
 from medcert_core.denoisers import load_denoiser
 from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.smoothing import SmoothedSegmenter, resolve_device
@@ -25,12 +27,20 @@ from medcert_core.training import load_segmenter
 ABSTAIN_VALUE = 255
 
 
+def check_n_certifies(n: int, size: tuple[int, int], tau: float, alpha: float) -> None:
+    """ValueError when n draws cannot certify any pixel of a ``size`` image (Holm over all its pixels)."""
+    needed = smallest_certifiable_n(size[0] * size[1], tau, alpha, "holm")
+    if n < needed:
+        raise ValueError(f"n = {n} cannot certify any pixel of a {size[0]} x {size[1]} image at tau = {tau}, "
+                         f"alpha = {alpha} (Holm over {size[0] * size[1]} pixels); use n >= {needed}")
+
+
 def load_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """An image file as the segmenter's input: (channels, *size) float32 in [0, 1]."""
+    """An image file (PNG, JPEG, TIFF, ... or JSRT .IMG) as the segmenter's input: (channels, *size) float32 in [0, 1]."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
-    array = read_image(path)
+    array = read_jsrt_img(path) if path.suffix.lower() == ".img" else read_image(path)
     image = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     if image.shape[0] != channels:
         image = image.mean(0, keepdim=True).expand(channels, -1, -1).clone()
@@ -56,9 +66,15 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
                        output_dir: str | Path = ".", n0: int = 10, n: int = 100, alpha: float = 0.001,
                        tau: float = 0.75, steps: str | int = "single", seed: int = 0, batch_size: int = 32,
                        device: str = "auto") -> dict[str, Any]:
-    """Certify one image file; writes the label map, the overlay and a JSON summary; returns the summary."""
+    """Certify one image file; writes the label map, the overlay and a JSON summary; returns the summary.
+
+    Every check (parameters, files, an n too small to certify any pixel) runs before the first draw.
+    """
+    for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
+        check_parameter(name, value)
     device = resolve_device(device)
     model, config = load_segmenter(checkpoint, device=device)
+    check_n_certifies(n, config.image_size, tau, alpha)
     image = load_image_file(image_path, config.in_channels, config.image_size)
     smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(denoiser, sigma, steps=steps),
                                  batch_size=batch_size, device=device)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from medcert_core.checks import INTEGERS, check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
+from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import resolve_device
@@ -32,7 +33,7 @@ from medcert_core.study.profiles import PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotebookFailed)
 
 
 def _image_size(text: str) -> int | tuple[int, int]:

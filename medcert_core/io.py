@@ -20,6 +20,12 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(temporary_path)``, fsync it, then rename it to ``path``.
 
@@ -29,6 +35,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
     os.close(descriptor)
     temporary = Path(name)
     try:

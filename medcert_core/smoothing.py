@@ -16,6 +16,7 @@ certificate is identical at any batch size.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator
 
@@ -35,6 +36,29 @@ from medcert_core.certify import (
 )
 
 SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
+
+
+def image_seed(seed: int, *keys: object) -> int:
+    """A seed in [0, SEED_RANGE) from a run seed and keys (image id, stream, ...): independent streams
+    per image, so numbers do not depend on image order, batch size or sharding."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *keys))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_RANGE
+
+
+def draw_noise(shape: tuple[int, ...], count: int, generator: torch.Generator, device: torch.device,
+               stochastic_denoiser: bool = False,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Generator] | None]:
+    """``count`` independent N(0, I) draws of ``shape`` on ``device``: (count, *shape), one generator call per
+    draw; with ``stochastic_denoiser``, also one generator per draw (seeded from ``generator`` right after
+    that draw's noise) for the denoiser's own noise. The sequence of calls is the same at any batch size."""
+    noise = torch.empty((count, *shape), device=generator.device, dtype=dtype)
+    generators = [] if stochastic_denoiser else None
+    for draw in noise:
+        torch.randn(shape, generator=generator, out=draw)
+        if generators is not None:
+            seed = int(torch.randint(SEED_RANGE, (1,), generator=generator, device=generator.device))
+            generators.append(torch.Generator(device=device).manual_seed(seed))
+    return noise.to(device), generators
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -122,18 +146,11 @@ class SmoothedSegmenter:
         self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = ""
     ) -> Iterator[torch.Tensor]:
         """Yield class ids (b, H, W) of the base model on ``num`` independent noisy copies of x."""
-        gen_device = generator.device
         with torch.inference_mode():
             for start in tqdm(range(0, num, self.batch_size), desc=desc, disable=not progress, leave=False):
                 size = min(self.batch_size, num - start)
-                noise = torch.empty((size, *x.shape), device=gen_device, dtype=x.dtype)
-                generators = [] if self.stochastic_denoiser else None
-                for draw in noise:  # one generator call per draw: independent of the batch size
-                    torch.randn(x.shape, generator=generator, out=draw)
-                    if generators is not None:
-                        seed = int(torch.randint(SEED_RANGE, (1,), generator=generator, device=gen_device))
-                        generators.append(torch.Generator(device=self.device).manual_seed(seed))
-                noise = noise.to(self.device)
+                noise, generators = draw_noise(tuple(x.shape), size, generator, self.device, self.stochastic_denoiser,
+                                               x.dtype)
                 yield self.base_classes(x.unsqueeze(0) + self.sigma * noise, generators)
 
     def class_histogram(

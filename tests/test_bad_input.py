@@ -452,6 +452,36 @@ def test_bad_steps(capsys):
     assert "argument --steps: steps must be \"single\" or a positive integer, got 'many'" in err
 
 
+def test_a_failing_grid_notebook(tmp_path, monkeypatch, capsys):
+    """A chapter that raises (here: its data root is missing) ends the grid with the kernel's error,
+    the parameters and the partial copy (which holds the traceback), and no traceback of ours."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from medcert_core.study import workflow
+
+    notebooks, book = tmp_path / "notebooks", tmp_path / "book"
+    notebooks.mkdir()
+    (notebooks / "jsrt.ipynb").write_text((Path(__file__).resolve().parents[1] / "notebooks" / "jsrt.ipynb").read_text())
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("parameters: {data_root: /nowhere/jsrt, profile: jsrt}\nruns:\n  - notebook: jsrt\n")
+
+    def kernel_raises(source, target, **kwargs):
+        Path(target).write_text("{}")
+        raise PapermillExecutionError(3, 1, "test = load_dataset(...)", "FileNotFoundError",
+                                      "jsrt: folder not found: /nowhere/jsrt", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", kernel_raises)
+    monkeypatch.setattr(workflow, "project_root", lambda: tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", str(grid)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "medcert: error: notebook jsrt failed with FileNotFoundError: jsrt: folder not found: /nowhere/jsrt" in err
+    assert f"the partly executed copy, with the traceback, is {book / '.jsrt.running.ipynb'}" in err
+    assert not (book / "jsrt.ipynb").exists(), "a failed chapter never lands in the book"
+
+
 def test_traceback_on_request(tmp_path, monkeypatch, image):
     monkeypatch.setenv("MEDCERT_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="no segmenter checkpoint"):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES
 from medcert_core.denoisers import parse_spec
+from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.models import ARCHITECTURES
 from medcert_core.study.profiles import PROFILES
@@ -257,8 +258,9 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
             cwd=str(cwd), kernel_name="python3", progress_bar=progress, language="python", stderr_file=sys.stderr,
         )
     except Exception as error:
-        raise RuntimeError(f"notebook {entry.notebook} failed with {entry.parameters}; "
-                           f"the partly executed copy is {temporary}") from error
+        reason = f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}"
+        raise NotebookFailed(f"notebook {entry.notebook} failed with {reason}\n  parameters: {entry.parameters}\n"
+                             f"  the partly executed copy, with the traceback, is {temporary}") from error
     notebook = without_stderr(nbformat.read(temporary, as_version=4))
     notebook.metadata["papermill"].update(  # paths as the project sees them, not as this machine does
         input_path=os.path.relpath(notebooks_dir / f"{entry.notebook}.ipynb", cwd),

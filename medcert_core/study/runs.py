@@ -9,7 +9,6 @@ sigma = 0 means no certificate: the plain prediction on the clean image (the pap
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from medcert_core.certify import certified_radius
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.smoothing import SmoothedSegmenter, resolve_device
+from medcert_core.smoothing import SmoothedSegmenter, image_seed, resolve_device
 from medcert_core.study import assets, store
 from medcert_core.training import TrainConfig, predict_batch
 
@@ -105,13 +104,6 @@ def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
         "train_noise": run.method.train_noise, "arch": run.arch, "dataset": run.data.dataset,
         "image_size": run.data.image_size, "seed": run.data.seed,
     }
-
-
-def image_seed(seed: int, image_id: object) -> int:
-    """The seed of one image's noise, from (run seed, image id): a run's numbers do not depend on the
-    order of its images or on how they are split over processes."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,

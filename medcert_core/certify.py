@@ -168,16 +168,30 @@ def _validate_parameters(n: int, tau: float, alpha: float, sigma: float, correct
     check_correction(correction)
 
 
+def _all_below(values: Array, limit: int) -> bool:
+    """Whether every id is in 0..limit - 1, in one pass on numpy (negatives read as unsigned are huge)."""
+    if isinstance(values, torch.Tensor):
+        return bool(((values >= 0) & (values < limit)).all())
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind == "i":
+        if limit > 2 ** (8 * values.dtype.itemsize - 1):  # a negative could read as an unsigned id < limit
+            return int(values.min()) >= 0 and int(values.max()) < limit
+        values = values.view(values.dtype.str.replace("i", "u"))
+    return int(values.max()) < limit
+
+
 def check_class_ids(values: Array, num_classes: int | None, name: str = "class ids") -> None:
     """Reject negative ids, and ids >= num_classes when it is given, before anything is counted."""
-    if values.numel() if isinstance(values, torch.Tensor) else values.size:
-        smallest, largest = int(values.min()), int(values.max())
-        if smallest < 0:
-            raise ValueError(f"{name} must be >= 0, got {smallest}")
-        if num_classes is not None and largest >= num_classes:
-            raise ValueError(f"{name} must lie in 0..{num_classes - 1} (num_classes = {num_classes}), got {largest}")
-        if num_classes is None and largest >= MAX_INFERRED_CLASSES:
-            raise ValueError(f"{name} go up to {largest}; pass num_classes for ids >= {MAX_INFERRED_CLASSES}")
+    if not (values.numel() if isinstance(values, torch.Tensor) else values.size):
+        return
+    if _all_below(values, num_classes if num_classes is not None else MAX_INFERRED_CLASSES):
+        return
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < 0:
+        raise ValueError(f"{name} must be >= 0, got {smallest}")
+    if num_classes is not None:
+        raise ValueError(f"{name} must lie in 0..{num_classes - 1} (num_classes = {num_classes}), got {largest}")
+    raise ValueError(f"{name} go up to {largest}; pass num_classes for ids >= {MAX_INFERRED_CLASSES}")
 
 
 def _is_integer_dtype(values: Array) -> bool:

@@ -280,6 +280,11 @@ def test_class_ids_are_checked_before_counting(to_array, monkeypatch):
     samples[7, 2, 3] = 10**9  # no histogram of a billion classes
     with pytest.raises(ValueError, match="pass num_classes"):
         certify(to_array(samples), 1, sigma=0.25)
+    for dtype in (np.int8, np.int16, np.int32):  # negatives in every signed width
+        small = np.zeros((11, 4, 4), dtype=dtype)
+        small[5, 1, 1] = -1
+        with pytest.raises(ValueError, match=">= 0, got -1"):
+            certify(to_array(small), 1, sigma=0.25)
     with pytest.raises(ValueError, match="selected class ids must lie in 0..1"):
         certify_counts(np.full((2, 2), 2), np.zeros((2, 2), dtype=np.int64), 10, sigma=0.25, num_classes=2)
 

@@ -37,6 +37,21 @@ def test_certify_writes_a_label_map_an_overlay_and_a_summary(tmp_path, capsys):
     assert summary["input_space"] == "[0, 1]^(3x32x32)"
     assert json.loads((tmp_path / "out" / "chest_certificate.json").read_text()) == summary
 
+    # a multi-step DDPM draws its own noise: the seed decides it, the batch size does not
+    from medcert_core.data import load_dataset as load
+    from medcert_core.denoisers import train_ddpm
+
+    ddpm = train_ddpm(load("phantom", None, "train", image_size=32, num_images=8), tmp_path / "ddpm", steps=2,
+                      batch_size=2, image_size=32, max_sigma=0.5, progress=False, device="cpu")
+    maps = []
+    for seed, batch_size in ((3, 7), (3, 32)):
+        output = tmp_path / f"multi_{seed}_{batch_size}"
+        main(["certify", str(image_path), "--checkpoint", str(checkpoint), "--sigma", "0.25", "--n", "60",
+              "--denoiser", f"ddpm:{ddpm}", "--steps", "3", "--seed", str(seed), "--batch-size", str(batch_size),
+              "--output-dir", str(output)])
+        maps.append(np.array(Image.open(output / "chest_labels.png")))
+    assert np.array_equal(maps[0], maps[1]), "same seed, other batch size: the same certificate"
+
 
 def test_grid_names_a_bad_grid_file(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"

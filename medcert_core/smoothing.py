@@ -103,6 +103,7 @@ class SmoothedSegmenter:
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
         self._warned_train_mode = False
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._eval_modules(warn=False)
 
     def _eval_modules(self, warn: bool = True) -> None:
@@ -132,6 +133,7 @@ class SmoothedSegmenter:
         if self.denoiser is not None:
             batch = self.denoiser(batch, generators=generators) if self.stochastic_denoiser else self.denoiser(batch)
         logits = self.segmenter(batch)
+        self._all_finite &= torch.isfinite(logits).all()  # on the device: checked once per image, no sync here
         channels = logits.shape[1]
         if channels == 1 and self.num_classes == 2:
             return (logits[:, 0] > 0).long()
@@ -173,12 +175,21 @@ class SmoothedSegmenter:
             counts += (classes == selected).sum(0)
         return counts
 
+    def _check_finite(self) -> None:
+        """A NaN or inf logit would be counted as some class: refuse the certificate instead."""
+        if not bool(self._all_finite):
+            raise FloatingPointError(
+                "the base model f(D(x + delta)) produced NaN or infinite logits on some draws; a certificate "
+                "would count them as a class. Check the models (fp16 diffusion models are known to overflow)"
+            )
+
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Generator]:
         """Check x, put the modules in eval mode, let the denoiser check the input it will see."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
         self._eval_modules()
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         check_input = getattr(self.denoiser, "check_input", None)
         if check_input is not None:
             check_input(tuple(x.shape))  # fails here, before any draw, not mid-certification
@@ -212,6 +223,7 @@ class SmoothedSegmenter:
         x, generator = self._prepare(x, generator)
         selected = self.class_histogram(x, n0, generator, progress).argmax(0)
         counts = self.agreement_counts(x, selected, n, generator, progress)
+        self._check_finite()
         return certify_counts(
             selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0,
             num_classes=self.num_classes,
@@ -237,4 +249,5 @@ class SmoothedSegmenter:
         check_correction(correction)
         x, generator = self._prepare(x, generator)
         top = self.class_histogram(x, n, generator, progress, "prediction").topk(2, dim=0)
+        self._check_finite()
         return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)

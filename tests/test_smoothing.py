@@ -200,3 +200,18 @@ def test_tau_outside_its_range_fails_before_any_draw(tau):
     with pytest.raises(ValueError, match=r"0.5 <= tau < 1"):
         smoothed.certify(torch.zeros(1, 4, 4), 1, 10, tau=tau)
     assert recorder.inputs == []
+
+
+def test_non_finite_logits_are_an_error_never_a_class():
+    class SometimesNaN(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.stack([x[:, 0], -x[:, 0]], dim=1)
+            return torch.where(x[:, :1] > 1.0, torch.nan, logits)  # overflow on a few draws
+
+    smoothed = SmoothedSegmenter(SometimesNaN(), 2, sigma=0.5, device="cpu")
+    with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+        smoothed.certify(torch.full((1, 4, 4), 0.5), 5, 50, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+        smoothed.predict(torch.full((1, 4, 4), 0.5), 50, generator=torch.Generator().manual_seed(0))
+    fine = smoothed.certify(torch.full((1, 4, 4), -3.0), 5, 50, generator=torch.Generator().manual_seed(0))
+    assert fine.labels.shape == (4, 4), "the flag is reset for every image"

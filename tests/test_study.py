@@ -268,6 +268,16 @@ def test_an_entry_is_done_only_with_the_same_hash_in_book_and_store(tmp_path):
     assert not is_done(GridEntry("phantom", "phantom", {"n": 50}), book, results)
 
 
+def test_grid_data_roots_are_filled_in_relative_to_the_project(tmp_path):
+    from medcert_core.study.workflow import prepare_entries
+
+    root = Path(__file__).resolve().parents[1]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("parameters: {data_root: '{data_root}/jsrt', profile: jsrt}\nruns:\n  - notebook: jsrt\n")
+    (entry,) = prepare_entries(grid, data_root=str(root.parent / "shared" / "data"), root=root)
+    assert entry.parameters["data_root"] == "../shared/data/jsrt"
+
+
 def test_data_root_placeholders_need_a_data_root():
     assert fill_data_root("{data_root}/jsrt", "/data", "g.yaml") == "/data/jsrt"
     assert fill_data_root(["a", 1], None, "g.yaml") == ["a", 1]

@@ -5,6 +5,7 @@ aggregated, the website built. Paths are taken from the project root (see ``proj
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ def fill_data_root(value: Any, data_root: str | None, source: str | Path) -> Any
         return value
     if data_root is None:
         raise ValueError(f"{source} needs a data root: pass --data-root DIR (it fills {{data_root}} in {value!r})")
-    return value.replace("{data_root}", str(Path(data_root).expanduser().resolve()))
+    return value.replace("{data_root}", str(data_root))
+
+
+def project_relative(path: str | Path, root: Path) -> str:
+    """``path`` (absolute, or relative to the current folder) relative to the project root, where the
+    notebooks run: executed chapters then show no machine's absolute paths."""
+    return os.path.relpath(Path(path).expanduser().resolve(), root.resolve())
 
 
 def prepare_entries(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
                     root: Path | None = None) -> list[GridEntry]:
     root = root or project_root()
     entries = load_grid(grid_file, root / "notebooks")
+    if data_root is not None:
+        data_root = project_relative(data_root, root)
     prepared = []
     for entry in entries:
         parameters = {key: fill_data_root(value, data_root, grid_file) for key, value in entry.parameters.items()}

@@ -20,10 +20,13 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: setting the process-wide umask on every write would race other threads
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -35,7 +38,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
+    os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given
     os.close(descriptor)
     temporary = Path(name)
     try:

@@ -186,11 +186,17 @@ def _corrupt_png(root: Path):
     return truncate(root / "images" / "k0.png"), lambda: load_dataset("folder", root, "all", image_size=32)[0]
 
 
-def _corrupt_jpeg(root: Path):
+def rgb_pairs(images: Path, masks: Path, image_name: str, mask_name: str) -> Path:
+    """Three RGB images and their disc masks, named from "k{i}"; returns the first image."""
     for i in range(3):
-        save(root / ISIC_INPUT / f"k{i}.jpg", np.stack([gray(i)] * 3, axis=-1))
-        save(root / ISIC_TRUTH / f"k{i}_segmentation.png", disc())
-    return truncate(root / ISIC_INPUT / "k0.jpg"), lambda: load_dataset("isic2018", root, "all", image_size=32)[0]
+        save(images / image_name.format(i=i), np.stack([gray(i)] * 3, axis=-1))
+        save(masks / mask_name.format(i=i), disc())
+    return images / image_name.format(i=0)
+
+
+def _corrupt_jpeg(root: Path):
+    first = rgb_pairs(root / ISIC_INPUT, root / ISIC_TRUTH, "k{i}.jpg", "k{i}_segmentation.png")
+    return truncate(first), lambda: load_dataset("isic2018", root, "all", image_size=32)[0]
 
 
 def _corrupt_gif(root: Path):
@@ -199,10 +205,8 @@ def _corrupt_gif(root: Path):
 
 
 def _corrupt_tiff(root: Path):
-    for i in range(3):
-        save(root / CVC_IMAGES / f"k{i}.tif", np.stack([gray(i)] * 3, axis=-1))
-        save(root / CVC_MASKS / f"k{i}.tif", disc())
-    return truncate(root / CVC_IMAGES / "k0.tif"), lambda: load_dataset("cvc_clinicdb", root, "all", image_size=32)[0]
+    first = rgb_pairs(root / CVC_IMAGES, root / CVC_MASKS, "k{i}.tif", "k{i}.tif")
+    return truncate(first), lambda: load_dataset("cvc_clinicdb", root, "all", image_size=32)[0]
 
 
 def _corrupt_img(root: Path):

@@ -40,10 +40,7 @@ def test_fsync_runs_before_the_rename(tmp_path, monkeypatch):
     assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
 
 
-def test_written_files_get_the_permissions_open_would_give(tmp_path):
-    mask = os.umask(0o022)
-    try:
-        path = io.write_atomically(tmp_path / "x.txt", lambda path: path.write_text("x"))
-    finally:
-        os.umask(mask)
+def test_written_files_get_the_permissions_open_would_give(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "_UMASK", 0o022)  # the process umask, read once at import
+    path = io.write_atomically(tmp_path / "x.txt", lambda path: path.write_text("x"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o644

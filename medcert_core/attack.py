@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.certify import ABSTAIN
-from medcert_core.smoothing import SmoothedSegmenter, draw_noise, image_seed
+from medcert_core.smoothing import SmoothedSegmenter, denoise, draw_noise, image_seed, is_stochastic
 
 # the counts of ``compare_certificates`` that say what changed (the others count pixels of x)
 CHANGE_COUNTS = ("certified_flips", "certified_to_abstain", "noncertified_changed")
@@ -131,11 +131,8 @@ def smoothed_log_probabilities(
     x: (C, H, W), may require grad. One generator call per draw (as in ``SmoothedSegmenter``); a
     stochastic denoiser gets one generator per draw, seeded from ``generator`` after that draw.
     """
-    stochastic = bool(getattr(denoiser, "stochastic", False))
-    noise, generators = draw_noise(tuple(x.shape), draws, generator, x.device, stochastic, x.dtype)
-    batch = x.unsqueeze(0) + sigma * noise
-    if denoiser is not None:
-        batch = denoiser(batch, generators=generators) if stochastic else denoiser(batch)
+    noise, generators = draw_noise(tuple(x.shape), draws, generator, x.device, is_stochastic(denoiser), x.dtype)
+    batch = denoise(denoiser, x.unsqueeze(0) + sigma * noise, generators)
     log_probs = log_probabilities(segmenter(batch))  # (m, K, H, W)
     return torch.logsumexp(log_probs, dim=0) - np.log(draws)
 
@@ -172,12 +169,6 @@ def pgd_l2(
     return PGDResult(x_adv.detach(), losses)
 
 
-def _eval_modules(*modules: torch.nn.Module | None) -> None:
-    for module in modules:
-        if module is not None:
-            module.eval()
-
-
 def attack_smoothed(
     smoothed: SmoothedSegmenter,
     x: torch.Tensor,
@@ -193,7 +184,7 @@ def attack_smoothed(
     x: (C, H, W) in [0, 1]; labels: (H, W) certified class or ABSTAIN (all-abstain: x unchanged).
     Fresh noise at every step from ``generator``; the last loss is estimated with fresh noise too.
     """
-    _eval_modules(smoothed.segmenter, smoothed.denoiser)
+    smoothed.eval_modules()
     x = x.to(smoothed.device)
     labels = torch.as_tensor(labels, device=smoothed.device)
     mask = labels != ABSTAIN
@@ -229,7 +220,7 @@ def attack_base(
     Pixels already flipped drop out of the loss (the model is deterministic), so the attack keeps
     working on the ones it has not flipped yet.
     """
-    _eval_modules(segmenter)
+    segmenter.eval()
     clean = base_prediction(segmenter, x)
 
     def loss_fn(x_adv: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,20 @@ def draw_noise(shape: tuple[int, ...], count: int, generator: torch.Generator, d
     return noise.to(device), generators
 
 
+def is_stochastic(denoiser: torch.nn.Module | None) -> bool:
+    """Whether a denoiser draws noise of its own (multi-step DDPM): it then gets one generator per draw."""
+    return bool(getattr(denoiser, "stochastic", False))
+
+
+def denoise(denoiser: torch.nn.Module | None, batch: torch.Tensor,
+            generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """D(batch) for a (B, C, H, W) batch (the batch itself without a denoiser); a stochastic denoiser
+    gets its per-draw generators."""
+    if denoiser is None:
+        return batch
+    return denoiser(batch, generators=generators) if is_stochastic(denoiser) else denoiser(batch)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' or None -> CUDA when available, else CPU; anything else as given."""
     if device is None or str(device) == "auto":
@@ -104,9 +118,9 @@ class SmoothedSegmenter:
         self.batch_size = int(batch_size)
         self._warned_train_mode = False
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self._eval_modules(warn=False)
+        self.eval_modules(warn=False)
 
-    def _eval_modules(self, warn: bool = True) -> None:
+    def eval_modules(self, warn: bool = True) -> None:
         """Put the segmenter and denoiser in eval mode; warn (once) if a submodule was training."""
         modules = [self.segmenter] + ([self.denoiser] if self.denoiser is not None else [])
         training = [type(module).__name__ for root in modules for module in root.modules() if module.training]
@@ -123,16 +137,14 @@ class SmoothedSegmenter:
     @property
     def stochastic_denoiser(self) -> bool:
         """Whether the denoiser draws noise of its own (then it gets one generator per draw)."""
-        return bool(getattr(self.denoiser, "stochastic", False))
+        return is_stochastic(self.denoiser)
 
     def base_classes(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch.
 
         generators: one per draw, for a stochastic denoiser.
         """
-        if self.denoiser is not None:
-            batch = self.denoiser(batch, generators=generators) if self.stochastic_denoiser else self.denoiser(batch)
-        logits = self.segmenter(batch)
+        logits = self.segmenter(denoise(self.denoiser, batch, generators))
         self._all_finite &= torch.isfinite(logits).all()  # on the device: checked once per image, no sync here
         channels = logits.shape[1]
         if channels == 1 and self.num_classes == 2:
@@ -188,7 +200,7 @@ class SmoothedSegmenter:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
-        self._eval_modules()
+        self.eval_modules()
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         check_input = getattr(self.denoiser, "check_input", None)
         if check_input is not None:

@@ -143,6 +143,7 @@ class DiffusionDenoiser(torch.nn.Module):
         self.model_channels = int(unet.config.in_channels)
         self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
         timestep_for_sigma(self.alphas_cumprod, self.sigma)  # fail early when sigma is out of range
+        self._timestep_of_shape: dict[tuple[int, int, int], int] = {}
         if input_shape is not None:
             self.check_input(tuple(input_shape))
 
@@ -152,17 +153,23 @@ class DiffusionDenoiser(torch.nn.Module):
         return self.steps > 1 and self.sampler == "ddpm"
 
     def check_input(self, shape: tuple[int, ...]) -> int:
-        """t* for images of shape (C, H, W); a clear error when their noise is outside the schedule."""
+        """t* for images of shape (C, H, W); a clear error when their noise is outside the schedule.
+
+        Computed once per shape (every batch of a certification asks again)."""
         channels, height, width = shape[-3:]
+        if (channels, height, width) in self._timestep_of_shape:
+            return self._timestep_of_shape[(channels, height, width)]
         sigma = self.effective_sigma(channels, (height, width))
         try:
-            return timestep_for_sigma(self.alphas_cumprod, sigma)
+            start = timestep_for_sigma(self.alphas_cumprod, sigma)
         except ValueError as error:
             raise ValueError(
                 f"sigma = {self.sigma:g} on {channels} x {height} x {width} inputs reaches the "
                 f"{self.model_channels}-channel {self.image_size[0]} x {self.image_size[1]} diffusion model as "
                 f"noise of std {sigma:.4g}: {error}"
             ) from error
+        self._timestep_of_shape[(channels, height, width)] = start
+        return start
 
     def effective_sigma(self, channels: int, size: tuple[int, int]) -> float:
         """Noise std, in [0, 1] scale, of the batch the model sees for a (channels, *size) input."""

@@ -3,9 +3,18 @@
 ``SmoothedSegmenter`` draws independent Gaussian noise for every sample (one generator call per
 draw, so the draws do not depend on the batch size), passes each noisy copy through the optional
 denoiser and the segmenter under ``torch.inference_mode``, and accumulates on the device the class
-histogram of the n0 selection draws and the agreement counts of the n estimation draws. The full
-(n0 + n, H, W) sample tensor is never kept. Everything after the noise, ``segmenter(denoiser(.))``,
-is one deterministic function, so the certificate holds for any plugged-in models.
+histograms of the n0 selection draws and of the n estimation draws (the agreement count of a pixel
+is the estimation histogram at its selected class). The full (n0 + n, H, W) sample tensor is never
+kept, and nothing is read back to the host until an image's draws are all counted. Everything
+after the noise, ``segmenter(denoiser(.))``, is one deterministic function, so the certificate
+holds for any plugged-in models.
+
+How that function is computed is a choice of speed, never of soundness (see DESIGN.md): autocast
+``precision`` (fp32 | bf16 | fp16, lowering only the networks' matmul/conv-class operations),
+``channels_last``, ``torch.compile`` and the batch size ("auto": the largest that fits the free
+GPU memory; an out-of-memory error halves it and redoes that batch with the same noise). The
+noise, x + delta, the counts and the statistics stay in fp32 / int64 / fp64 outside autocast; a
+NaN or infinite logit is an error, never a class.
 
 Both modules are put in eval mode at every call: a BatchNorm in train mode would normalise each
 batch by its own statistics and make the draws of one batch depend on each other, which breaks
@@ -16,9 +25,13 @@ certificate is identical at any batch size.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
@@ -36,6 +49,10 @@ from medcert_core.certify import (
 )
 
 SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CPU_AUTO_BATCH = 32  # batch size "auto" on a CPU: memory is rarely the limit there
+AUTO_MEMORY_SHARE = 0.8  # batch size "auto" on a GPU plans for this share of the free memory
 
 
 def image_seed(seed: int, *keys: object) -> int:
@@ -82,12 +99,94 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def check_precision(precision: str) -> None:
+    """precision must name an autocast setting of the networks: fp32 (none), bf16 or fp16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def check_batch_size(batch_size: int | str) -> None:
+    """batch_size: an int >= 1 or "auto"."""
+    if batch_size == "auto":
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be an int >= 1 or "auto", got {batch_size!r}')
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """The ``torch.compile`` mode of a ``compile`` option (None: eager); True means "default"."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {list(COMPILE_MODES)}, got {compile!r}")
+    return str(compile)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the base model f(D(.)) is run, beyond its precision: the batch size ("auto" or an int),
+    channels_last and torch.compile. They change only the order of floating-point sums (never the
+    noise): recorded in a run's metadata, not in its hash. The precision changes the base model
+    itself and is part of a run's parameters."""
+
+    batch_size: int | str = 32
+    channels_last: bool = False
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        check_batch_size(self.batch_size)
+        compile_mode(self.compile)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of SmoothedSegmenter."""
+        return dataclasses.asdict(self)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast of the networks at ``precision`` on ``device`` (nothing for fp32)."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def replay(generators: list[torch.Generator] | None) -> list[torch.Generator] | None:
+    """Fresh copies of per-draw generators, at their seeds: a redone batch draws the same noise."""
+    if generators is None:
+        return None
+    return [torch.Generator(device=g.device).manual_seed(g.initial_seed()) for g in generators]
+
+
+def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Class ids (B, H, W) int64 from logits (B, K, H, W), or from one binary logit (B, 1, H, W);
+    with ``num_classes``, K must equal it (or be 1 for num_classes 2)."""
+    channels = logits.shape[1]
+    if channels == 1 and num_classes in (None, 2):
+        return (logits[:, 0] > 0).long()
+    if num_classes is not None and channels != num_classes:
+        raise ValueError(
+            f"the segmenter returns {channels} channels but num_classes = {num_classes}; "
+            "expected num_classes logits, or 1 logit for a binary segmenter with num_classes = 2"
+        )
+    return logits.argmax(1)
+
+
 class SmoothedSegmenter:
     """A segmenter smoothed with N(0, sigma^2 I) noise on its [0, 1]-scaled input.
 
     segmenter: module mapping (B, C, H, W) to logits (B, K, H, W) with K = num_classes, or to
         (B, 1, H, W) for a binary segmenter (class 1 where sigmoid(logit) > 0.5) with num_classes 2.
     denoiser: optional module mapping a noisy (B, C, H, W) batch to its clean estimate.
+    batch_size: noisy draws per forward pass, or "auto" (on a GPU the largest that fits the free
+        memory, on a CPU 32); on a GPU out-of-memory error the batch is halved and redone with the
+        same noise, so no draw is lost and a seeded certificate does not change.
+    precision: "fp32" | "bf16" | "fp16": autocast of the networks only (prefer bf16: fp16
+        diffusion models are known to overflow, which ends the certification with an error).
+    channels_last: run the networks (modules and inputs) in channels_last memory format.
+    compile: ``torch.compile`` f(D(.)) once, reused for every image (True or a mode such as
+        "max-autotune"); the last, smaller batch of an image is padded to the batch size, and the
+        padding's outputs discarded, so it never triggers a recompilation.
+    The modules are moved to ``device`` (and to channels_last) in place.
     """
 
     def __init__(
@@ -96,14 +195,19 @@ class SmoothedSegmenter:
         num_classes: int,
         sigma: float,
         denoiser: torch.nn.Module | None = None,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
         device: str | torch.device | None = "auto",
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool | str = False,
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (use 2 for a one-logit binary segmenter), got {num_classes}")
         check_sigma(sigma)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_batch_size(batch_size)
+        check_precision(precision)
+        mode = compile_mode(compile)
         denoiser_sigma = getattr(denoiser, "sigma", None)
         if denoiser_sigma is not None and abs(float(denoiser_sigma) - float(sigma)) > 1e-9:
             raise ValueError(
@@ -115,16 +219,29 @@ class SmoothedSegmenter:
         self.denoiser = denoiser.to(self.device) if denoiser is not None else None
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.compile = mode
+        if self.channels_last:
+            for module in self._modules():
+                module.to(memory_format=torch.channels_last)
+        self._forward: Callable[..., torch.Tensor] = (
+            self._logits if mode is None else torch.compile(self._logits, mode=mode)
+        )
+        self._working_batch: int | None = None if batch_size == "auto" else int(batch_size)
         self._warned_train_mode = False
+        self._warned_out_of_memory = False
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.eval_modules(warn=False)
 
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.segmenter] + ([self.denoiser] if self.denoiser is not None else [])
+
     def eval_modules(self, warn: bool = True) -> None:
         """Put the segmenter and denoiser in eval mode; warn (once) if a submodule was training."""
-        modules = [self.segmenter] + ([self.denoiser] if self.denoiser is not None else [])
-        training = [type(module).__name__ for root in modules for module in root.modules() if module.training]
-        for module in modules:
+        training = [type(module).__name__ for root in self._modules() for module in root.modules() if module.training]
+        for module in self._modules():
             module.eval()
         if training and warn and not self._warned_train_mode:
             self._warned_train_mode = True
@@ -139,60 +256,121 @@ class SmoothedSegmenter:
         """Whether the denoiser draws noise of its own (then it gets one generator per draw)."""
         return is_stochastic(self.denoiser)
 
+    def _logits(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """fp32 logits of f(D(batch)), the networks under autocast at ``precision`` (compiled when asked)."""
+        with autocast(self.device, self.precision):
+            logits = self.segmenter(denoise(self.denoiser, batch, generators))
+        return logits.float()
+
     def base_classes(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch.
 
         generators: one per draw, for a stochastic denoiser.
         """
-        logits = self.segmenter(denoise(self.denoiser, batch, generators))
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        logits = self._forward(batch, generators)
         self._all_finite &= torch.isfinite(logits).all()  # on the device: checked once per image, no sync here
-        channels = logits.shape[1]
-        if channels == 1 and self.num_classes == 2:
-            return (logits[:, 0] > 0).long()
-        if channels != self.num_classes:
-            raise ValueError(
-                f"the segmenter returns {channels} channels but num_classes = {self.num_classes}; "
-                "expected num_classes logits, or 1 logit for a binary segmenter with num_classes = 2"
-            )
-        return logits.argmax(1)
+        return classes_from_logits(logits, self.num_classes)
 
-    def noisy_class_batches(
-        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = ""
-    ) -> Iterator[torch.Tensor]:
-        """Yield class ids (b, H, W) of the base model on ``num`` independent noisy copies of x."""
+    def _padded_classes(self, noisy: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """base_classes of a batch; under compile a smaller batch is padded to the working batch size
+        (copies of its last draw, outputs discarded) so the compiled graph keeps one shape."""
+        size = noisy.shape[0]
+        padding = self._working_batch - size if self.compile is not None else 0
+        if padding > 0:
+            noisy = torch.cat([noisy, noisy[-1:].expand(padding, *noisy.shape[1:])])
+            if generators is not None:
+                generators = generators + replay(generators[-1:] * padding)
+        return self.base_classes(noisy, generators)[:size]
+
+    def _classes_of_draws(self, noisy: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """Class ids (B, H, W) of noisy draws (B, C, H, W), in batches of the working size; an
+        out-of-memory error halves it and redoes the failed batch with the same noise."""
+        done, chunks = 0, []
+        while done < noisy.shape[0]:
+            size = min(self._working_batch, noisy.shape[0] - done)
+            part = None if generators is None else replay(generators[done:done + size])
+            try:
+                chunks.append(self._padded_classes(noisy[done:done + size], part))
+            except torch.OutOfMemoryError:
+                if self._working_batch == 1:
+                    raise
+                self._halve_batch()
+                continue
+            done += size
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _halve_batch(self) -> None:
+        self._working_batch = max(1, self._working_batch // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self._warned_out_of_memory:
+            self._warned_out_of_memory = True
+            warnings.warn(f"out of memory: batch size lowered to {self._working_batch}; the failed batch was "
+                          "redone with the same noise", stacklevel=5)
+
+    def _auto_batch(self, x: torch.Tensor, total: int) -> int:
+        """Batch size "auto": on a GPU, the draws that fit AUTO_MEMORY_SHARE of the free memory, by the
+        peak memory of one probe draw (an overestimate per draw); on a CPU, CPU_AUTO_BATCH."""
+        if self.device.type != "cuda":
+            return min(CPU_AUTO_BATCH, total)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        generators = [torch.Generator(device=self.device).manual_seed(0)] if self.stochastic_denoiser else None
         with torch.inference_mode():
-            for start in tqdm(range(0, num, self.batch_size), desc=desc, disable=not progress, leave=False):
-                size = min(self.batch_size, num - start)
+            self._logits(x.unsqueeze(0), generators)  # eager: a compiled probe would compile for batch 1
+        per_draw = max(1, torch.cuda.max_memory_allocated(self.device) - before)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(total, int(AUTO_MEMORY_SHARE * free / per_draw)))
+
+    def _draw_batches(self, x: torch.Tensor, total: int, generator: torch.Generator, progress: bool = False,
+                      desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (index of its first draw, class ids (b, H, W)) for ``total`` independent noisy copies of x."""
+        if self._working_batch is None:
+            self._working_batch = self._auto_batch(x, total)
+        done = 0
+        with torch.inference_mode(), tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+            while done < total:
+                size = min(self._working_batch, total - done)
                 noise, generators = draw_noise(tuple(x.shape), size, generator, self.device, self.stochastic_denoiser,
                                                x.dtype)
-                yield self.base_classes(x.unsqueeze(0) + self.sigma * noise, generators)
+                yield done, self._classes_of_draws(x.unsqueeze(0) + self.sigma * noise, generators)
+                done += size
+                bar.update(size)
 
-    def class_histogram(
-        self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False, desc: str = "selection"
-    ) -> torch.Tensor:
-        """Per-pixel class counts (K, H, W) int64 over ``num`` noisy draws."""
+    def noisy_class_batches(self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False,
+                            desc: str = "") -> Iterator[torch.Tensor]:
+        """Yield class ids (b, H, W) of the base model on ``num`` independent noisy copies of x."""
+        for _, classes in self._draw_batches(x, num, generator, progress, desc):
+            yield classes
+
+    def class_histograms(self, x: torch.Tensor, draws: list[int], generator: torch.Generator, progress: bool = False,
+                         desc: str = "sampling") -> list[torch.Tensor]:
+        """Per-pixel class counts (K, H, W) int64 of consecutive streams of draws, e.g. [n0, n] ->
+        [selection histogram, estimation histogram]; one stream of batches across them."""
         height, width = x.shape[-2:]
-        histogram = torch.zeros((self.num_classes, height * width), dtype=torch.int64, device=self.device)
-        for classes in self.noisy_class_batches(x, num, generator, progress, desc):
+        histograms = [torch.zeros((self.num_classes, height * width), dtype=torch.int64, device=self.device)
+                      for _ in draws]
+        ends = torch.tensor(draws).cumsum(0).tolist()
+        starts = [end - count for end, count in zip(ends, draws)]
+        for first, classes in self._draw_batches(x, ends[-1], generator, progress, desc):
             flat = classes.reshape(classes.shape[0], -1)
-            histogram.scatter_add_(0, flat, torch.ones_like(flat))
-        return histogram.reshape(self.num_classes, height, width)
-
-    def agreement_counts(
-        self, x: torch.Tensor, selected: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False
-    ) -> torch.Tensor:
-        """How many of ``num`` noisy draws give the selected class, per pixel: (H, W) int64."""
-        counts = torch.zeros(selected.shape, dtype=torch.int64, device=self.device)
-        for classes in self.noisy_class_batches(x, num, generator, progress, "estimation"):
-            counts += (classes == selected).sum(0)
-        return counts
+            last = first + flat.shape[0]
+            for histogram, start, end in zip(histograms, starts, ends):
+                lo, hi = max(start, first) - first, min(end, last) - first
+                if lo < hi:
+                    histogram.scatter_add_(0, flat[lo:hi], torch.ones_like(flat[lo:hi]))
+        return [histogram.reshape(self.num_classes, height, width) for histogram in histograms]
 
     def _check_finite(self) -> None:
         """A NaN or inf logit would be counted as some class: refuse the certificate instead."""
         if not bool(self._all_finite):
             raise FloatingPointError(
                 "the base model f(D(x + delta)) produced NaN or infinite logits on some draws; a certificate "
-                "would count them as a class. Check the models (fp16 diffusion models are known to overflow)"
+                "would count them as a class. Check the models, or use precision 'bf16' or 'fp32' "
+                "(fp16 diffusion models are known to overflow)"
             )
 
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Generator]:
@@ -208,7 +386,8 @@ class SmoothedSegmenter:
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.seed()
-        return x.to(self.device), generator
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # noise and x + delta >= fp32
+        return x.to(self.device, dtype), generator
 
     def certify(
         self,
@@ -233,8 +412,9 @@ class SmoothedSegmenter:
         check_alpha(alpha)
         check_correction(correction)
         x, generator = self._prepare(x, generator)
-        selected = self.class_histogram(x, n0, generator, progress).argmax(0)
-        counts = self.agreement_counts(x, selected, n, generator, progress)
+        selection, estimation = self.class_histograms(x, [n0, n], generator, progress)
+        selected = selection.argmax(0)
+        counts = estimation.gather(0, selected.unsqueeze(0))[0]
         self._check_finite()
         return certify_counts(
             selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0,
@@ -260,6 +440,7 @@ class SmoothedSegmenter:
         check_alpha(alpha)
         check_correction(correction)
         x, generator = self._prepare(x, generator)
-        top = self.class_histogram(x, n, generator, progress, "prediction").topk(2, dim=0)
+        (histogram,) = self.class_histograms(x, [n], generator, progress, "prediction")
+        top = histogram.topk(2, dim=0)
         self._check_finite()
         return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)

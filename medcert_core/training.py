@@ -28,7 +28,7 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.io import save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import create_model
-from medcert_core.smoothing import resolve_device
+from medcert_core.smoothing import classes_from_logits, resolve_device
 
 PRESETS: dict[str, dict[str, Any]] = {
     # minutes on 2 CPU cores at 64 to 128 px: the embedded default
@@ -106,8 +106,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
 @torch.inference_mode()
 def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Plain (unsmoothed) class ids (B,H,W) of a (B,C,H,W) batch."""
-    logits = model(images)
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return classes_from_logits(model(images))
 
 
 def evaluate_segmenter(

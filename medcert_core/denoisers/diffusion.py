@@ -142,6 +142,7 @@ class DiffusionDenoiser(torch.nn.Module):
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.model_channels = int(unet.config.in_channels)
         self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+        self._abar = tuple(self.alphas_cumprod.tolist())  # host floats: no device read (sync) per step
         timestep_for_sigma(self.alphas_cumprod, self.sigma)  # fail early when sigma is out of range
         self._timestep_of_shape: dict[tuple[int, int, int], int] = {}
         if input_shape is not None:
@@ -198,7 +199,7 @@ class DiffusionDenoiser(torch.nn.Module):
         channels = x_t.shape[1]
         timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         output = self.unet(x_t, timestep).sample[:, :channels].to(x_t.dtype)
-        return x0_from_output(x_t, output, self.alphas_cumprod[t].item(), self.prediction_type)
+        return x0_from_output(x_t, output, self._abar[t], self.prediction_type)
 
     def _posterior_noise(self, like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) noise of ``like``'s shape: per sample from ``generators``, else from self.generator."""
@@ -213,7 +214,7 @@ class DiffusionDenoiser(torch.nn.Module):
     def step_back(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, s: int,
                   generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """x_s from x_t and the x0 estimate: DDPM posterior q(x_s | x_t, x0) sample, or DDIM."""
-        abar_t, abar_s = self.alphas_cumprod[t].item(), self.alphas_cumprod[s].item()
+        abar_t, abar_s = self._abar[t], self._abar[s]
         if self.sampler == "ddim":
             return ddim_step(x_t, x0, abar_t, abar_s)
         return ddpm_posterior_step(x_t, x0, abar_t, abar_s, self._posterior_noise(x_t, generators))
@@ -226,7 +227,7 @@ class DiffusionDenoiser(torch.nn.Module):
         batch, channels, height, width = noisy.shape
         start = self.check_input((channels, height, width))
         images = self._model_channels(resize(noisy.float(), self.image_size))
-        x_t = noisy_sample(images, self.alphas_cumprod[start].item())
+        x_t = noisy_sample(images, self._abar[start])
         steps = self.timesteps(start)
         for t, s in zip(steps, steps[1:] + [None]):
             x0 = self.predict_x0(x_t, t)

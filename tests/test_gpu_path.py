@@ -172,3 +172,18 @@ def test_compile_pads_the_last_batch_and_never_recompiles():
         compiled = run(compile=True)
     for reference, certificate in zip(eager, compiled):
         assert differing_pixels(certificate, reference) <= 0.01 * 256
+
+
+def test_the_converted_adm_runs_its_attention_on_fused_sdpa():
+    """Every attention block of the converted guided-diffusion layout uses diffusers' SDPA processor
+    (torch.nn.functional.scaled_dot_product_attention: flash / memory-efficient kernels on a GPU)."""
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from medcert_core.denoisers.guided_diffusion import unet_config_from_flags
+
+    config = unet_config_from_flags(image_size=64, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
+                                    num_head_channels=16)
+    processors = [module.processor for module in UNet2DModel(**config).modules() if isinstance(module, Attention)]
+    assert len(processors) >= 3, "the layout has attention blocks"
+    assert all(isinstance(processor, AttnProcessor2_0) for processor in processors)

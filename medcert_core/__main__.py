@@ -28,7 +28,7 @@ from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
-from medcert_core.smoothing import resolve_device
+from medcert_core.smoothing import COMPILE_MODES, PRECISIONS, resolve_device
 from medcert_core.study.profiles import PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
@@ -42,6 +42,15 @@ def _image_size(text: str) -> int | tuple[int, int]:
     if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive integers (e.g. 256 or 384x512), got {text!r}")
     return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def _batch_size(text: str) -> int | str:
+    """argparse type of --batch-size: an int >= 1 or "auto"."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'batch size must be an integer >= 1 or "auto", got {text!r}')
+    return int(text)
 
 
 def _parameter(name: str) -> Callable[[str], int | float]:
@@ -134,18 +143,34 @@ def command_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _override(text: str) -> tuple[str, object]:
+    """argparse type of --set: KEY=VALUE with VALUE parsed as YAML."""
+    from medcert_core.study.grid import parse_override
+
+    try:
+        return parse_override(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+SET_HELP = ('KEY=VALUE (repeatable; VALUE in YAML): set a notebook parameter in every grid entry whose template '
+            'has it, checked like the grid file, e.g. --set test_images=1 --set "sigmas=[0.5]" --set n=20 '
+            '--set "training={epochs: 1, preset: tiny}" --set "denoiser_flags=--num_channels 128 ..."')
+
+
 def command_study(args: argparse.Namespace) -> None:
     from medcert_core.study.workflow import run_study
 
     index = run_study(args.profile, data_root=args.data_root, device=args.device, grid_file=args.grid,
-                      force=args.force, build=not args.no_book)
+                      force=args.force, build=not args.no_book, overrides=dict(args.overrides))
     print(f"study {args.profile} done" + (f": open {index}" if index else ""))
 
 
 def command_grid(args: argparse.Namespace) -> None:
     from medcert_core.study.workflow import run_grid_file
 
-    outputs = run_grid_file(args.grid_file, data_root=args.data_root, device=args.device, force=args.force)
+    outputs = run_grid_file(args.grid_file, data_root=args.data_root, device=args.device, force=args.force,
+                            overrides=dict(args.overrides))
     print("executed notebooks:\n  " + "\n  ".join(str(path) for path in outputs))
 
 
@@ -161,6 +186,8 @@ def command_certify(args: argparse.Namespace) -> None:
     summary = certify_image_file(
         args.image, args.checkpoint, args.denoiser, args.sigma, output_dir=args.output_dir, n0=args.n0, n=args.n,
         alpha=args.alpha, tau=args.tau, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        denoiser_flags=args.denoiser_flags,
     )
     print(json.dumps(summary, indent=2))
 
@@ -193,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--grid", default=None, help="grid file (default: grids/<profile>.yaml)")
     study.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
     study.add_argument("--no-book", action="store_true", help="run the grid only, do not build the website")
+    study.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                       help=SET_HELP)
     study.set_defaults(run=command_study)
 
     grid = commands.add_parser("grid", help="execute one papermill grid (YAML) into book/")
@@ -200,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--data-root", default=None, help="fills {data_root} in the grid's parameters")
     grid.add_argument("--device", default=None, help="overrides the grid's device for every notebook")
     grid.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
+    grid.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                      help=SET_HELP)
     grid.set_defaults(run=command_grid)
 
     book = commands.add_parser("book", help="build the website from book/ (no notebook is executed)")
@@ -212,13 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder>")
     certify.add_argument("--sigma", type=_parameter("sigma"), required=True, help="noise level in the [0, 1] input scale")
+    certify.add_argument("--denoiser-flags", default="",
+                         help='MODEL_FLAGS of a guided-diffusion checkpoint, e.g. "--num_channels 128 --learn_sigma True" '
+                              "(default: those of 256x256_diffusion_uncond.pt)")
     certify.add_argument("--steps", type=_steps, default="single", help='DDPM calls: "single" or an int')
     certify.add_argument("--n0", type=_parameter("n0"), default=10, help="selection draws (>= 1)")
     certify.add_argument("--n", type=_parameter("n"), default=100, help="estimation draws (>= 1)")
     certify.add_argument("--alpha", type=_parameter("alpha"), default=0.001, help="error level, 0 < alpha < 1")
     certify.add_argument("--tau", type=_parameter("tau"), default=0.75, help="0.5 <= tau < 1")
     certify.add_argument("--seed", type=int, default=0)
-    certify.add_argument("--batch-size", type=int, default=32)
+    certify.add_argument("--batch-size", type=_batch_size, default=32,
+                         help='noisy draws per forward pass, or "auto" (GPU: the largest that fits; halved on out-of-memory)')
+    certify.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                         help="autocast of the networks only; the noise and statistics stay fp32/fp64 (GPU: bf16)")
+    certify.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    certify.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, *COMPILE_MODES],
+                         help="torch.compile the base model once (optionally a mode, e.g. max-autotune)")
     certify.add_argument("--device", default="auto")
     certify.add_argument("--output-dir", default=".", help="where the PNGs and the JSON go")
     certify.set_defaults(run=command_certify)

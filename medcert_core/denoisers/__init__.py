@@ -6,10 +6,16 @@ to its clean estimate.
 ``scheduler/``), ``guided-diffusion:<file.pt>`` (OpenAI's checkpoint, e.g. the paper's
 256x256_diffusion_uncond.pt) and ``unet:<folder>`` (the baseline written by
 ``train_unet_denoiser``).
+
+A guided-diffusion checkpoint other than 256x256_diffusion_uncond.pt needs its flags, given as its
+users write them: ``load_denoiser("guided-diffusion:model.pt", 0.5, flags="--num_channels 128
+--num_res_blocks 2 --attention_resolutions 16,8 --learn_sigma True ...")`` (see
+:func:`medcert_core.denoisers.guided_diffusion.parse_model_flags`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +63,35 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     return kind, Path(location).expanduser()
 
 
-def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Module | None:
+def model_flags(flags: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """guided-diffusion flags as a dict: a MODEL_FLAGS string is parsed (``parse_model_flags``), a
+    mapping copied, None and "" are the 256x256_diffusion_uncond defaults (``{}``)."""
+    from medcert_core.denoisers.guided_diffusion import parse_model_flags
+
+    if flags is None:
+        return {}
+    return parse_model_flags(flags) if isinstance(flags, str) else dict(flags)
+
+
+def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, Any] | None = None,
+                  **options: Any) -> torch.nn.Module | None:
     """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
 
-    options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``) or, for
-    guided-diffusion, also its flags; ``none`` and the UNet baseline ignore them.
+    options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``); ``none``
+    and the UNet baseline ignore them. ``flags``: a guided-diffusion checkpoint's flags, as a
+    MODEL_FLAGS string (``"--num_channels 128 --learn_sigma True ..."``) or a dict of them; other
+    kinds ignore them (a chapter passes one set of flags to all of its denoisers).
     """
     if spec is None or spec == "none":
         return None
     kind, path = parse_spec(spec)
+    parsed_flags = model_flags(flags) if kind == "guided-diffusion" else {}  # bad flags fail before any file is read
     if not path.exists():
         raise FileNotFoundError(f"denoiser {spec!r}: {path} does not exist")
     if kind == "ddpm":
         return load_ddpm(path, sigma, **options)
     if kind == "guided-diffusion":
-        return load_guided_diffusion(path, sigma, **options)
+        return load_guided_diffusion(path, sigma, **options, **parsed_flags)
     denoiser = UNetDenoiser.load(path)
     if abs(denoiser.sigma - sigma) > 1e-9:
         raise ValueError(f"the UNet denoiser in {path} was trained for sigma = {denoiser.sigma}, not {sigma}")
@@ -80,5 +100,6 @@ def load_denoiser(spec: str | None, sigma: float, **options: Any) -> torch.nn.Mo
 
 __all__ = [
     "DDPM_PRESETS", "DiffusionDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser",
-    "load_guided_diffusion", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm", "train_unet_denoiser",
+    "load_guided_diffusion", "model_flags", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm",
+    "train_unet_denoiser",
 ]

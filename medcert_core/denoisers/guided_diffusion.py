@@ -33,7 +33,9 @@ guided-diffusion scales q and k each by ``head_dim ** -0.25``; diffusers scales 
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +49,7 @@ __all__ = [
     "channel_multipliers",
     "convert_checkpoint",
     "load_guided_diffusion_unet",
+    "parse_model_flags",
     "split_qkv",
     "unet_config_from_flags",
 ]
@@ -72,6 +75,86 @@ GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
 }
 """Flags of ``256x256_diffusion_uncond.pt``, the only accepted flag names. ``use_fp16`` and
 ``use_checkpoint`` do not change the weights; the converted model is always float32."""
+
+GUIDED_DIFFUSION_SCHEDULE_FLAGS: dict[str, Any] = {
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+"""guided-diffusion's diffusion flags (``diffusion_defaults()`` less ``learn_sigma``), which users write
+in the same MODEL_FLAGS string. medcert runs every checkpoint on the linear 1000-step schedule with
+eps prediction, so these three must keep their defaults; the others only concern training or
+guided-diffusion's own sampler and are accepted and dropped."""
+
+_SCHEDULE_REQUIRED = ("diffusion_steps", "noise_schedule", "predict_xstart")
+
+
+def _str2bool(text: str) -> bool:
+    """guided-diffusion's ``str2bool``: yes/true/t/y/1 and no/false/f/n/0, any case."""
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (True or False), got {text!r}")
+
+
+def _flag_parser() -> argparse.ArgumentParser:
+    """An argparse parser built as guided-diffusion's ``add_dict_to_argparser`` builds its own."""
+    parser = argparse.ArgumentParser(prog="guided-diffusion flags", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    for name, default in {**GUIDED_DIFFUSION_DEFAULTS, **GUIDED_DIFFUSION_SCHEDULE_FLAGS}.items():
+        kind = _str2bool if isinstance(default, bool) else str if default is None else type(default)
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, type=kind)
+    return parser
+
+
+def parse_model_flags(text: str) -> dict[str, Any]:
+    """guided-diffusion flags as its users write them -> keyword arguments of :func:`load_guided_diffusion_unet`.
+
+    ``text`` is a MODEL_FLAGS string such as ``"--attention_resolutions 32,16,8 --image_size 256
+    --learn_sigma True --num_channels 256 --num_head_channels 64 --num_res_blocks 2
+    --resblock_updown True --use_scale_shift_norm True"``, parsed the way guided-diffusion's
+    argparse parses it: each flag takes the type of its default (booleans ``True``/``False``,
+    also yes/no/1/0; ints; comma lists such as ``32,16,8`` stay strings); ``--name=value`` works
+    too; abbreviated names do not. Returns only the model flags given (the others keep the
+    256x256_diffusion_uncond defaults); "" gives ``{}``. Diffusion flags from the same string
+    (``--diffusion_steps 1000 --noise_schedule linear``, ...) are checked against the schedule
+    medcert uses and dropped (see :data:`GUIDED_DIFFUSION_SCHEDULE_FLAGS`).
+
+    Raises ValueError naming the flag for an unknown name (listing the valid ones), a bad value, a
+    flag without a value or a stray word, and for a schedule medcert does not run.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"guided-diffusion flags must be a string like '--num_channels 256 --learn_sigma True', "
+                         f"got {type(text).__name__} {text!r}")
+    valid = sorted({**GUIDED_DIFFUSION_DEFAULTS, **GUIDED_DIFFUSION_SCHEDULE_FLAGS})
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"guided-diffusion flags {text!r}: {error}") from error
+    try:
+        parsed, extra = _flag_parser().parse_known_args(words)
+    except argparse.ArgumentError as error:
+        raise ValueError(f"guided-diffusion flags {text!r}: {error}") from error
+    unknown = [word.split("=", 1)[0] for word in extra if word.startswith("-")]
+    if unknown:
+        raise ValueError(f"unknown guided-diffusion flag(s) {unknown} in {text!r}; valid flags: "
+                         + ", ".join(f"--{name}" for name in valid))
+    if extra:
+        raise ValueError(f"guided-diffusion flags {text!r}: {extra[0]!r} is not a flag (write --name value, "
+                         f"e.g. --num_channels 256)")
+    given = vars(parsed)
+    for name in _SCHEDULE_REQUIRED:
+        if name in given and given[name] != GUIDED_DIFFUSION_SCHEDULE_FLAGS[name]:
+            raise ValueError(f"guided-diffusion flag --{name} {given[name]} is not supported: medcert runs "
+                             f"guided-diffusion checkpoints on the linear 1000-step schedule with eps prediction "
+                             f"(--diffusion_steps 1000 --noise_schedule linear --predict_xstart False)")
+    return {name: value for name, value in given.items() if name in GUIDED_DIFFUSION_DEFAULTS}
+
 
 _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),

@@ -7,19 +7,23 @@ changed setting trains a new one instead of silently reusing an old one.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from medcert_core.data import load_dataset
 from medcert_core.data.base import as_size
-from medcert_core.denoisers import load_denoiser, train_ddpm, train_unet_denoiser
+from medcert_core.denoisers import DDPM_PRESETS, load_denoiser, train_ddpm, train_unet_denoiser
 from medcert_core.smoothing import resolve_device
-from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
+from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
 
 AUTO = "auto"  # denoiser location meaning "train it in the project", e.g. "ddpm:auto"
+UNET_DENOISER_BATCH = 16  # train_unet_denoiser's batch size
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,14 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """How models are trained when the cache lacks them (see ``medcert_core.training.PRESETS``)."""
+    """How models are trained when the cache lacks them (see ``medcert_core.training.PRESETS``).
+
+    Segmenters: ``preset`` (widths and defaults: "tiny" | "paper") and ``epochs`` (None: the
+    preset's); the in-project DDPM: ``ddpm_preset``, ``ddpm_steps`` (None: the preset's) and the
+    largest sigma it is trained for; the UNet denoisers: ``unet_denoiser_steps`` and
+    ``unet_denoiser_batch_size``. A profile fixes them (``profiles.PROFILES``); a chapter's
+    ``training`` parameter overrides some (:meth:`with_overrides`).
+    """
 
     preset: str = "tiny"
     epochs: int | None = None
@@ -50,6 +61,51 @@ class TrainingSpec:
     ddpm_steps: int | None = None
     ddpm_max_sigma: float = 1.0
     unet_denoiser_steps: int = 300
+    unet_denoiser_batch_size: int = UNET_DENOISER_BATCH
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
+        """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
+        ``training`` parameter, ``--set "training={epochs: 1}"``); None or {} changes nothing.
+
+        Raises ValueError naming a field that does not exist (listing the valid ones) or a value
+        of the wrong type or range (see :func:`training_override_problem`).
+        """
+        if overrides is None:
+            return self
+        problem = training_override_problem(overrides)
+        if problem:
+            raise ValueError(problem)
+        return dataclasses.replace(self, **overrides)
+
+
+def _training_field_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for TrainingSpec field ``name``; None if it is."""
+    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS)}
+    if name in choices:
+        return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
+    if name == "ddpm_max_sigma":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return None if ok else f"must be a number > 0, got {value!r}"
+    optional = name in ("epochs", "ddpm_steps")  # None: the preset's own number
+    if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return f"must be an integer >= 1{' or null (the preset default)' if optional else ''}, got {value!r}"
+
+
+def training_override_problem(overrides: Any) -> str | None:
+    """Why ``overrides`` is not a valid mapping of TrainingSpec field -> value; None if it is."""
+    names = [f.name for f in dataclasses.fields(TrainingSpec)]
+    example = "e.g. {epochs: 1, preset: tiny, unet_denoiser_steps: 2}"
+    if not isinstance(overrides, Mapping):
+        return f"training overrides must be a mapping of TrainingSpec fields ({example}), got {overrides!r}"
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        return f"unknown training setting(s) {unknown}; valid: {names}"
+    for name, value in overrides.items():
+        problem = _training_field_problem(name, value)
+        if problem:
+            return f"training setting {name!r} {problem}"
+    return None
 
 
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:
@@ -86,8 +142,10 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
 
 
 def unet_denoiser_folder(cache: Path, data: DataSpec, training: TrainingSpec, sigma: float) -> Path:
+    batch = training.unet_denoiser_batch_size  # named only when not the default, so existing caches stay valid
+    batch_tag = "" if batch == UNET_DENOISER_BATCH else f"_b{batch}"
     return (Path(cache) / "denoisers"
-            / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}_seed{data.seed}")
+            / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}{batch_tag}_seed{data.seed}")
 
 
 def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec,
@@ -106,7 +164,8 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
                             max_sigma=training.ddpm_max_sigma, seed=data.seed, device=device)
     elif kind == "unet":
         folder = train_unet_denoiser(train_set, sigma, unet_denoiser_folder(cache, data, training, sigma),
-                                     steps=training.unet_denoiser_steps, seed=data.seed, device=device)
+                                     steps=training.unet_denoiser_steps,
+                                     batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device)
     else:
         raise ValueError(f"only ddpm:auto and unet:auto can be trained in the project, not {spec!r}")
     return f"{kind}:{folder}"
@@ -114,7 +173,12 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
 
 def denoiser(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec, *,
              steps: str | int = "single", generator: torch.Generator | None = None,
-             device: str | torch.device = "auto") -> torch.nn.Module | None:
-    """The denoiser of ``spec`` for ``sigma`` (None for "none"); diffusion ones use ``steps`` calls."""
+             device: str | torch.device = "auto", flags: str = "") -> torch.nn.Module | None:
+    """The denoiser of ``spec`` for ``sigma`` (None for "none"); diffusion ones use ``steps`` calls.
+
+    ``flags``: a guided-diffusion checkpoint's MODEL_FLAGS string (a chapter's ``denoiser_flags``;
+    "" for 256x256_diffusion_uncond.pt); other kinds of denoiser ignore it.
+    """
     resolved = resolve_denoiser_spec(spec, sigma, cache, data, training, device)
-    return load_denoiser(resolved, sigma, steps=steps, generator=generator)  # options only reach diffusion ones
+    return load_denoiser(resolved, sigma, steps=steps, generator=generator,  # options only reach diffusion ones
+                         flags=flags or None)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.smoothing import resolve_device
+from medcert_core.smoothing import Execution, check_precision, resolve_device
 from medcert_core.study import store
 from medcert_core.study.assets import DataSpec, TrainingSpec
 from medcert_core.study.profiles import training_spec
@@ -59,7 +59,12 @@ class Experiment:
     test_images: int | None = 3
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | str = 32
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool | str = False
+    denoiser_flags: str = ""
+    training_overrides: Mapping[str, Any] | None = None
     results_dir: str = "runs/results"
     cache_dir: str = "runs/cache"
     progress: bool = True
@@ -69,10 +74,14 @@ class Experiment:
         """Build from a notebook's parameters; names that are not settings (e.g. ``archs``) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {name: namespace[name] for name in names if name in namespace}
+        if isinstance(namespace.get("training"), Mapping):  # a chapter's ``training`` parameter: TrainingSpec overrides
+            known["training_overrides"] = dict(namespace["training"])
         return cls(**known)
 
     def __post_init__(self) -> None:
-        training_spec(self.profile)  # fail early on an unknown profile
+        self.training  # fail early on an unknown profile or training override
+        check_precision(self.precision)
+        self.execution  # and on a bad batch size or compile mode
         if self.data_root is not None:
             self.data_root = str(_under_project(self.data_root))
 
@@ -83,7 +92,13 @@ class Experiment:
 
     @property
     def training(self) -> TrainingSpec:
-        return training_spec(self.profile)
+        """The profile's TrainingSpec with ``training_overrides`` applied (e.g. {"epochs": 1})."""
+        return training_spec(self.profile).with_overrides(self.training_overrides)
+
+    @property
+    def execution(self) -> Execution:
+        """How the base model runs (batch size, channels_last, torch.compile); precision is a run parameter."""
+        return Execution(self.batch_size, bool(self.channels_last), self.compile)
 
     @property
     def results_path(self) -> Path:
@@ -97,7 +112,8 @@ class Experiment:
         return CertificationRun(
             data=self.data, training=self.training, arch=arch, method=method, sigma=float(sigma),
             n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), tau=float(self.tau),
-            test_images=int(self.test_images) if self.test_images else None,
+            test_images=int(self.test_images) if self.test_images else None, precision=self.precision,
+            denoiser_flags=self.denoiser_flags if method.denoiser.startswith("guided-diffusion:") else "",
         )
 
     def runs(self, archs: Sequence[str], methods: Sequence[Method]) -> list[CertificationRun]:
@@ -112,7 +128,7 @@ class Experiment:
     def run(self, archs: Sequence[str], methods: Sequence[Method]) -> pd.DataFrame:
         """Tidy results of all runs (computed once, then read from the store); also refreshes the aggregate."""
         frame = run_all(self.runs(archs, methods), results_dir=self.results_path, cache=self.cache_path,
-                        device=self.device, batch_size=int(self.batch_size), progress=self.progress)
+                        device=self.device, execution=self.execution, progress=self.progress)
         store.aggregate(self.results_path)
         return frame
 
@@ -140,11 +156,12 @@ class Experiment:
         shown = min(len(test_set), self.test_images or len(test_set))
         return pd.DataFrame({"setting": [
             "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
+            "precision",
         ], "value": [
             self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
             f"{shown} of {len(test_set)} (split seed {self.seed})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile,
-            str(resolve_device(self.device)),
+            str(resolve_device(self.device)), self.precision,
         ]}).set_index("setting")
 
 

@@ -12,6 +12,13 @@ A grid file (YAML)::
         output: jsrt_sigmas                # default: the notebook's name (+ the swept values)
         sweep: {alpha: [0.001, 0.01]}      # lists, expanded as a product: one notebook each
 
+Overrides (``medcert grid GRID --set n=20 --set "sigmas=[0.5]"``, values parsed as YAML) replace a
+parameter in every entry whose template has it, after ``parameters:``, the entries' own values and
+their sweeps, and are checked like the file's own values. ``training`` (a mapping of
+``TrainingSpec`` fields, e.g. ``{epochs: 1, preset: tiny}``) changes how a chapter's models are
+trained and ``denoiser_flags`` (guided-diffusion's MODEL_FLAGS string) describes its checkpoint;
+both are checked here, before any notebook runs.
+
 Every executed notebook gets ``interactive = False`` and its parameter hash in its metadata. An
 entry is skipped when its output exists with the same hash and the results store recorded that
 hash as complete (``grid_state.json``); it is executed into a temporary file and moved into place
@@ -41,6 +48,8 @@ from medcert_core.denoisers import parse_spec
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.models import ARCHITECTURES
+from medcert_core.smoothing import PRECISIONS, check_batch_size, compile_mode
+from medcert_core.study.assets import training_override_problem
 from medcert_core.study.profiles import PROFILES
 from medcert_core.study.store import parameter_hash, source_digest
 
@@ -67,9 +76,15 @@ class GridEntry:
     @property
     def hash(self) -> str:
         """Of the template's bytes, medcert_core's source, the parameters (not the device) and the
-        profile's training settings: a changed template, package or profile re-runs the chapter."""
+        training settings (the profile's, with the entry's ``training`` overrides): a changed template,
+        package, profile or override re-runs the chapter."""
         profile = self.parameters.get("profile")
-        training = dataclasses.asdict(PROFILES[profile]) if profile in PROFILES else None
+        training = None
+        if profile in PROFILES:
+            overrides = self.parameters.get("training")
+            spec = PROFILES[profile]
+            training = dataclasses.asdict(spec if training_override_problem(overrides or {}) else
+                                          spec.with_overrides(overrides))
         parameters = {key: value for key, value in self.parameters.items() if key not in NOT_HASHED}
         return parameter_hash({"notebook": self.notebook, "template": self.template_digest,
                                "source": source_digest(), "parameters": parameters, "training": training})
@@ -115,11 +130,23 @@ def _literal_or_none(node: ast.expr) -> Any:
 # Types a grid value may have besides its template default's: None for the whole test split,
 # [H, W] for a non-square size, a number of DDPM calls instead of "single".
 ALSO_ACCEPTED: dict[str, tuple[type, ...]] = {"test_images": (type(None),), "image_size": (list,),
-                                              "denoise_steps": (int,)}
+                                              "denoise_steps": (int,), "batch_size": (str,), "compile": (str,),
+                                              "training": (type(None), dict)}  # TrainingSpec overrides
 RANGED = {"sigmas": "sigma", "n0": "n0", "n": "n", "alpha": "alpha", "tau": "tau"}  # grid name -> checks name
 CHOICES: dict[str, Sequence[str]] = {"profile": sorted(PROFILES), "dataset": DATASET_NAMES,
-                                     "arch": ARCHITECTURES, "archs": ARCHITECTURES}
+                                     "arch": ARCHITECTURES, "archs": ARCHITECTURES, "precision": list(PRECISIONS)}
 DENOISER_SPECS = ("denoiser", "unet_denoiser")
+
+
+def _flags_problem(text: Any) -> str | None:
+    """Why ``text`` is not a valid guided-diffusion MODEL_FLAGS string; None if it is."""
+    from medcert_core.denoisers.guided_diffusion import parse_model_flags, unet_config_from_flags
+
+    try:
+        unet_config_from_flags(**parse_model_flags(text))
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return str(error)
+    return None
 
 
 def accepted_types(key: str, default: Any) -> tuple[type, ...] | None:
@@ -155,15 +182,48 @@ def parameter_problem(key: str, value: Any, defaults: Mapping[str, Any]) -> str 
             parse_spec(value)
         except ValueError as error:
             return f"parameter {key!r}: {error}"
+    if key == "training" and value is not None:
+        problem = training_override_problem(value)
+        if problem:
+            return f"parameter 'training': {problem}"
+    execution_checks = {"batch_size": check_batch_size, "compile": compile_mode}
+    if key in execution_checks:
+        try:
+            execution_checks[key](value)
+        except ValueError as error:
+            return f"parameter {key!r}: {error}"
+    if key == "denoiser_flags":
+        problem = _flags_problem(value)
+        if problem:
+            return f"parameter 'denoiser_flags': {problem}"
     return None
 
 
-def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks_dir: str | Path = "notebooks") -> list[GridEntry]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (a ``--set`` argument) -> (key, value), VALUE parsed as YAML: ``n=20`` -> ("n", 20),
+    ``sigmas=[0.5]`` -> ("sigmas", [0.5]), ``test_images=null`` -> ("test_images", None),
+    ``training={epochs: 1}`` -> ("training", {"epochs": 1}). ValueError for any other form."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not key.isidentifier():
+        raise ValueError(f"an override must be KEY=VALUE with VALUE in YAML (e.g. n=20, \"sigmas=[0.5]\", "
+                         f"\"training={{epochs: 1}}\"), got {text!r}")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as error:
+        raise ValueError(f"the value of override {text!r} is not valid YAML: {' '.join(str(error).split())}") from error
+
+
+def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks_dir: str | Path = "notebooks",
+               overrides: Mapping[str, Any] | None = None) -> list[GridEntry]:
     """Validate a grid mapping and expand its sweeps; errors name ``source`` and the valid keys.
 
     Parameters are checked against the template's ``parameters`` cell: known names, the type of
     the default, and the valid ranges and choices (see :func:`parameter_problem`).
+    ``overrides`` (``--set``) replace a parameter in every entry whose template has it (a swept
+    parameter is then not swept); one that no template has is an error listing the valid names.
     """
+    overrides = dict(overrides or {})
     if not isinstance(spec, Mapping):
         _fail(source, "a grid must be a mapping with 'runs:' (a list) and optional 'parameters:'")
     unknown = set(spec) - GRID_KEYS
@@ -177,6 +237,8 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
         _fail(source, "'runs:' must be a non-empty list of entries like {notebook: phantom}")
     available = sorted(path.stem for path in Path(notebooks_dir).glob("*.ipynb"))
     entries = []
+    known: set[str] = set()  # the parameter names of the grid's templates, for overrides
+    overridden: set[str] = set()
     for number, entry in enumerate(runs, start=1):
         if not isinstance(entry, Mapping) or "notebook" not in entry:
             _fail(source, f"entry {number} must be a mapping with 'notebook:' (one of {available})")
@@ -192,6 +254,10 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
             _fail(source, f"entry {number}: every 'sweep:' value must be a non-empty list")
         template = Path(notebooks_dir) / f"{entry['notebook']}.ipynb"
         defaults = template_parameters(template)
+        applied = {key: value for key, value in overrides.items() if defaults is None or key in defaults}
+        known.update(defaults or overrides)
+        overridden.update(applied)
+        sweep = {key: values for key, values in sweep.items() if key not in applied}
         for combination in itertools.product(*sweep.values()) if sweep else [()]:
             swept = dict(zip(sweep, combination))
             output = entry.get("output", entry["notebook"]) + (f"-{_sweep_suffix(swept)}" if swept else "")
@@ -200,8 +266,17 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
             problems = [problem for problem in checked if problem]
             if problems:
                 _fail(source, f"entry {number} ({template}): {problems[0]}")
+            checked = [] if defaults is None else [parameter_problem(key, value, defaults) for key, value in applied.items()]
+            problems = [problem for problem in checked if problem]
+            if problems:
+                _fail(source, f"--set, entry {number} ({template}): {problems[0]}")
+            parameters.update(applied)
             entries.append(GridEntry(entry["notebook"], output, {**parameters, "interactive": False},
                                      file_digest(template)))
+    unused = sorted(set(overrides) - overridden)
+    if unused:
+        _fail(source, f"--set {unused[0]}: no notebook of this grid has a parameter {unused[0]!r}; "
+                      f"valid: {sorted(known)}")
     outputs = [entry.output for entry in entries]
     duplicated = sorted({name for name in outputs if outputs.count(name) > 1})
     if duplicated:
@@ -209,7 +284,9 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
     return entries
 
 
-def load_grid(path: str | Path, notebooks_dir: str | Path = "notebooks") -> list[GridEntry]:
+def load_grid(path: str | Path, notebooks_dir: str | Path = "notebooks",
+              overrides: Mapping[str, Any] | None = None) -> list[GridEntry]:
+    """The entries of grid file ``path`` (see :func:`parse_grid`, which also applies ``overrides``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no grid file at {path}")
@@ -217,7 +294,7 @@ def load_grid(path: str | Path, notebooks_dir: str | Path = "notebooks") -> list
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from error
-    return parse_grid(spec, path, notebooks_dir)
+    return parse_grid(spec, path, notebooks_dir, overrides)
 
 
 def _state(results_dir: Path) -> dict[str, str]:

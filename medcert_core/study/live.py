@@ -24,7 +24,7 @@ def certify_one(experiment: Experiment, arch: str, methods: Sequence[Method], in
     device = resolve_device(experiment.device)
     for method in methods:
         run = experiment.certification_run(arch, method, sigma)
-        smoothed, _ = smoothed_segmenter(run, experiment.cache_path, device, int(experiment.batch_size))
+        smoothed, _ = smoothed_segmenter(run, experiment.cache_path, device, experiment.execution)
         generator = torch.Generator(device=device).manual_seed(experiment.seed)
         certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
         panel[method.label] = certificate.labels.cpu().numpy()[None]

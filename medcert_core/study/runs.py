@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from medcert_core.certify import certified_radius
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.smoothing import SmoothedSegmenter, image_seed, resolve_device
+from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
 from medcert_core.study import assets, store
 from medcert_core.training import TrainConfig, predict_batch
 
@@ -70,9 +70,11 @@ def plain(train_noise: float = 0.0) -> Method:
 class CertificationRun:
     """Everything that defines one run's numbers, hashed with medcert_core's source digest.
 
-    Not hashed: the data root (where the data lies), the batch size (the draws are batch-size
-    invariant, multi-step denoising included) and the device. The device does change the noise,
-    since CPU and CUDA generators differ: it is recorded in the run's metadata, with a note.
+    Not hashed: the data root (where the data lies), how the base model is executed (batch size,
+    channels_last, torch.compile: the draws are batch-size invariant, multi-step denoising
+    included) and the device. The device does change the noise, since CPU and CUDA generators
+    differ: it is recorded in the run's metadata, with a note, as is the execution. The precision
+    changes the base model f(D(.)) itself: it is hashed.
     """
 
     data: assets.DataSpec
@@ -85,6 +87,11 @@ class CertificationRun:
     alpha: float = 0.001
     tau: float = 0.75
     test_images: int | None = None
+    precision: str = "fp32"
+    denoiser_flags: str = ""
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     def parameters(self) -> dict[str, Any]:
         parameters = dataclasses.asdict(self)
@@ -102,28 +109,29 @@ def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
         "n": run.n if run.sigma else 0, "alpha": run.alpha, "tau": run.tau, "method": run.method.name,
         "method_label": run.method.label, "denoiser": run.method.denoiser, "steps": str(run.method.steps),
         "train_noise": run.method.train_noise, "arch": run.arch, "dataset": run.data.dataset,
-        "image_size": run.data.image_size, "seed": run.data.seed,
+        "image_size": run.data.image_size, "seed": run.data.seed, "precision": run.precision,
     }
 
 
 def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,
-                       batch_size: int) -> tuple[SmoothedSegmenter, TrainConfig]:
+                       execution: Execution = Execution()) -> tuple[SmoothedSegmenter, TrainConfig]:
     """The run's f(D(.)) smoothed at its sigma (> 0), with the segmenter's config."""
     model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     denoiser = assets.denoiser(run.method.denoiser, run.sigma, cache, run.data, run.training,
-                               steps=run.method.steps, device=device)  # multi-step noise: per draw, from the smoother
-    smoothed = SmoothedSegmenter(model, config.num_classes, run.sigma, denoiser=denoiser, batch_size=batch_size,
-                                 device=device)
+                               steps=run.method.steps, device=device,  # multi-step noise: per draw, from the smoother
+                               flags=run.denoiser_flags)
+    smoothed = SmoothedSegmenter(model, config.num_classes, run.sigma, denoiser=denoiser, device=device,
+                                 precision=run.precision, **execution.options())
     return smoothed, config
 
 
-def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto", batch_size: int = 32,
-            progress: bool = True) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto",
+            execution: Execution = Execution(), progress: bool = True) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Certify the run's test images; returns (tidy rows, label maps of the first MAP_IMAGES)."""
     device = resolve_device(device)
     smoothed = None
     if run.sigma > 0:
-        smoothed, config = smoothed_segmenter(run, cache, device, batch_size)
+        smoothed, config = smoothed_segmenter(run, cache, device, execution)
     else:
         model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     test_set = run.data.load("test")
@@ -155,17 +163,17 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
 
 
 def run_certification(run: CertificationRun, *, results_dir: str | Path, cache: str | Path,
-                      device: str | torch.device = "auto", batch_size: int = 32,
+                      device: str | torch.device = "auto", execution: Execution = Execution(),
                       progress: bool = True) -> pd.DataFrame:
     """The run's tidy rows: read from the store when complete, else computed and stored."""
     if store.is_complete(results_dir, run.hash):
         return store.load_rows(results_dir, run.hash)
     start = time.perf_counter()
-    rows, maps = compute(run, Path(cache), device=device, batch_size=batch_size, progress=progress)
+    rows, maps = compute(run, Path(cache), device=device, execution=execution, progress=progress)
     if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
         return store.load_rows(results_dir, run.hash)
     store.save_run(results_dir, run.hash, rows, maps, run.parameters(), device=str(resolve_device(device)),
-                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), batch_size=batch_size,
+                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), execution=execution.options(),
                    seconds=time.perf_counter() - start, data_root=run.data.data_root)
     return rows
 

@@ -64,8 +64,9 @@ def _save_png(array: np.ndarray, path: Path) -> Path:
 
 def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser: str, sigma: float, *,
                        output_dir: str | Path = ".", n0: int = 10, n: int = 100, alpha: float = 0.001,
-                       tau: float = 0.75, steps: str | int = "single", seed: int = 0, batch_size: int = 32,
-                       device: str = "auto") -> dict[str, Any]:
+                       tau: float = 0.75, steps: str | int = "single", seed: int = 0, batch_size: int | str = 32,
+                       device: str = "auto", precision: str = "fp32", channels_last: bool = False,
+                       compile: bool | str = False, denoiser_flags: str = "") -> dict[str, Any]:
     """Certify one image file; writes the label map, the overlay and a JSON summary; returns the summary.
 
     Every check (parameters, files, an n too small to certify any pixel) runs before the first draw.
@@ -76,8 +77,9 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
     model, config = load_segmenter(checkpoint, device=device)
     check_n_certifies(n, config.image_size, tau, alpha)
     image = load_image_file(image_path, config.in_channels, config.image_size)
-    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(denoiser, sigma, steps=steps),
-                                 batch_size=batch_size, device=device)
+    denoising = load_denoiser(denoiser, sigma, steps=steps, flags=denoiser_flags)
+    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
+                                 device=device, precision=precision, channels_last=channels_last, compile=compile)
     certificate: Certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=True,
                                                 generator=torch.Generator(device=device).manual_seed(seed))
     labels = certificate.labels.cpu().numpy()
@@ -87,6 +89,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
     summary = {
         "image": str(image_path), "checkpoint": str(checkpoint), "denoiser": denoiser, "sigma": sigma,
         "radius": certificate.radius, "n0": n0, "n": n, "alpha": alpha, "tau": tau, "seed": seed,
+        "precision": precision, "device": str(device),
         "input_space": f"[0, 1]^({config.in_channels}x{config.image_size[0]}x{config.image_size[1]})",
         "abstain_fraction": float((labels == ABSTAIN).mean()),
         "certified_pixels": {name: int((labels == index).sum()) for index, name in enumerate(config.class_names)},

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.attack import PGDConfig, attack_image
-from medcert_core.smoothing import resolve_device
+from medcert_core.smoothing import Execution, resolve_device
 from medcert_core.study.runs import CertificationRun, smoothed_segmenter
 
 
@@ -36,7 +36,7 @@ def attack_run(
     Returns (one tidy row per image, the figure arrays of the first image).
     """
     device = resolve_device(device)
-    smoothed, _ = smoothed_segmenter(run, Path(cache), device, batch_size)
+    smoothed, _ = smoothed_segmenter(run, Path(cache), device, Execution(batch_size=batch_size))
     test_set = run.data.load("test")
     count = min(images, len(test_set))
     columns = {"dataset": run.data.dataset, "image_size": str(run.data.image_size), "arch": run.arch,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,11 @@ def project_relative(path: str | Path, root: Path) -> str:
 
 
 def prepare_entries(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
-                    root: Path | None = None) -> list[GridEntry]:
+                    root: Path | None = None, overrides: Mapping[str, Any] | None = None) -> list[GridEntry]:
+    """The grid file's entries, checked, with ``overrides`` (``--set``) applied, ``{data_root}`` filled
+    in (relative to the project root) and the device set."""
     root = root or project_root()
-    entries = load_grid(grid_file, root / "notebooks")
+    entries = load_grid(grid_file, root / "notebooks", overrides)
     if data_root is not None:
         data_root = project_relative(data_root, root)
     prepared = []
@@ -62,10 +65,14 @@ def results_dir_of(entries: list[GridEntry], root: Path) -> Path:
 
 
 def run_grid_file(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
-                  force: bool = False, book_dir: str | Path = "book") -> list[Path]:
-    """Execute a grid file's notebooks into ``book_dir`` (under the project root); returns their paths."""
+                  force: bool = False, book_dir: str | Path = "book",
+                  overrides: Mapping[str, Any] | None = None) -> list[Path]:
+    """Execute a grid file's notebooks into ``book_dir`` (under the project root); returns their paths.
+
+    ``overrides``: parameter -> value set in every entry whose template has it (``--set KEY=VALUE``).
+    """
     root = project_root()
-    entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root)
+    entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
     results_dir = results_dir_of(entries, root)
     outputs = run_grid(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
                        results_dir=results_dir, cwd=root, force=force)
@@ -74,13 +81,16 @@ def run_grid_file(grid_file: str | Path, *, data_root: str | None = None, device
 
 
 def run_study(profile: str, *, data_root: str | None = None, device: str = "auto", grid_file: str | Path | None = None,
-              force: bool = False, build: bool = True) -> Path | None:
-    """Run profile ``profile``'s grid and build the website; returns the site's index.html (or None)."""
+              force: bool = False, build: bool = True, overrides: Mapping[str, Any] | None = None) -> Path | None:
+    """Run profile ``profile``'s grid and build the website; returns the site's index.html (or None).
+
+    ``overrides`` (``--set``) shrink or change the grid's parameters, e.g. ``{"test_images": 1}``.
+    """
     training_spec(profile)
     root = project_root()
     grid_file = Path(grid_file) if grid_file else root / "grids" / f"{profile}.yaml"
     start = time.perf_counter()
-    run_grid_file(grid_file, data_root=data_root, device=device, force=force)
+    run_grid_file(grid_file, data_root=data_root, device=device, force=force, overrides=overrides)
     print(f"[medcert] grid {grid_file.name} done in {time.perf_counter() - start:.0f} s")
     if not build:
         return None

@@ -12,7 +12,7 @@ if [ ! -f "$STAMP" ]; then
   echo "[medcert] creating $VENV and installing requirements (first run: a few minutes)"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  "$VENV/bin/python" -m pip install --quiet --no-compile -r requirements.txt  # .pyc on first import instead
   "$VENV/bin/python" -m pip install --quiet --no-deps -e .
   rm -f "$VENV"/.installed-*
   touch "$STAMP"

@@ -114,6 +114,28 @@ def test_resize_noise_factor_matches_empirical_noise():
         empirical = resize(noise, target).std().item()
         assert resize_noise_factor((64, 64), target) == pytest.approx(empirical, rel=0.02)
     assert resize_noise_factor((64, 64), (64, 64)) == pytest.approx(1.0)
+    assert resize_noise_factor((64, 64), (32, 32)) == pytest.approx(0.5)  # a 2 x 2 box: std / 2 exactly
+
+
+def neighbour_correlation(noise: torch.Tensor) -> float:
+    """Mean correlation of horizontally adjacent values of (B, 1, H, W) zero-mean noise."""
+    left, right = noise[..., :-1].flatten(), noise[..., 1:].flatten()
+    return float(torch.corrcoef(torch.stack([left, right]))[0, 1])
+
+
+def test_integer_shrinking_keeps_the_noise_white_and_other_factors_correlate_it():
+    """512 -> 256 (the paper's JSRT through the 256 px model): a box average keeps i.i.d. noise
+    i.i.d. with std sigma / 2, what the DDPM was trained on; an antialiased bilinear filter
+    (the previous resize, still used for non-integer factors) correlates neighbours by about 0.3."""
+    noise = torch.randn(16, 1, 128, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    box = resize(noise, (64, 64))
+    assert abs(neighbour_correlation(box)) < 0.02
+    assert box.std().item() == pytest.approx(0.5, rel=0.02)
+    bilinear = torch.nn.functional.interpolate(noise, size=(64, 64), mode="bilinear", antialias=True)
+    assert neighbour_correlation(bilinear) > 0.25
+    non_integer = resize(noise, (48, 48))
+    assert neighbour_correlation(non_integer) > 0.1
+    assert resize_noise_factor((128, 128), (48, 48)) == pytest.approx(non_integer.std().item(), rel=0.02)
 
 
 def test_resizing_to_the_model_picks_t_star_for_the_resized_noise():

@@ -7,8 +7,10 @@ the forward process at t*. One step predicts x0 = (x_t - sqrt(1 - abar) eps) / s
 steps follow the DDPM posterior (or DDIM) from t* down to 0; (x0 + 1) / 2 maps back.
 
 Two operations change the noise level before the model sees it, and t* follows them:
-- resizing to the model's resolution (a linear filter with weights w per output pixel scales
-  the noise std by sqrt(sum w^2); the root mean square over output pixels is used);
+- resizing to the model's resolution: a box (area) average for integer shrink factors, which
+  keeps the noise white with std sigma / factor, as the DDPM saw it in training; otherwise an
+  antialiased bilinear filter (weights w per output pixel scale the noise std by sqrt(sum w^2),
+  root mean square over output pixels; neighbouring noise values are then correlated);
 - averaging 3 channels for a 1-channel model (std / sqrt(3)); a 1-channel image replicated for a
   3-channel model keeps its std.
 The result is resized back smoothly (bilinear) and to the input's channel count.
@@ -73,11 +75,23 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float)
     return math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
 
 
+def is_box_factor(source: tuple[int, int], target: tuple[int, int]) -> bool:
+    """Whether ``target`` divides ``source`` in both dimensions (a shrink, or the same size, by
+    integer factors): then the resize is a box (area) average, which keeps i.i.d. noise i.i.d."""
+    return all(length % new == 0 for length, new in zip(source, target))
+
+
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, H, W), antialiased when shrinking."""
-    if tuple(images.shape[-2:]) == tuple(size):
+    """Resize (B, C, H, W) to ``size``: box (area) averaging for integer shrink factors, which keeps
+    the smoothing noise white (i.i.d., std / factor), what the DDPM saw in training; otherwise
+    bilinear, antialiased when shrinking (an antialiasing filter leaves neighbouring noise values
+    correlated, about 0.3 for 2x)."""
+    source = tuple(images.shape[-2:])
+    if source == tuple(size):
         return images
-    shrinking = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    if is_box_factor(source, tuple(size)):
+        return F.avg_pool2d(images, kernel_size=(source[0] // size[0], source[1] // size[1]))
+    shrinking = size[0] < source[0] or size[1] < source[1]
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
@@ -85,12 +99,16 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resize_noise_factor(source: tuple[int, int], target: tuple[int, int]) -> float:
     """RMS over output pixels of sqrt(sum of squared filter weights) of ``resize(source -> target)``.
 
-    i.i.d. noise of std s becomes noise of (per-pixel) std s * sqrt(sum w^2) after the resize.
+    i.i.d. noise of std s becomes noise of (per-pixel) std s * sqrt(sum w^2) after the resize
+    (1 / factor for a box average by integer factors).
     """
+    if is_box_factor(source, target):
+        return 1.0 / math.sqrt((source[0] // target[0]) * (source[1] // target[1]))
     factors = []
     for length, new_length in zip(source, target):
         identity = torch.eye(length, dtype=torch.float64)[:, None, None, :]  # length unit impulses, (N, 1, 1, L)
-        rows = resize(identity, (1, new_length))[:, 0, 0, :]  # (L_in, L_out): column j = weights of output j
+        rows = F.interpolate(identity, size=(1, new_length), mode="bilinear", align_corners=False,
+                             antialias=new_length < length)[:, 0, 0, :]  # (L_in, L_out): column j = weights of output j
         factors.append((rows**2).sum(0).mean().item())
     return math.sqrt(factors[0] * factors[1])
 

@@ -227,6 +227,56 @@ def test_train_ddpm_resumes_bit_for_bit(small_phantoms, tmp_path, crash_on_secon
     assert a.image_size == (32, 32) and a.alphas_cumprod.shape == (1000,)
 
 
+def test_an_ema_ddpm_with_focused_timesteps_resumes_bit_for_bit_and_publishes_the_average(
+        small_phantoms, tmp_path, crash_on_second_save):
+    settings = dict(steps=4, batch_size=4, image_size=32, max_sigma=1.0, progress=False, device="cpu",
+                    checkpoint_every=1, ema_decay=0.9, focus_sigmas=(0.25, 0.5), focus_share=0.5)
+    straight = train_ddpm(small_phantoms, tmp_path / "straight", **settings)
+    arm, disarm = crash_on_second_save
+    arm(denoiser_training)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
+    disarm(denoiser_training)
+    resumed = train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
+    raw = train_ddpm(small_phantoms, tmp_path / "raw", **{**settings, "ema_decay": None})
+    a, b, c = (load_denoiser(f"ddpm:{folder}", 0.5).unet.state_dict() for folder in (straight, resumed, raw))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(not torch.equal(a[name], c[name]) for name in a), "the published weights are the moving average"
+
+
+def test_focused_training_timesteps_land_near_the_study_t_stars():
+    alphas = linear_scheduler().alphas_cumprod
+    focus = [timestep_for_sigma(alphas, sigma) for sigma in (0.25, 0.5)]
+    max_timestep = timestep_for_sigma(alphas, 1.0) + 1
+    steps = denoiser_training.training_timesteps(20_000, max_timestep, focus, 0.5, torch.Generator().manual_seed(0))
+    assert steps.min() >= 0 and steps.max() < max_timestep
+    near = torch.zeros_like(steps, dtype=torch.bool)
+    for t in focus:
+        near |= (steps - t).abs() <= round(0.1 * t)
+    uniform_share = sum(2 * round(0.1 * t) + 1 for t in focus) / max_timestep  # what uniform draws put there
+    assert near.float().mean().item() == pytest.approx(0.5 + 0.5 * uniform_share, abs=0.02)
+    plain = denoiser_training.training_timesteps(1000, max_timestep, focus, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(0, max_timestep, (1000,), generator=torch.Generator().manual_seed(3)))
+
+
+def test_unet_denoiser_resumes_bit_for_bit(small_phantoms, tmp_path, crash_on_second_save):
+    settings = dict(steps=4, batch_size=4, progress=False, device="cpu", checkpoint_every=1,
+                    model_kwargs={"encoder_name": "resnet18", "decoder_channels": (16, 8, 8, 8, 8)})
+    straight = train_unet_denoiser(small_phantoms, 0.5, tmp_path / "straight", **settings)
+    arm, disarm = crash_on_second_save
+    arm(denoiser_training)
+    with pytest.raises(KeyboardInterrupt):
+        train_unet_denoiser(small_phantoms, 0.5, tmp_path / "resumed", **settings)
+    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["step"] == 1
+    disarm(denoiser_training)
+    resumed = train_unet_denoiser(small_phantoms, 0.5, tmp_path / "resumed", **settings)
+    assert not (resumed / "training_state.pt").exists()
+    a, b = (UNetDenoiser.load(folder).network.state_dict() for folder in (straight, resumed))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.slow
 def test_tiny_ddpm_on_phantoms_denoises_five_times_better_than_the_noisy_input(tmp_path):
     train = load_dataset("phantom", None, "train", image_size=32)

@@ -349,7 +349,8 @@ def test_differences_from_paper_state_settings_and_numbers():
                                  data=SimpleNamespace(load=lambda split: test_split))
     text = paper.differences_from_paper(experiment, "ddpm:auto", frame[frame["method"] == "ours"], frame)
     assert "128 × 128 px instead of 512 × 512" in text
-    assert "400 steps" in text and "ADM" in text
+    assert "3000 steps, at 64 × 64 px, EMA weights (0.999), 50% of its timesteps near the study's t*" in text
+    assert "ADM" in text
     assert "first 10 of the 49 test images" in text
     # ResUNet++ at sigma 1 in Table 1: lung 0.90, heart 0.87, clavicle 0.28
     assert "lung -0.10, heart -0.37, clavicle -0.08" in text

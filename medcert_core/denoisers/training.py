@@ -4,7 +4,10 @@
 schedule of the paper's checkpoint (betas 1e-4 to 0.02) and saves it as a ``DDPMPipeline``
 (``model_index.json``, ``unet/``, ``scheduler/``), loadable offline with ``ddpm:<folder>``.
 Training timesteps can be limited to the largest t* the study needs (``max_sigma``): denoised
-smoothing never asks the model about noisier steps. Both trainers checkpoint and resume.
+smoothing never asks the model about noisier steps; a share of them (``focus_share``) can be drawn
+near the t* of the study's sigmas (``focus_sigmas``, in the model's noise scale), where
+certification queries the model. ``ema_decay`` keeps an exponential moving average of the weights
+(diffusers' ``EMAModel``), which is what gets published. Both trainers checkpoint and resume.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,6 +52,21 @@ def linear_scheduler() -> DDPMScheduler:
                          prediction_type="epsilon", clip_sample=True)
 
 
+def training_timesteps(count: int, max_timestep: int, focus_timesteps: Sequence[int], focus_share: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """(count,) int64 training timesteps: uniform in [0, max_timestep), except a ``focus_share`` of
+    them drawn near one of ``focus_timesteps`` (uniform within +-10 % of it, clipped to the range)."""
+    timesteps = torch.randint(0, max_timestep, (count,), generator=generator)
+    if not focus_timesteps or focus_share <= 0:
+        return timesteps
+    focused = torch.rand(count, generator=generator) < focus_share
+    centres = torch.as_tensor(focus_timesteps, dtype=torch.float64)[
+        torch.randint(0, len(focus_timesteps), (count,), generator=generator)]
+    jitter = (torch.rand(count, generator=generator, dtype=torch.float64) * 0.2 - 0.1) * centres
+    near = (centres + jitter).round().long().clamp(0, max_timestep - 1)
+    return torch.where(focused, near, timesteps)
+
+
 def _stacked_images(dataset: Dataset, size: tuple[int, int]) -> torch.Tensor:
     """All images of a (image, mask) dataset at ``size``: (N, C, H, W) in [0, 1]."""
     return torch.cat([resize(dataset[i][0][None], size) for i in range(len(dataset))])
@@ -67,10 +86,16 @@ def train_ddpm(
     device: str | torch.device = "auto",
     progress: bool = True,
     checkpoint_every: int = 50,
+    ema_decay: float | None = None,
+    focus_sigmas: Sequence[float] = (),
+    focus_share: float = 0.0,
 ) -> Path:
     """Train a DDPM on the images of ``dataset`` and save it in ``output_dir`` (DDPMPipeline layout).
 
     max_sigma: draw training timesteps only up to t*(max_sigma) (all 1000 when None).
+    focus_sigmas, focus_share: draw that share of the timesteps near the t* of these noise levels
+        (in the model's [0, 1] noise scale, after any resize to its resolution).
+    ema_decay: publish an exponential moving average of the weights with this decay (with warm-up).
     A finished folder is returned as is; an interrupted one resumes from ``training_state.pt``.
     """
     if preset not in DDPM_PRESETS:
@@ -89,6 +114,12 @@ def train_ddpm(
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=size, in_channels=images.shape[1], out_channels=images.shape[1], **settings["unet"]).to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr or settings["lr"])
+    ema = None
+    if ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
+    focus_timesteps = [timestep_for_sigma(scheduler.alphas_cumprod, sigma) for sigma in focus_sigmas]
     generator = torch.Generator().manual_seed(seed)
     start, losses = 0, []
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,24 +130,31 @@ def train_ddpm(
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start, losses = state["step"], state["losses"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     unet.train()
     bar = tqdm(range(start, total_steps), desc="train ddpm", disable=not progress)
     for step in bar:
         clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)] * 2 - 1
         noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, max_timestep, (batch_size,), generator=generator)
+        timesteps = training_timesteps(batch_size, max_timestep, focus_timesteps, focus_share, generator)
         abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
         noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
         loss = F.mse_loss(unet(noisy, timesteps.to(device)).sample, noise.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.step(unet.parameters())
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             save_torch_atomically({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), "step": step + 1, "losses": losses}, state_path)
+                                   "generator": generator.get_state(), "step": step + 1, "losses": losses,
+                                   "ema": ema.state_dict() if ema is not None else None}, state_path)
+    if ema is not None:
+        ema.copy_to(unet.parameters())  # publish the averaged weights
     pipeline = DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler)
     _publish_pipeline(pipeline, output_dir)
     state_path.unlink(missing_ok=True)
@@ -152,8 +190,12 @@ def train_unet_denoiser(
     device: str | torch.device = "auto",
     progress: bool = True,
     model_kwargs: dict[str, Any] | None = None,
+    checkpoint_every: int = 50,
 ) -> Path:
-    """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``."""
+    """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``.
+
+    An interrupted run resumes from ``output_dir/training_state.pt`` (weights, optimizer, learning
+    rate schedule and generator state), so the resumed model is the one an uninterrupted run gives."""
     output_dir = Path(output_dir)
     if (output_dir / "unet_denoiser.pt").is_file():
         return output_dir
@@ -167,8 +209,16 @@ def train_unet_denoiser(
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"train unet denoiser sigma={sigma}", disable=not progress)
-    for _ in bar:
+    state_path, start = output_dir / "training_state.pt", 0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        denoiser.network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    bar = tqdm(range(start, steps), desc=f"train unet denoiser sigma={sigma}", disable=not progress)
+    for step in bar:
         clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
         noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
         noisy = noisy.to(device)
@@ -178,5 +228,11 @@ def train_unet_denoiser(
         optimizer.step()
         scheduler.step()
         bar.set_postfix(mse=f"{loss.item():.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_torch_atomically({"network": denoiser.network.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                                   "step": step + 1}, state_path)
     denoiser.eval().cpu().save(output_dir, image_size=list(size), steps=steps, seed=seed)
+    state_path.unlink(missing_ok=True)
     return output_dir

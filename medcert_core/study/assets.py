@@ -18,7 +18,7 @@ import torch
 
 from medcert_core.data import load_dataset
 from medcert_core.data.base import as_size
-from medcert_core.denoisers import DDPM_PRESETS, load_denoiser, train_ddpm, train_unet_denoiser
+from medcert_core.denoisers import DDPM_PRESETS, load_denoiser, resize_noise_factor, train_ddpm, train_unet_denoiser
 from medcert_core.smoothing import resolve_device
 from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
 
@@ -50,7 +50,9 @@ class TrainingSpec:
 
     Segmenters: ``preset`` (widths and defaults: "tiny" | "paper") and ``epochs`` (None: the
     preset's); the in-project DDPM: ``ddpm_preset``, ``ddpm_steps`` (None: the preset's) and the
-    largest sigma it is trained for; the UNet denoisers: ``unet_denoiser_steps`` and
+    largest sigma it is trained for, the decay of its weights' moving average (None: none) and the
+    share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
+    (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps`` and
     ``unet_denoiser_batch_size``. A profile fixes them (``profiles.PROFILES``); a chapter's
     ``training`` parameter overrides some (:meth:`with_overrides`).
     """
@@ -62,6 +64,10 @@ class TrainingSpec:
     ddpm_max_sigma: float = 1.0
     unet_denoiser_steps: int = 300
     unet_denoiser_batch_size: int = UNET_DENOISER_BATCH
+    ddpm_ema_decay: float | None = None
+    ddpm_focus_sigmas: tuple[float, ...] = ()
+    ddpm_focus_share: float = 0.0
+    ddpm_image_size: int | None = None
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
         """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
@@ -83,10 +89,20 @@ def _training_field_problem(name: str, value: Any) -> str | None:
     choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS)}
     if name in choices:
         return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
+    if name == "ddpm_ema_decay":
+        ok = value is None or (isinstance(value, float) and 0 < value < 1)
+        return None if ok else f"must be null or a number in (0, 1), got {value!r}"
+    if name == "ddpm_focus_share":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+        return None if ok else f"must be a number in [0, 1], got {value!r}"
+    if name == "ddpm_focus_sigmas":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0 for item in value)
+        return None if ok else f"must be a list of numbers > 0, got {value!r}"
     if name == "ddpm_max_sigma":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return None if ok else f"must be a number > 0, got {value!r}"
-    optional = name in ("epochs", "ddpm_steps")  # None: the preset's own number
+    optional = name in ("epochs", "ddpm_steps", "ddpm_image_size")  # None: the preset's own number
     if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return None
     return f"must be an integer >= 1{' or null (the preset default)' if optional else ''}, got {value!r}"
@@ -137,8 +153,29 @@ def segmenter(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, no
 
 def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
     steps = training.ddpm_steps if training.ddpm_steps is not None else "default"
-    return (Path(cache) / "denoisers"
-            / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}_max{training.ddpm_max_sigma}_seed{data.seed}")
+    recipe = ""  # named only when not the default, so existing caches stay valid
+    if training.ddpm_ema_decay is not None:
+        recipe += f"_ema{training.ddpm_ema_decay:g}"
+    if training.ddpm_focus_share > 0 and training.ddpm_focus_sigmas:
+        recipe += f"_focus{training.ddpm_focus_share:g}-" + "-".join(f"{s:g}" for s in training.ddpm_focus_sigmas)
+    if training.ddpm_image_size is not None:
+        recipe += f"_at{training.ddpm_image_size}"
+    return (Path(cache) / "denoisers" / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}"
+            f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}")
+
+
+def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> int:
+    """The in-project DDPM's (square) resolution: the profile's, else the input's height up to 256."""
+    return training.ddpm_image_size or min(as_size(data.image_size)[0], 256)
+
+
+def ddpm_focus_sigmas(data: DataSpec, training: TrainingSpec) -> tuple[float, ...]:
+    """The study's focus sigmas in the DDPM's own noise scale: shrinking the input to the model's
+    resolution (a box average by integer factors) lowers the noise std the model sees."""
+    size = as_size(data.image_size)
+    model = ddpm_image_size(data, training)
+    factor = resize_noise_factor(tuple(size), (model, model))
+    return tuple(float(sigma) * factor for sigma in training.ddpm_focus_sigmas)
 
 
 def unet_denoiser_folder(cache: Path, data: DataSpec, training: TrainingSpec, sigma: float) -> Path:
@@ -160,8 +197,10 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
     train_set = data.load("train")
     if kind == "ddpm":
         folder = train_ddpm(train_set, ddpm_folder(cache, data, training), preset=training.ddpm_preset,
-                            steps=training.ddpm_steps, image_size=min(as_size(data.image_size)[0], 256),
-                            max_sigma=training.ddpm_max_sigma, seed=data.seed, device=device)
+                            steps=training.ddpm_steps, image_size=ddpm_image_size(data, training),
+                            max_sigma=training.ddpm_max_sigma, seed=data.seed, device=device,
+                            ema_decay=training.ddpm_ema_decay, focus_sigmas=ddpm_focus_sigmas(data, training),
+                            focus_share=training.ddpm_focus_share)
     elif kind == "unet":
         folder = train_unet_denoiser(train_set, sigma, unet_denoiser_folder(cache, data, training, sigma),
                                      steps=training.unet_denoiser_steps,

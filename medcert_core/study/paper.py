@@ -110,8 +110,15 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
                      "abstentions cost them more Dice.")
     if denoiser.startswith("ddpm:"):
         steps = training.ddpm_steps or "the preset's"
+        recipe = f"{training.ddpm_preset} preset, {steps} steps"
+        if training.ddpm_image_size:
+            recipe += f", at {training.ddpm_image_size} × {training.ddpm_image_size} px"
+        if training.ddpm_ema_decay:
+            recipe += f", EMA weights ({training.ddpm_ema_decay:g})"
+        if training.ddpm_focus_share and training.ddpm_focus_sigmas:
+            recipe += f", {training.ddpm_focus_share:.0%} of its timesteps near the study's t*"
         lines.append(f"**Denoiser.** A small DDPM trained in the project on the {experiment.dataset.upper()} training "
-                     f"split ({training.ddpm_preset} preset, {steps} steps) replaces OpenAI's 256 × 256 ADM "
+                     f"split ({recipe}) replaces OpenAI's 256 × 256 ADM "
                      "checkpoint, which saw far more images for far longer and is not available offline here.")
     if training.preset != "paper":
         lines.append(f"**Segmenters.** The `{training.preset}` preset ({training.epochs} epochs, narrow widths) "

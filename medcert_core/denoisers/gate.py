@@ -1,0 +1,23 @@
+"""The MMSE gate: a denoiser earns its place when its single-step estimate (the posterior mean,
+the minimum-MSE estimate) scores a PSNR at least that of its own sampled multi-step chain and of
+the UNet trained to denoise, at every sigma (DESIGN.md). ``scripts/denoiser_gate.py`` measures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Sequence[float], *,
+                       single: str, rivals: Sequence[str]) -> list[str]:
+    """The gate's failed comparisons, as sentences (empty: passed).
+
+    psnr_db: mean test PSNR in dB by (sigma, denoiser name); every (sigma, name) asked must be there.
+    """
+    failures = []
+    for sigma in sigmas:
+        mine = psnr_db[(sigma, single)]
+        for rival in rivals:
+            theirs = psnr_db[(sigma, rival)]
+            if mine < theirs:
+                failures.append(f"sigma {sigma:g}: {single} {mine:.2f} dB < {rival} {theirs:.2f} dB")
+    return failures

@@ -1,0 +1,99 @@
+"""The MMSE gate of a profile's in-project DDPM: does it earn its place as the denoiser?
+
+A well-trained single-step estimate is the posterior mean E[x | x + delta], the minimum-MSE
+estimate: a sampled multi-step chain cannot beat it in PSNR, and neither should a UNet trained
+to denoise one sigma. On the test split, at every sigma, the gate checks
+
+    PSNR(single-step) >= PSNR(multi-step)   and   PSNR(single-step) >= PSNR(UNet denoiser)
+
+for the very models the profile trains (``ddpm:auto`` and ``unet:auto`` from its TrainingSpec,
+trained here when the cache lacks them: resumable). Writes a JSON table and exits 1 when the gate
+fails:
+
+    python scripts/denoiser_gate.py --profile jsrt --data-root ../shared/data/jsrt --image-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from medcert_core.denoisers import load_denoiser
+from medcert_core.denoisers.gate import mmse_gate_failures
+from medcert_core.io import write_json_atomically
+from medcert_core.metrics import psnr
+from medcert_core.study.assets import DataSpec, ddpm_image_size, resolve_denoiser_spec
+from medcert_core.study.profiles import training_spec
+
+SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="jsrt")
+    parser.add_argument("--dataset", default="jsrt")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--multi-steps", type=int, default=10, help="model calls of the multi-step chain")
+    parser.add_argument("--training", type=yaml.safe_load, default=None,
+                        help='YAML overrides of the profile\'s training, e.g. "{ddpm_steps: 50}"')
+    parser.add_argument("--test-images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--output", type=Path, default=Path("results") / "jsrt_denoiser_gate.json")
+    args = parser.parse_args()
+
+    data = DataSpec(args.dataset, args.data_root, args.image_size)
+    training = training_spec(args.profile).with_overrides(args.training)
+    start = time.perf_counter()
+    ddpm = resolve_denoiser_spec("ddpm:auto", max(args.sigmas), args.cache, data, training, args.device)
+    unets = {sigma: resolve_denoiser_spec("unet:auto", sigma, args.cache, data, training, args.device)
+             for sigma in args.sigmas}
+    training_seconds = time.perf_counter() - start
+
+    test = data.load("test")
+    count = min(args.test_images or len(test), len(test))
+    clean = torch.stack([test[i][0] for i in range(count)])
+    rows = []
+    for sigma in args.sigmas:
+        noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+        denoisers = {
+            "noisy input": None,
+            SINGLE: load_denoiser(ddpm, sigma),
+            MULTI: load_denoiser(ddpm, sigma, steps=args.multi_steps, generator=torch.Generator().manual_seed(1)),
+            UNET: load_denoiser(unets[sigma], sigma),
+        }
+        for name, denoiser in denoisers.items():
+            with torch.inference_mode():
+                estimate = noisy if denoiser is None else torch.cat(
+                    [denoiser(batch) for batch in noisy.split(args.batch_size)])
+            values = psnr(estimate, clean)
+            rows.append({"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()),
+                         "psnr_std_db": float(values.std()), "images": len(values)})
+            print(f"sigma {sigma:4}  {name:18} PSNR {values.mean():6.2f} dB", flush=True)
+    failures = mmse_gate_failures({(row["sigma"], row["denoiser"]): row["psnr_db"] for row in rows},
+                                  args.sigmas, single=SINGLE, rivals=(MULTI, UNET))
+    result = {
+        "gate": "PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma",
+        "passed": not failures, "failures": failures, "rows": rows,
+        "dataset": args.dataset, "split": "test", "test_images": count, "image_size": args.image_size,
+        "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
+        "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},
+        "multi_steps": args.multi_steps, "training_seconds": training_seconds, "device": args.device,
+        "machine": platform.platform(),
+    }
+    write_json_atomically(result, args.output)
+    print(("gate passed" if not failures else "gate FAILED:\n  " + "\n  ".join(failures)) + f"; wrote {args.output}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The MMSE gate: its decision, and the script end to end on a small configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medcert_core.denoisers.gate import mmse_gate_failures
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_gate_fails_exactly_where_single_step_loses():
+    table = {(0.5, "single"): 25.0, (0.5, "multi"): 24.0, (0.5, "unet"): 25.0,
+             (1.0, "single"): 20.2, (1.0, "multi"): 23.7, (1.0, "unet"): 23.9}
+    failures = mmse_gate_failures(table, [0.5, 1.0], single="single", rivals=("multi", "unet"))
+    assert failures == ["sigma 1: single 20.20 dB < multi 23.70 dB", "sigma 1: single 20.20 dB < unet 23.90 dB"]
+    assert mmse_gate_failures(table, [0.5], single="single", rivals=("multi", "unet")) == []  # a tie passes
+    with pytest.raises(KeyError):
+        mmse_gate_failures(table, [0.25], single="single", rivals=("multi",))
+
+
+@pytest.mark.slow
+def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
+    """Phantoms at 32 px with a few training steps: the numbers mean nothing, the plumbing does."""
+    output = tmp_path / "gate.json"
+    command = [sys.executable, str(ROOT / "scripts" / "denoiser_gate.py"), "--profile", "smoke", "--dataset", "phantom",
+               "--image-size", "32", "--sigmas", "0.5", "--multi-steps", "2", "--test-images", "3",
+               "--training", "{ddpm_steps: 3, unet_denoiser_steps: 2, ddpm_ema_decay: 0.9}",
+               "--cache", str(tmp_path / "cache"), "--output", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode in (0, 1), completed.stderr
+    result = json.loads(output.read_text())
+    table = {(row["sigma"], row["denoiser"]): row["psnr_db"] for row in result["rows"]}
+    assert {name for _, name in table} == {"noisy input", "ddpm single-step", "ddpm multi-step", "unet denoiser"}
+    assert all(row["images"] == 3 for row in result["rows"])
+    assert result["passed"] == (completed.returncode == 0) == (not result["failures"])
+    assert result["failures"] == mmse_gate_failures(table, [0.5], single="ddpm single-step",
+                                                    rivals=("ddpm multi-step", "unet denoiser"))
+    assert "_ema0.9" in result["ddpm"]["folder"]

@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     book.set_defaults(run=command_book)
 
     certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG")
-    certify.add_argument("image", help="PNG, JPEG, TIFF, ... or JSRT .IMG (resized to the checkpoint's input size)")
+    certify.add_argument("image", help="PNG, JPEG, TIFF, ... or JSRT .IMG (resized to the checkpoint's input size), "
+                                       "or a folder of them (one JSON each and certificates.csv)")
     certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder>")

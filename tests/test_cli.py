@@ -36,6 +36,26 @@ def test_certify_writes_a_label_map_an_overlay_and_a_summary(tmp_path, capsys):
     assert summary["radius"] == pytest.approx(0.25 * 0.6744897501960817)
     assert summary["input_space"] == "[0, 1]^(3x32x32)"
     assert json.loads((tmp_path / "out" / "chest_certificate.json").read_text()) == summary
+    # at the image file's own resolution: the same labels, resized by nearest neighbour
+    assert summary["certified_input_size"] == [32, 32] and summary["image_file_size"] == [48, 48]
+    native = np.array(Image.open(tmp_path / "out" / "chest_labels_native.png"))
+    assert native.shape == (48, 48) and np.array(Image.open(summary["overlay_native_png"])).shape == (48, 48, 3)
+    rows, columns = (np.floor((np.arange(48) + 0.5) * 32 / 48).astype(int),) * 2  # nearest-exact sources
+    assert np.array_equal(native, labels[np.ix_(rows, columns)])
+
+    # a folder: one JSON per image file and a CSV summary; other files are ignored
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(folder / "a.png")
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).convert("RGB").save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    main(["certify", str(folder), "--checkpoint", str(checkpoint), "--sigma", "0.25", "--n", "60",
+          "--output-dir", str(tmp_path / "folder_out")])
+    table = __import__("pandas").read_csv(tmp_path / "folder_out" / "certificates.csv")
+    assert sorted(table["image"].map(lambda text: text.rsplit("/", 1)[-1])) == ["a.png", "b.jpg"]
+    assert {"abstain_fraction", "certified_lung", "radius"} <= set(table.columns)
+    for stem in ("a", "b"):
+        assert (tmp_path / "folder_out" / f"{stem}_certificate.json").is_file()
 
     # a multi-step DDPM draws its own noise: the seed decides it, the batch size does not
     from medcert_core.data import load_dataset as load

@@ -57,8 +57,9 @@ def smoke_site(tmp_path_factory) -> Path:
     run_smoke_grid(root)
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     (root / "book" / "intro.md").write_text("# Smoke book\n\nThe smoke grid's chapters.\n")
+    shutil.copy(REPO / "book" / "method.md", root / "book" / "method.md")  # the formulas, typeset by MathJax
     toc = {"format": "jb-book", "root": "book/intro",
-           "chapters": [{"file": f"book/{entry.output}"} for entry in entries]}
+           "chapters": [{"file": "book/method"}] + [{"file": f"book/{entry.output}"} for entry in entries]}
     (root / "_toc.yml").write_text(yaml.safe_dump(toc))
     index = build_book(root, REPO / "notebooks")
     return index.parent
@@ -137,7 +138,33 @@ def test_site_works_offline_with_charts_and_tables(served, smoke_site, tmp_path)
             shot = screenshots / f"{chapter}.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        page.goto(f"{served}/book/method.html", wait_until="networkidle")
+        page.wait_for_selector("mjx-container", timeout=20_000)
+        formulas = page.locator("mjx-container")
+        assert formulas.count() >= 8, f"{formulas.count()} formulas typeset in the method chapter"
+        assert page.locator("mjx-container[display='true']").count() >= 6, "the display formulas"
+        assert page.locator("mjx-merror").count() == 0, "a formula MathJax could not parse"
+        shot = screenshots / "method.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
         browser.close()
 
     assert external == [], f"requests left the machine: {external}"
     assert console_errors == [], f"console errors: {console_errors}"
+
+
+CDN_HOSTS = ("cdn.jsdelivr.net", "unpkg.com", "cdnjs.cloudflare.com", "cdn.plot.ly", "polyfill.io",
+             "fonts.googleapis.com", "fonts.gstatic.com", "code.jquery.com", "mathjax.org")
+
+
+def test_no_page_loads_anything_from_a_cdn(smoke_site):
+    """Every script, style, font and image a page asks for (src=, href= of link tags) is local."""
+    import re
+
+    loads = re.compile(r"<(?:script|link|img)\b[^>]*?(?:src|href)=[\"']([^\"']+)[\"']", re.IGNORECASE)
+    pages = list(smoke_site.rglob("*.html"))
+    assert len(pages) >= 3
+    remote = [(page.name, url) for page in pages for url in loads.findall(page.read_text(errors="replace"))
+              if url.startswith(("http:", "https:", "//")) or any(host in url for host in CDN_HOSTS)]
+    assert remote == [], f"pages load from outside the site: {remote[:5]}"
+    assert (smoke_site / "_static" / "mathjax" / "tex-chtml.js").is_file(), "MathJax ships with the site"

@@ -2,6 +2,8 @@
 # medcert's entry point on a fresh machine.
 #   ./run.sh               set up (first run only) and run the main job: the quick study
 #   ./run.sh test [ARGS]   set up (first run only) and run the tests: python -m pytest [ARGS]
+#   ./run.sh lab [ARGS]    set up (first run only), register the kernel "medcert" and start JupyterLab
+#                          on notebooks/ at 127.0.0.1 (it prints the URL with its token)
 #   ./run.sh ARGS...       any `python -m medcert_core` command, e.g. ./run.sh certify --help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,6 +24,13 @@ export HF_HUB_OFFLINE=1
 if [ "${1:-}" = "test" ]; then
   shift
   exec "$VENV/bin/python" -m pytest "$@"
+fi
+if [ "${1:-}" = "lab" ]; then
+  shift
+  # the project's interpreter as the kernel "medcert", inside the environment (no user-wide install)
+  "$VENV/bin/python" -m ipykernel install --sys-prefix --name medcert --display-name "medcert (.venv)" > /dev/null
+  AS_ROOT=(); [ "$(id -u)" -eq 0 ] && AS_ROOT=(--allow-root)  # containers often run as root
+  exec "$VENV/bin/jupyter" lab --no-browser --ip 127.0.0.1 --notebook-dir notebooks "${AS_ROOT[@]}" "$@"
 fi
 if [ "$#" -eq 0 ]; then
   set -- study --profile quick

@@ -272,6 +272,39 @@ def certify_counts(
     )
 
 
+TAU_GRID: tuple[float, ...] = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+
+
+def certify_counts_over_taus(
+    selected: Array,
+    counts: Array,
+    n: int,
+    *,
+    sigma: float,
+    taus: tuple[float, ...] = TAU_GRID,
+    alpha: float = 0.001,
+    correction: Correction = "holm",
+    n0: int = 0,
+    num_classes: int | None = None,
+) -> list[Certificate]:
+    """One certificate per tau from the same counts, at no extra sampling: tau sets the radius
+    R = sigma * Phi^-1(tau), so certified Dice against R is one curve from one set of draws.
+
+    Each tau is its own family of tests at level ``alpha``: each certificate holds with probability
+    at least 1 - alpha. All of them hold at once with probability at least 1 - len(taus) * alpha
+    (a union bound over the grid); reading off the best tau per pixel after looking at the counts
+    is covered only by that bound, not by alpha. A tau at which n draws cannot certify any pixel
+    gives an all-abstain certificate without the warning ``certify_counts`` would give.
+    """
+    certificates = []
+    for tau in taus:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"n = \d+ draws cannot certify any pixel")
+            certificates.append(certify_counts(selected, counts, n, sigma=sigma, tau=tau, alpha=alpha,
+                                               correction=correction, n0=n0, num_classes=num_classes))
+    return certificates
+
+
 def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> Array:
     """Per pixel, how many of the draws (n, H, W) equal ``selected`` (H, W): counts (H, W) int64.
 

@@ -406,20 +406,28 @@ class SmoothedSegmenter:
         Pass a seeded ``torch.Generator`` (ideally on ``self.device``) for a reproducible run;
         without one, a fresh random seed is used.
         """
-        check_draws("n0", n0)
-        check_draws("n", n)
         check_tau(tau)
         check_alpha(alpha)
         check_correction(correction)
+        selected, counts = self.counts(x, n0, n, generator=generator, progress=progress)
+        return certify_counts(
+            selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0,
+            num_classes=self.num_classes,
+        )
+
+    def counts(self, x: torch.Tensor, n0: int, n: int, *, generator: torch.Generator | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling half of ``certify``: the selected class (mode of n0 draws) and how many of n
+        further draws give it, both (H, W) int64 on the device. ``certify_counts`` (or
+        ``certify_counts_over_taus``) turns them into certificates."""
+        check_draws("n0", n0)
+        check_draws("n", n)
         x, generator = self._prepare(x, generator)
         selection, estimation = self.class_histograms(x, [n0, n], generator, progress)
         selected = selection.argmax(0)
         counts = estimation.gather(0, selected.unsqueeze(0))[0]
         self._check_finite()
-        return certify_counts(
-            selected, counts, n, sigma=self.sigma, tau=tau, alpha=alpha, correction=correction, n0=n0,
-            num_classes=self.num_classes,
-        )
+        return selected, counts
 
     def predict(
         self,

@@ -359,3 +359,31 @@ def test_family_wise_error_test_catches_p_values_over_too_few_trials():
     standard_error = np.sqrt(alpha * (1 - alpha) / FWER["trials"])
     print(f"FWER with p-values over n - n0 = {n - n0} trials: {wrong:.4f}")
     assert wrong > alpha + 3 * standard_error
+
+
+def test_certificates_over_a_tau_grid_match_an_independent_holm_at_each_tau():
+    """The same counts certified at every tau of the grid, each tau its own Holm family at level
+    alpha, against scipy's binomial tail and statsmodels' Holm computed pixel by pixel."""
+    from scipy.stats import binom
+    from statsmodels.stats.multitest import multipletests
+
+    from medcert_core.certify import TAU_GRID, certify_counts_over_taus
+
+    rng = np.random.default_rng(7)
+    n, alpha = 100, 0.01
+    counts = rng.binomial(n, rng.uniform(0.5, 1.0, size=(12, 10))).astype(np.int64)
+    counts[0, :5] = n  # some pixels certifiable even at tau = 0.95
+    selected = rng.integers(0, 3, size=counts.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # taus that n = 100 cannot reach abstain quietly
+        certificates = certify_counts_over_taus(selected, counts, n, sigma=0.5, taus=TAU_GRID, alpha=alpha)
+    assert [c.tau for c in certificates] == list(TAU_GRID)
+    for certificate in certificates:
+        pvalues = binom.sf(counts.ravel() - 1, n, certificate.tau)
+        reject = multipletests(pvalues, alpha=alpha, method="holm")[0].reshape(counts.shape)
+        expected = np.where(reject, selected, ABSTAIN)
+        np.testing.assert_array_equal(certificate.labels, expected)
+        assert certificate.radius == pytest.approx(0.5 * norm.ppf(certificate.tau))
+    certified = [int((c.labels != ABSTAIN).sum()) for c in certificates]
+    assert certified == sorted(certified, reverse=True), "a larger radius never certifies more pixels"
+    assert certified[TAU_GRID.index(0.9)] > 0 and certified[-1] == 0  # 0.99^100 > alpha / 120: out of reach

@@ -2,6 +2,9 @@
 
     study      the whole study of a profile (quick | jsrt | paper): models, grid, website
     grid       execute one papermill grid (YAML) of chapter notebooks into book/
+               (study and grid: --executor slurm runs each chapter as a SLURM job through submitit)
+    certify-runs  certify a dataset chapter's runs into the results store; under
+               `torchrun --nproc-per-node N -m medcert_core certify-runs ...` each run's images are sharded
     book       build the website from book/
     certify    certify one image file: label map, abstention overlay PNG, JSON summary
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
@@ -158,20 +161,102 @@ SET_HELP = ('KEY=VALUE (repeatable; VALUE in YAML): set a notebook parameter in 
             '--set "training={epochs: 1, preset: tiny}" --set "denoiser_flags=--num_channels 128 ..."')
 
 
+def _not_under_torchrun(command: str) -> None:
+    from medcert_core.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError(f"`{command}` executes notebooks and does not shard over torchrun's processes; run "
+                         "`torchrun --nproc-per-node N -m medcert_core certify-runs ...` (each run's images over the "
+                         f"processes), then `medcert {command}` in one process reads those runs back")
+
+
+def _slurm_options(args: argparse.Namespace) -> dict[str, object]:
+    """The SLURM options given on the command line (None: not given; the grid file's or the default)."""
+    return {"partition": args.partition, "gpus_per_job": args.gpus_per_job, "cpus_per_job": args.cpus_per_job,
+            "mem_gb": args.mem_gb, "time_min": args.time_min, "sbatch": dict(args.sbatch) or None,
+            "log_dir": args.slurm_logs}
+
+
 def command_study(args: argparse.Namespace) -> None:
     from medcert_core.study.workflow import run_study
 
+    _not_under_torchrun("study")
     index = run_study(args.profile, data_root=args.data_root, device=args.device, grid_file=args.grid,
-                      force=args.force, build=not args.no_book, overrides=dict(args.overrides))
-    print(f"study {args.profile} done" + (f": open {index}" if index else ""))
+                      force=args.force, build=not args.no_book, overrides=dict(args.overrides),
+                      executor=args.executor, slurm=_slurm_options(args), wait=not args.no_wait)
+    if index or not args.no_wait:
+        print(f"study {args.profile} done" + (f": open {index}" if index else ""))
+    else:
+        print(f"study {args.profile}: SLURM jobs pending; run the same command again to collect them and build the website")
 
 
 def command_grid(args: argparse.Namespace) -> None:
-    from medcert_core.study.workflow import run_grid_file
+    from medcert_core.study.workflow import grid_report
 
-    outputs = run_grid_file(args.grid_file, data_root=args.data_root, device=args.device, force=args.force,
-                            overrides=dict(args.overrides))
-    print("executed notebooks:\n  " + "\n  ".join(str(path) for path in outputs))
+    _not_under_torchrun("grid")
+    report = grid_report(args.grid_file, data_root=args.data_root, device=args.device, force=args.force,
+                         overrides=dict(args.overrides), executor=args.executor, slurm=_slurm_options(args),
+                         wait=not args.no_wait)
+    print("executed notebooks:\n  " + "\n  ".join(str(path) for path in report.outputs))
+    if report.pending:
+        print("pending (SLURM):\n  " + "\n  ".join(report.pending))
+
+
+def command_certify_runs(args: argparse.Namespace) -> None:
+    from medcert_core.study.workflow import certify_chapter_runs
+
+    frame = certify_chapter_runs(args.profile, grid_file=args.grid, chapter=args.chapter, data_root=args.data_root,
+                                 device=args.device, overrides=dict(args.overrides), output=args.output)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        means = frame.groupby(["method_label", "arch", "sigma", "class_name"], sort=False)["dice"].mean()
+        print(means.rename("certified dice").reset_index().to_string(index=False))
+        print(f"{frame['run'].nunique()} runs, {len(frame)} rows" + (f" -> {args.output}" if args.output else ""))
+
+
+def _int_at_least(lowest: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < lowest:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _sbatch_option(text: str) -> tuple[str, object]:
+    """argparse type of --sbatch: KEY=VALUE (an sbatch long option without dashes), or KEY for a flag."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not key or key.startswith("-") or not all(part.isalnum() for part in key.replace("-", "_").split("_")):
+        raise argparse.ArgumentTypeError(f"an sbatch option is KEY=VALUE with an sbatch long option name without "
+                                         f"dashes (e.g. account=mylab, qos=high, constraint=a100), got {text!r}")
+    return key, value if equals else True
+
+
+def _add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """--executor and the SLURM options of study and grid (see medcert_core.study.executors)."""
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: here, one notebook after another; slurm: one SLURM job per grid entry (submitit)")
+    slurm = parser.add_argument_group("SLURM (with --executor slurm; default: the grid file's executor: section)")
+    slurm.add_argument("--partition", default=None, help="partition of every job")
+    slurm.add_argument("--gpus-per-job", type=_int_at_least(0), default=None, help="GPUs per job (default 0)")
+    slurm.add_argument("--cpus-per-job", type=_int_at_least(1), default=None, help="CPUs per job (default 1)")
+    slurm.add_argument("--mem-gb", type=_positive_number, default=None, help="memory per job in GB (default: the partition's)")
+    slurm.add_argument("--time-min", type=_int_at_least(1), default=None, help="time limit per job in minutes (default 1440)")
+    slurm.add_argument("--sbatch", type=_sbatch_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="any further sbatch option, repeatable, e.g. --sbatch account=mylab --sbatch qos=high")
+    slurm.add_argument("--slurm-logs", default=None, help="folder of the jobs' logs, one subfolder per job (default runs/slurm)")
+    slurm.add_argument("--no-wait", action="store_true",
+                       help="return once the jobs are submitted; run the same command again to collect them")
 
 
 def command_book(args: argparse.Namespace) -> None:
@@ -222,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-book", action="store_true", help="run the grid only, do not build the website")
     study.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                        help=SET_HELP)
+    _add_executor_arguments(study)
     study.set_defaults(run=command_study)
 
     grid = commands.add_parser("grid", help="execute one papermill grid (YAML) into book/")
@@ -231,7 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
     grid.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                       help=SET_HELP)
+    _add_executor_arguments(grid)
     grid.set_defaults(run=command_grid)
+
+    runs = commands.add_parser("certify-runs", help="certify a dataset chapter's runs into the results store "
+                               "(under torchrun: each run's test images sharded over the processes)")
+    runs.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    runs.add_argument("--grid", default=None, help="grid file (default: grids/<profile>.yaml)")
+    runs.add_argument("--chapter", default=None, help="the grid entry (output name; default: its first dataset chapter)")
+    runs.add_argument("--data-root", default=None, help="fills {data_root} in the grid's parameters")
+    runs.add_argument("--device", default=None, help="overrides the grid's device (under torchrun on GPUs: cuda)")
+    runs.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                      help=SET_HELP)
+    runs.add_argument("--output", default=None, help="CSV of the tidy rows of every run (written by rank 0)")
+    runs.set_defaults(run=command_certify_runs)
 
     book = commands.add_parser("book", help="build the website from book/ (no notebook is executed)")
     book.add_argument("--root", default=".", help="folder holding _config.yml and _toc.yml")

@@ -3,11 +3,20 @@
 Every function returns what is in the cache when it is there and trains it otherwise (training
 itself checkpoints and resumes). Cache names spell out everything that defines the model, so a
 changed setting trains a new one instead of silently reusing an old one.
+
+Several processes may share one cache (SLURM jobs, torchrun ranks, notebooks): each model is looked
+up and trained under its own lock (``<cache>/locks/<model>.lock``, an flock that dies with its
+process), so two processes needing the same uncached model train it once: the second waits, then
+loads what the first saved. A process killed while training leaves a checkpoint (atomic) that the
+next one resumes. Each training says so on stderr: ``[medcert] training <kind> <name> (host, pid)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +28,7 @@ import torch
 from medcert_core.data import load_dataset
 from medcert_core.data.base import as_size
 from medcert_core.denoisers import DDPM_PRESETS, load_denoiser, resize_noise_factor, train_ddpm, train_unet_denoiser
+from medcert_core.io import file_lock
 from medcert_core.smoothing import resolve_device
 from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
 
@@ -129,10 +139,35 @@ def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: st
     return Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}_seed{data.seed}.pt"
 
 
+def model_lock(cache: Path, model: Path, what: str):
+    """Context manager: the lock of one cached model (``<cache>/locks/<model path in the cache>.lock``)."""
+    model = Path(model)
+    try:
+        name = model.resolve().relative_to(Path(cache).resolve()).as_posix()
+    except ValueError:  # a model outside the cache: its name suffices
+        name = model.name
+    return file_lock(Path(cache) / "locks" / f"{name}.lock", what)
+
+
+def announce_training(kind: str, model: Path) -> None:
+    """One stderr line per model trained, naming the process: shows which job of a grid trained what."""
+    print(f"[medcert] training {kind} {Path(model).name} (host {socket.gethostname()}, pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+
+
 def segmenter(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float = 0.0,
               device: str | torch.device = "auto") -> tuple[torch.nn.Module, TrainConfig]:
-    """The segmenter of ``arch`` trained on ``data`` with Gaussian noise ``noise_sigma`` (0: none)."""
+    """The segmenter of ``arch`` trained on ``data`` with Gaussian noise ``noise_sigma`` (0: none).
+
+    Looked up and trained under the model's lock: trained once however many processes ask at once.
+    """
     path = segmenter_path(cache, data, training, arch, noise_sigma)
+    with model_lock(cache, path, f"segmenter {path.name}"):
+        return _cached_or_trained_segmenter(path, data, training, arch, noise_sigma, device)
+
+
+def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float,
+                                 device: str | torch.device) -> tuple[torch.nn.Module, TrainConfig]:
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -144,6 +179,7 @@ def segmenter(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, no
         if finished:  # an unfinished checkpoint is resumed by train_segmenter below
             return load_segmenter(path, device=resolve_device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
+    announce_training("segmenter", path)
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
         epochs=training.epochs, seed=data.seed, checkpoint=path, device=device,
@@ -194,19 +230,25 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
     kind, _, location = spec.partition(":")
     if location != AUTO:
         return spec.replace("{sigma}", f"{sigma:g}")
-    train_set = data.load("train")
     if kind == "ddpm":
-        folder = train_ddpm(train_set, ddpm_folder(cache, data, training), preset=training.ddpm_preset,
-                            steps=training.ddpm_steps, image_size=ddpm_image_size(data, training),
-                            max_sigma=training.ddpm_max_sigma, seed=data.seed, device=device,
-                            ema_decay=training.ddpm_ema_decay, focus_sigmas=ddpm_focus_sigmas(data, training),
-                            focus_share=training.ddpm_focus_share)
+        folder, mark = ddpm_folder(cache, data, training), "model_index.json"
     elif kind == "unet":
-        folder = train_unet_denoiser(train_set, sigma, unet_denoiser_folder(cache, data, training, sigma),
-                                     steps=training.unet_denoiser_steps,
-                                     batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device)
+        folder, mark = unet_denoiser_folder(cache, data, training, sigma), "unet_denoiser.pt"
     else:
         raise ValueError(f"only ddpm:auto and unet:auto can be trained in the project, not {spec!r}")
+    with model_lock(cache, folder, f"denoiser {folder.name}"):  # trained once, however many processes ask
+        if (folder / mark).is_file():  # finished (the mark is written last): nothing to load the data for
+            return f"{kind}:{folder}"
+        announce_training(f"{kind} denoiser", folder)
+        train_set = data.load("train")
+        if kind == "ddpm":
+            train_ddpm(train_set, folder, preset=training.ddpm_preset, steps=training.ddpm_steps,
+                       image_size=ddpm_image_size(data, training), max_sigma=training.ddpm_max_sigma,
+                       seed=data.seed, device=device, ema_decay=training.ddpm_ema_decay,
+                       focus_sigmas=ddpm_focus_sigmas(data, training), focus_share=training.ddpm_focus_share)
+        else:
+            train_unet_denoiser(train_set, sigma, folder, steps=training.unet_denoiser_steps,
+                                batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device)
     return f"{kind}:{folder}"
 
 

@@ -46,16 +46,17 @@ from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES
 from medcert_core.denoisers import parse_spec
 from medcert_core.errors import NotebookFailed
-from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.io import file_lock, write_atomically, write_json_atomically
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import PRECISIONS, check_batch_size, compile_mode
 from medcert_core.study.assets import training_override_problem
 from medcert_core.study.profiles import PROFILES
 from medcert_core.study.store import parameter_hash, source_digest
 
-GRID_KEYS = {"parameters", "runs"}
+GRID_KEYS = {"parameters", "runs", "executor"}  # executor: SLURM options (see medcert_core.study.executors)
 ENTRY_KEYS = {"notebook", "output", "parameters", "sweep"}
 STATE = "grid_state.json"
+STATE_LOCK = "locks/grid_state.lock"  # under the results store; jobs finishing at once all record their entry
 
 
 # Grid parameters that change where or how fast a chapter runs, not its numbers' definition. The
@@ -231,6 +232,11 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
         _fail(source, f"unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
     if not isinstance(spec.get("parameters") or {}, Mapping):
         _fail(source, "'parameters:' must be a mapping of name: value")
+    from medcert_core.study.executors import section_problem  # here: executors imports this module
+
+    problem = section_problem(spec.get("executor"))
+    if problem:
+        _fail(source, problem)
     shared = dict(spec.get("parameters") or {})
     runs = spec.get("runs")
     if not isinstance(runs, list) or not runs:
@@ -319,9 +325,24 @@ def without_stderr(notebook):
     return notebook
 
 
+def record_done(entry: GridEntry, results_dir: Path) -> None:
+    """Record in the grid state that ``entry`` was executed with its hash (read-modify-write under a lock:
+    several jobs finishing at once each keep their entry)."""
+    with file_lock(results_dir / STATE_LOCK, "the grid state"):
+        state = _state(results_dir)
+        state[entry.output] = entry.hash
+        write_json_atomically(state, results_dir / STATE)
+
+
 def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_dir: Path, cwd: Path,
-            progress: bool = True) -> Path:
-    """Run one entry with papermill; the output appears in ``book_dir`` only if every cell succeeded."""
+            progress: bool = True, kernel_name: str = "python3", start_timeout: float = 60,
+            kernel_manager_class: Any = None) -> Path:
+    """Run one entry with papermill; the output appears in ``book_dir`` only if every cell succeeded.
+
+    ``kernel_name``, ``start_timeout`` (seconds for the kernel to start) and ``kernel_manager_class``
+    go to papermill; the SLURM executor passes the project's registered kernel, a generous timeout
+    and a kernel manager using IPC sockets in the job's own runtime folder.
+    """
     import nbformat
     import papermill
 
@@ -332,7 +353,9 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
     try:  # the kernel's progress bars stream to this terminal; they are dropped from the chapter
         papermill.execute_notebook(
             str(notebooks_dir / f"{entry.notebook}.ipynb"), str(temporary), parameters=entry.parameters,
-            cwd=str(cwd), kernel_name="python3", progress_bar=progress, language="python", stderr_file=sys.stderr,
+            cwd=str(cwd), kernel_name=kernel_name, progress_bar=progress, language="python", stderr_file=sys.stderr,
+            start_timeout=start_timeout,
+            **({"kernel_manager_class": kernel_manager_class} if kernel_manager_class is not None else {}),
         )
     except Exception as error:
         reason = f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}"
@@ -346,9 +369,7 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
                                     "parameters_hash": entry.hash}
     write_atomically(output, lambda path: nbformat.write(notebook, str(path)))
     temporary.unlink(missing_ok=True)
-    state = _state(results_dir)
-    state[entry.output] = entry.hash
-    write_json_atomically(state, results_dir / STATE)
+    record_done(entry, results_dir)
     return output
 
 

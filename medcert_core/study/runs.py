@@ -19,7 +19,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from medcert_core import distributed
 from medcert_core.certify import certified_radius
+from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
 from medcert_core.study import assets, store
@@ -126,8 +128,28 @@ def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,
 
 
 def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto",
-            execution: Execution = Execution(), progress: bool = True) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Certify the run's test images; returns (tidy rows, label maps of the first MAP_IMAGES)."""
+            execution: Execution = Execution(), progress: bool = True,
+            shard: Shard = Shard()) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Certify the run's test images; returns (tidy rows, label maps of the first MAP_IMAGES).
+
+    ``shard``: only this process's images (``shard.indices``), for :func:`assemble` to merge.
+    """
+    return assemble([certify_images(run, cache, device=device, execution=execution, progress=progress, shard=shard)])
+
+
+@dataclass
+class ShardResult:
+    """What one process computed of a run: rows and maps per test image index (picklable, to gather)."""
+
+    rows: dict[int, list[dict[str, Any]]]
+    maps: dict[int, dict[str, np.ndarray]]
+    class_names: list[str]
+
+
+def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto",
+                   execution: Execution = Execution(), progress: bool = True, shard: Shard = Shard()) -> ShardResult:
+    """Certify the run's test images of ``shard`` (all of them by default), each with the noise of its
+    own generator, seeded from (run seed, image id): the numbers do not depend on the sharding."""
     device = resolve_device(device)
     smoothed = None
     if run.sigma > 0:
@@ -136,11 +158,10 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
         model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     test_set = run.data.load("test")
     count = len(test_set) if not run.test_images else min(run.test_images, len(test_set))
-    accumulator = MetricAccumulator(config.class_names)
-    maps: dict[str, list[np.ndarray]] = {"image": [], "noisy": [], "target": [], "labels": []}
+    result = ShardResult({}, {}, list(config.class_names))
     columns = _tidy_columns(run)
     description = f"{run.method.label} {run.arch} sigma={run.sigma:g}"
-    for index in tqdm(range(count), desc=description, disable=not progress, leave=False):
+    for index in tqdm(shard.indices(count), desc=description, disable=not progress, leave=False):
         image, target = test_set[index]
         start = time.perf_counter()
         if smoothed is None:
@@ -150,32 +171,81 @@ def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = 
             certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
             labels = certificate.labels.cpu()  # on the model's device otherwise
         seconds = time.perf_counter() - start
+        accumulator = MetricAccumulator(config.class_names)
         accumulator.add(labels, target, image_id=str(test_set.ids[index]), seconds=seconds, **columns)
+        result.rows[index] = accumulator.rows
         if index < MAP_IMAGES:
             noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(index))
-            maps["image"].append(image.numpy())
-            maps["noisy"].append((image + run.sigma * noise).numpy())
-            maps["target"].append(target.numpy())
-            maps["labels"].append(labels.numpy())
-    stacked = {key: np.stack(values) for key, values in maps.items()}
-    stacked["class_names"] = np.array(config.class_names)
-    return accumulator.to_frame(), stacked
+            result.maps[index] = {"image": image.numpy(), "noisy": (image + run.sigma * noise).numpy(),
+                                  "target": target.numpy(), "labels": labels.numpy()}
+    return result
+
+
+def assemble(parts: list[ShardResult]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The shards of one run merged in test image order: (tidy rows, label maps), as one process gives them."""
+    rows = {index: image_rows for part in parts for index, image_rows in part.rows.items()}
+    maps = {index: image_maps for part in parts for index, image_maps in part.maps.items()}
+    frame = pd.DataFrame([row for index in sorted(rows) for row in rows[index]])
+    stacked = {key: np.stack([maps[index][key] for index in sorted(maps)])
+               for key in ("image", "noisy", "target", "labels")}
+    stacked["class_names"] = np.array(parts[0].class_names)
+    return frame, stacked
+
+
+def _save(run: CertificationRun, results_dir: str | Path, rows: pd.DataFrame, maps: dict[str, np.ndarray], *,
+          device: str | torch.device, execution: Execution, seconds: float, **extra: Any) -> None:
+    store.save_run(results_dir, run.hash, rows, maps, run.parameters(), device=str(resolve_device(device)),
+                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), execution=execution.options(),
+                   seconds=seconds, data_root=run.data.data_root, **extra)
 
 
 def run_certification(run: CertificationRun, *, results_dir: str | Path, cache: str | Path,
                       device: str | torch.device = "auto", execution: Execution = Execution(),
                       progress: bool = True) -> pd.DataFrame:
-    """The run's tidy rows: read from the store when complete, else computed and stored."""
+    """The run's tidy rows: read from the store when complete, else computed and stored.
+
+    Computed under the run's lock (``store.run_lock``): another process needing the same run waits,
+    then reads it. Under torchrun (``medcert_core.distributed.init()`` called), the test images are
+    sharded over the ranks and rank 0 writes the run (see :func:`run_sharded`).
+    """
+    shard = distributed.current()
+    if shard is not None:
+        return run_sharded(run, shard, results_dir=results_dir, cache=cache, device=device, execution=execution,
+                           progress=progress)
     if store.is_complete(results_dir, run.hash):
         return store.load_rows(results_dir, run.hash)
-    start = time.perf_counter()
-    rows, maps = compute(run, Path(cache), device=device, execution=execution, progress=progress)
-    if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
-        return store.load_rows(results_dir, run.hash)
-    store.save_run(results_dir, run.hash, rows, maps, run.parameters(), device=str(resolve_device(device)),
-                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), execution=execution.options(),
-                   seconds=time.perf_counter() - start, data_root=run.data.data_root)
+    with store.run_lock(results_dir, run.hash):
+        if store.is_complete(results_dir, run.hash):  # computed by another process while this one waited
+            return store.load_rows(results_dir, run.hash)
+        start = time.perf_counter()
+        rows, maps = compute(run, Path(cache), device=device, execution=execution, progress=progress)
+        if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
+            return store.load_rows(results_dir, run.hash)
+        _save(run, results_dir, rows, maps, device=device, execution=execution, seconds=time.perf_counter() - start)
     return rows
+
+
+def run_sharded(run: CertificationRun, shard: Shard, *, results_dir: str | Path, cache: str | Path,
+                device: str | torch.device = "auto", execution: Execution = Execution(),
+                progress: bool = True) -> pd.DataFrame:
+    """One run over the ranks of a process group: each certifies its shard of the test images, rank 0
+    gathers, merges them in image order (the rows one process would give) and writes the run; every
+    rank returns the stored rows once rank 0 is done. Rank 0 decides whether the run is complete
+    already, so all ranks take the same path."""
+    if distributed.from_first(store.is_complete(results_dir, run.hash) if shard.first else None):
+        return store.load_rows(results_dir, run.hash)
+    start = time.perf_counter()
+    part = certify_images(run, Path(cache), device=device, execution=execution, progress=progress and shard.first,
+                          shard=shard)
+    parts = distributed.gather_to_first(part)
+    if shard.first:
+        rows, maps = assemble(parts)
+        with store.run_lock(results_dir, run.hash):
+            if not store.is_complete(results_dir, run.hash):  # another process may have finished it meanwhile
+                _save(run, results_dir, rows, maps, device=device, execution=execution,
+                      seconds=time.perf_counter() - start, processes=shard.world_size)
+    distributed.barrier()
+    return store.load_rows(results_dir, run.hash)
 
 
 def run_all(runs: list[CertificationRun], **options: Any) -> pd.DataFrame:

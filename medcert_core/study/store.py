@@ -6,7 +6,10 @@
     <results_dir>/aggregate.csv              every completed run's rows, for the chapters
 
 A run is complete when its metadata.json exists; every file is written atomically, so a crash
-leaves either a complete run or one that is simply computed again.
+leaves either a complete run or one that is simply computed again. Several processes (SLURM jobs,
+torchrun ranks, notebooks) may share one store: a run is computed under its lock
+(``locks/run-<hash>.lock``, see :func:`run_lock`) and ``aggregate.csv`` is rewritten under
+``locks/aggregate.lock``, so no writer's rows are lost and none is written twice.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.io import file_lock, write_atomically, write_json_atomically
 
 RESULTS = "results.csv"
 MAPS = "maps.npz"
 METADATA = "metadata.json"
 AGGREGATE = "aggregate.csv"
+LOCKS = "locks"  # flock files of the store (and of the grid state): hold nothing once their process ends
 _PACKAGES = ("medcert", "torch", "torchvision", "numpy", "scipy", "statsmodels", "diffusers",
              "segmentation-models-pytorch")
 
@@ -59,6 +63,12 @@ def run_folder(results_dir: str | Path, run_hash: str) -> Path:
 
 def is_complete(results_dir: str | Path, run_hash: str) -> bool:
     return (run_folder(results_dir, run_hash) / METADATA).is_file()
+
+
+def run_lock(results_dir: str | Path, run_hash: str):
+    """Context manager: the lock of one run (``locks/run-<hash>.lock``), held while it is computed and
+    saved, so that two processes needing the same run compute it once (the second waits, then reads it)."""
+    return file_lock(Path(results_dir) / LOCKS / f"run-{run_hash}.lock", f"run {run_hash}")
 
 
 def package_versions() -> dict[str, str]:
@@ -116,7 +126,16 @@ def load_metadata(results_dir: str | Path, run_hash: str) -> dict[str, Any]:
 
 
 def aggregate(results_dir: str | Path) -> pd.DataFrame:
-    """Rows of every completed run, with its hash and device; written to aggregate.csv too."""
+    """Rows of every completed run, with its hash and device; written to aggregate.csv too.
+
+    Read and written under ``locks/aggregate.lock``: the last writer's snapshot holds every run
+    completed before it, so concurrent writers never drop one another's rows.
+    """
+    with file_lock(Path(results_dir) / LOCKS / "aggregate.lock", "the results aggregate"):
+        return _aggregate(results_dir)
+
+
+def _aggregate(results_dir: str | Path) -> pd.DataFrame:
     frames = []
     for metadata_path in sorted(Path(results_dir).glob(f"runs/*/{METADATA}")):
         metadata = json.loads(metadata_path.read_text())

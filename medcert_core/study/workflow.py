@@ -8,6 +8,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,31 +67,81 @@ def results_dir_of(entries: list[GridEntry], root: Path) -> Path:
 
 def run_grid_file(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
                   force: bool = False, book_dir: str | Path = "book",
-                  overrides: Mapping[str, Any] | None = None) -> list[Path]:
-    """Execute a grid file's notebooks into ``book_dir`` (under the project root); returns their paths.
+                  overrides: Mapping[str, Any] | None = None, executor: str = "local",
+                  slurm: Mapping[str, Any] | None = None, wait: bool = True) -> list[Path]:
+    """Execute a grid file's notebooks into ``book_dir`` (under the project root); returns their paths
+    (with ``executor="slurm"`` and ``wait=False``: those of the chapters already done).
 
     ``overrides``: parameter -> value set in every entry whose template has it (``--set KEY=VALUE``).
+    ``executor``: "local" (here, one after another) or "slurm" (one job per entry, see
+    ``medcert_core.study.executors``), with ``slurm`` options over the grid file's ``executor:`` section.
     """
+    return grid_report(grid_file, data_root=data_root, device=device, force=force, book_dir=book_dir,
+                       overrides=overrides, executor=executor, slurm=slurm, wait=wait).outputs
+
+
+@dataclass
+class GridReport:
+    """The chapters of a grid call: ``outputs`` (done), ``pending`` (SLURM jobs not waited for)."""
+
+    outputs: list[Path]
+    pending: list[str] = field(default_factory=list)
+
+
+def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
+                force: bool = False, book_dir: str | Path = "book", overrides: Mapping[str, Any] | None = None,
+                executor: str = "local", slurm: Mapping[str, Any] | None = None, wait: bool = True) -> GridReport:
+    """:func:`run_grid_file`, also saying which chapters are still pending on SLURM. Failed SLURM jobs
+    raise ``NotebookFailed`` (each with its log) once every job has ended."""
+    from medcert_core.study import executors
+
+    if executor not in executors.EXECUTORS:
+        raise ValueError(f"executor must be one of {list(executors.EXECUTORS)}, got {executor!r}")
+    if executor == "local" and any(value not in (None, {}) for value in (slurm or {}).values()):
+        given = sorted(key for key, value in (slurm or {}).items() if value not in (None, {}))
+        raise ValueError(f"SLURM options ({', '.join(given)}) need --executor slurm")
+    if executor == "local" and not wait:
+        raise ValueError("--no-wait needs --executor slurm (local notebooks run in this process)")
     root = project_root()
     entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
     results_dir = results_dir_of(entries, root)
-    outputs = run_grid(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
-                       results_dir=results_dir, cwd=root, force=force)
+    if executor == "local":
+        outputs = run_grid(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
+                           results_dir=results_dir, cwd=root, force=force)
+        store.aggregate(results_dir)
+        return GridReport(outputs)
+    options = executors.slurm_options(executors.grid_section(grid_file), slurm)
+    report = executors.run_on_slurm(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
+                                    results_dir=results_dir, cwd=root, options=options, wait=wait, force=force)
     store.aggregate(results_dir)
-    return outputs
+    executors.raise_on_failures(report)
+    pending = {outcome.entry.output for outcome in report.pending}
+    if pending:
+        print(f"[medcert] {len(pending)} SLURM job(s) submitted or still running: "
+              + ", ".join(f"{outcome.entry.output} (job {outcome.job_id}, log {outcome.log})" for outcome in report.pending)
+              + "\n[medcert] run the same command again to collect them (finished chapters are skipped)")
+    return GridReport([root / book_dir / f"{entry.output}.ipynb" for entry in entries if entry.output not in pending],
+                      sorted(pending))
 
 
 def run_study(profile: str, *, data_root: str | None = None, device: str = "auto", grid_file: str | Path | None = None,
-              force: bool = False, build: bool = True, overrides: Mapping[str, Any] | None = None) -> Path | None:
+              force: bool = False, build: bool = True, overrides: Mapping[str, Any] | None = None,
+              executor: str = "local", slurm: Mapping[str, Any] | None = None, wait: bool = True) -> Path | None:
     """Run profile ``profile``'s grid and build the website; returns the site's index.html (or None).
 
     ``overrides`` (``--set``) shrink or change the grid's parameters, e.g. ``{"test_images": 1}``.
+    ``executor``, ``slurm``, ``wait``: as for :func:`run_grid_file`; the website is built once every
+    chapter is done (a later call, after ``wait=False``, collects the jobs and builds it).
     """
     training_spec(profile)
     root = project_root()
     grid_file = Path(grid_file) if grid_file else root / "grids" / f"{profile}.yaml"
     start = time.perf_counter()
-    run_grid_file(grid_file, data_root=data_root, device=device, force=force, overrides=overrides)
+    report = grid_report(grid_file, data_root=data_root, device=device, force=force, overrides=overrides,
+                         executor=executor, slurm=slurm, wait=wait)
+    if report.pending:
+        print(f"[medcert] the website is built once the {len(report.pending)} pending chapter(s) are done")
+        return None
     print(f"[medcert] grid {grid_file.name} done in {time.perf_counter() - start:.0f} s")
     if not build:
         return None
@@ -98,3 +149,73 @@ def run_study(profile: str, *, data_root: str | None = None, device: str = "auto
     index = build_book(root, root / "notebooks")
     print(f"[medcert] website built in {time.perf_counter() - start:.0f} s")
     return index
+
+
+# --- a dataset chapter's runs outside its notebook (torchrun: each run's images over the processes) ---
+
+CHAPTER_PARAMETERS = ("archs", "denoiser", "denoise_steps", "segcertify_noise")  # what a dataset chapter has
+
+
+def chapter_runs(grid_file: str | Path, *, chapter: str | None = None, data_root: str | None = None,
+                 device: str | None = None, overrides: Mapping[str, Any] | None = None,
+                 root: Path | None = None) -> tuple[Any, list[Any]]:
+    """(Experiment, certification runs) of one dataset chapter of a grid, exactly as its notebook builds
+    them: the template's defaults, the grid's values and ``overrides``; ours for every architecture,
+    then the clean rows, SegCertify and ours for the first (the chapter's ``per_arch`` and ``comparison``).
+
+    ``chapter``: the entry's output name (default: the grid's first dataset chapter).
+    """
+    from medcert_core.study.experiment import Experiment, clean_baselines
+    from medcert_core.study.grid import template_parameters
+    from medcert_core.study.runs import ours, segcertify
+
+    root = root or project_root()
+    entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
+    defaults = {entry.output: template_parameters(root / "notebooks" / f"{entry.notebook}.ipynb") or {}
+                for entry in entries}
+    chapters = [entry for entry in entries if all(name in defaults[entry.output] for name in CHAPTER_PARAMETERS)]
+    chosen = [entry for entry in chapters if chapter in (None, entry.output)]
+    if not chosen:
+        raise ValueError(f"{grid_file}: no dataset chapter {chapter!r}; valid: {[entry.output for entry in chapters]}")
+    entry = chosen[0]
+    values = {**defaults[entry.output], **entry.parameters}
+    experiment = Experiment.from_parameters(values)
+    method = ours(values["denoiser"], values["denoise_steps"])
+    archs = list(values["archs"])
+    runs = [*experiment.runs(archs, [method]),
+            *experiment.runs(archs[:1], [*clean_baselines(values["segcertify_noise"]),
+                                          segcertify(values["segcertify_noise"]), method])]
+    unique = list({run.hash: run for run in runs}.values())
+    return experiment, unique
+
+
+def certify_chapter_runs(profile: str = "quick", *, grid_file: str | Path | None = None, chapter: str | None = None,
+                         data_root: str | None = None, device: str | None = None,
+                         overrides: Mapping[str, Any] | None = None, output: str | Path | None = None):
+    """Certify a dataset chapter's runs into the results store (``medcert certify-runs``); returns their
+    tidy rows. Launched by torchrun with several processes, each run's test images are sharded over
+    the ranks (``medcert_core.distributed``) and rank 0 writes the store, the aggregate and ``output``
+    (a CSV of the rows). The chapter's notebook later reads these runs back instead of computing them."""
+    from medcert_core import distributed
+    from medcert_core.io import write_atomically
+    from medcert_core.study.runs import run_all
+
+    training_spec(profile)
+    root = project_root()
+    grid_file = Path(grid_file) if grid_file else root / "grids" / f"{profile}.yaml"
+    shard = distributed.init()
+    try:
+        experiment, runs = chapter_runs(grid_file, chapter=chapter, data_root=data_root, device=device,
+                                        overrides=overrides, root=root)
+        first = shard is None or shard.first
+        frame = run_all(runs, results_dir=experiment.results_path, cache=experiment.cache_path,
+                        device=experiment.device, execution=experiment.execution, progress=experiment.progress and first)
+        if first:
+            store.aggregate(experiment.results_path)
+            if output is not None:
+                write_atomically(Path(output), lambda path: frame.to_csv(path, index=False))
+        if shard is not None:
+            distributed.barrier()
+        return frame
+    finally:
+        distributed.shutdown()

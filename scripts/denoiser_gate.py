@@ -25,9 +25,8 @@ import torch
 import yaml
 
 from medcert_core.denoisers import load_denoiser
-from medcert_core.denoisers.gate import mmse_gate_failures
+from medcert_core.denoisers.gate import mmse_gate_failures, psnr_row
 from medcert_core.io import write_json_atomically
-from medcert_core.metrics import psnr
 from medcert_core.study.assets import DataSpec, ddpm_image_size, resolve_denoiser_spec
 from medcert_core.study.profiles import training_spec
 
@@ -72,13 +71,8 @@ def main() -> int:
             UNET: load_denoiser(unets[sigma], sigma),
         }
         for name, denoiser in denoisers.items():
-            with torch.inference_mode():
-                estimate = noisy if denoiser is None else torch.cat(
-                    [denoiser(batch) for batch in noisy.split(args.batch_size)])
-            values = psnr(estimate, clean)
-            rows.append({"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()),
-                         "psnr_std_db": float(values.std()), "images": len(values)})
-            print(f"sigma {sigma:4}  {name:18} PSNR {values.mean():6.2f} dB", flush=True)
+            rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size))
+            print(f"sigma {sigma:4}  {name:18} PSNR {rows[-1]['psnr_db']:6.2f} dB", flush=True)
     failures = mmse_gate_failures({(row["sigma"], row["denoiser"]): row["psnr_db"] for row in rows},
                                   args.sigmas, single=SINGLE, rivals=(MULTI, UNET))
     result = {

@@ -16,8 +16,8 @@ import torch
 
 from medcert_core.data import load_dataset
 from medcert_core.denoisers import load_denoiser, train_ddpm, train_unet_denoiser
+from medcert_core.denoisers.gate import psnr_row
 from medcert_core.io import write_json_atomically
-from medcert_core.metrics import psnr
 
 
 def main() -> None:
@@ -59,13 +59,8 @@ def main() -> None:
             "unet denoiser": load_denoiser(f"unet:{unets[sigma]}", sigma),
         }
         for name, denoiser in denoisers.items():
-            with torch.inference_mode():
-                estimate = noisy if denoiser is None else torch.cat(
-                    [denoiser(batch) for batch in noisy.split(args.batch_size)])
-            values = psnr(estimate, clean)
-            rows.append({"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()),
-                         "psnr_std_db": float(values.std()), "images": len(values)})
-            print(f"sigma {sigma:4}  {name:24} PSNR {values.mean():6.2f} dB")
+            rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size))
+            print(f"sigma {sigma:4}  {name:24} PSNR {rows[-1]['psnr_db']:6.2f} dB")
     result = {
         "dataset": args.dataset, "split": "test", "image_size": args.image_size, "rows": rows,
         "ddpm": {"folder": str(ddpm), "training_steps": args.ddpm_steps, "preset": "tiny",

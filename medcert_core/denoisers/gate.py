@@ -5,6 +5,11 @@ the UNet trained to denoise, at every sigma (DESIGN.md). ``scripts/denoiser_gate
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from medcert_core.metrics import psnr
 
 
 def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Sequence[float], *,
@@ -21,3 +26,13 @@ def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Seque
             if mine < theirs:
                 failures.append(f"sigma {sigma:g}: {single} {mine:.2f} dB < {rival} {theirs:.2f} dB")
     return failures
+
+
+def psnr_row(denoiser: torch.nn.Module | None, noisy: torch.Tensor, clean: torch.Tensor, *, sigma: float, name: str,
+             batch_size: int = 16) -> dict[str, Any]:
+    """Mean and std test PSNR (dB) of a denoiser (None: the noisy input itself) on (N, C, H, W) images."""
+    with torch.inference_mode():
+        estimate = noisy if denoiser is None else torch.cat([denoiser(batch) for batch in noisy.split(batch_size)])
+    values = psnr(estimate, clean)
+    return {"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()), "psnr_std_db": float(values.std()),
+            "images": len(values)}

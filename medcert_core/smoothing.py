@@ -287,16 +287,19 @@ class SmoothedSegmenter:
     def _classes_of_draws(self, noisy: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
         """Class ids (B, H, W) of noisy draws (B, C, H, W), in batches of the working size; an
         out-of-memory error halves it and redoes the failed batch with the same noise."""
-        done, chunks = 0, []
+        done, chunks, retried = 0, [], False
         while done < noisy.shape[0]:
             size = min(self._working_batch, noisy.shape[0] - done)
-            part = None if generators is None else replay(generators[done:done + size])
+            part = None if generators is None else generators[done:done + size]
+            if retried and part is not None:
+                part = replay(part)  # a failed try consumed some of them: start them again from their seeds
             try:
                 chunks.append(self._padded_classes(noisy[done:done + size], part))
             except torch.OutOfMemoryError:
                 if self._working_batch == 1:
                     raise
                 self._halve_batch()
+                retried = True
                 continue
             done += size
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

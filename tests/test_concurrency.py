@@ -80,7 +80,8 @@ def test_two_processes_needing_one_run_compute_it_once(tmp_path, monkeypatch):
     def slow_compute(*args, **kwargs):
         calls.append(threading.get_ident())
         time.sleep(1.0)
-        return pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]}), {"labels": np.zeros((1, 2, 2))}
+        return runs.RunOutput(pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]}),
+                              {"labels": np.zeros((1, 2, 2))}, pd.DataFrame())
 
     monkeypatch.setattr(runs, "compute", slow_compute)
     results: dict[int, pd.DataFrame] = {}

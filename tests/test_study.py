@@ -140,6 +140,57 @@ def test_certification_runs_are_stored_and_read_back(tiny_experiment, monkeypatc
     assert expected.is_file()
 
 
+@pytest.mark.filterwarnings("ignore:n = 60 draws cannot certify")
+def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment, monkeypatch):
+    import torch
+
+    from medcert_core.smoothing import image_seed
+    from medcert_core.study.runs import curve_taus, smoothed_segmenter
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    method = ours("none")
+    rows, curves = tiny_experiment.run(["unet"], [method]), tiny_experiment.curves(["unet"], [method])
+    taus = curve_taus(0.75)
+    assert sorted(curves["tau"].unique()) == list(taus) and len(curves) == 2 * 4 * len(taus)
+    assert curves["radius"].to_numpy() == pytest.approx(0.5 * norm.ppf(curves["tau"].to_numpy()))
+    at_run_tau = curves[curves["tau"] == 0.75].reset_index(drop=True)
+    for column in ("image_id", "class_id", "dice", "iou", "abstain"):  # at the run's tau: the run's own rows
+        assert at_run_tau[column].tolist() == rows[column].tolist()
+    # each tau: what a fresh certificate of the same draws (same image seed) gives, computed independently
+    run = tiny_experiment.certification_run("unet", method, 0.5)
+    smoothed, _ = smoothed_segmenter(run, tiny_experiment.cache_path, torch.device("cpu"))
+    test_set = run.data.load("test")
+    image, _ = test_set[1]
+    for tau in (0.55, 0.65, 0.9):
+        generator = torch.Generator().manual_seed(image_seed(run.data.seed, test_set.ids[1]))
+        certificate = smoothed.certify(image, run.n0, run.n, tau=tau, alpha=run.alpha, generator=generator)
+        row = curves[(curves["tau"] == tau) & (curves["image_id"].astype(str) == str(test_set.ids[1]))].iloc[0]
+        assert row["abstain"] == pytest.approx(certificate.abstain_fraction)
+    # Holm is monotone in the p-values: abstention never falls as tau (and R) rises
+    per_image = curves.drop_duplicates(["image_id", "tau"]).sort_values("tau").groupby("image_id")["abstain"]
+    assert all(series.is_monotonic_increasing for _, series in per_image)
+    assert (curves.groupby("tau")["abstain"].mean().diff().dropna() > 0).any(), "the curve must move with tau"
+    aggregate = pd.read_csv(tiny_experiment.results_path / store.AGGREGATE_CURVES)
+    assert len(aggregate[aggregate["run"] == run.hash]) == len(curves)
+
+
+def test_dice_against_radius_has_one_line_per_method_and_sigma():
+    curves = pd.DataFrame([
+        {"method_label": method, "arch": "unet", "class_name": name, "class_id": class_id, "sigma": sigma,
+         "tau": tau, "radius": radius(sigma, tau), "image_id": image, "dice": dice, "abstain": 0.1}
+        for method, offset in (("ours", 0.0), ("SegCertify", 0.2)) for sigma in (0.25, 0.5)
+        for tau in (0.6, 0.9) for class_id, name in ((0, "background"), (1, "lung"))
+        for image, dice in (("a", 0.9 - offset - tau / 2), ("b", 0.7 - offset - tau / 2))])
+    figure = report.dice_against_radius(curves)
+    assert len(figure.data) == 2 * 2  # (2 methods x 2 sigmas) lines in the one foreground panel
+    ours_025 = next(trace for trace in figure.data if trace.name == "ours · unet, σ 0.25")
+    assert list(ours_025.x) == pytest.approx([radius(0.25, 0.6), radius(0.25, 0.9)])
+    assert list(ours_025.y) == pytest.approx([0.8 - 0.3, 0.8 - 0.45])
+    table = report.radius_curve_table(curves)
+    assert table.loc[("SegCertify", "unet", 0.5, 0.9, round(radius(0.5, 0.9), 3)), "lung"] == pytest.approx(0.15)
+    assert table["%⊘ all"].unique() == pytest.approx([10.0])
+
+
 def test_experiment_reads_a_notebook_namespace():
     namespace = {"profile": "jsrt", "dataset": "jsrt", "image_size": [288, 384], "archs": ["unet"], "sigmas": [1.0],
                  "unrelated": object()}
@@ -340,7 +391,7 @@ def test_differences_from_paper_state_settings_and_numbers():
     for method, noise, sigma, lung in (("ours", 0.0, 1.0, 0.80), ("segcertify", 0.25, 1.0, 0.10),
                                        ("plain", 0.0, 0.0, 0.96), ("plain", 0.25, 0.0, 0.90)):
         for class_id, name in enumerate(("background", "lung", "heart", "clavicle")):
-            dice = {"lung": lung, "heart": 0.5, "clavicle": 0.2}.get(name, 0.99)
+            dice = {"lung": lung, "heart": 0.5, "clavicle": 0.3 if method == "segcertify" else 0.2}.get(name, 0.99)
             rows.append({"method": method, "train_noise": noise, "arch": "resunetpp", "sigma": sigma, "image_id": "a",
                          "class_id": class_id, "class_name": name, "dice": dice, "iou": dice, "abstain": 0.1, "abstain_in_class": 0.0})
     frame = pd.DataFrame(rows)
@@ -356,7 +407,10 @@ def test_differences_from_paper_state_settings_and_numbers():
     assert "lung -0.10, heart -0.37, clavicle -0.08" in text
     assert "heart with resunetpp at σ = 1: certified Dice 0.50 here against 0.87" in text
     assert "from 0.96 to 0.90 (paper: 0.97 to 0.91)" in text
-    assert "lung Dice 0.80 against SegCertify's 0.10, as in the paper" in text
+    assert ("σ = 1.** Ours' certified Dice is ahead on 1, tied (within 0.01) on 1 and behind on 1 of 3 "
+            "(architecture, class) pairs (tied: resunetpp heart 0.50 vs 0.50; behind: resunetpp clavicle 0.20 vs 0.30)."
+            ) in text
+    assert "parameters: resunetpp 1.0 M" in text and "(0.6 M parameters)" in text and "ADM checkpoint (552.8 M)" in text
 
 
 def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(notebooks, monkeypatch):

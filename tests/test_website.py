@@ -90,6 +90,24 @@ def test_executed_chapters_keep_no_progress_bar_noise(smoke_site):
     assert not list((smoke_site.parents[1] / "book").glob(".*.running.ipynb"))
 
 
+def test_every_executed_chapter_ends_with_the_command_that_reruns_it(smoke_site):
+    import shlex
+
+    import nbformat
+
+    root = smoke_site.parents[1]
+    for entry in smoke_entries(root):
+        notebook = nbformat.read(root / "book" / f"{entry.output}.ipynb", as_version=4)
+        box = notebook.cells[-1]
+        assert box.cell_type == "markdown" and box.source.startswith("````{admonition} Rerun this chapter")
+        line = next(line for line in box.source.splitlines() if "/bin/papermill " in line)
+        argv = shlex.split(line)
+        assert argv[0] == ".venv/bin/papermill" and (root / argv[1]).resolve() == REPO / "notebooks" / f"{entry.notebook}.ipynb"
+        assert argv[argv.index("-y") + 1] and yaml.safe_load(argv[argv.index("-y") + 1]) == entry.parameters
+        page = (smoke_site / "book" / f"{entry.output}.html").read_text()
+        assert "admonition" in page and "Rerun this chapter" in page
+
+
 def test_a_finished_grid_is_not_executed_again(smoke_site, monkeypatch):
     root = smoke_site.parents[1]
     before = {path: path.stat().st_mtime_ns for path in (root / "book").glob("*.ipynb")}

@@ -132,6 +132,13 @@ class Experiment:
         store.aggregate(self.results_path)
         return frame
 
+    def curves(self, archs: Sequence[str], methods: Sequence[Method]) -> pd.DataFrame:
+        """Curve rows (image x class x tau) of every smoothed run, computed first if missing."""
+        self.run(archs, methods)
+        frames = [store.load_curves(self.results_path, run.hash).assign(run=run.hash)
+                  for run in self.runs(archs, methods) if run.sigma > 0]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     def maps(self, arch: str, method: Method, sigma: float) -> dict[str, np.ndarray]:
         """Stored label maps of a completed run (see ``runs.MAP_IMAGES``)."""
         return store.load_maps(self.results_path, self.certification_run(arch, method, sigma).hash)

@@ -325,6 +325,34 @@ def without_stderr(notebook):
     return notebook
 
 
+RERUN = """````{{admonition}} Rerun this chapter
+:class: tip
+This page is the template `{template}` executed with the parameters below. From the project root,
+with the project installed (`./run.sh` sets it up), the same chapter is
+
+```bash
+{venv}/bin/papermill {template} {output} --cwd . -y '{parameters}'
+```
+
+{grid}Or open the template in JupyterLab (`./run.sh lab`), set these values in its parameters cell and run
+all cells (`interactive = True` adds the live controls).
+````"""
+
+
+def rerun_cell(entry: GridEntry, template: str, output: str):
+    """A closing markdown cell: how to run this chapter again (papermill call with its parameters)."""
+    import nbformat
+
+    profile = entry.parameters.get("profile")
+    grid = (f"It is part of the `{profile}` study: `./run.sh study --profile {profile}` (`grids/{profile}.yaml`, "
+            "which adds `--data-root DIR` where the data lives elsewhere).\n" if profile in PROFILES else "")
+    parameters = json.dumps(entry.parameters, ensure_ascii=False).replace("'", "'\\''")
+    cell = nbformat.v4.new_markdown_cell(RERUN.format(template=template, output=output, venv=".venv",
+                                                      parameters=parameters, grid=grid))
+    cell.metadata["medcert"] = {"rerun": True}
+    return cell
+
+
 def record_done(entry: GridEntry, results_dir: Path) -> None:
     """Record in the grid state that ``entry`` was executed with its hash (read-modify-write under a lock:
     several jobs finishing at once each keep their entry)."""
@@ -362,9 +390,11 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
         raise NotebookFailed(f"notebook {entry.notebook} failed with {reason}\n  parameters: {entry.parameters}\n"
                              f"  the partly executed copy, with the traceback, is {temporary}") from error
     notebook = without_stderr(nbformat.read(temporary, as_version=4))
+    template, output_path = (os.path.relpath(notebooks_dir / f"{entry.notebook}.ipynb", cwd),
+                             os.path.relpath(output, cwd))
     notebook.metadata["papermill"].update(  # paths as the project sees them, not as this machine does
-        input_path=os.path.relpath(notebooks_dir / f"{entry.notebook}.ipynb", cwd),
-        output_path=os.path.relpath(output, cwd))
+        input_path=template, output_path=output_path)
+    notebook.cells.append(rerun_cell(entry, template, output_path))
     notebook.metadata["medcert"] = {"notebook": entry.notebook, "parameters": entry.parameters,
                                     "parameters_hash": entry.hash}
     write_atomically(output, lambda path: nbformat.write(notebook, str(path)))

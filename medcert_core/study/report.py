@@ -2,7 +2,8 @@
 
 ``paper_table`` lays results out as the paper's Tables 1-3: one row per method x arch x sigma x R,
 per class certified Dice, IoU and % abstain. Figures are plotly: certified Dice against sigma
-(and R), and abstention maps side by side as the paper's Figure 1 (abstained pixels white).
+(and R), certified Dice against the radius from one set of draws per run (``dice_against_radius``),
+and abstention maps side by side as the paper's Figure 1 (abstained pixels white).
 ``show`` displays either, as HTML that needs only the plotly.js the book serves from ``_static``
 (and as plotly's own mimetype for Jupyter), so the static site loads nothing from a CDN.
 """
@@ -76,6 +77,37 @@ def dice_against_sigma(frame: pd.DataFrame, metric: str = "dice"):
     figure.for_each_annotation(lambda annotation: annotation.update(text=annotation.text.split("=")[-1]))
     figure.update_layout(height=380, margin={"t": 40, "b": 10}, legend_title_text="")
     return figure
+
+
+def dice_against_radius(curves: pd.DataFrame, metric: str = "dice"):
+    """Certified ``metric`` (mean per image) against the radius R = sigma Phi^-1(tau), from one set
+    of draws per run certified at every tau of its grid: one panel per class, one line per
+    method x arch (colour) and sigma (dash). ``curves``: curve rows (``Experiment.curves``)."""
+    import plotly.express as px
+
+    certified = curves[curves["class_id"] > 0]
+    means = (certified.groupby(["method_label", "arch", "class_name", "class_id", "sigma", "tau", "radius"])[metric]
+             .mean().reset_index().sort_values(["class_id", "sigma", "tau"]))
+    means["model"] = means["method_label"] + " · " + means["arch"]
+    means["σ"] = means["sigma"].map(lambda sigma: f"σ {sigma:g}")
+    figure = px.line(means, x="radius", y=metric, color="model", line_dash="σ", facet_col="class_name", markers=True,
+                     hover_data={"tau": ":.2f", "radius": ":.3f"},
+                     labels={"radius": "certified radius R", metric: f"certified {METRICS[metric]}"}, range_y=[0, 1.02])
+    figure.for_each_annotation(lambda annotation: annotation.update(text=annotation.text.split("=")[-1]))
+    figure.update_layout(height=400, margin={"t": 40, "b": 10}, legend_title_text="")
+    return figure
+
+
+def radius_curve_table(curves: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
+    """The curves' values: mean certified ``metric`` per class and the abstained share of the image,
+    one row per method x arch x sigma x tau (with R)."""
+    keys = ["method_label", "arch", "sigma", "tau", "radius"]
+    foreground = curves[curves["class_id"] > 0]
+    table = foreground.pivot_table(index=keys, columns="class_name", values=metric, aggfunc="mean", sort=False)
+    table["%⊘ all"] = foreground.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean() * 100
+    table.index = table.index.set_names(["method", "arch", "σ", "τ", "R"])
+    table.columns.name = None
+    return table.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value).sort_index()
 
 
 def colour_labels(labels: np.ndarray) -> np.ndarray:

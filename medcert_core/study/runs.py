@@ -4,6 +4,10 @@ certified on the first test images; computed once, then read back from the resul
 A ``Method`` is what the paper compares: SegCertify (a segmenter trained with sigma = 0.25 noise,
 no denoiser), ours (a segmenter trained without noise behind a denoiser), or a plain model.
 sigma = 0 means no certificate: the plain prediction on the clean image (the paper's sigma 0 rows).
+
+A smoothed run also certifies the same counts at every tau of ``curve_taus`` (each its own Holm
+family at level alpha, no extra draws): its curve rows give certified Dice against the radius
+R = sigma Phi^-1(tau), one row per image x class x tau.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medcert_core import distributed
-from medcert_core.certify import certified_radius
+from medcert_core.certify import TAU_GRID, Certificate, certified_radius, certify_counts, certify_counts_over_taus
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
@@ -129,8 +133,8 @@ def smoothed_segmenter(run: CertificationRun, cache: Path, device: torch.device,
 
 def compute(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto",
             execution: Execution = Execution(), progress: bool = True,
-            shard: Shard = Shard()) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Certify the run's test images; returns (tidy rows, label maps of the first MAP_IMAGES).
+            shard: Shard = Shard()) -> RunOutput:
+    """Certify the run's test images: tidy rows, label maps of the first MAP_IMAGES, curve rows.
 
     ``shard``: only this process's images (``shard.indices``), for :func:`assemble` to merge.
     """
@@ -144,6 +148,32 @@ class ShardResult:
     rows: dict[int, list[dict[str, Any]]]
     maps: dict[int, dict[str, np.ndarray]]
     class_names: list[str]
+    curves: dict[int, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class RunOutput:
+    """A computed run: tidy rows (image x class), label maps of the first images, curve rows
+    (image x class x tau; empty for sigma = 0)."""
+
+    rows: pd.DataFrame
+    maps: dict[str, np.ndarray]
+    curves: pd.DataFrame
+
+
+def curve_taus(tau: float) -> tuple[float, ...]:
+    """The tau grid of a run's radius curve: ``TAU_GRID`` and the run's own tau, ascending."""
+    return tuple(sorted({*TAU_GRID, float(tau)}))
+
+
+def curve_rows(certificates: list[Certificate], taus: tuple[float, ...], target: torch.Tensor, image_id: str,
+               class_names: list[str], columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class x tau of one image: its certified scores at tau, with tau and its radius."""
+    accumulator = MetricAccumulator(class_names)
+    for certificate, tau in zip(certificates, taus):
+        accumulator.add(certificate.labels.cpu(), target, image_id=image_id,
+                        **{**columns, "tau": tau, "radius": certified_radius(columns["sigma"], tau)})
+    return accumulator.rows
 
 
 def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.device = "auto",
@@ -168,9 +198,17 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
             labels = predict_batch(model, image[None].to(device))[0].cpu()
         else:
             generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
-            certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
+            selected, counts = smoothed.counts(image, run.n0, run.n, generator=generator)
+            certificate = certify_counts(selected, counts, run.n, sigma=run.sigma, tau=run.tau, alpha=run.alpha,
+                                         n0=run.n0, num_classes=config.num_classes)  # warns if n cannot certify
             labels = certificate.labels.cpu()  # on the model's device otherwise
         seconds = time.perf_counter() - start
+        if smoothed is not None:  # the same counts at every tau of the curve
+            taus = curve_taus(run.tau)
+            certificates = certify_counts_over_taus(selected, counts, run.n, sigma=run.sigma, taus=taus,
+                                                    alpha=run.alpha, n0=run.n0, num_classes=config.num_classes)
+            result.curves[index] = curve_rows(certificates, taus, target, str(test_set.ids[index]),
+                                              config.class_names, columns)
         accumulator = MetricAccumulator(config.class_names)
         accumulator.add(labels, target, image_id=str(test_set.ids[index]), seconds=seconds, **columns)
         result.rows[index] = accumulator.rows
@@ -181,20 +219,25 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
     return result
 
 
-def assemble(parts: list[ShardResult]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The shards of one run merged in test image order: (tidy rows, label maps), as one process gives them."""
+def _in_image_order(per_image: dict[int, list[dict[str, Any]]]) -> pd.DataFrame:
+    return pd.DataFrame([row for index in sorted(per_image) for row in per_image[index]])
+
+
+def assemble(parts: list[ShardResult]) -> RunOutput:
+    """The shards of one run merged in test image order, as one process gives them."""
     rows = {index: image_rows for part in parts for index, image_rows in part.rows.items()}
+    curves = {index: image_rows for part in parts for index, image_rows in part.curves.items()}
     maps = {index: image_maps for part in parts for index, image_maps in part.maps.items()}
-    frame = pd.DataFrame([row for index in sorted(rows) for row in rows[index]])
     stacked = {key: np.stack([maps[index][key] for index in sorted(maps)])
                for key in ("image", "noisy", "target", "labels")}
     stacked["class_names"] = np.array(parts[0].class_names)
-    return frame, stacked
+    return RunOutput(_in_image_order(rows), stacked, _in_image_order(curves))
 
 
-def _save(run: CertificationRun, results_dir: str | Path, rows: pd.DataFrame, maps: dict[str, np.ndarray], *,
+def _save(run: CertificationRun, results_dir: str | Path, output: RunOutput, *,
           device: str | torch.device, execution: Execution, seconds: float, **extra: Any) -> None:
-    store.save_run(results_dir, run.hash, rows, maps, run.parameters(), device=str(resolve_device(device)),
+    store.save_run(results_dir, run.hash, output.rows, output.maps, run.parameters(), curves=output.curves,
+                   device=str(resolve_device(device)),
                    device_note=DEVICE_NOTE, source_digest=store.source_digest(), execution=execution.options(),
                    seconds=seconds, data_root=run.data.data_root, **extra)
 
@@ -218,11 +261,11 @@ def run_certification(run: CertificationRun, *, results_dir: str | Path, cache: 
         if store.is_complete(results_dir, run.hash):  # computed by another process while this one waited
             return store.load_rows(results_dir, run.hash)
         start = time.perf_counter()
-        rows, maps = compute(run, Path(cache), device=device, execution=execution, progress=progress)
+        output = compute(run, Path(cache), device=device, execution=execution, progress=progress)
         if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
             return store.load_rows(results_dir, run.hash)
-        _save(run, results_dir, rows, maps, device=device, execution=execution, seconds=time.perf_counter() - start)
-    return rows
+        _save(run, results_dir, output, device=device, execution=execution, seconds=time.perf_counter() - start)
+    return output.rows
 
 
 def run_sharded(run: CertificationRun, shard: Shard, *, results_dir: str | Path, cache: str | Path,
@@ -239,10 +282,10 @@ def run_sharded(run: CertificationRun, shard: Shard, *, results_dir: str | Path,
                           shard=shard)
     parts = distributed.gather_to_first(part)
     if shard.first:
-        rows, maps = assemble(parts)
+        output = assemble(parts)
         with store.run_lock(results_dir, run.hash):
             if not store.is_complete(results_dir, run.hash):  # another process may have finished it meanwhile
-                _save(run, results_dir, rows, maps, device=device, execution=execution,
+                _save(run, results_dir, output, device=device, execution=execution,
                       seconds=time.perf_counter() - start, processes=shard.world_size)
     distributed.barrier()
     return store.load_rows(results_dir, run.hash)

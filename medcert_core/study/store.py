@@ -1,9 +1,11 @@
 """The results store: one folder per completed run, keyed by the hash of its parameters.
 
     <results_dir>/runs/<hash>/results.csv    tidy: one row per image x class (x sigma)
+    <results_dir>/runs/<hash>/curves.csv     tidy: one row per image x class x tau (smoothed runs)
     <results_dir>/runs/<hash>/maps.npz       label maps of the first test images, for figures
     <results_dir>/runs/<hash>/metadata.json  parameters, versions, git commit, device; written last
     <results_dir>/aggregate.csv              every completed run's rows, for the chapters
+    <results_dir>/aggregate_curves.csv       every completed run's curve rows
 
 A run is complete when its metadata.json exists; every file is written atomically, so a crash
 leaves either a complete run or one that is simply computed again. Several processes (SLURM jobs,
@@ -30,9 +32,11 @@ import pandas as pd
 from medcert_core.io import file_lock, write_atomically, write_json_atomically
 
 RESULTS = "results.csv"
+CURVES = "curves.csv"
 MAPS = "maps.npz"
 METADATA = "metadata.json"
 AGGREGATE = "aggregate.csv"
+AGGREGATE_CURVES = "aggregate_curves.csv"
 LOCKS = "locks"  # flock files of the store (and of the grid state): hold nothing once their process ends
 _PACKAGES = ("medcert", "torch", "torchvision", "numpy", "scipy", "statsmodels", "diffusers",
              "segmentation-models-pytorch")
@@ -94,10 +98,12 @@ def git_commit(folder: str | Path = ".") -> str | None:
 
 
 def save_run(results_dir: str | Path, run_hash: str, rows: pd.DataFrame, maps: dict[str, np.ndarray],
-             parameters: dict[str, Any], **extra: Any) -> Path:
-    """Write a finished run: rows, maps, then metadata (the completion mark), each atomically."""
+             parameters: dict[str, Any], *, curves: pd.DataFrame | None = None, **extra: Any) -> Path:
+    """Write a finished run: rows, curve rows, maps, then metadata (the completion mark), each atomically."""
     folder = run_folder(results_dir, run_hash)
     write_atomically(folder / RESULTS, lambda path: rows.to_csv(path, index=False))
+    if curves is not None and not curves.empty:
+        write_atomically(folder / CURVES, lambda path: curves.to_csv(path, index=False))
 
     def write_maps(path: Path) -> None:
         with open(path, "wb") as handle:
@@ -116,6 +122,12 @@ def load_rows(results_dir: str | Path, run_hash: str) -> pd.DataFrame:
     return pd.read_csv(run_folder(results_dir, run_hash) / RESULTS)
 
 
+def load_curves(results_dir: str | Path, run_hash: str) -> pd.DataFrame:
+    """The run's curve rows (image x class x tau); empty for a run without them (sigma = 0)."""
+    path = run_folder(results_dir, run_hash) / CURVES
+    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+
+
 def load_maps(results_dir: str | Path, run_hash: str) -> dict[str, np.ndarray]:
     with np.load(run_folder(results_dir, run_hash) / MAPS) as saved:
         return {key: saved[key] for key in saved.files}
@@ -126,7 +138,8 @@ def load_metadata(results_dir: str | Path, run_hash: str) -> dict[str, Any]:
 
 
 def aggregate(results_dir: str | Path) -> pd.DataFrame:
-    """Rows of every completed run, with its hash and device; written to aggregate.csv too.
+    """Rows of every completed run, with its hash and device; written to aggregate.csv too (and
+    the curve rows to aggregate_curves.csv).
 
     Read and written under ``locks/aggregate.lock``: the last writer's snapshot holds every run
     completed before it, so concurrent writers never drop one another's rows.
@@ -136,11 +149,15 @@ def aggregate(results_dir: str | Path) -> pd.DataFrame:
 
 
 def _aggregate(results_dir: str | Path) -> pd.DataFrame:
-    frames = []
+    frames, curve_frames = [], []
     for metadata_path in sorted(Path(results_dir).glob(f"runs/*/{METADATA}")):
         metadata = json.loads(metadata_path.read_text())
-        rows = pd.read_csv(metadata_path.parent / RESULTS)
-        frames.append(rows.assign(run=metadata["hash"], device=metadata.get("device", "")))
+        columns = {"run": metadata["hash"], "device": metadata.get("device", "")}
+        frames.append(pd.read_csv(metadata_path.parent / RESULTS).assign(**columns))
+        if (metadata_path.parent / CURVES).exists():
+            curve_frames.append(pd.read_csv(metadata_path.parent / CURVES).assign(**columns))
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    curves = pd.concat(curve_frames, ignore_index=True) if curve_frames else pd.DataFrame()
     write_atomically(Path(results_dir) / AGGREGATE, lambda path: frame.to_csv(path, index=False))
+    write_atomically(Path(results_dir) / AGGREGATE_CURVES, lambda path: curves.to_csv(path, index=False))
     return frame

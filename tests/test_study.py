@@ -242,6 +242,19 @@ def test_dice_against_sigma_has_one_panel_per_class_and_one_line_per_method():
     assert "R 0.67" in figure.layout.xaxis.ticktext[-1]
 
 
+def test_ranking_per_sigma_averages_classes_then_ranks_the_methods():
+    frame = tidy([(method, sigma, image, c, dice, 0.0, 0.0, 0.0)
+                  for method, base in (("ours", 0.8), ("SegCertify", 0.6)) for sigma in (0.25, 1.0)
+                  for image, shift in (("a", 0.0), ("b", 0.1)) for c, dice in
+                  ((0, 0.99), (1, base + shift - sigma / 4), (2, base - 0.2 * (method == "ours" and sigma == 1.0)))])
+    table = report.ranking_per_sigma(frame)
+    # ours at sigma 1: class 1 mean (0.55 + 0.65) / 2 = 0.60, class 2 0.60 -> 0.60; SegCertify: 0.40 and 0.60 -> 0.50
+    assert table.loc[1.0].index.tolist() == ["ours", "SegCertify"]
+    assert table.loc[1.0]["mean certified Dice"].tolist() == pytest.approx([0.60, 0.50])
+    assert table.loc[1.0]["gap to best"].tolist() == pytest.approx([0.0, -0.10])
+    assert table.loc[0.25]["rank"].tolist() == [1, 2]
+
+
 def test_abstained_pixels_are_white_and_background_black():
     labels = np.array([[0, 1], [ABSTAIN, 2]])
     rgb = report.colour_labels(labels)

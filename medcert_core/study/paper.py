@@ -134,7 +134,7 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
     table = next_to_paper(per_arch, "jsrt_table1")
     if len(table):
         deltas = ", ".join(f"{name} {_mean_delta(table, name, 'ours'):+.2f}" for name in CLASSES)
-        lines.append(f"**Certified Dice of ours.** Averaged over the rows above, here − paper is {deltas}.")
+        lines.append(f"**Certified Dice of ours.** Averaged over the Table 1 rows below, here − paper is {deltas}.")
     if len(table):
         deltas = table.xs("Dice", level=1, axis=1).xs("Δ", level=1, axis=1)
         *row, name = deltas.stack().idxmin()

@@ -359,6 +359,18 @@ def test_live_recertification_shows_each_method(tiny_experiment, monkeypatch):
         "noisy input", "ground truth", "plain (noise 0)", "ours (no denoiser)"]
 
 
+def test_live_certificate_of_an_image_is_its_stored_runs(tiny_experiment, monkeypatch):
+    from medcert_core.study import live
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    method = ours("none")
+    tiny_experiment.run(["unet"], [method])
+    stored = tiny_experiment.maps("unet", method, 0.5)["labels"]
+    for index in (0, 1):  # the same per-image noise seed as the stored run
+        panel = live.certify_panel(tiny_experiment, "unet", [method], index=index, sigma=0.5)
+        assert (panel[method.label][0] == stored[index]).all()
+
+
 def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
     import nbformat
 
@@ -489,3 +501,39 @@ def test_every_committed_grid_is_valid(grid_file):
     assert all(entry.parameters["interactive"] is False for entry in entries)
     assert not [value for entry in entries for value in map(str, entry.parameters.values()) if "{data_root}" in value]
     assert results_dir_of(entries, root) == root / "runs" / "results"
+
+
+def test_live_controls_are_disabled_and_show_progress_while_certifying(tiny_experiment, monkeypatch):
+    from medcert_core.study import live
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    methods = [plain(0.0), ours("none")]
+    box = live.controls(tiny_experiment, "unet", methods)
+    (image, sigma, button), (progress, status) = box.children[0].children, box.children[1].children
+    numbers = box.children[2]
+    name = tiny_experiment.data.load("test").ids[1]
+    seen, certify_labels = [], live.certify_labels
+
+    def spy(*args):
+        pickers = [image.disabled, sigma.disabled, button.disabled]
+        seen.append((pickers, progress.layout.display, progress.value, status.value))
+        return certify_labels(*args)
+
+    monkeypatch.setattr(live, "certify_labels", spy)
+    image.value = 1
+    button.click()
+    assert seen == [([True] * 3, "", k, f"certifying {name} at σ = 0.5 (method {k + 1} of 2: {method.label})")
+                    for k, method in enumerate(methods)]
+    assert [image.disabled, sigma.disabled, button.disabled] == [False] * 3 and progress.layout.display == "none"
+    assert status.value == f"certified {name} at σ = 0.5"
+    lines = numbers.value.split("<br>")
+    assert [line.split(":")[0] for line in lines] == ["plain (noise 0)", "ours (no denoiser)"]
+    assert all("% abstain, certified Dice " in line for line in lines)
+
+    def fail(*args):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(live, "certify_labels", fail)
+    button.click()  # the exception is shown (outside IPython: logged by the button), the controls come back
+    assert [image.disabled, sigma.disabled, button.disabled] == [False] * 3 and progress.layout.display == "none"
+    assert status.value == f"certifying {name} at σ = 0.5 failed (traceback below)" and numbers.value == ""

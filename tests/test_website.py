@@ -2,7 +2,7 @@
 and its pages opened in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
 Checks: no console error, no request leaves the machine, every results chapter shows a rendered
-plotly chart and a results table; a screenshot is saved (MEDCERT_SCREENSHOTS, else the tmp folder).
+plotly chart and a results table; a screenshot is saved (MEDCERT_SCREENSHOTS, else runs/screenshots/, git-ignored).
 """
 
 from __future__ import annotations
@@ -121,11 +121,11 @@ def test_a_finished_grid_is_not_executed_again(smoke_site, monkeypatch):
     assert {path: path.stat().st_mtime_ns for path in before} == before
 
 
-def test_site_works_offline_with_charts_and_tables(served, smoke_site, tmp_path):
+def test_site_works_offline_with_charts_and_tables(served, smoke_site):
     _require_chromium()
     from playwright.sync_api import sync_playwright
 
-    screenshots = Path(os.environ.get("MEDCERT_SCREENSHOTS", tmp_path))
+    screenshots = Path(os.environ.get("MEDCERT_SCREENSHOTS", REPO / "runs" / "screenshots"))
     screenshots.mkdir(parents=True, exist_ok=True)
     external, console_errors = [], []
 
@@ -156,6 +156,7 @@ def test_site_works_offline_with_charts_and_tables(served, smoke_site, tmp_path)
             shot = screenshots / f"{chapter}.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            print(f"screenshot: {shot}")
         page.goto(f"{served}/book/method.html", wait_until="networkidle")
         page.wait_for_selector("mjx-container", timeout=20_000)
         formulas = page.locator("mjx-container")
@@ -165,6 +166,7 @@ def test_site_works_offline_with_charts_and_tables(served, smoke_site, tmp_path)
         shot = screenshots / "method.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
         browser.close()
 
     assert external == [], f"requests left the machine: {external}"

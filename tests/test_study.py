@@ -378,7 +378,8 @@ def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
 
     (tmp_path / "_toc.yml").write_text(
         "format: jb-book\nroot: book/intro\nparts:\n  - caption: Results\n    chapters:\n"
-        "      - file: book/phantom\n      - file: book/jsrt\n      - file: book/notes\n")
+        "      - file: book/phantom\n      - file: book/jsrt\n      - file: book/notes\n"
+        "      - file: book/jsrt_256\n      - file: book/phantom_extra_jsrt\n")
     (tmp_path / "book").mkdir()
     (tmp_path / "book" / "intro.md").write_text("# Intro\n")
     executed = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# JSRT, executed")])
@@ -389,9 +390,14 @@ def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
         nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {name} chapter\n\ntext")]),
                        str(templates / f"{name}.ipynb"))
 
-    assert toc_files(tmp_path) == ["book/intro", "book/phantom", "book/jsrt", "book/notes"]
+    (templates / "phantom_extra.ipynb").write_bytes((templates / "phantom.ipynb").read_bytes())
+    assert toc_files(tmp_path) == ["book/intro", "book/phantom", "book/jsrt", "book/notes", "book/jsrt_256",
+                                   "book/phantom_extra_jsrt"]
     written = write_placeholders(tmp_path, templates)
-    assert written == [tmp_path / "book" / "phantom.ipynb"]
+    assert written == [tmp_path / "book" / name for name in ("phantom.ipynb", "jsrt_256.ipynb", "phantom_extra_jsrt.ipynb")]
+    # a grid entry's output name: the longest template it extends
+    assert "notebook: jsrt, output: jsrt_256" in nbformat.read(str(written[1]), as_version=4).cells[0].source
+    assert "notebook: phantom_extra, output: phantom_extra_jsrt" in nbformat.read(str(written[2]), as_version=4).cells[0].source
     placeholder = nbformat.read(str(written[0]), as_version=4)
     assert placeholder.cells[0].source.startswith("# phantom chapter")
     assert "notebooks/phantom.ipynb" in placeholder.cells[0].source

@@ -23,7 +23,7 @@ Run it with the dataset's folder, e.g.
 
 ```bash
 ./run.sh study --profile paper --data-root DATA_DIR        # every chapter, on a GPU
-./run.sh grid my_grid.yaml                                   # or only this one: notebook: {name}
+./run.sh grid my_grid.yaml                                   # or only this one: notebook: {name}, output: {output}
 ```
 
 The template, with its parameters cell, is `notebooks/{name}.ipynb`.
@@ -47,6 +47,15 @@ def toc_files(root: str | Path) -> list[str]:
     return files
 
 
+def template_of(chapter: str, notebooks_dir: str | Path) -> Path | None:
+    """The template a chapter is executed from: ``<chapter>.ipynb``, else the longest template name
+    the chapter's name extends with "_..." (a grid entry's ``output:``, e.g. jsrt_256 from jsrt)."""
+    candidates = [Path(notebooks_dir) / f"{chapter}.ipynb"] + sorted(
+        (path for path in Path(notebooks_dir).glob("*.ipynb") if chapter.startswith(f"{path.stem}_")),
+        key=lambda path: -len(path.stem))
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def write_placeholders(root: str | Path, notebooks_dir: str | Path = "notebooks") -> list[Path]:
     """A markdown-only notebook for each toc chapter that has a template but no executed file."""
     import nbformat
@@ -56,11 +65,12 @@ def write_placeholders(root: str | Path, notebooks_dir: str | Path = "notebooks"
     for file in toc_files(root):
         name = Path(file).name
         exists = any((root / f"{file}{suffix}").is_file() for suffix in (".ipynb", ".md"))
-        template = Path(notebooks_dir) / f"{name}.ipynb"
-        if exists or not template.is_file():
+        template = template_of(name, notebooks_dir)
+        if exists or template is None:
             continue
         title = nbformat.read(template, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
-        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(PLACEHOLDER.format(title=title, name=name))])
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+            PLACEHOLDER.format(title=title, name=template.stem, output=name))])
         notebook.metadata["medcert"] = {"placeholder": True}
         path = root / f"{file}.ipynb"
         written.append(write_atomically(path, lambda temporary: nbformat.write(notebook, str(temporary))))

@@ -1,0 +1,123 @@
+"""How the DDPM's input is shrunk to its resolution: box (area) averaging against an antialiased
+bilinear filter, measured in PSNR and in certified Dice on JSRT.
+
+A box average by an integer factor keeps i.i.d. smoothing noise i.i.d. (std sigma / factor), the
+noise the DDPM was trained on; an antialiased bilinear filter leaves neighbouring noise values
+correlated. Both ways use the ``jsrt`` profile's cached DDPM (its 64 px model under the 128 px
+input) and the same noise; only the shrink differs (and t*, from that shrink's noise factor).
+Needs the profile's models cached (``./run.sh study --profile jsrt ...`` trains them):
+
+    python scripts/resize_ablation.py --data-root ../shared/data/jsrt
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+from tqdm import tqdm
+
+from medcert_core.denoisers import diffusion, load_denoiser
+from medcert_core.denoisers.gate import psnr_row
+from medcert_core.io import write_json_atomically
+from medcert_core.metrics import MetricAccumulator
+from medcert_core.smoothing import SmoothedSegmenter, image_seed
+from medcert_core.study import assets
+from medcert_core.study.profiles import training_spec
+
+SHRINKS = ("box", "bilinear")
+
+
+@contextmanager
+def shrink(way: str):
+    """Within: the diffusion denoiser shrinks its input by ``way`` ("box" is its default)."""
+    if way == "box":
+        yield
+        return
+    diffusion.resize_noise_factor.cache_clear()
+    with mock.patch.object(diffusion, "is_box_factor", lambda source, target: False):
+        yield
+    diffusion.resize_noise_factor.cache_clear()
+
+
+def certified_rows(data: assets.DataSpec, training: assets.TrainingSpec, ddpm: str, arch: str, sigma: float,
+                   count: int, args: argparse.Namespace) -> list[dict]:
+    """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``,
+    with the study's per-image seeds (the box rows are the JSRT chapter's own for these images)."""
+    model, config = assets.segmenter(args.cache, data, training, arch, 0.0, "cpu")
+    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(ddpm, sigma))
+    test = data.load("test")
+    accumulator = MetricAccumulator(config.class_names)
+    for index in tqdm(range(count), desc=f"certify sigma={sigma:g}", leave=False):
+        image, target = test[index]
+        generator = torch.Generator().manual_seed(image_seed(data.seed, test.ids[index]))
+        certificate = smoothed.certify(image, args.n0, args.n, tau=args.tau, alpha=args.alpha, generator=generator)
+        accumulator.add(certificate.labels, target, image_id=str(test.ids[index]), sigma=sigma)
+    return accumulator.rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="../shared/data/jsrt")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--certify-sigmas", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--certify-images", type=int, default=10, help="first N test images certified")
+    parser.add_argument("--arch", default="resunetpp")
+    parser.add_argument("--n0", type=int, default=10)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--tau", type=float, default=0.75)
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--output", type=Path, default=Path("results") / "jsrt_resize_ablation.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    data = assets.DataSpec("jsrt", args.data_root, args.image_size)
+    training = training_spec("jsrt")
+    folder = assets.ddpm_folder(args.cache, data, training)
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"the jsrt profile's DDPM is not cached at {folder}; run the jsrt study first")
+    ddpm = f"ddpm:{folder}"
+    test = data.load("test")
+    clean = torch.stack([test[i][0] for i in range(len(test))])
+    psnr, certified = [], []
+    for way in SHRINKS:
+        with shrink(way):
+            for sigma in args.sigmas:
+                noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+                row = psnr_row(load_denoiser(ddpm, sigma), noisy, clean, sigma=sigma, name="ddpm single-step")
+                psnr.append(row | {"shrink": way})
+                print(f"{way:8} sigma {sigma:4}  PSNR {row['psnr_db']:6.2f} dB", flush=True)
+            for sigma in args.certify_sigmas:
+                rows = certified_rows(data, training, ddpm, args.arch, sigma, args.certify_images, args)
+                certified += [row | {"shrink": way} for row in rows]
+                means = {name: sum(r["dice"] for r in rows if r["class_name"] == name) / args.certify_images
+                         for name in ("lung", "heart", "clavicle")}
+                abstain = sum(r["abstain"] for r in rows if r["class_id"] == 0) / args.certify_images
+                print(f"{way:8} sigma {sigma:4}  certified Dice " + " ".join(f"{k} {v:.3f}" for k, v in means.items())
+                      + f"  abstain {100 * abstain:.1f} %", flush=True)
+    write_json_atomically({
+        "question": "box (area) against antialiased bilinear shrinking of the DDPM's input",
+        "ddpm": str(folder), "image_size": args.image_size, "model_resolution": assets.ddpm_image_size(data, training),
+        "psnr_test_images": len(test), "psnr": psnr, "certify": {
+            "arch": args.arch, "test_images": args.certify_images, "n0": args.n0, "n": args.n, "alpha": args.alpha,
+            "tau": args.tau, "rows": certified},
+        "noise_factor": {way: _noise_factor(way, args.image_size, data, training) for way in SHRINKS},
+        "machine": platform.platform(),
+    }, args.output)
+    print(f"wrote {args.output}")
+
+
+def _noise_factor(way: str, size: int, data: assets.DataSpec, training: assets.TrainingSpec) -> float:
+    model = assets.ddpm_image_size(data, training)
+    with shrink(way):
+        return diffusion.resize_noise_factor((size, size), (model, model))
+
+
+if __name__ == "__main__":
+    main()

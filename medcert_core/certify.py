@@ -200,13 +200,15 @@ def _is_integer_dtype(values: Array) -> bool:
     return np.issubdtype(values.dtype, np.integer)
 
 
-def _warn_if_n_too_small(num_pixels: int, n: int, tau: float, alpha: float, correction: str) -> None:
+def warn_if_n_too_small(num_pixels: int, n: int, tau: float, alpha: float, correction: str,
+                        stacklevel: int = 3) -> None:
+    """A UserWarning when n draws cannot certify any of ``num_pixels`` pixels at this tau and alpha."""
     needed = smallest_certifiable_n(num_pixels, tau, alpha, correction)
     if n < needed:
         warnings.warn(
             f"n = {n} draws cannot certify any pixel: with {num_pixels} pixels, tau = {tau}, "
             f"alpha = {alpha} and correction = {correction!r}, the smallest n that could is {needed}.",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -230,6 +232,14 @@ def certify_counts(
     Returns a Certificate whose arrays are of the input's family (torch on its device, or numpy).
     """
     _validate_parameters(n, tau, alpha, sigma, correction)
+    histogram = _checked_count_histogram(selected, counts, n, num_classes)
+    warn_if_n_too_small(int(np.prod(tuple(counts.shape))), n, tau, alpha, correction)
+    return _certificate(selected, counts, histogram, n, sigma=sigma, tau=tau, alpha=alpha, correction=correction,
+                        n0=n0)
+
+
+def _checked_count_histogram(selected: Array, counts: Array, n: int, num_classes: int | None) -> np.ndarray:
+    """Check selected and counts (shapes, dtypes, ranges, class ids); returns the (n + 1,) histogram of counts."""
     if tuple(selected.shape) != tuple(counts.shape) or len(selected.shape) != 2:
         raise ValueError(
             f"selected and counts must both have shape (H, W); got {tuple(selected.shape)} and "
@@ -240,14 +250,15 @@ def certify_counts(
     if int(counts.min()) < 0 or int(counts.max()) > n:
         raise ValueError(f"counts must lie in 0..n = 0..{n}, got {int(counts.min())}..{int(counts.max())}")
     check_class_ids(selected, num_classes, "selected class ids")
-    num_pixels = int(np.prod(tuple(counts.shape)))
-    _warn_if_n_too_small(num_pixels, n, tau, alpha, correction)
-
-    table = binomial_pvalue_table(n, tau)
     if isinstance(counts, torch.Tensor):
-        histogram = torch.bincount(counts.reshape(-1).long(), minlength=n + 1).cpu().numpy()
-    else:
-        histogram = np.bincount(counts.reshape(-1).astype(np.int64), minlength=n + 1)
+        return torch.bincount(counts.reshape(-1).long(), minlength=n + 1).cpu().numpy()
+    return np.bincount(counts.reshape(-1).astype(np.int64), minlength=n + 1)
+
+
+def _certificate(selected: Array, counts: Array, histogram: np.ndarray, n: int, *, sigma: float, tau: float,
+                 alpha: float, correction: str, n0: int) -> Certificate:
+    """The certificate at ``tau`` of checked counts whose histogram is ``histogram``."""
+    table = binomial_pvalue_table(n, tau)
     rejected = reject_groups(table, histogram, alpha, correction)
 
     if isinstance(counts, torch.Tensor):
@@ -296,13 +307,11 @@ def certify_counts_over_taus(
     is covered only by that bound, not by alpha. A tau at which n draws cannot certify any pixel
     gives an all-abstain certificate without the warning ``certify_counts`` would give.
     """
-    certificates = []
     for tau in taus:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"n = \d+ draws cannot certify any pixel")
-            certificates.append(certify_counts(selected, counts, n, sigma=sigma, tau=tau, alpha=alpha,
-                                               correction=correction, n0=n0, num_classes=num_classes))
-    return certificates
+        _validate_parameters(n, tau, alpha, sigma, correction)
+    histogram = _checked_count_histogram(selected, counts, n, num_classes)  # once: it does not depend on tau
+    return [_certificate(selected, counts, histogram, n, sigma=sigma, tau=tau, alpha=alpha, correction=correction,
+                         n0=n0) for tau in taus]
 
 
 def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> Array:

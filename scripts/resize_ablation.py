@@ -19,14 +19,12 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from tqdm import tqdm
 
 from medcert_core.denoisers import diffusion, load_denoiser
 from medcert_core.denoisers.gate import psnr_row
 from medcert_core.io import write_json_atomically
-from medcert_core.metrics import MetricAccumulator
-from medcert_core.smoothing import SmoothedSegmenter, image_seed
 from medcert_core.study import assets
+from medcert_core.study.runs import CertificationRun, compute, ours
 from medcert_core.study.profiles import training_spec
 
 SHRINKS = ("box", "bilinear")
@@ -46,18 +44,11 @@ def shrink(way: str):
 
 def certified_rows(data: assets.DataSpec, training: assets.TrainingSpec, ddpm: str, arch: str, sigma: float,
                    count: int, args: argparse.Namespace) -> list[dict]:
-    """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``,
-    with the study's per-image seeds (the box rows are the JSRT chapter's own for these images)."""
-    model, config = assets.segmenter(args.cache, data, training, arch, 0.0, "cpu")
-    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(ddpm, sigma))
-    test = data.load("test")
-    accumulator = MetricAccumulator(config.class_names)
-    for index in tqdm(range(count), desc=f"certify sigma={sigma:g}", leave=False):
-        image, target = test[index]
-        generator = torch.Generator().manual_seed(image_seed(data.seed, test.ids[index]))
-        certificate = smoothed.certify(image, args.n0, args.n, tau=args.tau, alpha=args.alpha, generator=generator)
-        accumulator.add(certificate.labels, target, image_id=str(test.ids[index]), sigma=sigma)
-    return accumulator.rows
+    """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``:
+    the study's own run code and per-image seeds (the box rows are the JSRT chapter's for these images)."""
+    run = CertificationRun(data, training, arch, ours(ddpm), sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                           tau=args.tau, test_images=count)
+    return compute(run, args.cache, device="cpu").rows.to_dict("records")
 
 
 def main() -> None:

@@ -331,7 +331,7 @@ This page is the template `{template}` executed with the parameters below. From 
 with the project installed (`./run.sh` sets it up), the same chapter is
 
 ```bash
-{venv}/bin/papermill {template} {output} --cwd . -y '{parameters}'
+.venv/bin/papermill {template} {output} --cwd . -y '{parameters}'
 ```
 
 {grid}Or open the template in JupyterLab (`./run.sh lab`), set these values in its parameters cell and run
@@ -347,10 +347,8 @@ def rerun_cell(entry: GridEntry, template: str, output: str):
     grid = (f"It is part of the `{profile}` study: `./run.sh study --profile {profile}` (`grids/{profile}.yaml`, "
             "which adds `--data-root DIR` where the data lives elsewhere).\n" if profile in PROFILES else "")
     parameters = json.dumps(entry.parameters, ensure_ascii=False).replace("'", "'\\''")
-    cell = nbformat.v4.new_markdown_cell(RERUN.format(template=template, output=output, venv=".venv",
-                                                      parameters=parameters, grid=grid))
-    cell.metadata["medcert"] = {"rerun": True}
-    return cell
+    return nbformat.v4.new_markdown_cell(RERUN.format(template=template, output=output, parameters=parameters,
+                                                      grid=grid))
 
 
 def record_done(entry: GridEntry, results_dir: Path) -> None:

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from medcert_core import distributed
-from medcert_core.certify import TAU_GRID, Certificate, certified_radius, certify_counts, certify_counts_over_taus
+from medcert_core.certify import (TAU_GRID, Certificate, certified_radius, certify_counts_over_taus,
+                                  warn_if_n_too_small)
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
@@ -191,6 +192,7 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
     result = ShardResult({}, {}, list(config.class_names))
     columns = _tidy_columns(run)
     description = f"{run.method.label} {run.arch} sigma={run.sigma:g}"
+    taus = curve_taus(run.tau)
     for index in tqdm(shard.indices(count), desc=description, disable=not progress, leave=False):
         image, target = test_set[index]
         start = time.perf_counter()
@@ -199,16 +201,14 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
         else:
             generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
             selected, counts = smoothed.counts(image, run.n0, run.n, generator=generator)
-            certificate = certify_counts(selected, counts, run.n, sigma=run.sigma, tau=run.tau, alpha=run.alpha,
-                                         n0=run.n0, num_classes=config.num_classes)  # warns if n cannot certify
-            labels = certificate.labels.cpu()  # on the model's device otherwise
-        seconds = time.perf_counter() - start
-        if smoothed is not None:  # the same counts at every tau of the curve
-            taus = curve_taus(run.tau)
+            warn_if_n_too_small(selected.numel(), run.n, run.tau, run.alpha, "holm", stacklevel=2)
+            # the same counts certified at every tau of the curve, the run's own tau among them
             certificates = certify_counts_over_taus(selected, counts, run.n, sigma=run.sigma, taus=taus,
                                                     alpha=run.alpha, n0=run.n0, num_classes=config.num_classes)
+            labels = certificates[taus.index(run.tau)].labels.cpu()  # on the model's device otherwise
             result.curves[index] = curve_rows(certificates, taus, target, str(test_set.ids[index]),
                                               config.class_names, columns)
+        seconds = time.perf_counter() - start
         accumulator = MetricAccumulator(config.class_names)
         accumulator.add(labels, target, image_id=str(test_set.ids[index]), seconds=seconds, **columns)
         result.rows[index] = accumulator.rows

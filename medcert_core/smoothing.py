@@ -89,7 +89,9 @@ def denoise(denoiser: torch.nn.Module | None, batch: torch.Tensor,
     gets its per-draw generators."""
     if denoiser is None:
         return batch
-    return denoiser(batch, generators=generators) if is_stochastic(denoiser) else denoiser(batch)
+    clean = denoiser(batch, generators=generators) if is_stochastic(denoiser) else denoiser(batch)
+    check_denoiser_output(clean, tuple(batch.shape))
+    return clean
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -155,6 +157,43 @@ def replay(generators: list[torch.Generator] | None) -> list[torch.Generator] | 
     if generators is None:
         return None
     return [torch.Generator(device=g.device).manual_seed(g.initial_seed()) for g in generators]
+
+
+def check_segmenter_output(logits: Any, batch_shape: tuple[int, ...], num_classes: int | None) -> None:
+    """Refuse a segmenter output that is not logits (B, K, H, W) for an input batch (B, C, H, W): K the
+    declared number of classes (or 1 for a binary segmenter with num_classes 2), (H, W) the input's.
+    A head at another resolution would otherwise be counted against the wrong pixels."""
+    batch, height, width = batch_shape[0], batch_shape[-2], batch_shape[-1]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the segmenter must return a logits tensor (B, K, H, W), got {type(logits).__name__}; "
+                        "wrap a model that returns a dict or tuple so that it returns the logits")
+    shape = tuple(logits.shape)
+    expected_k = "K" if num_classes is None else (f"{num_classes}" if num_classes != 2 else "2 (or 1)")
+    wanted = f"(B, K, H, W) = ({batch}, {expected_k}, {height}, {width})"
+    if logits.dim() != 4 or shape[0] != batch:
+        raise ValueError(f"the segmenter returns shape {shape} for an input batch of shape {tuple(batch_shape)}; "
+                         f"expected logits {wanted}")
+    if shape[2:] != (height, width):
+        hint = ("height and width swapped: return (B, K, H, W), not (B, K, W, H)" if shape[2:] == (width, height)
+                else "upsample the logits to the input's size inside the model (e.g. F.interpolate at the end "
+                     "of forward)")
+        raise ValueError(f"the segmenter returns logits of shape {shape} for an input batch of shape "
+                         f"{tuple(batch_shape)}: expected {wanted}; {hint}. Certifying them would report "
+                         "the output cells as the wrong pixels")
+    channels = shape[1]
+    if num_classes is not None and channels != num_classes and not (channels == 1 and num_classes == 2):
+        raise ValueError(
+            f"the segmenter returns {channels} channels but num_classes = {num_classes} (logits of shape {shape}); "
+            "expected num_classes logits, or 1 logit for a binary segmenter with num_classes = 2"
+        )
+
+
+def check_denoiser_output(clean: Any, noisy_shape: tuple[int, ...]) -> None:
+    """Refuse a denoiser output whose shape is not its input's (B, C, H, W)."""
+    if not isinstance(clean, torch.Tensor) or tuple(clean.shape) != tuple(noisy_shape):
+        shape = tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__
+        raise ValueError(f"the denoiser returns {shape} for a noisy batch of shape {tuple(noisy_shape)}; a denoiser "
+                         "must return its input's shape (resize back to the input's size inside it)")
 
 
 def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
@@ -260,6 +299,7 @@ class SmoothedSegmenter:
         """fp32 logits of f(D(batch)), the networks under autocast at ``precision`` (compiled when asked)."""
         with autocast(self.device, self.precision):
             logits = self.segmenter(denoise(self.denoiser, batch, generators))
+        check_segmenter_output(logits, tuple(batch.shape), self.num_classes)
         return logits.float()
 
     def base_classes(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
@@ -381,6 +421,11 @@ class SmoothedSegmenter:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
+        low, high = float(x.min()), float(x.max())
+        if not (0.0 <= low and high <= 1.0):  # also refuses NaN
+            raise ValueError(f"x must lie in [0, 1] (sigma and the radius are in that scale), got values in "
+                             f"[{low:g}, {high:g}]; scale the image to [0, 1] and put any mean/std normalisation "
+                             "inside the segmenter, after the noise")
         self.eval_modules()
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         check_input = getattr(self.denoiser, "check_input", None)

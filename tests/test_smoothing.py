@@ -98,8 +98,8 @@ def test_same_seed_same_certificate_whatever_the_batch_size():
 
 
 def test_streamed_counts_equal_the_full_sample_tensor():
-    segmenter = ThresholdSegmenter(0.05)
-    image = torch.linspace(-0.6, 0.7, 90).reshape(1, 10, 9)
+    segmenter = ThresholdSegmenter(0.55)
+    image = torch.linspace(0.0, 1.0, 90).reshape(1, 10, 9)
     smoothed = SmoothedSegmenter(segmenter, 2, sigma=0.25, batch_size=8, device="cpu")
     streamed = smoothed.certify(image, 10, 60, alpha=0.05, generator=torch.Generator().manual_seed(9))
     full = torch.cat(list(smoothed.noisy_class_batches(image, 70, torch.Generator().manual_seed(9))))
@@ -122,14 +122,15 @@ def test_binary_one_logit_segmenter_and_denoiser_are_applied():
 def test_multiclass_certificate_on_a_clear_image():
     class Quadrants(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.one_hot(x[:, 0].round().clamp(0, 3).long(), 4).permute(0, 3, 1, 2).float()
+            return torch.nn.functional.one_hot((3 * x[:, 0]).round().clamp(0, 3).long(), 4).permute(0, 3, 1, 2).float()
 
-    image = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).repeat_interleave(4, 0).repeat_interleave(4, 1)[None]
-    smoothed = SmoothedSegmenter(Quadrants(), 4, sigma=0.05, device="cpu")
+    classes = torch.tensor([[0, 1], [2, 3]]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    image = (classes / 3.0)[None]
+    smoothed = SmoothedSegmenter(Quadrants(), 4, sigma=0.02, device="cpu")
     cert = smoothed.certify(image, 10, 100, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(cert.labels, image[0].long())
+    assert torch.equal(cert.labels, classes)
     labels = smoothed.predict(image, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(labels, image[0].long())
+    assert torch.equal(labels, classes)
 
 
 def test_predict_abstains_on_a_coin_flip():
@@ -213,5 +214,55 @@ def test_non_finite_logits_are_an_error_never_a_class():
         smoothed.certify(torch.full((1, 4, 4), 0.5), 5, 50, generator=torch.Generator().manual_seed(0))
     with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
         smoothed.predict(torch.full((1, 4, 4), 0.5), 50, generator=torch.Generator().manual_seed(0))
-    fine = smoothed.certify(torch.full((1, 4, 4), -3.0), 5, 50, generator=torch.Generator().manual_seed(0))
+    smoothed.sigma = 0.05  # x + delta then never exceeds 1 on x = 0
+    fine = smoothed.certify(torch.full((1, 4, 4), 0.0), 5, 50, generator=torch.Generator().manual_seed(0))
     assert fine.labels.shape == (4, 4), "the flag is reset for every image"
+
+
+class Stride2Head(torch.nn.Module):
+    """A head at half the input's resolution (a DeepLab without its final upsample)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(x[:, :1], 2)
+        return torch.cat([pooled, 1 - pooled], dim=1)
+
+
+class TransposedHead(torch.nn.Module):
+    """Logits (B, K, W, H) instead of (B, K, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], 1 - x[:, :1]], dim=1).transpose(-1, -2)
+
+
+class ShrinkingDenoiser(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+
+@pytest.mark.parametrize(("segmenter", "shape", "message"), [
+    (Stride2Head(), (1, 8, 8), r"shape \(16, 2, 4, 4\).*expected.*\(16, 2 \(or 1\), 8, 8\).*upsample"),
+    (TransposedHead(), (1, 4, 6), r"\(16, 2, 6, 4\).*swapped"),
+    (lambda_module(3), (1, 8, 8), "returns 3 channels.*num_classes = 2"),
+])
+def test_a_segmenter_output_of_another_shape_is_refused_before_anything_is_counted(segmenter, shape, message):
+    smoothed = SmoothedSegmenter(segmenter, 2, sigma=0.1, batch_size=16, device="cpu")
+    x = torch.full(shape, 0.5)
+    for call in (lambda: smoothed.certify(x, 1, 20, generator=torch.Generator().manual_seed(0)),
+                 lambda: smoothed.predict(x, 20, generator=torch.Generator().manual_seed(0))):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_a_denoiser_that_changes_the_size_is_refused():
+    smoothed = SmoothedSegmenter(ThresholdSegmenter(0.5), 2, sigma=0.1, denoiser=ShrinkingDenoiser(), device="cpu")
+    with pytest.raises(ValueError, match=r"denoiser returns \(16, 1, 4, 4\) for a noisy batch of shape \(16, 1, 8, 8\)"):
+        smoothed.certify(torch.full((1, 8, 8), 0.5), 1, 20, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_an_input_outside_the_unit_range_is_refused(value):
+    x = torch.full((1, 4, 4), 0.5)
+    x[0, 1, 2] = value
+    smoothed = SmoothedSegmenter(ThresholdSegmenter(0.5), 2, sigma=0.1, device="cpu")
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+        smoothed.certify(x, 1, 10, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,8 @@
 
 A well-trained single-step estimate is the posterior mean E[x | x + delta], the minimum-MSE
 estimate: a sampled multi-step chain cannot beat it in PSNR, and neither should a UNet trained
-to denoise one sigma. On the test split, at every sigma, the gate checks
+to denoise one sigma. On the validation split (a choice: the test split only reports), at every
+sigma, the gate checks
 
     PSNR(single-step) >= PSNR(multi-step)   and   PSNR(single-step) >= PSNR(UNet denoiser)
 
@@ -43,11 +44,15 @@ def main() -> int:
     parser.add_argument("--multi-steps", type=int, default=10, help="model calls of the multi-step chain")
     parser.add_argument("--training", type=yaml.safe_load, default=None,
                         help='YAML overrides of the profile\'s training, e.g. "{ddpm_steps: 50}"')
-    parser.add_argument("--test-images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="images the gate is measured on: val (default; the gate chooses the denoiser) or "
+                             "test (to report, never to choose)")
+    parser.add_argument("--images", type=int, default=None, help="first N images of the split (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
-    parser.add_argument("--output", type=Path, default=Path("results") / "jsrt_denoiser_gate.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON table (default: results/<dataset>_denoiser_gate_<split>.json)")
     args = parser.parse_args()
 
     data = DataSpec(args.dataset, args.data_root, args.image_size)
@@ -58,9 +63,9 @@ def main() -> int:
              for sigma in args.sigmas}
     training_seconds = time.perf_counter() - start
 
-    test = data.load("test")
-    count = min(args.test_images or len(test), len(test))
-    clean = torch.stack([test[i][0] for i in range(count)])
+    images = data.load(args.split)
+    count = min(args.images or len(images), len(images))
+    clean = torch.stack([images[i][0] for i in range(count)])
     rows = []
     for sigma in args.sigmas:
         noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
@@ -78,14 +83,15 @@ def main() -> int:
     result = {
         "gate": "PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma",
         "passed": not failures, "failures": failures, "rows": rows,
-        "dataset": args.dataset, "split": "test", "test_images": count, "image_size": args.image_size,
+        "dataset": args.dataset, "split": args.split, "images": count, "image_size": args.image_size,
         "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
         "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},
         "multi_steps": args.multi_steps, "training_seconds": training_seconds, "device": args.device,
         "machine": platform.platform(),
     }
-    write_json_atomically(result, args.output)
-    print(("gate passed" if not failures else "gate FAILED:\n  " + "\n  ".join(failures)) + f"; wrote {args.output}")
+    output = args.output or Path("results") / f"{args.dataset}_denoiser_gate_{args.split}.json"
+    write_json_atomically(result, output)
+    print(("gate passed" if not failures else "gate FAILED:\n  " + "\n  ".join(failures)) + f"; wrote {output}")
     return 0 if not failures else 1
 
 

@@ -29,7 +29,7 @@ def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
     """Phantoms at 32 px with a few training steps: the numbers mean nothing, the plumbing does."""
     output = tmp_path / "gate.json"
     command = [sys.executable, str(ROOT / "scripts" / "denoiser_gate.py"), "--profile", "smoke", "--dataset", "phantom",
-               "--image-size", "32", "--sigmas", "0.5", "--multi-steps", "2", "--test-images", "3",
+               "--image-size", "32", "--sigmas", "0.5", "--multi-steps", "2", "--images", "3",
                "--training", "{ddpm_steps: 3, unet_denoiser_steps: 2, ddpm_ema_decay: 0.9}",
                "--cache", str(tmp_path / "cache"), "--output", str(output)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -38,6 +38,7 @@ def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
     table = {(row["sigma"], row["denoiser"]): row["psnr_db"] for row in result["rows"]}
     assert {name for _, name in table} == {"noisy input", "ddpm single-step", "ddpm multi-step", "unet denoiser"}
     assert all(row["images"] == 3 for row in result["rows"])
+    assert result["split"] == "val", "the gate chooses, so it is measured on the validation split by default"
     assert result["passed"] == (completed.returncode == 0) == (not result["failures"])
     assert result["failures"] == mmse_gate_failures(table, [0.5], single="ddpm single-step",
                                                     rivals=("ddpm multi-step", "unet denoiser"))

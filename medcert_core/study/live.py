@@ -55,12 +55,13 @@ def certify_one(experiment: Experiment, arch: str, methods: Sequence[Method], in
 
 
 def summary(panel: dict[str, np.ndarray], labels: Sequence[str], num_classes: int) -> list[str]:
-    """One line per method: the share of pixels that abstain and the certified Dice (mean over classes)."""
+    """One line per method: the share of pixels that abstain and the certified Dice, mean over the
+    foreground classes (background excluded, as in the tables)."""
     lines = []
     for label in labels:
         scores = segmentation_scores(panel[label][0], panel["target"][0], num_classes)
-        dice = np.nanmean(scores["dice"])
-        lines.append(f"{label}: {100 * scores['abstain']:.1f} % abstain, certified Dice {dice:.3f}")
+        dice = np.nanmean(scores["dice"][1:])
+        lines.append(f"{label}: {100 * scores['abstain']:.1f} % abstain, certified Dice {dice:.3f} (foreground)")
     return lines
 
 

@@ -10,6 +10,10 @@
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
 
+Files are data, never code: checkpoints and weights are read with torch.load(weights_only=True)
+(tensors and plain containers only); a file that would need arbitrary code to unpickle is refused.
+`certify` draws its noise seed from the OS's entropy unless --seed is given (see `certify --help`).
+
 Bad input (a missing file, a wrong layout, a parameter out of range) ends with
 ``medcert: error: <message>`` on stderr and exit code 2; set MEDCERT_TRACEBACK=1 to see the traceback.
 """
@@ -336,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--root", default=".", help="folder holding _config.yml and _toc.yml")
     book.set_defaults(run=command_book)
 
-    certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG")
+    certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG",
+                                  description="Certify an image file, or every image file of a folder (two files "
+                                              "with the same stem are refused: their outputs would collide). The "
+                                              "noise is unpredictable unless --seed is given (see --seed).")
     certify.add_argument("image", help="PNG, JPEG, TIFF, ... or JSRT .IMG (resized to the checkpoint's input size), "
                                        "or a folder of them (one JSON each and certificates.csv)")
     certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
@@ -351,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--n", type=_parameter("n"), default=100, help="estimation draws (>= 1)")
     certify.add_argument("--alpha", type=_parameter("alpha"), default=0.001, help="error level, 0 < alpha < 1")
     certify.add_argument("--tau", type=_parameter("tau"), default=0.75, help="0.5 <= tau < 1")
-    certify.add_argument("--seed", type=int, default=0)
+    certify.add_argument("--seed", type=int, default=None,
+                         help="noise seed (default: drawn from the OS's entropy). Each file's noise is seeded from "
+                              "(this seed, the sha256 of its bytes); the JSON and CSV record both seeds. A fixed seed "
+                              "is fine to evaluate a fixed test set or to reproduce a recorded certificate (pass its "
+                              "'seed'); never give one when certifying inputs someone else chose: who knows the noise "
+                              "can craft an input that certifies a wrong class")
     certify.add_argument("--batch-size", type=_batch_size, default=32,
                          help='noisy draws per forward pass, or "auto" (GPU: the largest that fits; halved on out-of-memory)')
     certify.add_argument("--precision", choices=list(PRECISIONS), default="fp32",

@@ -1,13 +1,18 @@
-"""Atomic writes: a crash leaves either the old file or the new one, never half of one; and file locks
-for what several processes may write at once."""
+"""Atomic writes: a crash leaves either the old file or the new one, never half of one; file locks
+for what several processes may write at once; and :func:`load_weights`, the one way medcert reads a
+``torch.save`` file (data, never code)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,42 @@ def save_torch_atomically(payload: Any, path: str | Path) -> Path:
     return write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
 
 
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+class UnsafeFileError(ValueError):
+    """A file that would need arbitrary code to unpickle: refused, never run."""
+
+
+def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, map_location, weights_only=True)``: tensors and plain containers (dict, list,
+    tuple, str, numbers) only; nothing in the file runs. ``FileNotFoundError`` for a missing file;
+    :class:`UnsafeFileError` (a ``ValueError``) naming ``path`` for a file that would need arbitrary
+    code to unpickle; ``ValueError`` naming ``path`` for one that is not a readable PyTorch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = UNSUPPORTED_GLOBAL.search(str(error))
+        if unsafe:
+            raise UnsafeFileError(
+                f"{path} holds Python objects beyond tensors and plain containers (it names "
+                f"{unsafe.group(1)}): it would need arbitrary code to unpickle, and medcert never runs code "
+                "from a data file; save only tensors, dicts, lists, str and numbers (e.g. a state_dict)") from error
+        raise ValueError(f"{path} is not a readable PyTorch file ({error_gist(error)})") from error
+    except (RuntimeError, EOFError, OSError, KeyError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch file ({error_gist(error)})") from error
+
+
+def error_gist(error: BaseException) -> str:
+    """For messages: the error's name and the informative part of its (long) message: the last line's first sentence."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith("Check the documentation")]
+    return type(error).__name__ + (f": {lines[-1].split('. ')[0][:200]}" if lines else "")
+
+
 def write_json_atomically(payload: Any, path: str | Path) -> Path:
     """JSON (indented, non-JSON values as str) to a temporary file, then rename it into place."""
     text = json.dumps(payload, indent=2, default=str) + "\n"
@@ -105,3 +146,23 @@ def _strict_flock_options() -> dict[str, Any]:
 
 
 _STRICT_FLOCK = _strict_flock_options()
+
+
+_FILE_DIGESTS: dict[tuple[object, ...], str] = {}  # (path, device, inode, size, mtime, ctime) -> sha256
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes; cached in the process per (path, inode, size, mtime, ctime),
+    so a file is read once however often a key is computed, and a replaced one is read again."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _FILE_DIGESTS:
+        return _FILE_DIGESTS[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    # a file changed less than 2 s ago may change again within one timestamp tick: not cached ("racily clean")
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > 2_000_000_000:
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
-from medcert_core.io import save_torch_atomically
+from medcert_core.io import UnsafeFileError, error_gist, load_weights, save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import create_model
 from medcert_core.smoothing import classes_from_logits, resolve_device
@@ -202,7 +202,7 @@ def train_segmenter(
 
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        saved = torch.load(path, map_location=device, weights_only=False)
+        saved = load_weights(path, map_location=device)
         if saved["config"] != dataclasses.asdict(config):
             raise ValueError(
                 f"checkpoint {path} was trained with another config; remove it or choose another path.\n"
@@ -272,11 +272,11 @@ def load_segmenter(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no segmenter checkpoint at {path}")
+    saved = _read_checkpoint(path, device)
     try:
-        saved = torch.load(path, map_location=device, weights_only=False)
         config = TrainConfig(**saved["config"])
         state_dict = saved["state_dict"]
-    except Exception as error:  # a foreign or truncated file
+    except Exception as error:  # a foreign file
         raise ValueError(f"{path} is not a medcert segmenter checkpoint written by `medcert train` ({error!r})") from error
     config.class_names = tuple(config.class_names)
     config.image_size = tuple(config.image_size)
@@ -291,6 +291,22 @@ def load_segmenter(
                          f"that its config describes: {mismatch}")
     model.load_state_dict(state_dict)
     return model.to(device).eval(), config
+
+
+def _read_checkpoint(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """A checkpoint's content (tensors and plain containers only, see ``io.load_weights``): ValueError
+    naming ``path`` for a file that needs code to unpickle, is unreadable or is not a dict."""
+    try:
+        saved = load_weights(path, map_location=device)
+    except UnsafeFileError:
+        raise
+    except ValueError as error:  # a foreign or truncated file
+        raise ValueError(f"{path} is not a medcert segmenter checkpoint written by `medcert train` "
+                         f"({error_gist(error.__cause__ or error)})") from error
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a medcert segmenter checkpoint written by `medcert train` "
+                         f"(it holds a {type(saved).__name__}, not a dict with 'config' and 'state_dict')")
+    return saved
 
 
 def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:

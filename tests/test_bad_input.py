@@ -257,6 +257,16 @@ def test_image_outside_unit_range(tmp_path, capsys, checkpoint):
     assert expected in cli(capsys, "certify", path, "--checkpoint", checkpoint, "--sigma", "0.5")
 
 
+def test_two_inputs_with_the_same_stem(tmp_path, capsys, checkpoint):
+    folder = tmp_path / "inputs"
+    first, second = save(folder / "a.png", gray(size=(32, 32))), save(folder / "a.jpg", gray(1, size=(32, 32)))
+    expected = (f"{first.parent / 'a.jpg'} and {first.parent / 'a.png'} have the same stem 'a': their outputs "
+                "(a_labels.png, ..., a_certificate.json) would overwrite each other; rename one")
+    err = cli(capsys, "certify", folder, "--checkpoint", checkpoint, "--sigma", "0.5", "--output-dir", tmp_path / "out")
+    assert f"medcert: error: {expected}" in err and str(second) in err
+    assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
 def test_binary_mask_with_other_values(tmp_path, capsys):
     for i in range(6):  # class ids 0, 1, 2 in a binary dataset: thresholding at 128 would empty them
         save(tmp_path / ISIC_INPUT / f"k{i}.jpg", np.stack([gray(i)] * 3, axis=-1))
@@ -393,6 +403,26 @@ def test_not_a_segmenter_checkpoint(tmp_path, capsys, image):
     assert f"medcert: error: {garbage} is not a medcert segmenter checkpoint" in err
 
 
+class _CreatesAFile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_checkpoint_that_would_run_code(tmp_path, capsys, image):
+    marker, hostile = tmp_path / "code_ran", tmp_path / "hostile.pt"
+    torch.save({"config": _CreatesAFile(marker), "state_dict": {}}, hostile)
+    expected = f"{hostile} holds Python objects beyond tensors and plain containers (it names "
+    with pytest.raises(ValueError) as info:
+        load_segmenter(hostile)
+    assert expected in str(info.value) and "it would need arbitrary code to unpickle" in str(info.value)
+    err = cli(capsys, "certify", image, "--checkpoint", hostile, "--sigma", "0.5")
+    assert f"medcert: error: {expected}" in err
+    assert not marker.exists(), "nothing in the file ran"
+
+
 def test_missing_checkpoint(tmp_path, capsys, image):
     missing = tmp_path / "none.pt"
     with pytest.raises(FileNotFoundError, match=f"no segmenter checkpoint at {missing}"):
@@ -439,6 +469,53 @@ def test_grid_type_error(tmp_path, capsys, monkeypatch):
     assert expected.format(REPO / "notebooks" / "phantom.ipynb") in str(info.value)
     err = grid_cli(capsys, monkeypatch, tmp_path, {"n": "100"})
     assert expected.format(REPO / "notebooks" / "phantom.ipynb") in err
+
+
+def test_grid_output_outside_the_book(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(REPO)
+    for output in ("../escaped", "/tmp/escaped", "chapters/jsrt", "..", ".hidden", "line\nbreak", 2024):
+        grid = tmp_path / "grid.yaml"
+        grid.write_text(yaml.safe_dump({"runs": [{"notebook": "phantom"}, {"notebook": "phantom", "output": output}]}))
+        err = cli(capsys, "grid", grid)
+        assert f"medcert: error: {grid}: entry 2: 'output:' {output!r} must " in err, err
+    with pytest.raises(ValueError, match=r"entry 1: 'output:' '\.\./x' must be a plain file name without a path "
+                                         r"separator \('/' or '\\'\): outputs go into the book folder"):
+        parse_grid({"runs": [{"notebook": "phantom", "output": "../x"}]}, "grid.yaml", REPO / "notebooks")
+    assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped.ipynb").exists()
+
+
+def test_control_character_in_a_slurm_value(tmp_path, capsys, monkeypatch):
+    import submitit
+
+    from medcert_core.study.executors import SlurmOptions, run_on_slurm
+    from medcert_core.study.grid import GridEntry
+
+    def no_submission(*args, **kwargs):
+        raise AssertionError("nothing may be submitted")
+
+    monkeypatch.setattr(submitit, "AutoExecutor", no_submission)
+    monkeypatch.chdir(REPO)
+    err = cli(capsys, "grid", "grids/smoke.yaml", "--executor", "slurm", "--sbatch", "account=lab\nrm -rf ~")
+    assert ("medcert: error: executor: 'sbatch' option 'account' holds the control character '\\n' "
+            "(in 'lab\\nrm -rf ~'); SLURM values, job names and paths must be on one line") in err
+    with pytest.raises(ValueError, match=r"executor: 'partition' holds the control character '\\r'"):
+        parse_grid({"runs": [{"notebook": "phantom"}], "executor": {"partition": "gpu\r"}}, "grid.yaml",
+                   REPO / "notebooks")
+    common = dict(notebooks_dir=REPO / "notebooks", book_dir=tmp_path / "book", results_dir=tmp_path / "results",
+                  cwd=tmp_path, wait=False)
+    cases = [([GridEntry("phantom", "phantom")], SlurmOptions(sbatch={"qos": "high\x7f"}),
+              "executor: 'sbatch' option 'qos' holds the control character '\\x7f'"),
+             ([GridEntry("phantom", "phantom")], SlurmOptions(log_dir="logs\n"),
+              "executor: 'log_dir' holds the control character '\\n'"),
+             ([GridEntry("phantom", "ok"), GridEntry("phantom", "two\nlines")], SlurmOptions(),
+              "the output name of grid entry 'phantom' holds the control character '\\n'")]
+    for entries, options, message in cases:
+        with pytest.raises(ValueError) as info:
+            run_on_slurm(entries, options=options, **common)
+        assert str(info.value).startswith("nothing submitted: ") and message in str(info.value), str(info.value)
+    assert not (tmp_path / "results").exists()
 
 
 # --------------------------------------------------------------------------- other arguments

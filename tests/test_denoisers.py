@@ -217,7 +217,7 @@ def test_train_ddpm_resumes_bit_for_bit(small_phantoms, tmp_path, crash_on_secon
     arm(denoiser_training)
     with pytest.raises(KeyboardInterrupt):
         train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
-    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=True)["step"] == 1
     disarm(denoiser_training)
     resumed = train_ddpm(small_phantoms, tmp_path / "resumed", **settings)
     assert not (resumed / "training_state.pt").exists()
@@ -268,7 +268,7 @@ def test_unet_denoiser_resumes_bit_for_bit(small_phantoms, tmp_path, crash_on_se
     arm(denoiser_training)
     with pytest.raises(KeyboardInterrupt):
         train_unet_denoiser(small_phantoms, 0.5, tmp_path / "resumed", **settings)
-    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=True)["step"] == 1
     disarm(denoiser_training)
     resumed = train_unet_denoiser(small_phantoms, 0.5, tmp_path / "resumed", **settings)
     assert not (resumed / "training_state.pt").exists()

@@ -48,7 +48,7 @@ def test_training_learns_and_checkpoint_resumes_bit_for_bit(phantoms, tmp_path, 
     arm(training)
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(train_set, val_set, checkpoint=checkpoint, **settings)
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
     disarm(training)
     resumed, _, resumed_history = train_segmenter(train_set, val_set, checkpoint=checkpoint, **settings)
     assert list(resumed_history["epoch"]) == [1, 2, 3]

@@ -34,7 +34,6 @@ guided-diffusion scales q and k each by ``head_dim ** -0.25``; diffusers scales 
 from __future__ import annotations
 
 import argparse
-import pickle
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -479,11 +478,15 @@ def load_guided_diffusion_unet(path: str | Path, **flags: Any) -> UNet2DModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"guided-diffusion checkpoint not found: {path}")
+    from medcert_core.io import UnsafeFileError, load_weights
+
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch state dict of tensors ({type(err).__name__}); expected "
-                         f"OpenAI's guided-diffusion UNet checkpoint, e.g. 256x256_diffusion_uncond.pt") from err
+        state_dict = load_weights(path)  # tensors only: a file that needs code to unpickle is refused
+    except UnsafeFileError:
+        raise
+    except ValueError as err:
+        raise ValueError(f"{path} is not a readable PyTorch state dict of tensors ({type(err.__cause__).__name__}); "
+                         f"expected OpenAI's guided-diffusion UNet checkpoint, e.g. 256x256_diffusion_uncond.pt") from err
     if not _looks_like_guided_diffusion(state_dict):
         raise ValueError(
             f"{path} does not look like a guided-diffusion UNet state dict "

@@ -27,7 +27,7 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
-from medcert_core.io import save_torch_atomically
+from medcert_core.io import load_weights, save_torch_atomically
 from medcert_core.smoothing import resolve_device
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
@@ -125,7 +125,7 @@ def train_ddpm(
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / "training_state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_weights(state_path, map_location=device)
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -211,7 +211,7 @@ def train_unet_denoiser(
     generator = torch.Generator().manual_seed(seed)
     state_path, start = output_dir / "training_state.pt", 0
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_weights(state_path, map_location=device)
         denoiser.network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from medcert_core.io import save_torch_atomically, write_json_atomically
+from medcert_core.io import load_weights, save_torch_atomically, write_json_atomically
 from medcert_core.models import create_model
 
 WEIGHTS = "unet_denoiser.pt"
@@ -45,12 +45,17 @@ class UNetDenoiser(torch.nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "UNetDenoiser":
+        """The denoiser saved in ``folder`` (tensors and plain containers only: nothing in the file runs)."""
         path = Path(folder) / WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"no UNet denoiser at {path} (expected {folder}/{WEIGHTS}, written by train_unet_denoiser)")
-        saved = torch.load(path, map_location=map_location, weights_only=False)
-        config = saved["config"]
-        denoiser = cls.build(config["channels"], config["sigma"], **config["model_kwargs"])
+        saved = load_weights(path, map_location=map_location)
+        try:
+            config, state_dict = saved["config"], saved["state_dict"]
+            denoiser = cls.build(config["channels"], config["sigma"], **config["model_kwargs"])
+        except (TypeError, KeyError) as error:
+            raise ValueError(f"{path} is not a UNet denoiser written by train_unet_denoiser (expected 'config' with "
+                             f"channels, sigma, model_kwargs and 'state_dict'; {error!r})") from error
         denoiser.config = config
-        denoiser.network.load_state_dict(saved["state_dict"])
+        denoiser.network.load_state_dict(state_dict)
         return denoiser.eval()

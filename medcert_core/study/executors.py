@@ -115,10 +115,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def control_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` (of SLURM option, job name or path ``key``) cannot go into a batch script: it holds
+    a control character (a newline inside ``#SBATCH --key=value`` would start a shell line); None if fine."""
+    found = CONTROL_CHARACTER.search(value) if isinstance(value, str) else None
+    if found is None:
+        return None
+    return (f"{key} holds the control character {found.group()!r} (in {value!r}); SLURM values, job names and "
+            "paths must be on one line: a newline would turn the rest of an #SBATCH line into a shell command "
+            "of the batch script")
+
+
 def option_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not valid for SLURM option ``name``; None if it is."""
     if name not in OPTION_NAMES:
         return f"unknown option {name!r}; valid: {OPTION_NAMES}"
+    problem = control_problem(repr(name), value)
+    if problem:
+        return problem
     checks = {
         "partition": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a partition name"),
         "gpus_per_job": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -137,6 +154,9 @@ def option_problem(name: str, value: Any) -> str | None:
                 return f"'sbatch' option names are sbatch's long options without dashes (e.g. account, qos), got {key!r}"
             if not isinstance(item, (str, int, float, bool)):
                 return f"'sbatch' option {key!r} must be a string, number or true, got {item!r}"
+            problem = control_problem(f"'sbatch' option {key!r}", key) or control_problem(f"'sbatch' option {key!r}", item)
+            if problem:
+                return problem
         return None
     valid, expected = checks[name]
     return None if valid(value) else f"{name!r} must be {expected}, got {value!r}"
@@ -164,6 +184,25 @@ def slurm_options(section: Mapping[str, Any] | None = None, overrides: Mapping[s
             raise ValueError(f"executor: {problem}")
     sbatch = {**dict((section or {}).get("sbatch") or {}), **dict((overrides or {}).get("sbatch") or {})}
     return replace(SlurmOptions(), **{**values, "sbatch": sbatch})
+
+
+def submission_problem(entries: list[GridEntry], options: SlurmOptions, log_dir: Path) -> str | None:
+    """Why these jobs cannot be submitted safely (an option, a job name, an output name or the log
+    folder holding a control character); None if they can. Checked before anything is submitted."""
+    for name in OPTION_NAMES:
+        problem = option_problem(name, getattr(options, name))
+        if problem:
+            return f"executor: {problem}"
+    checks = [(f"the log folder {log_dir}", str(log_dir))]
+    for entry in entries:
+        checks += [(f"the output name of grid entry {entry.notebook!r}", entry.output),
+                   (f"the job name of grid entry {entry.notebook!r}", job_name(entry))]
+    return next((problem for key, value in checks if (problem := control_problem(key, value))), None)
+
+
+def job_name(entry: GridEntry) -> str:
+    """The SLURM job name of a grid entry."""
+    return f"medcert-{entry.output}"[:120]
 
 
 def grid_section(grid_file: str | Path) -> dict[str, Any] | None:
@@ -359,6 +398,9 @@ def run_on_slurm(entries: list[GridEntry], *, notebooks_dir: Path, book_dir: Pat
     import submitit
 
     log_dir = Path(options.log_dir) if Path(options.log_dir).is_absolute() else cwd / options.log_dir
+    problem = submission_problem(entries, options, log_dir)
+    if problem:
+        raise ValueError(f"nothing submitted: {problem}")
     jupyter_path = ensure_kernel(fallback=log_dir / "jupyter")
     report = SlurmReport()
     record = _jobs_record(results_dir)
@@ -379,7 +421,7 @@ def run_on_slurm(entries: list[GridEntry], *, notebooks_dir: Path, book_dir: Pat
             if previous and previous["job_id"] not in queue:
                 tqdm.write(f"{entry.output}: earlier job {previous['job_id']} did not finish it "
                            f"(log: {previous.get('log')}); submitting it again")
-            executor.update_parameters(name=f"medcert-{entry.output}"[:120], **options.submitit_parameters())
+            executor.update_parameters(name=job_name(entry), **options.submitit_parameters())
             job = executor.submit(run_entry_job, entry, notebooks_dir=notebooks_dir, book_dir=book_dir,
                                   results_dir=results_dir, cwd=cwd, jupyter_path=jupyter_path,
                                   start_timeout=options.kernel_start_timeout)

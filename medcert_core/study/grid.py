@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -46,7 +45,7 @@ from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES
 from medcert_core.denoisers import parse_spec
 from medcert_core.errors import NotebookFailed
-from medcert_core.io import file_lock, write_atomically, write_json_atomically
+from medcert_core.io import file_digest, file_lock, write_atomically, write_json_atomically
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import PRECISIONS, check_batch_size, compile_mode
 from medcert_core.study.assets import training_override_problem
@@ -91,13 +90,29 @@ class GridEntry:
                                "source": source_digest(), "parameters": parameters, "training": training})
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _fail(path: str | Path, message: str) -> NoReturn:
     raise ValueError(f"{path}: {message}")
+
+
+def output_problem(name: Any) -> str | None:
+    """Why ``name`` is not a plain file name inside the book (``<book>/<name>.ipynb``); None if it is:
+    a non-empty string without a path separator or a control character, not starting with '.'
+    (so neither '..' nor a hidden file), hence never absolute and never outside the book."""
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty file name (a string)"
+    if "/" in name or "\\" in name:
+        return "must be a plain file name without a path separator ('/' or '\\'): outputs go into the book folder"
+    if name.startswith("."):
+        return "must not start with '.' (no '..', no hidden file): outputs go into the book folder"
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "must not hold a control character (newline, tab, ...)"
+    return None
+
+
+def _check_output(source: str | Path, number: int, name: Any, what: str = "'output:'") -> None:
+    problem = output_problem(name)
+    if problem:
+        _fail(source, f"entry {number}: {what} {name!r} {problem}; e.g. 'output: jsrt_sigmas'")
 
 
 def _sweep_suffix(values: Mapping[str, Any]) -> str:
@@ -258,6 +273,8 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
         sweep = dict(entry.get("sweep") or {})
         if any(not isinstance(values, list) or not values for values in sweep.values()):
             _fail(source, f"entry {number}: every 'sweep:' value must be a non-empty list")
+        if "output" in entry:
+            _check_output(source, number, entry["output"])
         template = Path(notebooks_dir) / f"{entry['notebook']}.ipynb"
         defaults = template_parameters(template)
         applied = {key: value for key, value in overrides.items() if defaults is None or key in defaults}
@@ -267,6 +284,7 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
         for combination in itertools.product(*sweep.values()) if sweep else [()]:
             swept = dict(zip(sweep, combination))
             output = entry.get("output", entry["notebook"]) + (f"-{_sweep_suffix(swept)}" if swept else "")
+            _check_output(source, number, output, "the output name (with its sweep values)")
             parameters = {**shared, **(entry.get("parameters") or {}), **swept}
             checked = [] if defaults is None else [parameter_problem(key, value, defaults) for key, value in parameters.items()]
             problems = [problem for problem in checked if problem]

@@ -169,9 +169,12 @@ def build_quick(args: argparse.Namespace, device: torch.device) -> Workload:
     from medcert_core.models import create_model
     from medcert_core.training import PRESETS, load_segmenter
 
-    cache = Path(args.cache)
-    segmenter_file = cache / "segmenters" / "phantom_64_unet_tiny_e40_noise0.0_seed0.pt"
-    ddpm_folder = cache / "denoisers" / "ddpm_phantom_64_tiny_s300_max1.0_seed0"
+    from medcert_core.study import assets
+    from medcert_core.study.profiles import training_spec
+
+    cache, data, training = Path(args.cache), assets.DataSpec("phantom", None, 64), training_spec("quick")
+    segmenter_file = assets.segmenter_path(cache, data, training, "unet", 0.0)  # the quick study's cache names
+    ddpm_folder = assets.ddpm_folder(cache, data, training)
     use_cache = args.weights in ("auto", "cache")
     info: dict[str, Any] = {}
     segmenter = denoiser = None

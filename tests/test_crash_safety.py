@@ -132,7 +132,7 @@ def finished_models(cache: Path) -> dict[str, int]:
 
     finished = {}
     for path in cache.glob("segmenters/*.pt"):
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["epoch"] == saved["config"]["epochs"]:
             finished[str(path)] = path.stat().st_mtime_ns
     for path in cache.glob("denoisers/*/model_index.json"):
@@ -303,7 +303,7 @@ def test_a_stale_running_notebook_is_replaced_not_read(tmp_path, monkeypatch):
     assert not stale.exists() and is_done(entry, book, results)
 
 
-def test_a_segmenter_checkpoint_is_resumed_or_retrained_never_read_as_finished(tmp_path, monkeypatch):
+def test_a_segmenter_without_its_marker_is_resumed_or_retrained_never_read_as_finished(tmp_path, monkeypatch):
     import torch
 
     from medcert_core.study import assets
@@ -314,16 +314,79 @@ def test_a_segmenter_checkpoint_is_resumed_or_retrained_never_read_as_finished(t
     calls = []
 
     def fake_train(*args, checkpoint, **kwargs):
-        calls.append(torch.load(checkpoint, weights_only=False)["epoch"] if Path(checkpoint).exists() else None)
+        calls.append(torch.load(checkpoint, weights_only=True)["epoch"] if Path(checkpoint).exists() else None)
+        torch.save({"config": {"epochs": 3}, "epoch": 3}, checkpoint)
         return "model", "config", None
 
     monkeypatch.setattr(assets, "train_segmenter", fake_train)
-    torch.save({"config": {"epochs": 3}, "epoch": 1}, path)  # killed after epoch 1 of 3
+    torch.save({"config": {"epochs": 3}, "epoch": 1}, path)  # killed after epoch 1 of 3: no marker
     assert assets.segmenter(tmp_path, data, training, "unet") == ("model", "config")
-    path.write_bytes(b"PK\x03\x04")  # a truncated file (e.g. from before writes were fsynced)
+    assert assets.marker_path(path).is_file(), "marked complete once trained"
+    assets.marker_path(path).unlink()  # killed before its marker, and the file emptied by a power loss
+    path.write_bytes(b"PK\x03\x04")
     with pytest.warns(UserWarning, match="unreadable segmenter checkpoint"):
         assets.segmenter(tmp_path, data, training, "unet")
-    assert calls == [1, None], "resumed from epoch 1, then trained from scratch"
+    assert calls == [1, None], "resumed from epoch 1, then (unreadable, no marker) trained from scratch"
+    assert assets.marker_path(path).is_file()
+
+
+def test_a_segmenter_with_its_marker_is_never_deleted_nor_retrained(tmp_path, monkeypatch):
+    import torch
+
+    from medcert_core.study import assets
+
+    data, training = assets.DataSpec("phantom", None, 32, 0), assets.TrainingSpec(epochs=1)
+    path = assets.segmenter_path(tmp_path, data, training, "unet", 0.0)
+    trained = []
+
+    def fake_train(*args, checkpoint, **kwargs):
+        trained.append(checkpoint)
+        torch.save({"config": {"epochs": 1}, "epoch": 1}, checkpoint)
+        return "model", "config", None
+
+    monkeypatch.setattr(assets, "train_segmenter", fake_train)
+    assets.segmenter(tmp_path, data, training, "unet")
+    body = path.read_bytes()
+    corrupt = body[: len(body) // 2] + bytes(len(body) - len(body) // 2)  # same size, second half zeroed
+    path.write_bytes(corrupt)
+    with pytest.raises(ValueError, match=f"{path.name}.*does not match its completion marker"):
+        assets.segmenter(tmp_path, data, training, "unet")
+    assert path.read_bytes() == corrupt and assets.marker_path(path).is_file(), "kept, for a person to look at"
+
+    path.write_bytes(b"not a checkpoint")  # a body its marker describes that does not load
+    assets.mark_complete(path)
+    with pytest.raises(ValueError, match=f"cached segmenter {path}.*does not load"):
+        assets.segmenter(tmp_path, data, training, "unet")
+    assert path.read_bytes() == b"not a checkpoint"
+    assert trained == [path], "a model with its marker is never trained again"
+
+
+def test_a_denoiser_folder_is_complete_only_with_its_marker(tmp_path, monkeypatch):
+    from medcert_core.study import assets
+
+    data, training = assets.DataSpec("phantom", None, 32, 0), assets.TrainingSpec(ddpm_steps=2)
+    trained = []
+
+    def fake_train_ddpm(train_set, folder, **kwargs):
+        trained.append(folder)
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+        (folder / "model_index.json").write_text("{}")
+        return folder
+
+    monkeypatch.setattr(assets, "train_ddpm", fake_train_ddpm)
+    folder = assets.ddpm_folder(tmp_path, data, training)
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")  # looks finished, no marker, does not load
+    with pytest.warns(UserWarning, match="unloadable denoiser"):
+        assert assets.resolve_denoiser_spec("ddpm:auto", 0.5, tmp_path, data, training, "cpu") == f"ddpm:{folder}"
+    assert trained == [folder] and assets.marker_path(folder).is_file()
+
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors does not match its completion marker"):
+        assets.resolve_denoiser_spec("ddpm:auto", 0.5, tmp_path, data, training, "cpu")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"changed"
+    assert trained == [folder], "kept and not trained again"
 
 
 def test_a_run_completed_meanwhile_by_another_process_keeps_its_record(tmp_path, monkeypatch):

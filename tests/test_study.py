@@ -15,6 +15,7 @@ from medcert_core.certify import certified_radius as radius
 from medcert_core.study import paper, report, store
 from medcert_core.study.assets import DataSpec, TrainingSpec, segmenter_path
 from medcert_core.study.experiment import Experiment, combine
+from medcert_core.io import file_digest
 from medcert_core.study.grid import GridEntry, is_done, parse_grid
 from medcert_core.study.runs import CertificationRun, ours, plain, segcertify
 from medcert_core.study.workflow import fill_data_root
@@ -172,6 +173,11 @@ def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment,
     assert (curves.groupby("tau")["abstain"].mean().diff().dropna() > 0).any(), "the curve must move with tau"
     aggregate = pd.read_csv(tiny_experiment.results_path / store.AGGREGATE_CURVES)
     assert len(aggregate[aggregate["run"] == run.hash]) == len(curves)
+    pixels = image.shape[-1] * image.shape[-2]  # each tau: can n draws certify any pixel (tau^n <= alpha / pixels)?
+    expected = {tau: tau ** run.n <= run.alpha / pixels for tau in taus}
+    assert curves.groupby("tau")["reachable"].all().to_dict() == expected
+    assert not all(expected.values()) and any(expected.values()), "the tiny run's grid has both kinds"
+    assert (curves[~curves["reachable"]]["abstain"] == 1.0).all(), "an unreachable tau abstains everywhere"
 
 
 def test_dice_against_radius_has_one_line_per_method_and_sigma():
@@ -189,6 +195,15 @@ def test_dice_against_radius_has_one_line_per_method_and_sigma():
     table = report.radius_curve_table(curves)
     assert table.loc[("SegCertify", "unet", 0.5, 0.9, round(radius(0.5, 0.9), 3)), "lung"] == pytest.approx(0.15)
     assert table["%⊘ all"].unique() == pytest.approx([10.0])
+
+    curves["reachable"] = curves["tau"] < 0.8  # tau 0.9: n cannot reach it, every pixel abstains by construction
+    figure = report.dice_against_radius(curves)
+    assert all(list(trace.x) == pytest.approx([radius(float(trace.name[-4:]), 0.6)]) for trace in figure.data)
+    assert "not drawn: tau = 0.9" in figure.layout.annotations[-1].text
+    table = report.radius_curve_table(curves)
+    unreachable = table.xs(0.9, level="τ")
+    assert unreachable["lung"].isna().all() and (unreachable["n reaches τ"] == "no").all()
+    assert (table.xs(0.6, level="τ")["n reaches τ"] == "yes").all()
 
 
 def test_experiment_reads_a_notebook_namespace():
@@ -450,7 +465,7 @@ def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(n
     spec = {"parameters": {"n": 100}, "runs": [{"notebook": "phantom"}]}
     (entry,) = parse_grid(spec, "grid.yaml", notebooks)
     template = notebooks / "phantom.ipynb"
-    assert entry.template_digest == grid.file_digest(template)
+    assert entry.template_digest == file_digest(template)
     template.write_text(template.read_text().replace("}", "} ", 1))  # same name, other bytes
     (edited,) = parse_grid(spec, "grid.yaml", notebooks)
     assert edited.hash != entry.hash
@@ -543,3 +558,23 @@ def test_live_controls_are_disabled_and_show_progress_while_certifying(tiny_expe
     button.click()  # the exception is shown (outside IPython: logged by the button), the controls come back
     assert [image.disabled, sigma.disabled, button.disabled] == [False] * 3 and progress.layout.display == "none"
     assert status.value == f"certifying {name} at σ = 0.5 failed (traceback below)" and numbers.value == ""
+
+
+def test_a_data_root_through_a_symlink_stays_project_relative(tmp_path):
+    from medcert_core.study.workflow import project_relative
+
+    project, real = tmp_path / "work" / "main", tmp_path / "mnt" / "disk" / "volume" / "shared"
+    project.mkdir(parents=True)
+    (real / "data" / "jsrt").mkdir(parents=True)
+    (tmp_path / "work" / "shared").symlink_to(real)
+    assert project_relative(tmp_path / "work" / "shared" / "data" / "jsrt", project) == "../shared/data/jsrt"
+
+
+def test_live_summary_averages_certified_dice_over_the_foreground_classes():
+    from medcert_core import ABSTAIN
+    from medcert_core.study import live
+
+    target = np.array([[0, 0, 1, 1], [0, 0, 2, 2]])
+    certified = np.array([[0, 0, 1, 1], [0, ABSTAIN, 2, ABSTAIN]])  # lung perfect, heart half abstained
+    (line,) = live.summary({"target": target[None], "ours": certified[None]}, ["ours"], num_classes=3)
+    assert line == "ours: 25.0 % abstain, certified Dice 0.833 (foreground)"  # (1 + 2/3) / 2, background not counted

@@ -94,7 +94,7 @@ def load_dataset(name: str, root: str | Path | None, split: str, *,
     if not ids:
         raise ValueError(f"{name}: split {split!r} of {len(source.ids)} cases is empty")
     return SegmentationDataset(name, ids, source.load, source.class_names, source.image_size,
-                               channels, split)
+                               channels, split, source.files)
 
 
 __all__ = [

@@ -9,7 +9,11 @@ item in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from medcert_core.io import file_digest
+
 SPLITS = ("train", "val", "test", "all")
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; test is the rest
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -27,6 +33,7 @@ TIFF_EXTENSIONS = (".tif", ".tiff")
 
 Size = tuple[int, int]
 Loader = Callable[[str], tuple[np.ndarray, np.ndarray]]
+CaseFiles = dict[str, list[Path]]  # case id -> the files it is read from (image first, then its masks)
 LabelFn = Callable[[np.ndarray, Path], np.ndarray]
 
 
@@ -218,6 +225,15 @@ def binary_labels(mask: np.ndarray, path: Path) -> np.ndarray:
     return binary_mask(mask, path).astype(np.int64)
 
 
+def files_per_case(images: Mapping[str, Path], masks: Mapping[str, Path | Mapping[str, Path]]) -> CaseFiles:
+    """case id -> [image file, mask file(s)] for cases read from one image and one mask file, or a
+    mapping of mask files (organ or side -> file, taken in sorted key order)."""
+    def mask_files(value: Path | Mapping[str, Path]) -> list[Path]:
+        return [value] if isinstance(value, Path) else [value[key] for key in sorted(value)]
+
+    return {case: [image, *mask_files(masks[case])] for case, image in images.items() if case in masks}
+
+
 def paired_loader(images: dict[str, Path], masks: dict[str, Path],
                   read: Callable[[Path], np.ndarray], to_labels: LabelFn) -> Loader:
     """Loader of cases made of one image file and one mask file with the same (H, W).
@@ -309,6 +325,7 @@ class Source:
     load: Loader
     class_names: tuple[str, ...]
     image_size: Size
+    files: CaseFiles = field(default_factory=dict)  # empty for a generated dataset (phantom)
 
 
 class SegmentationDataset(Dataset):
@@ -320,7 +337,8 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, name: str, ids: Sequence[str], load: Loader, class_names: Sequence[str],
-                 image_size: Size, channels: int = 3, split: str = "all") -> None:
+                 image_size: Size, channels: int = 3, split: str = "all",
+                 files: Mapping[str, list[Path]] | None = None) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.name = name
@@ -330,6 +348,7 @@ class SegmentationDataset(Dataset):
         self.image_size = as_size(image_size)
         self.channels = channels
         self._load = load
+        self.files: CaseFiles = {case: list(files[case]) for case in self.ids} if files else {}
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -361,3 +380,27 @@ class SegmentationDataset(Dataset):
         return (f"SegmentationDataset(name={self.name!r}, split={self.split!r}, items={len(self)}, "
                 f"image_size={self.image_size}, channels={self.channels}, "
                 f"class_names={self.class_names})")
+
+
+# --------------------------------------------------------------------------- digests (keys of results and caches)
+
+def dataset_digest(dataset: SegmentationDataset) -> str:
+    """sha256 (hex) of the data a split reads: its case ids, in order, and the bytes of each case's files,
+    named by their path relative to the dataset's files' common folder (a moved root keeps the digest).
+
+    A generated dataset (no files: phantom) is digested by its ids; its seed and size belong in the
+    caller's key. A file-based dataset with a case whose files cannot be found raises ValueError.
+    """
+    files = {case: dataset.files.get(case, []) for case in dataset.ids}
+    every = [path for paths in files.values() for path in paths]
+    missing = [case for case, paths in files.items() if not paths]
+    if every and missing:
+        raise ValueError(f"{dataset.name}: cannot tell which files case {missing[0]!r} is read from, so its "
+                         f"data cannot be digested")
+    common = Path(os.path.commonpath([os.path.abspath(path) for path in every])) if every else None
+    if common is not None and len(every) == 1:
+        common = common.parent
+    cases = [[case, [[Path(os.path.abspath(path)).relative_to(common).as_posix(), file_digest(path)]
+                     for path in files[case]]] for case in dataset.ids]
+    text = json.dumps({"dataset": dataset.name, "cases": cases}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -32,10 +32,12 @@ from typing import Callable
 import numpy as np
 
 from medcert_core.data.base import (
+    CaseFiles,
     Loader,
     Size,
     Source,
     binary_labels,
+    files_per_case,
     binary_mask,
     check_same_shape,
     index_files,
@@ -144,7 +146,7 @@ def _jsrt_organ_loader(images: dict[str, Path], masks: dict[str, dict[str, Path]
     return load
 
 
-def _jsrt_png(root: Path) -> tuple[list[str], Loader]:
+def _jsrt_png(root: Path) -> tuple[list[str], Loader, CaseFiles]:
     """Case ids and loader of the PNG layout (``images/`` + ``masks/<organ>/``)."""
     image_dir = require_dir(root / "images", "jsrt", JSRT_LAYOUT)
     images = index_files(image_dir, (".png",))
@@ -154,7 +156,7 @@ def _jsrt_png(root: Path) -> tuple[list[str], Loader]:
         for case_id, path in images.items()
     }
     ids = require_cases(sorted(images), "jsrt", image_dir, JSRT_LAYOUT)
-    return ids, _jsrt_organ_loader(images, masks, read_gray, scaled_ok=False)
+    return ids, _jsrt_organ_loader(images, masks, read_gray, scaled_ok=False), files_per_case(images, masks)
 
 
 def _scan_original(root: Path) -> tuple[dict[str, Path], list[Path]]:
@@ -190,7 +192,7 @@ def _index_scr_masks(mask_roots: list[Path]) -> dict[str, dict[str, Path]]:
     return index
 
 
-def _jsrt_original(root: Path) -> tuple[list[str], Loader]:
+def _jsrt_original(root: Path) -> tuple[list[str], Loader, CaseFiles]:
     """Case ids and loader of the original distribution (``.IMG`` + SCR GIF masks)."""
     images, mask_roots = _scan_original(root)
     if not images:
@@ -210,7 +212,8 @@ def _jsrt_original(root: Path) -> tuple[list[str], Loader]:
                     f"for image {image_path})"
                 )
         masks[case_id] = {organ: found[organ] for organ in JSRT_ORGANS}
-    return sorted(images), _jsrt_organ_loader(images, masks, read_jsrt_img, scaled_ok=True)
+    return (sorted(images), _jsrt_organ_loader(images, masks, read_jsrt_img, scaled_ok=True),
+            files_per_case(images, masks))
 
 
 def jsrt_source(root: str | Path | None, image_size: Size, *, layout: str = "auto") -> Source:
@@ -219,12 +222,12 @@ def jsrt_source(root: str | Path | None, image_size: Size, *, layout: str = "aut
     if layout == "auto":
         layout = "png" if (root / "images").is_dir() else "original"
     if layout == "png":
-        ids, load = _jsrt_png(root)
+        ids, load, files = _jsrt_png(root)
     elif layout == "original":
-        ids, load = _jsrt_original(root)
+        ids, load, files = _jsrt_original(root)
     else:
         raise ValueError(f"unknown jsrt layout {layout!r}; valid: auto, png, original")
-    return Source(ids, load, CHEST_CLASSES, image_size)
+    return Source(ids, load, CHEST_CLASSES, image_size, files)
 
 
 def montgomery_source(root: str | Path | None, image_size: Size) -> Source:
@@ -249,7 +252,7 @@ def montgomery_source(root: str | Path | None, image_size: Size) -> Source:
             lung |= binary_mask(mask, mask_path)
         return image, paint_labels([lung])
 
-    return Source(ids, load, LUNG_CLASSES, image_size)
+    return Source(ids, load, LUNG_CLASSES, image_size, files_per_case(images, masks))
 
 
 def shenzhen_source(root: str | Path | None, image_size: Size) -> Source:
@@ -267,5 +270,6 @@ def shenzhen_source(root: str | Path | None, image_size: Size) -> Source:
             stacklevel=3,
         )
     ids = require_cases(sorted(images), "shenzhen", image_dir, SHENZHEN_LAYOUT)
-    load = paired_loader(images, {s: masks[s] for s in images}, read_gray, binary_labels)
-    return Source(ids, load, LUNG_CLASSES, image_size)
+    masks = {s: masks[s] for s in images}
+    return Source(ids, paired_loader(images, masks, read_gray, binary_labels), LUNG_CLASSES, image_size,
+                  files_per_case(images, masks))

@@ -25,6 +25,7 @@ from medcert_core.data.base import (
     Size,
     Source,
     binary_labels,
+    files_per_case,
     index_files,
     match_masks,
     paired_loader,
@@ -92,4 +93,4 @@ def folder_source(root: str | Path | None, image_size: Size | None, *,
                              f"has only {len(names)} names: {names}")
         to_labels = label_values(len(names))
     size = image_size or tuple(read_image(images[ids[0]]).shape[:2])
-    return Source(ids, paired_loader(images, masks, read_image, to_labels), names, size)
+    return Source(ids, paired_loader(images, masks, read_image, to_labels), names, size, files_per_case(images, masks))

@@ -12,6 +12,7 @@ from medcert_core.data.base import (
     Size,
     Source,
     binary_labels,
+    files_per_case,
     index_files,
     match_masks,
     paired_loader,
@@ -48,7 +49,7 @@ def isic2018_source(root: str | Path | None, image_size: Size) -> Source:
     masks = {s: require_file(mask_dir / f"{s}_segmentation.png", p) for s, p in images.items()}
     ids = require_cases(sorted(images), "isic2018", image_dir, ISIC_LAYOUT)
     return Source(ids, paired_loader(images, masks, read_image, binary_labels),
-                  ("background", "lesion"), image_size)
+                  ("background", "lesion"), image_size, files_per_case(images, masks))
 
 
 def cvc_clinicdb_source(root: str | Path | None, image_size: Size) -> Source:
@@ -60,4 +61,4 @@ def cvc_clinicdb_source(root: str | Path | None, image_size: Size) -> Source:
     masks = match_masks(images, index_files(mask_dir, CVC_EXTENSIONS), mask_dir)
     ids = require_cases(sorted(images), "cvc_clinicdb", image_dir, CVC_LAYOUT)
     return Source(ids, paired_loader(images, masks, read_image, binary_labels),
-                  ("background", "polyp"), image_size)
+                  ("background", "polyp"), image_size, files_per_case(images, masks))

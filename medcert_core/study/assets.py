@@ -1,8 +1,16 @@
 """Trained models a study needs, built once and cached: segmenters, the in-project DDPM, UNet denoisers.
 
 Every function returns what is in the cache when it is there and trains it otherwise (training
-itself checkpoints and resumes). Cache names spell out everything that defines the model, so a
-changed setting trains a new one instead of silently reusing an old one.
+itself checkpoints and resumes). Cache names spell out everything that defines the model, the data
+it is trained on included (``_data<digest>``: the training splits' case ids and file bytes, see
+:meth:`DataSpec.digest`), so a changed setting or changed data trains a new model instead of
+silently reusing an old one.
+
+A cached model is complete when its marker ``<model>.complete`` exists: written atomically after the
+model's files (fsynced), it lists their sizes and sha256. A model without its marker is incomplete:
+trained again (resumed from a checkpoint that loads; one that does not load is deleted). A model
+with its marker is never deleted: one that does not match its marker or does not load raises,
+naming the file.
 
 Several processes may share one cache (SLURM jobs, torchrun ranks, notebooks): each model is looked
 up and trained under its own lock (``<cache>/locks/<model>.lock``, an flock that dies with its
@@ -14,7 +22,10 @@ next one resumes. Each training says so on stderr: ``[medcert] training <kind> <
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -26,14 +37,20 @@ from typing import Any
 import torch
 
 from medcert_core.data import load_dataset
-from medcert_core.data.base import as_size
-from medcert_core.denoisers import DDPM_PRESETS, load_denoiser, resize_noise_factor, train_ddpm, train_unet_denoiser
-from medcert_core.io import file_lock
+from medcert_core.data.base import as_size, dataset_digest
+from medcert_core.denoisers import (DDPM_PRESETS, load_denoiser, parse_spec, resize_noise_factor, train_ddpm,
+                                    train_unet_denoiser)
+from medcert_core.io import file_digest, file_lock, load_weights, write_json_atomically
 from medcert_core.smoothing import resolve_device
+from medcert_core.study.store import weight_files, weights_digest
 from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
 
 AUTO = "auto"  # denoiser location meaning "train it in the project", e.g. "ddpm:auto"
 UNET_DENOISER_BATCH = 16  # train_unet_denoiser's batch size
+COMPLETE = ".complete"  # suffix of a cached model's completion marker
+DIGEST_LENGTH = 12  # hex digits of the data digest in a cache name
+LOADED_FILES = {"ddpm": ("unet", "scheduler"), "unet": ("unet_denoiser.pt",)}  # what a folder spec loads
+FINISHED = {"ddpm": "model_index.json", "unet": "unet_denoiser.pt"}  # each trainer's own last-written file
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,16 @@ class DataSpec:
     def tag(self) -> str:
         size = self.image_size if isinstance(self.image_size, int) else "x".join(map(str, self.image_size))
         return f"{self.dataset}_{size}"
+
+    def digest(self, *splits: str) -> str:
+        """sha256 (hex) of the data these splits read: each split's case ids and file bytes
+        (:func:`medcert_core.data.base.dataset_digest`); the root's location does not count."""
+        digests = {split: dataset_digest(self.load(split)) for split in splits}
+        return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+    def data_tag(self, *splits: str) -> str:
+        """``_data<digest>``: the part of a cache name that names the data a model is trained on."""
+        return f"_data{self.digest(*splits)[:DIGEST_LENGTH]}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +163,61 @@ def training_override_problem(overrides: Any) -> str | None:
 
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:
     epochs = training.epochs if training.epochs is not None else "default"
-    return Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}_seed{data.seed}.pt"
+    return (Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}"
+            f"_seed{data.seed}{data.data_tag('train', 'val')}.pt")
+
+
+# --- completion markers ---------------------------------------------------------------------------
+
+def marker_path(model: Path) -> Path:
+    """The completion marker of a cached model (file or folder): ``<model>.complete`` beside it."""
+    model = Path(model)
+    return model.with_name(model.name + COMPLETE)
+
+
+def model_files(model: Path) -> dict[str, Path]:
+    """The files of a cached model by name: the file itself, or every file below its folder."""
+    model = Path(model)
+    if model.is_file():
+        return {model.name: model}
+    return {file.relative_to(model).as_posix(): file for file in weight_files(model)}
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def mark_complete(model: Path) -> Path:
+    """Write the model's completion marker, atomically, once its files are on the disk (fsynced):
+    each file's size and sha256, checked by :func:`check_complete`."""
+    files = model_files(model)
+    if not files:
+        raise FileNotFoundError(f"no model files at {model} to mark complete")
+    for file in {*files.values(), *(file.parent for file in files.values())}:
+        _fsync(file)
+    entries = {name: {"size": file.stat().st_size, "sha256": file_digest(file)} for name, file in files.items()}
+    return write_json_atomically({"model": Path(model).name, "files": entries}, marker_path(model))
+
+
+def check_complete(model: Path) -> None:
+    """Raise ValueError naming the file when a model marked complete differs from its marker
+    (a file missing, of another size or other bytes). Nothing is deleted."""
+    marker = marker_path(model)
+    try:
+        expected = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"unreadable completion marker {marker} ({error!r}); the model {model} is kept") from error
+    found = model_files(model) if Path(model).exists() else {}
+    for name, entry in expected.items():
+        file = found.get(name)
+        if file is None or file.stat().st_size != entry["size"] or file_digest(file) != entry["sha256"]:
+            raise ValueError(f"cached model file {Path(model) / name if Path(model).is_dir() else model} "
+                             f"does not match its completion marker {marker} (missing, truncated or "
+                             f"changed); it is kept: remove it and the marker to train it again")
 
 
 def model_lock(cache: Path, model: Path, what: str):
@@ -168,23 +249,42 @@ def segmenter(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, no
 
 def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float,
                                  device: str | torch.device) -> tuple[torch.nn.Module, TrainConfig]:
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            finished = saved.get("epoch") == saved["config"]["epochs"]
-        except Exception as error:  # e.g. emptied by a power loss before writes were fsynced: train it again
-            warnings.warn(f"unreadable segmenter checkpoint {path} ({error}); training it again", stacklevel=2)
-            path.unlink()
-            finished = False
-        if finished:  # an unfinished checkpoint is resumed by train_segmenter below
-            return load_segmenter(path, device=resolve_device(device))
+    """The complete cached segmenter, else trained (resuming a checkpoint that loads), then marked complete."""
+    if marker_path(path).is_file():
+        return load_cached_segmenter(path, device)
+    discard_unreadable_checkpoint(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     announce_training("segmenter", path)
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
         epochs=training.epochs, seed=data.seed, checkpoint=path, device=device,
     )
+    mark_complete(path)
     return model, config
+
+
+def load_cached_segmenter(path: Path, device: str | torch.device) -> tuple[torch.nn.Module, TrainConfig]:
+    """A segmenter marked complete: checked against its marker and loaded; any failure raises
+    ValueError naming the file, which is kept."""
+    check_complete(path)
+    try:
+        return load_segmenter(path, device=resolve_device(device))
+    except Exception as error:
+        raise ValueError(f"cached segmenter {path} is marked complete but does not load ({error}); it is kept: "
+                         f"remove it and {marker_path(path).name} to train it again") from error
+
+
+def discard_unreadable_checkpoint(path: Path) -> None:
+    """Delete a checkpoint without completion marker that does not load (provably incomplete, e.g.
+    emptied by a power loss); one that loads is left for training to resume."""
+    if not path.is_file():
+        return
+    try:
+        load_weights(path, map_location="cpu")  # data only, nothing in the file runs
+    except Exception as error:
+        warnings.warn(f"unreadable segmenter checkpoint {path} without completion marker ({error}); "
+                      f"training it again", stacklevel=3)
+        path.unlink()
 
 
 def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
@@ -197,7 +297,7 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
     if training.ddpm_image_size is not None:
         recipe += f"_at{training.ddpm_image_size}"
     return (Path(cache) / "denoisers" / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}"
-            f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}")
+            f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}{data.data_tag('train')}")
 
 
 def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> int:
@@ -217,8 +317,8 @@ def ddpm_focus_sigmas(data: DataSpec, training: TrainingSpec) -> tuple[float, ..
 def unet_denoiser_folder(cache: Path, data: DataSpec, training: TrainingSpec, sigma: float) -> Path:
     batch = training.unet_denoiser_batch_size  # named only when not the default, so existing caches stay valid
     batch_tag = "" if batch == UNET_DENOISER_BATCH else f"_b{batch}"
-    return (Path(cache) / "denoisers"
-            / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}{batch_tag}_seed{data.seed}")
+    return (Path(cache) / "denoisers" / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}{batch_tag}"
+            f"_seed{data.seed}{data.data_tag('train')}")
 
 
 def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec,
@@ -226,19 +326,18 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
     """Turn ``ddpm:auto`` / ``unet:auto`` into the cached folder, training it first if needed.
 
     Other specs pass through; a ``{sigma}`` in a path is filled in (one UNet denoiser per sigma).
+    A cached folder counts when marked complete (checked against its marker); without its marker
+    it is trained again (resumed), a finished-looking one that does not load deleted first.
     """
     kind, _, location = spec.partition(":")
     if location != AUTO:
-        return spec.replace("{sigma}", f"{sigma:g}")
-    if kind == "ddpm":
-        folder, mark = ddpm_folder(cache, data, training), "model_index.json"
-    elif kind == "unet":
-        folder, mark = unet_denoiser_folder(cache, data, training, sigma), "unet_denoiser.pt"
-    else:
-        raise ValueError(f"only ddpm:auto and unet:auto can be trained in the project, not {spec!r}")
+        return filled_spec(spec, sigma)
+    folder = cached_denoiser_folder(kind, sigma, cache, data, training)
     with model_lock(cache, folder, f"denoiser {folder.name}"):  # trained once, however many processes ask
-        if (folder / mark).is_file():  # finished (the mark is written last): nothing to load the data for
+        if marker_path(folder).is_file():  # complete: nothing to load the data for
+            check_complete(folder)
             return f"{kind}:{folder}"
+        discard_unloadable_denoiser(kind, folder, sigma)
         announce_training(f"{kind} denoiser", folder)
         train_set = data.load("train")
         if kind == "ddpm":
@@ -249,7 +348,55 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
         else:
             train_unet_denoiser(train_set, sigma, folder, steps=training.unet_denoiser_steps,
                                 batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device)
+        mark_complete(folder)
     return f"{kind}:{folder}"
+
+
+def filled_spec(spec: str, sigma: float) -> str:
+    """``spec`` with a ``{sigma}`` in its path filled in."""
+    return spec.replace("{sigma}", f"{sigma:g}")
+
+
+def cached_denoiser_folder(kind: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
+    """Where ``<kind>:auto`` is cached (ddpm or unet; ValueError otherwise)."""
+    if kind == "ddpm":
+        return ddpm_folder(cache, data, training)
+    if kind == "unet":
+        return unet_denoiser_folder(cache, data, training, sigma)
+    raise ValueError(f"only ddpm:auto and unet:auto can be trained in the project, not {kind}:{AUTO}")
+
+
+def discard_unloadable_denoiser(kind: str, folder: Path, sigma: float) -> None:
+    """Delete a denoiser folder without completion marker that looks finished but does not load
+    (provably incomplete); an unfinished one is left for its trainer to resume."""
+    if not (folder / FINISHED[kind]).is_file():
+        return
+    try:
+        load_denoiser(f"{kind}:{folder}", sigma)
+    except Exception as error:
+        warnings.warn(f"unloadable denoiser {folder} without completion marker ({error}); training it again",
+                      stacklevel=3)
+        shutil.rmtree(folder)
+
+
+def denoiser_weights_digest(spec: str, sigma: float) -> str | None:
+    """Digest of the weight files a denoiser spec given by path loads (``ddpm:<folder>``: its unet/ and
+    scheduler/; ``unet:<folder>``: unet_denoiser.pt; a file spec: the file); None for ``none`` and
+    ``<kind>:auto``, which are keyed by their settings and data. FileNotFoundError naming a missing path."""
+    if spec == "none" or spec.partition(":")[2] == AUTO:
+        return None
+    kind, path = parse_spec(filled_spec(spec, sigma))
+    if not path.exists():
+        raise FileNotFoundError(f"denoiser {spec!r}: {path} does not exist")
+    if path.is_file() or kind not in LOADED_FILES:
+        return weights_digest(path)
+    return _parts_digest(path, LOADED_FILES[kind])
+
+
+def _parts_digest(folder: Path, parts: tuple[str, ...]) -> str:
+    """Digest of the named files / subfolders of ``folder`` (a missing one counts as absent)."""
+    digests = {part: weights_digest(folder / part) for part in parts if (folder / part).exists()}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def denoiser(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec, *,
@@ -261,5 +408,11 @@ def denoiser(spec: str, sigma: float, cache: Path, data: DataSpec, training: Tra
     "" for 256x256_diffusion_uncond.pt); other kinds of denoiser ignore it.
     """
     resolved = resolve_denoiser_spec(spec, sigma, cache, data, training, device)
-    return load_denoiser(resolved, sigma, steps=steps, generator=generator,  # options only reach diffusion ones
-                         flags=flags or None)
+    try:
+        return load_denoiser(resolved, sigma, steps=steps, generator=generator,  # options only reach diffusion ones
+                             flags=flags or None)
+    except Exception as error:
+        if spec.partition(":")[2] != AUTO:
+            raise
+        raise ValueError(f"cached denoiser {resolved.partition(':')[2]} is marked complete but does not load "
+                         f"({error}); it is kept: remove it and its .complete marker to train it again") from error

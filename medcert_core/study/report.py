@@ -93,13 +93,34 @@ def dice_against_sigma(frame: pd.DataFrame, metric: str = "dice"):
     return figure
 
 
+def reachable_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """The curve rows whose tau n can reach (``reachable``; rows stored before that column count as
+    reachable): at a tau no n-draw count can certify, every pixel abstains by construction."""
+    if "reachable" not in curves:
+        return curves
+    return curves[curves["reachable"].astype(bool)]
+
+
+def unreachable_note(curves: pd.DataFrame) -> str:
+    """One sentence naming the (sigma, tau) that n cannot reach, or "" when there are none."""
+    if "reachable" not in curves:
+        return ""
+    out = curves[~curves["reachable"].astype(bool)]
+    if out.empty:
+        return ""
+    taus = ", ".join(sorted({f"{tau:g}" for tau in out["tau"]}))
+    draws = f"n = {', '.join(str(n) for n in sorted(set(out['n'])))} draws" if "n" in out else "n draws"
+    return f"not drawn: tau = {taus}, which {draws} cannot reach (every pixel abstains by construction)"
+
+
 def dice_against_radius(curves: pd.DataFrame, metric: str = "dice"):
     """Certified ``metric`` (mean per image) against the radius R = sigma Phi^-1(tau), from one set
     of draws per run certified at every tau of its grid: one panel per class, one line per
-    method x arch (colour) and sigma (dash). ``curves``: curve rows (``Experiment.curves``)."""
+    method x arch (colour) and sigma (dash). ``curves``: curve rows (``Experiment.curves``). Taus
+    that n cannot reach (all-abstain by construction) are left out and named under the figure."""
     import plotly.express as px
 
-    certified = curves[curves["class_id"] > 0]
+    certified = reachable_curves(curves[curves["class_id"] > 0])
     means = (certified.groupby(["method_label", "arch", "class_name", "class_id", "sigma", "tau", "radius"])[metric]
              .mean().reset_index().sort_values(["class_id", "sigma", "tau"]))
     means["model"] = means["method_label"] + " · " + means["arch"]
@@ -109,16 +130,26 @@ def dice_against_radius(curves: pd.DataFrame, metric: str = "dice"):
                      labels={"radius": "certified radius R", metric: f"certified {METRICS[metric]}"}, range_y=[0, 1.02])
     figure.for_each_annotation(lambda annotation: annotation.update(text=annotation.text.split("=")[-1]))
     figure.update_layout(height=400, margin={"t": 40, "b": 10}, legend_title_text="")
+    note = unreachable_note(curves)
+    if note:
+        figure.add_annotation(text=note, showarrow=False, xref="paper", yref="paper", x=0, y=-0.18,
+                              xanchor="left", font={"size": 11})
+        figure.update_layout(margin={"t": 40, "b": 60})
     return figure
 
 
 def radius_curve_table(curves: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """The curves' values: mean certified ``metric`` per class and the abstained share of the image,
-    one row per method x arch x sigma x tau (with R)."""
+    one row per method x arch x sigma x tau (with R); at a tau that n cannot reach, the values are
+    empty and "n reaches τ" says no (every pixel abstains by construction)."""
     keys = ["method_label", "arch", "sigma", "tau", "radius"]
     foreground = curves[curves["class_id"] > 0]
     table = foreground.pivot_table(index=keys, columns="class_name", values=metric, aggfunc="mean", sort=False)
     table["%⊘ all"] = foreground.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean() * 100
+    if "reachable" in foreground:
+        reachable = foreground.groupby(keys, sort=False)["reachable"].all().astype(bool)
+        table = table.where(reachable.reindex(table.index), np.nan)
+        table["n reaches τ"] = reachable.reindex(table.index).map({True: "yes", False: "no"})
     table.index = table.index.set_names(["method", "arch", "σ", "τ", "R"])
     table.columns.name = None
     return table.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value).sort_index()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from medcert_core import distributed
 from medcert_core.certify import (TAU_GRID, Certificate, certified_radius, certify_counts_over_taus,
-                                  warn_if_n_too_small)
+                                  smallest_certifiable_n, warn_if_n_too_small)
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
@@ -75,7 +75,11 @@ def plain(train_noise: float = 0.0) -> Method:
 
 @dataclass(frozen=True)
 class CertificationRun:
-    """Everything that defines one run's numbers, hashed with medcert_core's source digest.
+    """Everything that defines one run's numbers, hashed (:meth:`key`) with medcert_core's source digest,
+    a digest of the data it reads (train and val through its models, test: each split's case ids and
+    file bytes) and digests of the weight files it loads by path (a ``ddpm:<folder>``,
+    ``guided-diffusion:<file.pt>`` or ``unet:<folder>`` denoiser); ``<kind>:auto`` models are keyed
+    by their settings and the data they are trained on.
 
     Not hashed: the data root (where the data lies), how the base model is executed (batch size,
     channels_last, torch.compile: the draws are batch-size invariant, multi-step denoising
@@ -105,9 +109,26 @@ class CertificationRun:
         parameters["data"].pop("data_root")
         return parameters
 
+    def data_digests(self) -> dict[str, str]:
+        """sha256 of each split the run reads (train and val train its segmenter, test is certified)."""
+        return {split: self.data.digest(split) for split in ("train", "val", "test")}
+
+    def weight_digests(self) -> dict[str, str]:
+        """Digests of the weight files loaded by path: {"denoiser": ...} for a denoiser given by path."""
+        digest = assets.denoiser_weights_digest(self.method.denoiser, self.sigma) if self.sigma > 0 else None
+        return {"denoiser": digest} if digest else {}
+
+    def key(self) -> dict[str, Any]:
+        """What the run's hash covers: parameters, source digest, data digests, weight digests.
+
+        Reads the data's files (cached per file in the process) and the weight files given by path.
+        """
+        return {**self.parameters(), "source": store.source_digest(), "data_digest": self.data_digests(),
+                "weight_digests": self.weight_digests()}
+
     @property
     def hash(self) -> str:
-        return store.parameter_hash({**self.parameters(), "source": store.source_digest()})
+        return store.parameter_hash(self.key())
 
 
 def _tidy_columns(run: CertificationRun) -> dict[str, Any]:
@@ -169,11 +190,16 @@ def curve_taus(tau: float) -> tuple[float, ...]:
 
 def curve_rows(certificates: list[Certificate], taus: tuple[float, ...], target: torch.Tensor, image_id: str,
                class_names: list[str], columns: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per class x tau of one image: its certified scores at tau, with tau and its radius."""
+    """One row per class x tau of one image: its certified scores at tau, with tau, its radius and
+    ``reachable``: whether n draws can certify any pixel at that tau (if not, every pixel abstains by
+    construction and the row says nothing about the model)."""
     accumulator = MetricAccumulator(class_names)
     for certificate, tau in zip(certificates, taus):
+        reachable = certificate.n >= smallest_certifiable_n(certificate.labels.numel(), tau, certificate.alpha,
+                                                            certificate.correction)
         accumulator.add(certificate.labels.cpu(), target, image_id=image_id,
-                        **{**columns, "tau": tau, "radius": certified_radius(columns["sigma"], tau)})
+                        **{**columns, "tau": tau, "radius": certified_radius(columns["sigma"], tau),
+                           "reachable": reachable})
     return accumulator.rows
 
 
@@ -234,11 +260,15 @@ def assemble(parts: list[ShardResult]) -> RunOutput:
     return RunOutput(_in_image_order(rows), stacked, _in_image_order(curves))
 
 
-def _save(run: CertificationRun, results_dir: str | Path, output: RunOutput, *,
+def _save(run: CertificationRun, key: dict[str, Any], results_dir: str | Path, output: RunOutput, *,
           device: str | torch.device, execution: Execution, seconds: float, **extra: Any) -> None:
-    store.save_run(results_dir, run.hash, output.rows, output.maps, run.parameters(), curves=output.curves,
+    """Store the run under the hash of ``key`` (its :meth:`CertificationRun.key`, computed once), recording
+    the key's digests in its metadata."""
+    store.save_run(results_dir, store.parameter_hash(key), output.rows, output.maps, run.parameters(),
+                   curves=output.curves,
                    device=str(resolve_device(device)),
-                   device_note=DEVICE_NOTE, source_digest=store.source_digest(), execution=execution.options(),
+                   device_note=DEVICE_NOTE, source_digest=key["source"], data_digest=key["data_digest"],
+                   weight_digests=key["weight_digests"], execution=execution.options(),
                    seconds=seconds, data_root=run.data.data_root, **extra)
 
 
@@ -255,16 +285,18 @@ def run_certification(run: CertificationRun, *, results_dir: str | Path, cache: 
     if shard is not None:
         return run_sharded(run, shard, results_dir=results_dir, cache=cache, device=device, execution=execution,
                            progress=progress)
-    if store.is_complete(results_dir, run.hash):
-        return store.load_rows(results_dir, run.hash)
-    with store.run_lock(results_dir, run.hash):
-        if store.is_complete(results_dir, run.hash):  # computed by another process while this one waited
-            return store.load_rows(results_dir, run.hash)
+    key = run.key()  # once: it reads the data's and weights' digests
+    run_hash = store.parameter_hash(key)
+    if store.is_complete(results_dir, run_hash):
+        return store.load_rows(results_dir, run_hash)
+    with store.run_lock(results_dir, run_hash):
+        if store.is_complete(results_dir, run_hash):  # computed by another process while this one waited
+            return store.load_rows(results_dir, run_hash)
         start = time.perf_counter()
         output = compute(run, Path(cache), device=device, execution=execution, progress=progress)
-        if store.is_complete(results_dir, run.hash):  # another process finished it meanwhile: keep its record
-            return store.load_rows(results_dir, run.hash)
-        _save(run, results_dir, output, device=device, execution=execution, seconds=time.perf_counter() - start)
+        if store.is_complete(results_dir, run_hash):  # another process finished it meanwhile: keep its record
+            return store.load_rows(results_dir, run_hash)
+        _save(run, key, results_dir, output, device=device, execution=execution, seconds=time.perf_counter() - start)
     return output.rows
 
 
@@ -275,20 +307,22 @@ def run_sharded(run: CertificationRun, shard: Shard, *, results_dir: str | Path,
     gathers, merges them in image order (the rows one process would give) and writes the run; every
     rank returns the stored rows once rank 0 is done. Rank 0 decides whether the run is complete
     already, so all ranks take the same path."""
-    if distributed.from_first(store.is_complete(results_dir, run.hash) if shard.first else None):
-        return store.load_rows(results_dir, run.hash)
+    key = distributed.from_first(run.key() if shard.first else None)  # rank 0's key, for all ranks
+    run_hash = store.parameter_hash(key)
+    if distributed.from_first(store.is_complete(results_dir, run_hash) if shard.first else None):
+        return store.load_rows(results_dir, run_hash)
     start = time.perf_counter()
     part = certify_images(run, Path(cache), device=device, execution=execution, progress=progress and shard.first,
                           shard=shard)
     parts = distributed.gather_to_first(part)
     if shard.first:
         output = assemble(parts)
-        with store.run_lock(results_dir, run.hash):
-            if not store.is_complete(results_dir, run.hash):  # another process may have finished it meanwhile
-                _save(run, results_dir, output, device=device, execution=execution,
+        with store.run_lock(results_dir, run_hash):
+            if not store.is_complete(results_dir, run_hash):  # another process may have finished it meanwhile
+                _save(run, key, results_dir, output, device=device, execution=execution,
                       seconds=time.perf_counter() - start, processes=shard.world_size)
     distributed.barrier()
-    return store.load_rows(results_dir, run.hash)
+    return store.load_rows(results_dir, run_hash)
 
 
 def run_all(runs: list[CertificationRun], **options: Any) -> pd.DataFrame:

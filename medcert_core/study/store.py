@@ -1,4 +1,5 @@
-"""The results store: one folder per completed run, keyed by the hash of its parameters.
+"""The results store: one folder per completed run, keyed by the hash of what produced its numbers
+(parameters, a digest of the data read, digests of the weight files loaded, medcert_core's source).
 
     <results_dir>/runs/<hash>/results.csv    tidy: one row per image x class (x sigma)
     <results_dir>/runs/<hash>/curves.csv     tidy: one row per image x class x tau (smoothed runs)
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.io import file_lock, write_atomically, write_json_atomically
+from medcert_core.io import file_digest, file_lock, write_atomically, write_json_atomically
 
 RESULTS = "results.csv"
 CURVES = "curves.csv"
@@ -59,6 +60,29 @@ def source_digest() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 (16 hex digits) of a weight file's bytes, or of a folder's files (path below it and bytes,
+    in path order; hidden files, e.g. temporary ones, skipped): part of the key of what those weights compute.
+
+    Raises FileNotFoundError naming ``path`` when it does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.is_file():
+        return file_digest(path)[:16]
+    digest = hashlib.sha256()
+    for file in weight_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_digest(file).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` in path order, hidden files and folders (temporary ones) skipped."""
+    return sorted(file for file in folder.rglob("*") if file.is_file()
+                  and not any(part.startswith(".") for part in file.relative_to(folder).parts))
 
 
 def run_folder(results_dir: str | Path, run_hash: str) -> Path:

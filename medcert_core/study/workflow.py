@@ -34,8 +34,9 @@ def fill_data_root(value: Any, data_root: str | None, source: str | Path) -> Any
 
 def project_relative(path: str | Path, root: Path) -> str:
     """``path`` (absolute, or relative to the current folder) relative to the project root, where the
-    notebooks run: executed chapters then show no machine's absolute paths."""
-    return os.path.relpath(Path(path).expanduser().resolve(), root.resolve())
+    notebooks run: executed chapters then show no machine's absolute paths. Symbolic links are kept,
+    not resolved: a data root reached through a linked ``../shared`` stays ``../shared/...``."""
+    return os.path.relpath(os.path.abspath(Path(path).expanduser()), os.path.abspath(root))
 
 
 def prepare_entries(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,

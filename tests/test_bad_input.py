@@ -280,6 +280,48 @@ def test_binary_mask_with_other_values(tmp_path, capsys):
     assert "holds values [0, 1, 2]; a binary mask holds 0/255" in err and str(tmp_path / ISIC_TRUTH) in err
 
 
+class _HalfResolutionHead(torch.nn.Module):
+    """Logits at half the input's size: a segmentation head without its final upsample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x[:, :2], 2)
+
+
+class _Identity2(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2]
+
+
+def test_segmenter_output_at_another_resolution():
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    smoothed = SmoothedSegmenter(_HalfResolutionHead(), 2, sigma=0.25, batch_size=4, device="cpu")
+    with pytest.raises(ValueError) as info:
+        smoothed.certify(torch.full((3, 8, 8), 0.5), 1, 10)
+    assert str(info.value).startswith("the segmenter returns logits of shape (4, 2, 4, 4) for an input batch of "
+                                      "shape (4, 3, 8, 8): expected (B, K, H, W) = (4, 2 (or 1), 8, 8); upsample")
+
+
+def test_denoiser_output_of_another_shape():
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    shrinking = torch.nn.AvgPool2d(2)
+    smoothed = SmoothedSegmenter(_Identity2(), 2, sigma=0.25, denoiser=shrinking, batch_size=4, device="cpu")
+    with pytest.raises(ValueError) as info:
+        smoothed.certify(torch.full((3, 8, 8), 0.5), 1, 10)
+    assert str(info.value).startswith("the denoiser returns (4, 3, 4, 4) for a noisy batch of shape (4, 3, 8, 8)")
+
+
+def test_smoothed_input_outside_the_unit_range():
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    smoothed = SmoothedSegmenter(_Identity2(), 2, sigma=0.25, device="cpu")
+    with pytest.raises(ValueError) as info:
+        smoothed.certify(torch.full((3, 8, 8), 255.0), 1, 10)
+    assert str(info.value).startswith("x must lie in [0, 1] (sigma and the radius are in that scale), got values "
+                                      "in [255, 255]")
+
+
 def test_label_mask_beyond_its_classes(tmp_path):
     folder_dataset(tmp_path, cases=9, mask=disc(1))  # class ids 0, 1: two classes inferred from the first 8
     mask = disc(1)

@@ -238,3 +238,13 @@ def test_a_label_png_never_reads_abstain_as_a_class(tmp_path, num_classes, dtype
     assert (written == abstain).sum() == 1, "the top class id is not the abstain value"
     with pytest.raises(ValueError, match="do not fit a label PNG"):
         abstain_value(70000)
+
+
+def test_certifying_a_folder_again_skips_its_own_outputs(tmp_path, certify_cli):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    grey_png(folder / "a.png")
+    first = certify_cli(folder, "inputs")  # outputs written next to the inputs
+    assert (folder / "a_labels.png").is_file() and (folder / "a_overlay_native.png").is_file()
+    again = certify_cli(folder, "inputs")
+    assert [summary["image"] for summary in again] == [summary["image"] for summary in first] == [str(folder / "a.png")]

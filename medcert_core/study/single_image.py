@@ -85,9 +85,14 @@ def native_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].long().numpy()
 
 
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_labels_native.png", "_overlay_native.png")  # what certify writes
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder (not recursive), sorted; FileNotFoundError naming the accepted suffixes."""
-    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder (not recursive), sorted, without certify's own outputs (an earlier
+    run with --output-dir in the same folder); FileNotFoundError naming the accepted suffixes."""
+    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+                   and not path.name.endswith(OUTPUT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no image file in {folder} (accepted: {', '.join(IMAGE_SUFFIXES)})")
     return files

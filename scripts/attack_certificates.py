@@ -3,10 +3,14 @@
 For each method (ours = DDPM-denoised, SegCertify = noise-trained segmenter) and sigma: certify
 each phantom test image, attack it with SmoothAdv-style PGD at 0.999 R, certify the attacked image
 with fresh noise, count certified pixels that flip to another certified class; attack the
-undefended segmenter with the same PGD at the same radius. Trains the quick models if the cache
-(runs/cache, shared with the study) lacks them. Writes results/attack.json and a figure:
+undefended segmenter with the same PGD at the same radius. The sharp attack then takes the
+certified pixels with the lowest agreement counts, a group at a time, pushes them towards their
+runner-up class with PGD at the same radius, and measures with fresh draws how far their smoothed
+probability falls against the Lipschitz bound Phi(Phi^-1(p_before) - eps / sigma). Trains the
+quick models if the cache (runs/cache, shared with the study) lacks them. Writes
+results/attack.json and a figure:
 
-    python scripts/attack_certificates.py            # about 15 min on 2 CPU cores, models cached
+    python scripts/attack_certificates.py            # about 30 min on 1 CPU thread, models cached
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ import pandas as pd
 import torch
 
 from medcert_core import ABSTAIN
-from medcert_core.attack import PGDConfig
-from medcert_core.study.soundness import attack_payload, attack_run, pgd_parameters, summarize_attack
+from medcert_core.attack import PGDConfig, SharpConfig
+from medcert_core.study.soundness import (
+    attack_payload,
+    attack_run,
+    pgd_parameters,
+    summarize_attack,
+    summarize_groups,
+)
 from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.study.assets import DataSpec
 from medcert_core.study.profiles import training_spec
@@ -60,14 +70,17 @@ def figure(examples: dict[str, dict[str, np.ndarray]], path: Path, zoom: int = 3
     from PIL import Image, ImageDraw
 
     columns = ["image x", "smoothed PGD eps (scaled)", "certificate at x", "certificate at x+eps",
-               "base model, own PGD (flips red)"]
+               "base model, own PGD (flips red)", "sharp: attacked pixels (red)", "sharp: eps of group 1 (scaled)"]
     rows = []
     for maps in examples.values():
         certified_flips = (maps["labels"] != ABSTAIN) & (maps["attacked_labels"] != ABSTAIN) & (
             maps["attacked_labels"] != maps["labels"])
+        group = maps.get("group_pixels", np.zeros(maps["labels"].shape, dtype=bool))
+        group_delta = maps.get("group_adversarial", maps["image"]) - maps["image"]
         rows.append([gray(maps["image"]), perturbation(maps["adversarial"] - maps["image"]), colorize(maps["labels"]),
                      colorize(maps["attacked_labels"], certified_flips),
-                     colorize(maps["base_attacked"], maps["base_attacked"] != maps["base_clean"])])
+                     colorize(maps["base_attacked"], maps["base_attacked"] != maps["base_clean"]),
+                     colorize(maps["labels"], group), perturbation(group_delta)])
     height, width = rows[0][0].shape[:2]
     cell_h, cell_w, label_w, header = height * zoom, width * zoom, 170, 24
     canvas = Image.new("RGB", (label_w + len(columns) * (cell_w + 6), header + len(rows) * (cell_h + 6)), "white")
@@ -96,8 +109,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="PGD steps")
     parser.add_argument("--draws", type=int, default=8, help="noise draws per PGD step (smoothed model)")
     parser.add_argument("--eps-factor", type=float, default=0.999, help="attack radius / certified radius")
+    parser.add_argument("--group-sizes", type=int, nargs="*", default=[1, 1, 16],
+                        help="sharp attack: the size of each lowest-margin group attacked per image, in order "
+                             "(none: no sharp attack)")
+    parser.add_argument("--sharp-steps", type=int, default=20, help="sharp attack: PGD steps per group")
+    parser.add_argument("--sharp-draws", type=int, default=8, help="sharp attack: noise draws per PGD step")
+    parser.add_argument("--estimate-draws", type=int, default=300,
+                        help="sharp attack: fresh draws per probability estimate (before, after, random)")
+    parser.add_argument("--confidence", type=float, default=0.99, help="sharp attack: two-sided interval level")
+    parser.add_argument("--sharp-images", type=int, default=5,
+                        help="sharp attack on the first this many images of each setting (5 keeps the run "
+                             "near 30 min on one shared CPU thread)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the certification and attack noise")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast of the networks, in certification and in every attack")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 holds up on a shared machine)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=Path("runs") / "cache")
@@ -110,21 +136,27 @@ def main() -> None:
     training = training_spec(args.profile)
     methods = [ours("ddpm:auto"), segcertify()]
     runs = [CertificationRun(data=data, training=training, arch="unet", method=method, sigma=sigma, n0=args.n0,
-                             n=args.n, alpha=args.alpha, tau=args.tau)
+                             n=args.n, alpha=args.alpha, tau=args.tau, precision=args.precision)
             for method in methods for sigma in args.sigmas]
     pgd = PGDConfig(steps=args.steps, draws=args.draws, eps_factor=args.eps_factor)
+    sharp = None if not args.group_sizes else SharpConfig(
+        group_sizes=tuple(args.group_sizes), steps=args.sharp_steps, draws=args.sharp_draws,
+        estimate_draws=args.estimate_draws, confidence=args.confidence)
+    sharp_images = min(args.sharp_images, args.images)
 
     start = time.perf_counter()
-    frames, examples = [], {}
+    frames, group_frames, examples = [], [], {}
     for run in runs:
         run_start = time.perf_counter()
-        frame, maps = attack_run(run, args.cache, images=args.images, pgd=pgd, seed=args.seed, device=args.device,
-                                 batch_size=args.batch_size)
-        frames.append(frame.assign(run_seconds=time.perf_counter() - run_start))
-        examples[f"{run.method.label}, sigma {run.sigma:g}"] = maps
+        result = attack_run(run, args.cache, images=args.images, pgd=pgd, sharp=sharp, sharp_images=sharp_images,
+                            seed=args.seed, device=args.device, batch_size=args.batch_size)
+        frames.append(result.images.assign(run_seconds=time.perf_counter() - run_start))
+        group_frames.append(result.groups)
+        examples[f"{run.method.label}, sigma {run.sigma:g}"] = result.maps
         print(f"{run.method.label} sigma={run.sigma:g}: {time.perf_counter() - run_start:.0f} s "
               f"(training included when the cache lacked the models)", flush=True)
     frame = pd.concat(frames, ignore_index=True)
+    groups = pd.concat(group_frames, ignore_index=True)
     seconds = time.perf_counter() - start
 
     channels = int(data.load("test")[0][0].shape[0])
@@ -137,16 +169,29 @@ def main() -> None:
         "loss": "SmoothAdv: cross-entropy of the certified class under the mean softmax of m draws, "
                 "mean over the certified pixels of x; base model: cross-entropy of its clean prediction, "
                 "pixels not yet flipped",
+        "precision": runs[0].precision,
+        "sharp": None if sharp is None else {**pgd_parameters(sharp), "images": sharp_images},
+        "sharp_loss": "per group: mean over its pixels of log G_runner-up - log G_certified (soft smoothed "
+                      "classifier, m fresh draws per step); runner-up: the most frequent other class in "
+                      "estimate_draws fresh draws at x, ties by the soft probability",
+        "sharp_estimate": "p = mean over the group's pixels of P[f(D(. + delta)) = certified class], from "
+                          "estimate_draws draws common to x, the group's PGD image and a random direction of "
+                          "length eps; Student-t interval at the confidence level over the i.i.d. per-draw "
+                          "values; bound = Phi(Phi^-1(p_before_lower) - eps / sigma); drop_fraction = "
+                          "(p_before - p_after) / (p_before - Phi(Phi^-1(p_before) - eps / sigma))",
         "device": args.device, "threads": args.threads, "machine": platform.platform(), "seconds": seconds,
         "figure": str(args.figure),
     }
-    payload = attack_payload(frame, parameters)
+    payload = attack_payload(frame, parameters, groups)
     write_json_atomically(payload, args.output)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     figure(examples, args.figure)
     table = summarize_attack(frame).set_index(["method_label", "sigma"]).T  # one column per (method, sigma)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.map(formatted).to_string())
+        if not groups.empty:
+            print(summarize_groups(groups).set_index(["method_label", "sigma", "group_pixels"]).T
+                  .map(formatted).to_string())
     print(f"{seconds:.0f} s in all; wrote {args.output} and {args.figure}")
 
 

@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data/jsrt")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    parser.add_argument("--certify-sigmas", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--certify-sigmas", type=float, nargs="*", default=[0.5, 1.0],
+                        help="sigmas certified on the first test images (none: the PSNR choice alone)")
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="split of the PSNR comparison that chooses the shrink (default val)")
     parser.add_argument("--certify-images", type=int, default=10, help="first N test images certified (reported)")

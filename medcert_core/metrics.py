@@ -119,3 +119,18 @@ def psnr(estimate: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0) -
     """Peak signal-to-noise ratio in dB of each image: (B, C, H, W) pairs -> (B,)."""
     mse = (estimate.double() - clean.double()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse)
+
+
+def paired_bootstrap_interval(differences: Sequence[float], confidence: float = 0.95, resamples: int = 10_000,
+                              seed: int = 0) -> dict[str, float]:
+    """Mean of paired per-image differences (N,) and its percentile bootstrap interval: images are
+    resampled with replacement ``resamples`` times (generator seeded by ``seed``)."""
+    values = np.asarray(differences, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"need a 1-D sequence of at least 2 paired differences, got shape {values.shape}")
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "confidence": confidence,
+            "images": len(values)}

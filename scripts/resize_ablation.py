@@ -25,6 +25,7 @@ import torch
 from medcert_core.denoisers import diffusion, load_denoiser
 from medcert_core.denoisers.gate import psnr_row
 from medcert_core.io import write_json_atomically
+from medcert_core.metrics import paired_bootstrap_interval
 from medcert_core.study import assets
 from medcert_core.study.runs import CertificationRun, compute, ours
 from medcert_core.study.profiles import training_spec
@@ -100,13 +101,23 @@ def main() -> None:
     write_json_atomically({
         "question": "box (area) against antialiased bilinear shrinking of the DDPM's input",
         "ddpm": str(folder), "image_size": args.image_size, "model_resolution": assets.ddpm_image_size(data, training),
-        "psnr_split": args.split, "psnr_images": len(chooser), "psnr": psnr, "certify": {
+        "psnr_split": args.split, "psnr_images": len(chooser), "psnr": psnr,
+        "psnr_box_minus_bilinear": box_minus_bilinear(psnr, args.sigmas), "certify": {
             "arch": args.arch, "test_images": args.certify_images, "n0": args.n0, "n": args.n, "alpha": args.alpha,
             "tau": args.tau, "rows": certified},
         "noise_factor": {way: _noise_factor(way, args.image_size, data, training) for way in SHRINKS},
         "machine": platform.platform(),
     }, args.output)
     print(f"wrote {args.output}")
+
+
+def box_minus_bilinear(psnr: list[dict], sigmas: list[float]) -> dict[str, dict[str, float]]:
+    """Per sigma: the mean paired PSNR difference box - bilinear (same images, same noise) in dB, with its
+    95 % bootstrap interval over images."""
+    per_image = {(row["shrink"], row["sigma"]): row["psnr_db_per_image"] for row in psnr}
+    return {f"{sigma:g}": paired_bootstrap_interval([box - bilinear for box, bilinear in
+                                                     zip(per_image[("box", sigma)], per_image[("bilinear", sigma)])])
+            for sigma in sigmas}
 
 
 def _noise_factor(way: str, size: int, data: assets.DataSpec, training: assets.TrainingSpec) -> float:

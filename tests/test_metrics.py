@@ -106,3 +106,19 @@ def test_psnr_by_hand():
     estimate[0, 0, 0, 0] = 0.2  # MSE 0.01 -> 20 dB
     estimate[1] = 0.5  # MSE 0.25 -> 6.02 dB
     np.testing.assert_allclose(psnr(estimate, clean).numpy(), [20.0, 10 * np.log10(4)], rtol=1e-12)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_interval_on_a_large_sample():
+    from scipy import stats
+
+    from medcert_core.metrics import paired_bootstrap_interval
+
+    differences = np.random.default_rng(3).normal(0.4, 1.0, size=400)
+    interval = paired_bootstrap_interval(differences, resamples=20_000)
+    half = stats.norm.ppf(0.975) * differences.std(ddof=1) / np.sqrt(len(differences))
+    assert interval["mean"] == pytest.approx(differences.mean())
+    assert interval["low"] == pytest.approx(differences.mean() - half, abs=0.01)
+    assert interval["high"] == pytest.approx(differences.mean() + half, abs=0.01)
+    assert paired_bootstrap_interval([1.0, 1.0, 1.0])["low"] == 1.0, "no spread: the interval is the point"
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_bootstrap_interval([0.5])

@@ -30,9 +30,10 @@ def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Seque
 
 def psnr_row(denoiser: torch.nn.Module | None, noisy: torch.Tensor, clean: torch.Tensor, *, sigma: float, name: str,
              batch_size: int = 16) -> dict[str, Any]:
-    """Mean and std test PSNR (dB) of a denoiser (None: the noisy input itself) on (N, C, H, W) images."""
+    """Mean and std PSNR (dB) of a denoiser (None: the noisy input itself) on (N, C, H, W) images, and
+    each image's (for paired comparisons of denoisers on the same noise)."""
     with torch.inference_mode():
         estimate = noisy if denoiser is None else torch.cat([denoiser(batch) for batch in noisy.split(batch_size)])
     values = psnr(estimate, clean)
     return {"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()), "psnr_std_db": float(values.std()),
-            "images": len(values)}
+            "images": len(values), "psnr_db_per_image": [round(float(value), 4) for value in values]}

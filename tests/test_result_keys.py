@@ -55,7 +55,7 @@ def test_each_case_is_read_from_its_image_and_mask_files(tmp_path):
     assert load_dataset("phantom", None, "test", image_size=16).files == {}, "generated: no files"
 
 
-@pytest.mark.filterwarnings("ignore:shenzhen: skipped")  # its fixture has one image without a mask, as the real set
+@pytest.mark.filterwarnings("ignore:shenzhen. skipped")  # its fixture has one image without a mask, as the real set
 @pytest.mark.parametrize(("name", "writer", "files_per_case"), [
     ("montgomery", "write_montgomery", 3), ("shenzhen", "write_shenzhen", 2), ("isic2018", "write_isic2018", 2)])
 def test_every_loader_names_the_files_of_every_case(tmp_path, name, writer, files_per_case):

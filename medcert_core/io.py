@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder: a rename in it) to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -51,12 +52,12 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     temporary = Path(name)
     try:
         write(temporary)
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)  # the rename itself reaches the disk
+    fsync_path(path.parent)  # the rename itself reaches the disk
     return path
 
 

@@ -80,6 +80,7 @@ from statsmodels.stats.multitest import multipletests
 from medcert_core import ABSTAIN
 from medcert_core.certify import certify, certify_counts
 from medcert_core.smoothing import SmoothedSegmenter
+from test_oracle import LinearSegmenter  # the per-pixel linear base model of the analytic oracle
 
 # the modules themselves (``import medcert_core.certify as m`` would give the function the package exports)
 certify_module = importlib.import_module("medcert_core.certify")
@@ -98,21 +99,6 @@ def one_torch_thread():
 
 
 # --------------------------------------------------------------------------------------------- models
-
-
-class LinearSegmenter(torch.nn.Module):
-    """Per-pixel linear base model: logits channel 0 = 0, channel 1 = w_p . x - b_p (float64)."""
-
-    def __init__(self, weights: np.ndarray, bias: np.ndarray, image_shape: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float64))
-        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float64))
-        self.image_shape = image_shape
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        margin = batch.reshape(batch.shape[0], -1).to(torch.float64) @ self.weights.T - self.bias
-        margin = margin.reshape(batch.shape[0], 1, *self.image_shape[1:])
-        return torch.cat([torch.zeros_like(margin), margin], dim=1)
 
 
 class ThresholdSegmenter(torch.nn.Module):

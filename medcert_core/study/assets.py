@@ -40,7 +40,7 @@ from medcert_core.data import load_dataset
 from medcert_core.data.base import as_size, dataset_digest
 from medcert_core.denoisers import (DDPM_PRESETS, load_denoiser, parse_spec, resize_noise_factor, train_ddpm,
                                     train_unet_denoiser)
-from medcert_core.io import file_digest, file_lock, load_weights, write_json_atomically
+from medcert_core.io import file_digest, file_lock, fsync_path, load_weights, write_json_atomically
 from medcert_core.smoothing import resolve_device
 from medcert_core.study.store import weight_files, weights_digest
 from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
@@ -183,14 +183,6 @@ def model_files(model: Path) -> dict[str, Path]:
     return {file.relative_to(model).as_posix(): file for file in weight_files(model)}
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def mark_complete(model: Path) -> Path:
     """Write the model's completion marker, atomically, once its files are on the disk (fsynced):
     each file's size and sha256, checked by :func:`check_complete`."""
@@ -198,7 +190,7 @@ def mark_complete(model: Path) -> Path:
     if not files:
         raise FileNotFoundError(f"no model files at {model} to mark complete")
     for file in {*files.values(), *(file.parent for file in files.values())}:
-        _fsync(file)
+        fsync_path(file)
     entries = {name: {"size": file.stat().st_size, "sha256": file_digest(file)} for name, file in files.items()}
     return write_json_atomically({"model": Path(model).name, "files": entries}, marker_path(model))
 

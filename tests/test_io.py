@@ -33,7 +33,7 @@ def test_temporary_names_are_unique_in_the_target_folder(tmp_path):
 
 def test_fsync_runs_before_the_rename(tmp_path, monkeypatch):
     events = []
-    monkeypatch.setattr(io, "_fsync", lambda path: events.append(("fsync", path.name)))
+    monkeypatch.setattr(io, "fsync_path", lambda path: events.append(("fsync", path.name)))
     real_replace = os.replace
     monkeypatch.setattr(io.os, "replace", lambda a, b: (events.append(("rename", os.path.basename(b))), real_replace(a, b)))
     io.write_atomically(tmp_path / "x.txt", lambda path: path.write_text("x"))

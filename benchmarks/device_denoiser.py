@@ -3,7 +3,7 @@
 The paper grid reads OpenAI's ``256x256_diffusion_uncond.pt`` (``guided-diffusion:<file.pt>``), which
 no machine here has. This writes a checkpoint of the same layout with random weights (timings and
 memory do not depend on the weights) in guided-diffusion's own key layout, with
-``medcert_core.data.fixtures.write_guided_diffusion_checkpoint`` where that exists; otherwise it
+``medcert_core.testing.fixtures.write_guided_diffusion_checkpoint`` where that exists; otherwise it
 saves the converter's diffusers model as a DDPM folder (``ddpm:<folder>``) -- the same network.
 
     python benchmarks/device_denoiser.py --form full  --out .device/run   # ADM-256, 552 M parameters
@@ -57,7 +57,7 @@ def main() -> None:
     flags = FLAGS[args.form]
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        from medcert_core.data.fixtures import write_guided_diffusion_checkpoint
+        from medcert_core.testing.fixtures import write_guided_diffusion_checkpoint
     except ImportError:
         write_guided_diffusion_checkpoint = None
     if write_guided_diffusion_checkpoint is not None:

@@ -1,5 +1,5 @@
 """Write synthetic stand-ins for the paper's five datasets and denoiser into DATA_DIR, in the layouts
-and file formats they are distributed in (see medcert_core/data/fixtures.py), then run the paper
+and file formats they are distributed in (see medcert_core/testing/fixtures.py), then run the paper
 grid on them without the real data (numbers mean nothing):
 
     python scripts/write_paper_fixtures.py /tmp/paper_data --native 1
@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from medcert_core.data.fixtures import DATASETS, write_paper_fixtures
+from medcert_core.testing.fixtures import DATASETS, write_paper_fixtures
 
 
 def main(argv: list[str] | None = None) -> None:

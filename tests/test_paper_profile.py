@@ -1,6 +1,6 @@
 """The ``paper`` profile proven end to end without the real data.
 
-``medcert_core.data.fixtures`` writes the five datasets in their distributed layouts and formats
+``medcert_core.testing.fixtures`` writes the five datasets in their distributed layouts and formats
 (JSRT ``.IMG`` + SCR GIFs, Montgomery and Shenzhen PNGs, ISIC JPEGs, CVC TIFFs; phantom content)
 and a guided-diffusion checkpoint in OpenAI's key layout at reduced width. The slow test runs
 ``python -m medcert_core study --profile paper`` over them on the CPU in a temporary copy of the
@@ -36,7 +36,7 @@ from PIL import Image
 
 from medcert_core.data import load_dataset
 from medcert_core.data.chest import JSRT_IMG_SHAPE
-from medcert_core.data.fixtures import (
+from medcert_core.testing.fixtures import (
     CHECKPOINT_NAME,
     FIXTURE_MODEL_FLAGS,
     SCR_ORGANS,

@@ -59,7 +59,7 @@ def test_each_case_is_read_from_its_image_and_mask_files(tmp_path):
 @pytest.mark.parametrize(("name", "writer", "files_per_case"), [
     ("montgomery", "write_montgomery", 3), ("shenzhen", "write_shenzhen", 2), ("isic2018", "write_isic2018", 2)])
 def test_every_loader_names_the_files_of_every_case(tmp_path, name, writer, files_per_case):
-    from medcert_core.data import fixtures
+    from medcert_core.testing import fixtures
 
     getattr(fixtures, writer)(tmp_path, 4, 0, 0)  # no image at its native size: small files
     dataset = load_dataset(name, tmp_path, "all", image_size=16)

@@ -68,7 +68,7 @@ Size = tuple[int, int]
 
 README = """# Synthetic fixtures for the paper profile (not real data)
 
-Written by `medcert_core.data.fixtures.write_paper_fixtures` (or `scripts/write_paper_fixtures.py`):
+Written by `medcert_core.testing.fixtures.write_paper_fixtures` (or `scripts/write_paper_fixtures.py`):
 phantom images in the file formats and folder layouts of JSRT + SCR, Montgomery, Shenzhen,
 ISIC 2018 and CVC-ClinicDB as distributed, and a guided-diffusion checkpoint of reduced width with
 random weights named like OpenAI's. Results computed from them mean nothing. Run the paper grid on

@@ -1,0 +1,1 @@
+"""Test-data writers: the paper-layout fixtures (synthetic files in each dataset's distributed layout)."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The JSRT segmenter runs behind results/jsrt_segmenters.json (CPU, 2 cores; see the README).
+# The JSRT segmenter runs behind results/jsrt_segmenters.json (CPU, 2 cores; see book/reference.md, "Measured results").
 # Usage: scripts/jsrt_segmenters.sh DATA_ROOT   (checkpoints go to runs/, resumable)
 set -euo pipefail
 cd "$(dirname "$0")/.."

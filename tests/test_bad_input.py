@@ -1,4 +1,4 @@
-"""Bad input: one test per row of the README's "Bad input: what you see" table.
+"""Bad input: one test per row of the "Bad input: what you see" table of the reference chapter (book/reference.md).
 
 The API raises an error whose message names the culprit (the file, the parameter) and the fix;
 the CLI exits with code 2, the message on stderr (``medcert: error: ...``, or argparse's

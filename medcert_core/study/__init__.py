@@ -1,5 +1,5 @@
 """The study around the core: certification runs with a results store, tables and figures in the
-paper's layout, the papermill grid runner and the Jupyter Book (see the README's "The study").
+paper's layout, the papermill grid runner and the Jupyter Book (see book/reference.md, "The study and its commands").
 
 Chapter notebooks use only what is exported here.
 """

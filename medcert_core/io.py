@@ -5,6 +5,7 @@ for what several processes may write at once; and :func:`load_weights`, the one 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -119,14 +120,14 @@ def file_lock(path: str | Path, what: str | None = None) -> Iterator[None]:
     Waits as long as it takes (a model may train for hours); when the lock is busy, says once on
     stderr what it waits for. Not re-entrant: never take the same lock twice in one process.
     """
-    from filelock import FileLock, Timeout
+    filelock = _import_filelock()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), **_STRICT_FLOCK)
+    lock = filelock.FileLock(str(path), **_strict_flock_options())
     try:
         lock.acquire(timeout=0)
-    except Timeout:
+    except filelock.Timeout:
         print(f"[medcert] waiting for {what or path.name}: {path} is held by another process",
               file=sys.stderr, flush=True)
         lock.acquire()
@@ -136,17 +137,27 @@ def file_lock(path: str | Path, what: str | None = None) -> Iterator[None]:
         lock.release()
 
 
+def _import_filelock() -> Any:
+    """filelock, imported when a lock is first taken: it ships with the extras that take locks
+    (``medcert[study]``, ``medcert[cluster]``), not with the certification library itself."""
+    try:
+        import filelock
+    except ImportError as error:
+        raise ImportError(
+            "medcert_core.io.file_lock needs the package filelock, which the certification library "
+            "alone does not install: pip install 'medcert[cluster]' (medcert[study] includes it too)"
+        ) from error
+    return filelock
+
+
+@functools.lru_cache(maxsize=None)
 def _strict_flock_options() -> dict[str, Any]:
     """filelock >= 4 may fall back to a marker-file lock where flock is missing; such a marker would
-    outlive a killed process, so medcert asks for flock or an error."""
+    outlive a killed process, so medcert asks for flock or an error. Computed on the first lock."""
     import inspect
 
-    from filelock import FileLock
-
-    return {"fallback_to_soft": False} if "fallback_to_soft" in inspect.signature(FileLock.__init__).parameters else {}
-
-
-_STRICT_FLOCK = _strict_flock_options()
+    file_lock_class = _import_filelock().FileLock
+    return {"fallback_to_soft": False} if "fallback_to_soft" in inspect.signature(file_lock_class.__init__).parameters else {}
 
 
 _FILE_DIGESTS: dict[tuple[object, ...], str] = {}  # (path, device, inode, size, mtime, ctime) -> sha256

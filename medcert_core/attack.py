@@ -470,7 +470,7 @@ def sample_classes(smoothed: SmoothedSegmenter, x: torch.Tensor, draws: int,
     """Class ids (draws, H, W) of f(D(x + delta_j)) for fresh draws: the smoother's own sampling (batches,
     precision, output checks)."""
     smoothed.eval_modules()
-    return torch.cat(list(smoothed.noisy_class_batches(x.to(smoothed.device), draws, generator)))
+    return torch.cat([classes for _, classes in smoothed.draw_batches(x.to(smoothed.device), draws, generator)])
 
 
 def class_histogram(classes: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -51,7 +51,9 @@ from medcert_core.certify import (
 SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CPU_AUTO_BATCH = 32  # batch size "auto" on a CPU: memory is rarely the limit there
+DRAW_BATCH = 32  # noisy draws per forward pass: the batch size of a run (Execution), the scripts' default
+CPU_AUTO_BATCH = DRAW_BATCH  # batch size "auto" on a CPU: memory is rarely the limit there
+SMOOTHER_BATCH = 16  # SmoothedSegmenter's own default (not DRAW_BATCH: test_smoothing pins a 16-draw first batch)
 AUTO_MEMORY_SHARE = 0.8  # batch size "auto" on a GPU plans for this share of the free memory
 
 
@@ -133,7 +135,7 @@ class Execution:
     noise): recorded in a run's metadata, not in its hash. The precision changes the base model
     itself and is part of a run's parameters."""
 
-    batch_size: int | str = 32
+    batch_size: int | str = DRAW_BATCH
     channels_last: bool = False
     compile: bool | str = False
 
@@ -216,9 +218,9 @@ class SmoothedSegmenter:
     segmenter: module mapping (B, C, H, W) to logits (B, K, H, W) with K = num_classes, or to
         (B, 1, H, W) for a binary segmenter (class 1 where sigmoid(logit) > 0.5) with num_classes 2.
     denoiser: optional module mapping a noisy (B, C, H, W) batch to its clean estimate.
-    batch_size: noisy draws per forward pass, or "auto" (on a GPU the largest that fits the free
-        memory, on a CPU 32); on a GPU out-of-memory error the batch is halved and redone with the
-        same noise, so no draw is lost and a seeded certificate does not change.
+    batch_size: noisy draws per forward pass (default SMOOTHER_BATCH), or "auto" (on a GPU the largest
+        that fits the free memory, on a CPU CPU_AUTO_BATCH); on a GPU out-of-memory error the batch is
+        halved and redone with the same noise, so no draw is lost and a seeded certificate does not change.
     precision: "fp32" | "bf16" | "fp16": autocast of the networks only (prefer bf16: fp16
         diffusion models are known to overflow, which ends the certification with an error).
     channels_last: run the networks (modules and inputs) in channels_last memory format.
@@ -234,7 +236,7 @@ class SmoothedSegmenter:
         num_classes: int,
         sigma: float,
         denoiser: torch.nn.Module | None = None,
-        batch_size: int | str = 16,
+        batch_size: int | str = SMOOTHER_BATCH,
         device: str | torch.device | None = "auto",
         *,
         precision: str = "fp32",
@@ -368,9 +370,10 @@ class SmoothedSegmenter:
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(1, min(total, int(AUTO_MEMORY_SHARE * free / per_draw)))
 
-    def _draw_batches(self, x: torch.Tensor, total: int, generator: torch.Generator, progress: bool = False,
-                      desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (index of its first draw, class ids (b, H, W)) for ``total`` independent noisy copies of x."""
+    def draw_batches(self, x: torch.Tensor, total: int, generator: torch.Generator, progress: bool = False,
+                     desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (index of its first draw, class ids (b, H, W)) for ``total`` independent noisy copies of x
+        (C, H, W) on the device: the one sampling path of certificates, predictions and attacks."""
         if self._working_batch is None:
             self._working_batch = self._auto_batch(x, total)
         done = 0
@@ -383,12 +386,6 @@ class SmoothedSegmenter:
                 done += size
                 bar.update(size)
 
-    def noisy_class_batches(self, x: torch.Tensor, num: int, generator: torch.Generator, progress: bool = False,
-                            desc: str = "") -> Iterator[torch.Tensor]:
-        """Yield class ids (b, H, W) of the base model on ``num`` independent noisy copies of x."""
-        for _, classes in self._draw_batches(x, num, generator, progress, desc):
-            yield classes
-
     def class_histograms(self, x: torch.Tensor, draws: list[int], generator: torch.Generator, progress: bool = False,
                          desc: str = "sampling") -> list[torch.Tensor]:
         """Per-pixel class counts (K, H, W) int64 of consecutive streams of draws, e.g. [n0, n] ->
@@ -398,7 +395,7 @@ class SmoothedSegmenter:
                       for _ in draws]
         ends = torch.tensor(draws).cumsum(0).tolist()
         starts = [end - count for end, count in zip(ends, draws)]
-        for first, classes in self._draw_batches(x, ends[-1], generator, progress, desc):
+        for first, classes in self.draw_batches(x, ends[-1], generator, progress, desc):
             flat = classes.reshape(classes.shape[0], -1)
             last = first + flat.shape[0]
             for histogram, start, end in zip(histograms, starts, ends):

@@ -26,6 +26,7 @@ import torch
 
 from medcert_core import ABSTAIN
 from medcert_core.attack import PGDConfig, SharpConfig
+from medcert_core.smoothing import DRAW_BATCH
 from medcert_core.study.soundness import (
     attack_payload,
     attack_run,
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="autocast of the networks, in certification and in every attack")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 holds up on a shared machine)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=DRAW_BATCH)
     parser.add_argument("--cache", type=Path, default=Path("runs") / "cache")
     parser.add_argument("--output", type=Path, default=Path("results") / "attack.json")
     parser.add_argument("--figure", type=Path, default=Path("book") / "figures" / "attack.png")

@@ -102,7 +102,7 @@ def test_streamed_counts_equal_the_full_sample_tensor():
     image = torch.linspace(0.0, 1.0, 90).reshape(1, 10, 9)
     smoothed = SmoothedSegmenter(segmenter, 2, sigma=0.25, batch_size=8, device="cpu")
     streamed = smoothed.certify(image, 10, 60, alpha=0.05, generator=torch.Generator().manual_seed(9))
-    full = torch.cat(list(smoothed.noisy_class_batches(image, 70, torch.Generator().manual_seed(9))))
+    full = torch.cat([classes for _, classes in smoothed.draw_batches(image, 70, torch.Generator().manual_seed(9))])
     assert full.shape == (70, 10, 9)
     reference = certify(full, 10, sigma=0.25, alpha=0.05)
     assert torch.equal(streamed.labels, reference.labels)

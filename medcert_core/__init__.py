@@ -9,3 +9,9 @@ from medcert_core.certify import ABSTAIN, Certificate, certify, certify_counts
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_counts"]
 __version__ = "0.1.0"
+
+# The version of the code that computes numbers (certificates, counts, metrics, trained weights).
+# Stored runs and executed chapters are keyed by it instead of by the source: bump it, and write
+# tests/golden_numbers.json again (python -m medcert_core.testing.golden --write), whenever a change
+# moves a number; tests/test_golden.py fails until then.
+NUMBERS_VERSION = 1

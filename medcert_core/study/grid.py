@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 import yaml
 from tqdm import tqdm
 
+import medcert_core
 from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES
 from medcert_core.denoisers import parse_spec
@@ -50,7 +51,7 @@ from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import PRECISIONS, check_batch_size, compile_mode
 from medcert_core.study.assets import training_override_problem
 from medcert_core.study.profiles import PROFILES
-from medcert_core.study.store import parameter_hash, source_digest
+from medcert_core.study.store import parameter_hash
 
 GRID_KEYS = {"parameters", "runs", "executor"}  # executor: SLURM options (see medcert_core.study.executors)
 ENTRY_KEYS = {"notebook", "output", "parameters", "sweep"}
@@ -75,9 +76,9 @@ class GridEntry:
 
     @property
     def hash(self) -> str:
-        """Of the template's bytes, medcert_core's source, the parameters (not the device) and the
+        """Of the template's bytes, ``NUMBERS_VERSION``, the parameters (not the device) and the
         training settings (the profile's, with the entry's ``training`` overrides): a changed template,
-        package, profile or override re-runs the chapter."""
+        numbers version, profile or override re-runs the chapter."""
         profile = self.parameters.get("profile")
         training = None
         if profile in PROFILES:
@@ -87,7 +88,7 @@ class GridEntry:
                                           spec.with_overrides(overrides))
         parameters = {key: value for key, value in self.parameters.items() if key not in NOT_HASHED}
         return parameter_hash({"notebook": self.notebook, "template": self.template_digest,
-                               "source": source_digest(), "parameters": parameters, "training": training})
+                               "numbers_version": medcert_core.NUMBERS_VERSION, "parameters": parameters, "training": training})
 
 
 def _fail(path: str | Path, message: str) -> NoReturn:

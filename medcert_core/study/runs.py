@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import medcert_core
 from medcert_core import distributed
 from medcert_core.certify import (TAU_GRID, Certificate, certified_radius, certify_counts_over_taus,
                                   smallest_certifiable_n, warn_if_n_too_small)
@@ -119,11 +120,11 @@ class CertificationRun:
         return {"denoiser": digest} if digest else {}
 
     def key(self) -> dict[str, Any]:
-        """What the run's hash covers: parameters, source digest, data digests, weight digests.
+        """What the run's hash covers: parameters, NUMBERS_VERSION, data digests, weight digests.
 
         Reads the data's files (cached per file in the process) and the weight files given by path.
         """
-        return {**self.parameters(), "source": store.source_digest(), "data_digest": self.data_digests(),
+        return {**self.parameters(), "numbers_version": medcert_core.NUMBERS_VERSION, "data_digest": self.data_digests(),
                 "weight_digests": self.weight_digests()}
 
     @property
@@ -267,7 +268,7 @@ def _save(run: CertificationRun, key: dict[str, Any], results_dir: str | Path, o
     store.save_run(results_dir, store.parameter_hash(key), output.rows, output.maps, run.parameters(),
                    curves=output.curves,
                    device=str(resolve_device(device)),
-                   device_note=DEVICE_NOTE, source_digest=key["source"], data_digest=key["data_digest"],
+                   device_note=DEVICE_NOTE, numbers_version=key["numbers_version"], data_digest=key["data_digest"],
                    weight_digests=key["weight_digests"], execution=execution.options(),
                    seconds=seconds, data_root=run.data.data_root, **extra)
 

@@ -1,5 +1,5 @@
 """The results store: one folder per completed run, keyed by the hash of what produced its numbers
-(parameters, a digest of the data read, digests of the weight files loaded, medcert_core's source).
+(parameters, a digest of the data read, digests of the weight files loaded, ``NUMBERS_VERSION``).
 
     <results_dir>/runs/<hash>/results.csv    tidy: one row per image x class (x sigma)
     <results_dir>/runs/<hash>/curves.csv     tidy: one row per image x class x tau (smoothed runs)
@@ -17,7 +17,6 @@ torchrun ranks, notebooks) may share one store: a run is computed under its lock
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import platform
@@ -47,19 +46,6 @@ def parameter_hash(parameters: dict[str, Any]) -> str:
     """Stable 16-hex-digit hash of JSON-able parameters (key order does not matter)."""
     text = json.dumps(parameters, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 (16 hex digits) over medcert_core's Python source files, path and bytes, in path order.
-
-    Part of every run and grid hash: results computed by other code are never served as current.
-    """
-    package = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def weights_digest(path: str | Path) -> str:

@@ -16,42 +16,40 @@ from __future__ import annotations
 
 import argparse
 import platform
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import torch
 
-from medcert_core.denoisers import diffusion, load_denoiser
+from medcert_core.denoisers import load_denoiser
+from medcert_core.denoisers.diffusion import SHRINKS, resize_noise_factor
 from medcert_core.denoisers.gate import psnr_row
 from medcert_core.io import write_json_atomically
-from medcert_core.metrics import paired_bootstrap_interval
+from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
+from medcert_core.smoothing import Execution, SmoothedSegmenter, image_seed
 from medcert_core.study import assets
-from medcert_core.study.runs import CertificationRun, compute, ours
+from medcert_core.study.runs import CertificationRun, ours
 from medcert_core.study.profiles import training_spec
-
-SHRINKS = ("box", "bilinear")
-
-
-@contextmanager
-def shrink(way: str):
-    """Within: the diffusion denoiser shrinks its input by ``way`` ("box" is its default)."""
-    if way == "box":
-        yield
-        return
-    diffusion.resize_noise_factor.cache_clear()
-    with mock.patch.object(diffusion, "is_box_factor", lambda source, target: False):
-        yield
-    diffusion.resize_noise_factor.cache_clear()
 
 
 def certified_rows(data: assets.DataSpec, training: assets.TrainingSpec, ddpm: str, arch: str, sigma: float,
-                   count: int, args: argparse.Namespace) -> list[dict]:
-    """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``:
-    the study's own run code and per-image seeds (the box rows are the JSRT chapter's for these images)."""
+                   count: int, args: argparse.Namespace, shrink: str) -> list[dict]:
+    """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``, its
+    input shrunk by ``shrink``: the run's segmenter, execution and per-image seeds, as ``runs.compute``
+    certifies them (the box rows are the JSRT chapter's for these images). Its own loop, because
+    ``runs.compute`` builds the study's denoiser, which always shrinks by box."""
     run = CertificationRun(data, training, arch, ours(ddpm), sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                            tau=args.tau, test_images=count)
-    return compute(run, args.cache, device="cpu").rows.to_dict("records")
+    model, config = assets.segmenter(args.cache, data, training, arch, run.method.train_noise, "cpu")
+    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=load_denoiser(ddpm, sigma, shrink=shrink),
+                                 device="cpu", precision=run.precision, **Execution().options())
+    test_set = data.load("test")
+    accumulator = MetricAccumulator(config.class_names)
+    for index in range(min(count, len(test_set))):
+        image, target = test_set[index]
+        generator = torch.Generator().manual_seed(image_seed(data.seed, test_set.ids[index]))
+        certificate = smoothed.certify(image, run.n0, run.n, tau=run.tau, alpha=run.alpha, generator=generator)
+        accumulator.add(certificate.labels, target, image_id=str(test_set.ids[index]), sigma=sigma)
+    return accumulator.rows
 
 
 def main() -> None:
@@ -84,20 +82,19 @@ def main() -> None:
     clean = torch.stack([chooser[i][0] for i in range(len(chooser))])
     psnr, certified = [], []
     for way in SHRINKS:
-        with shrink(way):
-            for sigma in args.sigmas:
-                noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-                row = psnr_row(load_denoiser(ddpm, sigma), noisy, clean, sigma=sigma, name="ddpm single-step")
-                psnr.append(row | {"shrink": way})
-                print(f"{way:8} sigma {sigma:4}  PSNR {row['psnr_db']:6.2f} dB", flush=True)
-            for sigma in args.certify_sigmas:
-                rows = certified_rows(data, training, ddpm, args.arch, sigma, args.certify_images, args)
-                certified += [row | {"shrink": way} for row in rows]
-                means = {name: sum(r["dice"] for r in rows if r["class_name"] == name) / args.certify_images
-                         for name in ("lung", "heart", "clavicle")}
-                abstain = sum(r["abstain"] for r in rows if r["class_id"] == 0) / args.certify_images
-                print(f"{way:8} sigma {sigma:4}  certified Dice " + " ".join(f"{k} {v:.3f}" for k, v in means.items())
-                      + f"  abstain {100 * abstain:.1f} %", flush=True)
+        for sigma in args.sigmas:
+            noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+            row = psnr_row(load_denoiser(ddpm, sigma, shrink=way), noisy, clean, sigma=sigma, name="ddpm single-step")
+            psnr.append(row | {"shrink": way})
+            print(f"{way:8} sigma {sigma:4}  PSNR {row['psnr_db']:6.2f} dB", flush=True)
+        for sigma in args.certify_sigmas:
+            rows = certified_rows(data, training, ddpm, args.arch, sigma, args.certify_images, args, way)
+            certified += [row | {"shrink": way} for row in rows]
+            means = {name: sum(r["dice"] for r in rows if r["class_name"] == name) / args.certify_images
+                     for name in ("lung", "heart", "clavicle")}
+            abstain = sum(r["abstain"] for r in rows if r["class_id"] == 0) / args.certify_images
+            print(f"{way:8} sigma {sigma:4}  certified Dice " + " ".join(f"{k} {v:.3f}" for k, v in means.items())
+                  + f"  abstain {100 * abstain:.1f} %", flush=True)
     write_json_atomically({
         "question": "box (area) against antialiased bilinear shrinking of the DDPM's input",
         "ddpm": str(folder), "image_size": args.image_size, "model_resolution": assets.ddpm_image_size(data, training),
@@ -122,8 +119,7 @@ def box_minus_bilinear(psnr: list[dict], sigmas: list[float]) -> dict[str, dict[
 
 def _noise_factor(way: str, size: int, data: assets.DataSpec, training: assets.TrainingSpec) -> float:
     model = assets.ddpm_image_size(data, training)
-    with shrink(way):
-        return diffusion.resize_noise_factor((size, size), (model, model))
+    return resize_noise_factor((size, size), (model, model), way)
 
 
 if __name__ == "__main__":

@@ -448,3 +448,60 @@ def test_seeded_multi_step_certificate_is_identical_at_any_batch_size():
                                    denoiser=DiffusionDenoiser(BlurryUNet(), linear_scheduler(), 0.5, steps=3))
     different = other_seed.certify(image, 4, 30, alpha=0.1, generator=torch.Generator().manual_seed(6))
     assert not torch.equal(different.pvalues, certificates[0].pvalues)
+
+
+# --------------------------------------------------------------------------- how the input is shrunk
+
+
+def patched_bilinear_denoise(model_size: int, noisy: torch.Tensor, sigma: float) -> tuple[torch.Tensor, RecordingUNet]:
+    """The old way to force bilinear resizing (scripts/resize_ablation.py patched ``is_box_factor``):
+    the reference that ``shrink="bilinear"`` must reproduce."""
+    from unittest import mock
+
+    from medcert_core.denoisers import diffusion
+
+    diffusion.resize_noise_factor.cache_clear()
+    try:
+        with mock.patch.object(diffusion, "is_box_factor", lambda source, target: False):
+            unet = RecordingUNet(model_size)
+            return DiffusionDenoiser(unet, linear_scheduler(), sigma)(noisy), unet
+    finally:
+        diffusion.resize_noise_factor.cache_clear()
+
+
+@pytest.mark.parametrize("input_size,model_size", [(64, 32), (32, 64), (48, 32)],
+                         ids=["box-factor shrink", "shrink back", "non-integer"])
+def test_bilinear_shrink_is_the_patched_resize(input_size, model_size):
+    noisy = noisy_copy(torch.rand(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(5)), 0.5)
+    expected, reference_unet = patched_bilinear_denoise(model_size, noisy, 0.5)
+    unet = RecordingUNet(model_size)
+    denoiser = DiffusionDenoiser(unet, linear_scheduler(), 0.5, shrink="bilinear")
+    assert torch.equal(denoiser(noisy), expected)
+    assert unet.timesteps == reference_unet.timesteps and torch.equal(unet.inputs[0], reference_unet.inputs[0])
+    box = DiffusionDenoiser(RecordingUNet(model_size), linear_scheduler(), 0.5)(noisy)
+    assert torch.equal(box, expected) == (input_size == 48), "box and bilinear differ exactly for integer factors"
+
+
+def test_box_shrink_is_the_default_and_averages_integer_factors():
+    noisy = noisy_copy(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)), 0.5)
+    default_unet, box_unet = RecordingUNet(32), RecordingUNet(32)
+    default = DiffusionDenoiser(default_unet, linear_scheduler(), 0.5)
+    box = DiffusionDenoiser(box_unet, linear_scheduler(), 0.5, shrink="box")
+    assert default.shrink == "box" and torch.equal(default(noisy), box(noisy))
+    start = timestep_for_sigma(linear_scheduler().alphas_cumprod, 0.5 * resize_noise_factor((64, 64), (32, 32)))
+    abar = float(linear_scheduler().alphas_cumprod[start])
+    assert box_unet.timesteps == [start]
+    torch.testing.assert_close(box_unet.inputs[0],
+                               math.sqrt(abar) * (2 * torch.nn.functional.avg_pool2d(noisy, 2) - 1))
+    assert resize_noise_factor((64, 64), (32, 32), "box") == pytest.approx(0.5)
+    assert resize_noise_factor((64, 64), (32, 32), "bilinear") < 0.5
+
+
+@pytest.mark.parametrize("call", [
+    lambda: DiffusionDenoiser(RecordingUNet(32), linear_scheduler(), 0.5, shrink="area"),
+    lambda: resize(torch.zeros(1, 1, 8, 8), (4, 4), "area"),
+    lambda: resize_noise_factor((8, 8), (4, 4), "area"),
+], ids=["denoiser", "resize", "noise factor"])
+def test_an_unknown_shrink_is_refused_with_the_valid_ones(call):
+    with pytest.raises(ValueError, match=r"shrink must be one of \['box', 'bilinear'\], got 'area'"):
+        call()

@@ -77,8 +77,8 @@ def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, A
                   **options: Any) -> torch.nn.Module | None:
     """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
 
-    options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``); ``none``
-    and the UNet baseline ignore them. ``flags``: a guided-diffusion checkpoint's flags, as a
+    options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``; for
+    ``ddpm:`` also ``shrink``, "box" or "bilinear"); ``none`` and the UNet baseline ignore them. ``flags``: a guided-diffusion checkpoint's flags, as a
     MODEL_FLAGS string (``"--num_channels 128 --learn_sigma True ..."``) or a dict of them; other
     kinds ignore them (a chapter passes one set of flags to all of its denoisers).
     """

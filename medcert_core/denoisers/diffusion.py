@@ -7,10 +7,11 @@ the forward process at t*. One step predicts x0 = (x_t - sqrt(1 - abar) eps) / s
 steps follow the DDPM posterior (or DDIM) from t* down to 0; (x0 + 1) / 2 maps back.
 
 Two operations change the noise level before the model sees it, and t* follows them:
-- resizing to the model's resolution: a box (area) average for integer shrink factors, which
-  keeps the noise white with std sigma / factor, as the DDPM saw it in training; otherwise an
-  antialiased bilinear filter (weights w per output pixel scale the noise std by sqrt(sum w^2),
-  root mean square over output pixels; neighbouring noise values are then correlated);
+- resizing to the model's resolution: with ``shrink="box"`` (the default) a box (area) average for
+  integer shrink factors, which keeps the noise white with std sigma / factor, as the DDPM saw it
+  in training; otherwise (and always with ``shrink="bilinear"``) an antialiased bilinear filter
+  (weights w per output pixel scale the noise std by sqrt(sum w^2), root mean square over output
+  pixels; neighbouring noise values are then correlated);
 - averaging 3 channels for a 1-channel model (std / sqrt(3)); a 1-channel image replicated for a
   3-channel model keeps its std.
 The result is resized back smoothly (bilinear) and to the input's channel count.
@@ -75,34 +76,46 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float)
     return math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
 
 
+SHRINKS = ("box", "bilinear")
+"""How ``resize`` shrinks: "box" averages by integer factors (bilinear otherwise), "bilinear" always filters."""
+
+
+def check_shrink(shrink: str) -> None:
+    """shrink must name a way of resizing: one of SHRINKS."""
+    if shrink not in SHRINKS:
+        raise ValueError(f"shrink must be one of {list(SHRINKS)}, got {shrink!r}")
+
+
 def is_box_factor(source: tuple[int, int], target: tuple[int, int]) -> bool:
     """Whether ``target`` divides ``source`` in both dimensions (a shrink, or the same size, by
     integer factors): then the resize is a box (area) average, which keeps i.i.d. noise i.i.d."""
     return all(length % new == 0 for length, new in zip(source, target))
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (B, C, H, W) to ``size``: box (area) averaging for integer shrink factors, which keeps
-    the smoothing noise white (i.i.d., std / factor), what the DDPM saw in training; otherwise
-    bilinear, antialiased when shrinking (an antialiasing filter leaves neighbouring noise values
-    correlated, about 0.3 for 2x)."""
+def resize(images: torch.Tensor, size: tuple[int, int], shrink: str = "box") -> torch.Tensor:
+    """Resize (B, C, H, W) to ``size``: with ``shrink="box"``, box (area) averaging for integer shrink
+    factors, which keeps the smoothing noise white (i.i.d., std / factor), what the DDPM saw in
+    training; otherwise (and always with ``shrink="bilinear"``) bilinear, antialiased when shrinking
+    (an antialiasing filter leaves neighbouring noise values correlated, about 0.3 for 2x)."""
+    check_shrink(shrink)
     source = tuple(images.shape[-2:])
     if source == tuple(size):
         return images
-    if is_box_factor(source, tuple(size)):
+    if shrink == "box" and is_box_factor(source, tuple(size)):
         return F.avg_pool2d(images, kernel_size=(source[0] // size[0], source[1] // size[1]))
     shrinking = size[0] < source[0] or size[1] < source[1]
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
 @lru_cache(maxsize=64)
-def resize_noise_factor(source: tuple[int, int], target: tuple[int, int]) -> float:
-    """RMS over output pixels of sqrt(sum of squared filter weights) of ``resize(source -> target)``.
+def resize_noise_factor(source: tuple[int, int], target: tuple[int, int], shrink: str = "box") -> float:
+    """RMS over output pixels of sqrt(sum of squared filter weights) of ``resize(source -> target, shrink)``.
 
     i.i.d. noise of std s becomes noise of (per-pixel) std s * sqrt(sum w^2) after the resize
     (1 / factor for a box average by integer factors).
     """
-    if is_box_factor(source, target):
+    check_shrink(shrink)
+    if shrink == "box" and is_box_factor(source, target):
         return 1.0 / math.sqrt((source[0] // target[0]) * (source[1] // target[1]))
     factors = []
     for length, new_length in zip(source, target):
@@ -123,6 +136,8 @@ class DiffusionDenoiser(torch.nn.Module):
     sampler: "ddpm" (posterior sampling between the steps, drawing from ``generator``) or "ddim"
         (deterministic); only used when steps > 1.
     image_size: the model's (H, W); default its ``config.sample_size``.
+    shrink: how a batch is resized to the model's resolution and back (see ``resize``): "box"
+        (box average by integer factors, bilinear otherwise) or "bilinear" (always bilinear).
     input_shape: the (C, H, W) of the images it will denoise, when known: t* is then checked here
         for the noise the model will see, not at the first batch.
     generator: draws the posterior noise of multi-step DDPM when ``forward`` gets no per-sample
@@ -141,12 +156,14 @@ class DiffusionDenoiser(torch.nn.Module):
         image_size: int | tuple[int, int] | None = None,
         input_shape: tuple[int, int, int] | None = None,
         generator: torch.Generator | None = None,
+        shrink: str = "box",
     ) -> None:
         super().__init__()
         if steps != "single" and not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f'steps must be "single" or an int >= 1, got {steps!r}')
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f'sampler must be "ddpm" or "ddim", got {sampler!r}')
+        check_shrink(shrink)
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
@@ -154,6 +171,7 @@ class DiffusionDenoiser(torch.nn.Module):
         self.sigma = float(sigma)
         self.steps = 1 if steps == "single" else int(steps)
         self.sampler = sampler
+        self.shrink = shrink
         self.prediction_type = prediction_type
         self.generator = generator
         size = image_size if image_size is not None else unet.config.sample_size
@@ -192,7 +210,7 @@ class DiffusionDenoiser(torch.nn.Module):
 
     def effective_sigma(self, channels: int, size: tuple[int, int]) -> float:
         """Noise std, in [0, 1] scale, of the batch the model sees for a (channels, *size) input."""
-        sigma = self.sigma * resize_noise_factor(tuple(size), self.image_size)
+        sigma = self.sigma * resize_noise_factor(tuple(size), self.image_size, self.shrink)
         if channels > 1 and self.model_channels == 1:
             sigma /= math.sqrt(channels)
         return sigma
@@ -244,14 +262,14 @@ class DiffusionDenoiser(torch.nn.Module):
         """
         batch, channels, height, width = noisy.shape
         start = self.check_input((channels, height, width))
-        images = self._model_channels(resize(noisy.float(), self.image_size))
+        images = self._model_channels(resize(noisy.float(), self.image_size, self.shrink))
         x_t = noisy_sample(images, self._abar[start])
         steps = self.timesteps(start)
         for t, s in zip(steps, steps[1:] + [None]):
             x0 = self.predict_x0(x_t, t)
             if s is not None:
                 x_t = self.step_back(x_t, x0, t, s, generators)
-        clean = resize((x0 + 1) / 2, (height, width)).clamp(0, 1)
+        clean = resize((x0 + 1) / 2, (height, width), self.shrink).clamp(0, 1)
         if clean.shape[1] != channels:
             clean = clean.expand(-1, channels, -1, -1) if clean.shape[1] == 1 else clean.mean(1, keepdim=True)
         return clean.to(noisy.dtype)

@@ -29,6 +29,10 @@ Name correspondence (guided-diffusion -> diffusers):
 
 guided-diffusion scales q and k each by ``head_dim ** -0.25``; diffusers scales q.k by
 ``head_dim ** -0.5``: the same logits. All GroupNorms use 32 groups and eps 1e-5 in both.
+
+The layout is walked once (``_modules``: every module with weights, in guided-diffusion's order, with
+its diffusers name and channels); the conversion rules and :func:`checkpoint_shapes` (the tensors a
+checkpoint of given flags holds, which the test fixtures fill with random weights) both read it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "GUIDED_DIFFUSION_DEFAULTS",
     "attention_downsample_factors",
     "channel_multipliers",
+    "checkpoint_shapes",
     "convert_checkpoint",
     "load_guided_diffusion_unet",
     "parse_model_flags",
@@ -173,8 +178,20 @@ class _Rule(NamedTuple):
     kind: str  # "copy", "conv1d_to_linear" or "qkv"
 
 
+class _Module(NamedTuple):
+    """One module with weights of guided-diffusion's UNetModel and its diffusers counterpart."""
+
+    source: str  # guided-diffusion name, e.g. "input_blocks.1.0"
+    target: str  # diffusers name, e.g. "down_blocks.0.resnets.0"
+    kind: str  # a key of _LEAVES
+    channels: int  # input channels (features of a linear layer)
+    out: int  # output channels
+
+
 _LEAVES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
-    "plain": {"": (("",), "copy")},
+    "linear": {"": (("",), "copy")},
+    "conv": {"": (("",), "copy")},
+    "norm": {"": (("",), "copy")},
     "resblock": {
         "in_layers.0": (("norm1",), "copy"),
         "in_layers.2": (("conv1",), "copy"),
@@ -296,60 +313,116 @@ def unet_config_from_flags(**flags: Any) -> dict[str, Any]:
     }
 
 
-def _module_pairs(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(guided-diffusion module, diffusers module, module kind) for every module with weights."""
-    levels = len(config["block_out_channels"])
-    num_res_blocks = config["layers_per_block"]
-    updown = config["downsample_type"] == "resnet"
-    pairs = [
-        ("time_embed.0", "time_embedding.linear_1", "plain"),
-        ("time_embed.2", "time_embedding.linear_2", "plain"),
-        ("input_blocks.0.0", "conv_in", "plain"),
-        ("middle_block.0", "mid_block.resnets.0", "resblock"),
-        ("middle_block.1", "mid_block.attentions.0", "attention"),
-        ("middle_block.2", "mid_block.resnets.1", "resblock"),
-        ("out.0", "conv_norm_out", "plain"),
-        ("out.2", "conv_out", "plain"),
-    ]
-    k = 1
-    for level, block_type in enumerate(config["down_block_types"]):
-        attention = block_type.startswith("Attn")
-        for i in range(num_res_blocks):
-            pairs.append((f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{i}", "resblock"))
-            if attention:
-                pairs.append((f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{i}", "attention"))
-            k += 1
-        if level < levels - 1:
-            kind = "resblock" if updown else "downsample"
-            pairs.append((f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0", kind))
-            k += 1
-    k = 0
-    for j, block_type in enumerate(config["up_block_types"]):
-        attention = block_type.startswith("Attn")
-        for i in range(num_res_blocks + 1):
-            pairs.append((f"output_blocks.{k}.0", f"up_blocks.{j}.resnets.{i}", "resblock"))
-            if attention:
-                pairs.append((f"output_blocks.{k}.1", f"up_blocks.{j}.attentions.{i}", "attention"))
-            if j < levels - 1 and i == num_res_blocks:
-                kind = "resblock" if updown else "upsample"
-                pairs.append((f"output_blocks.{k}.{1 + attention}", f"up_blocks.{j}.upsamplers.0", kind))
-            k += 1
-    return pairs
-
-
 def _join(*parts: str) -> str:
     """Dotted name from the non-empty ``parts``."""
     return ".".join(part for part in parts if part)
 
 
+def _modules(config: Mapping[str, Any]) -> list[_Module]:
+    """Every module with weights of the guided-diffusion UNet that a ``unet_config_from_flags`` config
+    describes, in guided-diffusion's registration order (its state dict's), with its diffusers name and
+    channels: the one walk of the layout, behind the converter's rules and :func:`checkpoint_shapes`."""
+    channels = config["block_out_channels"]
+    base, emb, last = channels[0], 4 * channels[0], channels[-1]  # channel_mult[0] == 1: base is num_channels
+    head = [_Module("time_embed.0", "time_embedding.linear_1", "linear", base, emb),
+            _Module("time_embed.2", "time_embedding.linear_2", "linear", emb, emb),
+            _Module("input_blocks.0.0", "conv_in", "conv", config["in_channels"], base)]
+    down, skips = _input_blocks(config)
+    middle = [_Module("middle_block.0", "mid_block.resnets.0", "resblock", last, last),
+              _Module("middle_block.1", "mid_block.attentions.0", "attention", last, last),
+              _Module("middle_block.2", "mid_block.resnets.1", "resblock", last, last)]
+    tail = [_Module("out.0", "conv_norm_out", "norm", base, base),
+            _Module("out.2", "conv_out", "conv", base, config["out_channels"])]
+    return head + down + middle + _output_blocks(config, skips) + tail
+
+
+def _input_blocks(config: Mapping[str, Any]) -> tuple[list[_Module], list[int]]:
+    """``input_blocks.k`` after conv_in: per level ``num_res_blocks`` blocks (ResBlock[, attention]),
+    then (all levels but the last) a downsample block; and the output channels of every input block,
+    conv_in's first (the skip connections the output blocks take, last first)."""
+    channels, blocks = config["block_out_channels"], config["layers_per_block"]
+    downsample = "resblock" if config["downsample_type"] == "resnet" else "downsample"
+    modules, skips, ch, k = [], [channels[0]], channels[0], 1
+    for level, block_type in enumerate(config["down_block_types"]):
+        for i in range(blocks):
+            modules.append(_Module(f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{i}", "resblock", ch,
+                                   channels[level]))
+            ch = channels[level]
+            if block_type.startswith("Attn"):
+                modules.append(_Module(f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{i}", "attention",
+                                       ch, ch))
+            skips.append(ch)
+            k += 1
+        if level < len(channels) - 1:
+            modules.append(_Module(f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0", downsample, ch, ch))
+            skips.append(ch)
+            k += 1
+    return modules, skips
+
+
+def _output_blocks(config: Mapping[str, Any], skips: list[int]) -> list[_Module]:
+    """``output_blocks.k``: the levels in reverse, ``num_res_blocks + 1`` blocks per level
+    (ResBlock on the concatenated skip[, attention][, upsample after the level's last block])."""
+    channels, blocks = config["block_out_channels"], config["layers_per_block"]
+    upsample = "resblock" if config["upsample_type"] == "resnet" else "upsample"
+    modules, remaining, ch, k = [], list(skips), channels[-1], 0
+    for j, block_type in enumerate(config["up_block_types"]):
+        level, attention = len(channels) - 1 - j, block_type.startswith("Attn")
+        for i in range(blocks + 1):
+            modules.append(_Module(f"output_blocks.{k}.0", f"up_blocks.{j}.resnets.{i}", "resblock",
+                                   ch + remaining.pop(), channels[level]))
+            ch = channels[level]
+            if attention:
+                modules.append(_Module(f"output_blocks.{k}.1", f"up_blocks.{j}.attentions.{i}", "attention", ch, ch))
+            if level > 0 and i == blocks:
+                modules.append(_Module(f"output_blocks.{k}.{1 + attention}", f"up_blocks.{j}.upsamplers.0", upsample,
+                                       ch, ch))
+            k += 1
+    return modules
+
+
+def _weight_shapes(module: _Module, emb: int, scale_shift: bool) -> dict[str, tuple[int, ...]]:
+    """Submodule -> weight shape of one guided-diffusion module (every bias is (weight.shape[0],));
+    a ResBlock has a skip_connection only when it changes the channels."""
+    c, o = module.channels, module.out
+    if module.kind == "linear":
+        return {"": (o, c)}
+    if module.kind == "conv":
+        return {"": (o, c, 3, 3)}
+    if module.kind == "norm":
+        return {"": (c,)}
+    if module.kind == "attention":
+        return {"norm": (c,), "qkv": (3 * c, c, 1), "proj_out": (c, c, 1)}  # Conv1d, kernel 1
+    if module.kind == "resblock":
+        shapes = {"in_layers.0": (c,), "in_layers.2": (o, c, 3, 3), "emb_layers.1": (2 * o if scale_shift else o, emb),
+                  "out_layers.0": (o,), "out_layers.3": (o, o, 3, 3)}
+        return shapes | ({"skip_connection": (o, c, 1, 1)} if o != c else {})
+    (leaf,) = _LEAVES[module.kind]  # downsample "op", upsample "conv"
+    return {leaf: (o, c, 3, 3)}
+
+
+def checkpoint_shapes(**flags: Any) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict of guided-diffusion's ``UNetModel`` built by ``create_model(**flags)``,
+    in its order (flags as :func:`convert_checkpoint` takes them): the tensors a checkpoint of these flags
+    holds, from the converter's own walk of the layout (:func:`_modules`)."""
+    config = unet_config_from_flags(**flags)
+    emb, scale_shift = 4 * config["block_out_channels"][0], config["resnet_time_scale_shift"] == "scale_shift"
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module in _modules(config):
+        for leaf, shape in _weight_shapes(module, emb, scale_shift).items():
+            shapes[_join(module.source, leaf, "weight")] = shape
+            shapes[_join(module.source, leaf, "bias")] = shape[:1]
+    return shapes
+
+
 def _conversion_rules(config: Mapping[str, Any]) -> dict[str, _Rule]:
     """Source state-dict key -> rule, for every tensor a guided-diffusion UNet of ``config`` has."""
     rules = {}
-    for src_module, dst_module, kind in _module_pairs(config):
-        for src_leaf, (dst_leaves, transform) in _LEAVES[kind].items():
+    for module in _modules(config):
+        for src_leaf, (dst_leaves, transform) in _LEAVES[module.kind].items():
             for param in ("weight", "bias"):
-                targets = tuple(_join(dst_module, dst_leaf, param) for dst_leaf in dst_leaves)
-                rules[_join(src_module, src_leaf, param)] = _Rule(targets, transform)
+                targets = tuple(_join(module.target, dst_leaf, param) for dst_leaf in dst_leaves)
+                rules[_join(module.source, src_leaf, param)] = _Rule(targets, transform)
     return rules
 
 

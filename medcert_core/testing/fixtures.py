@@ -249,90 +249,12 @@ def write_cvc_clinicdb(root: Path, images: int, seed: int) -> list[str]:
 
 
 def guided_diffusion_shapes(**flags: Any) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the state dict of guided-diffusion's ``UNetModel`` built by ``create_model(**flags)``.
+    """Key -> shape of the state dict of guided-diffusion's ``UNetModel`` built by ``create_model(**flags)``,
+    in its registration order; flags default to 256x256_diffusion_uncond's. The converter's own walk of
+    the layout (``guided_diffusion.checkpoint_shapes``), so flags it cannot convert are refused here too."""
+    from medcert_core.denoisers.guided_diffusion import checkpoint_shapes
 
-    Written from guided-diffusion's ``unet.py`` (``UNetModel.__init__``, ``ResBlock``,
-    ``AttentionBlock``, ``Downsample``, ``Upsample``), in its registration order; flags default to
-    256x256_diffusion_uncond's. Class-conditional models are not covered.
-    """
-    from medcert_core.denoisers.guided_diffusion import (
-        GUIDED_DIFFUSION_DEFAULTS,
-        attention_downsample_factors,
-        channel_multipliers,
-    )
-
-    f = {**GUIDED_DIFFUSION_DEFAULTS, **flags}
-    model_channels, emb = f["num_channels"], 4 * f["num_channels"]
-    mults = channel_multipliers(f["image_size"], f["channel_mult"])
-    attention = attention_downsample_factors(f["image_size"], f["attention_resolutions"])
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, fan_in: int, fan_out: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (fan_out, fan_in), (fan_out,)
-
-    def conv(name: str, fan_in: int, fan_out: int, kernel: int, dims: int = 2) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (fan_out, fan_in) + (kernel,) * dims, (fan_out,)
-
-    def norm(name: str, channels: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (channels,), (channels,)
-
-    def resblock(name: str, channels: int, out: int) -> None:
-        norm(f"{name}.in_layers.0", channels)
-        conv(f"{name}.in_layers.2", channels, out, 3)
-        linear(f"{name}.emb_layers.1", emb, 2 * out if f["use_scale_shift_norm"] else out)
-        norm(f"{name}.out_layers.0", out)
-        conv(f"{name}.out_layers.3", out, out, 3)
-        if out != channels:
-            conv(f"{name}.skip_connection", channels, out, 1)
-
-    def attention_block(name: str, channels: int) -> None:
-        norm(f"{name}.norm", channels)
-        conv(f"{name}.qkv", channels, 3 * channels, 1, dims=1)
-        conv(f"{name}.proj_out", channels, channels, 1, dims=1)
-
-    linear("time_embed.0", model_channels, emb)
-    linear("time_embed.2", emb, emb)
-    ch = int(mults[0] * model_channels)
-    conv("input_blocks.0.0", f["in_channels"], ch, 3)
-    skips, ds, block = [ch], 1, 1
-    for level, mult in enumerate(mults):
-        for _ in range(f["num_res_blocks"]):
-            resblock(f"input_blocks.{block}.0", ch, int(mult * model_channels))
-            ch = int(mult * model_channels)
-            if ds in attention:
-                attention_block(f"input_blocks.{block}.1", ch)
-            skips.append(ch)
-            block += 1
-        if level != len(mults) - 1:
-            if f["resblock_updown"]:
-                resblock(f"input_blocks.{block}.0", ch, ch)
-            else:
-                conv(f"input_blocks.{block}.0.op", ch, ch, 3)
-            skips.append(ch)
-            ds, block = ds * 2, block + 1
-    resblock("middle_block.0", ch, ch)
-    attention_block("middle_block.1", ch)
-    resblock("middle_block.2", ch, ch)
-    block = 0
-    for level, mult in reversed(list(enumerate(mults))):
-        for i in range(f["num_res_blocks"] + 1):
-            resblock(f"output_blocks.{block}.0", ch + skips.pop(), int(model_channels * mult))
-            ch = int(model_channels * mult)
-            layer = 1
-            if ds in attention:
-                attention_block(f"output_blocks.{block}.1", ch)
-                layer = 2
-            if level and i == f["num_res_blocks"]:
-                if f["resblock_updown"]:
-                    resblock(f"output_blocks.{block}.{layer}", ch, ch)
-                else:
-                    conv(f"output_blocks.{block}.{layer}.conv", ch, ch, 3)
-                ds //= 2
-            block += 1
-    norm("out.0", ch)
-    out_channels = 2 * f["in_channels"] if f["learn_sigma"] else f["in_channels"]
-    conv("out.2", int(mults[0] * model_channels), out_channels, 3)
-    return shapes
+    return checkpoint_shapes(**flags)
 
 
 def guided_diffusion_state_dict(flags: str | dict[str, Any] = FIXTURE_MODEL_FLAGS, *,

@@ -161,6 +161,88 @@ def _config_from_dataset(dataset: Dataset, arch: str, preset: str, **overrides: 
     )
 
 
+@dataclass
+class _Training:
+    """The state of a training run that a checkpoint stores beside its config."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling, augmentation and noise
+    history: list[dict[str, float]]
+    best: dict[str, Any]  # "dice": best validation Dice so far, "state_dict": its weights
+    epoch: int = 0  # epochs done
+
+
+def _start_training(config: TrainConfig, device: torch.device) -> _Training:
+    """A fresh model (torch's global seed set to config.seed first), Adam with a cosine schedule over the
+    epochs, and the run's generator seeded with config.seed."""
+    torch.manual_seed(config.seed)
+    model = config.build_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    generator = torch.Generator().manual_seed(config.seed)
+    return _Training(model, optimizer, scheduler, generator, [],
+                     {"dice": -1.0, "state_dict": copy.deepcopy(model.state_dict())})
+
+
+def _resume(state: _Training, path: Path, config: TrainConfig, device: torch.device) -> None:
+    """Load a checkpoint of the same config into ``state``; ValueError for one of another config."""
+    saved = load_weights(path, map_location=device)
+    if saved["config"] != dataclasses.asdict(config):
+        raise ValueError(
+            f"checkpoint {path} was trained with another config; remove it or choose another path.\n"
+            f"  saved:     {saved['config']}\n  requested: {dataclasses.asdict(config)}"
+        )
+    state.model.load_state_dict(saved["last_state_dict"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.generator.set_state(saved["generator"])
+    state.history = saved["history"]
+    state.best = {"dice": saved["best_val_dice"], "state_dict": saved["state_dict"]}
+    state.epoch = saved["epoch"]
+
+
+def _checkpoint(state: _Training, config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint holds after ``state.epoch`` epochs: the config, the best and the last weights,
+    the optimizer, schedule and generator states, the history."""
+    return {
+        "config": dataclasses.asdict(config),
+        "state_dict": state.best["state_dict"],
+        "best_val_dice": state.best["dice"],
+        "last_state_dict": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "generator": state.generator.get_state(),
+        "history": state.history,
+        "epoch": state.epoch,
+    }
+
+
+def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, device: torch.device) -> float:
+    """One pass over train_set in a random order, in batches (B, C, H, W): augmentation, then noise
+    N(0, noise_sigma^2), then one Adam step on the Dice + cross-entropy loss; the schedule steps once.
+    Returns the mean batch loss."""
+    state.model.train()
+    losses = []
+    order = torch.randperm(len(train_set), generator=state.generator).tolist()
+    for start in range(0, len(order), config.batch_size):
+        items = [train_set[i] for i in order[start : start + config.batch_size]]
+        images = torch.stack([image for image, _ in items])
+        masks = torch.stack([mask for _, mask in items])
+        if config.augment:
+            images, masks = augment_batch(images, masks, state.generator)
+        if config.noise_sigma > 0:
+            images = images + config.noise_sigma * torch.randn(images.shape, generator=state.generator)
+        loss = dice_ce_loss(state.model(images.to(device)), masks.to(device))
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        losses.append(loss.item())
+    state.scheduler.step()
+    return float(np.mean(losses))
+
+
 def train_segmenter(
     train_set: Dataset,
     val_set: Dataset,
@@ -191,74 +273,25 @@ def train_segmenter(
         seed=seed, augment=augment, model_kwargs=model_kwargs,
     )
     device = resolve_device(device)
-    torch.manual_seed(config.seed)
-    model = config.build_model().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
-    best = {"dice": -1.0, "state_dict": copy.deepcopy(model.state_dict())}
-    start_epoch = 0
-
+    state = _start_training(config, device)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        saved = load_weights(path, map_location=device)
-        if saved["config"] != dataclasses.asdict(config):
-            raise ValueError(
-                f"checkpoint {path} was trained with another config; remove it or choose another path.\n"
-                f"  saved:     {saved['config']}\n  requested: {dataclasses.asdict(config)}"
-            )
-        model.load_state_dict(saved["last_state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
-        history = saved["history"]
-        best = {"dice": saved["best_val_dice"], "state_dict": saved["state_dict"]}
-        start_epoch = saved["epoch"]
-
-    epochs_bar = tqdm(range(start_epoch, config.epochs), desc=f"train {arch}", disable=not progress)
+        _resume(state, path, config, device)
+    epochs_bar = tqdm(range(state.epoch, config.epochs), desc=f"train {arch}", disable=not progress)
     for epoch in epochs_bar:
-        model.train()
-        losses = []
-        order = torch.randperm(len(train_set), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            items = [train_set[i] for i in order[start : start + config.batch_size]]
-            images = torch.stack([image for image, _ in items])
-            masks = torch.stack([mask for _, mask in items])
-            if config.augment:
-                images, masks = augment_batch(images, masks, generator)
-            if config.noise_sigma > 0:
-                images = images + config.noise_sigma * torch.randn(images.shape, generator=generator)
-            loss = dice_ce_loss(model(images.to(device)), masks.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        scheduler.step()
+        loss = _train_epoch(state, train_set, config, device)
         val_dice = mean_foreground_dice(
-            evaluate_segmenter(model, val_set, config.class_names, noise_sigma=config.noise_sigma, device=device)
+            evaluate_segmenter(state.model, val_set, config.class_names, noise_sigma=config.noise_sigma, device=device)
         )
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": val_dice})
-        if val_dice > best["dice"]:
-            best = {"dice": val_dice, "state_dict": copy.deepcopy(model.state_dict())}
-        epochs_bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_dice=f"{val_dice:.3f}")
+        state.history.append({"epoch": epoch + 1, "loss": loss, "val_dice": val_dice})
+        if val_dice > state.best["dice"]:
+            state.best = {"dice": val_dice, "state_dict": copy.deepcopy(state.model.state_dict())}
+        epochs_bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
+        state.epoch = epoch + 1
         if path is not None:
-            save_torch_atomically(
-                {
-                    "config": dataclasses.asdict(config),
-                    "state_dict": best["state_dict"],
-                    "best_val_dice": best["dice"],
-                    "last_state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": history,
-                    "epoch": epoch + 1,
-                },
-                path,
-            )
-    model.load_state_dict(best["state_dict"])
-    return model.eval(), config, pd.DataFrame(history)
+            save_torch_atomically(_checkpoint(state, config), path)
+    state.model.load_state_dict(state.best["state_dict"])
+    return state.model.eval(), config, pd.DataFrame(state.history)
 
 
 def load_segmenter(

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,6 +74,65 @@ def _stacked_images(dataset: Dataset, size: tuple[int, int]) -> torch.Tensor:
     return torch.cat([resize(dataset[i][0][None], size) for i in range(len(dataset))])
 
 
+@dataclass
+class _DDPMTraining:
+    """The state of a DDPM training run that ``training_state.pt`` stores."""
+
+    unet: UNet2DModel
+    optimizer: torch.optim.Optimizer
+    ema: Any | None  # diffusers' EMAModel of the weights, or None
+    generator: torch.Generator  # batches, noise and timesteps
+    step: int = 0  # steps done
+    losses: list[float] = field(default_factory=list)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"unet": self.unet.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "step": self.step, "losses": self.losses,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def resume(self, path: Path, device: torch.device) -> None:
+        state = load_weights(path, map_location=device)
+        self.unet.load_state_dict(state["unet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step, self.losses = state["step"], state["losses"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _start_ddpm(size: int, channels: int, settings: dict[str, Any], lr: float, seed: int, ema_decay: float | None,
+                device: torch.device) -> _DDPMTraining:
+    """A fresh UNet2DModel of the preset's layout (torch's global seed set to ``seed`` first), AdamW, the
+    optional EMA of its weights (with warm-up) and the run's generator seeded with ``seed``."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **settings["unet"]).to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    ema = None
+    if ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
+    return _DDPMTraining(unet, optimizer, ema, torch.Generator().manual_seed(seed))
+
+
+def _ddpm_step(state: _DDPMTraining, images: torch.Tensor, batch_size: int, alphas_cumprod: torch.Tensor,
+               draw_timesteps: Callable[[torch.Generator], torch.Tensor], device: torch.device) -> float:
+    """One AdamW step (and EMA update) on the noise-prediction MSE of a random batch of ``images``
+    (N, C, H, W) in [0, 1], mapped to [-1, 1], noised at timesteps from ``draw_timesteps``; returns the loss."""
+    clean = images[torch.randint(0, len(images), (batch_size,), generator=state.generator)] * 2 - 1
+    noise = torch.randn(clean.shape, generator=state.generator)
+    timesteps = draw_timesteps(state.generator)
+    abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
+    noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
+    loss = F.mse_loss(state.unet(noisy, timesteps.to(device)).sample, noise.to(device))
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    if state.ema is not None:
+        state.ema.step(state.unet.parameters())
+    return loss.item()
+
+
 def train_ddpm(
     dataset: Dataset,
     output_dir: str | Path,
@@ -111,52 +172,25 @@ def train_ddpm(
     images = _stacked_images(dataset, (size, size))
     scheduler = linear_scheduler()
     max_timestep = 1000 if max_sigma is None else timestep_for_sigma(scheduler.alphas_cumprod, max_sigma) + 1
-    torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=size, in_channels=images.shape[1], out_channels=images.shape[1], **settings["unet"]).to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr or settings["lr"])
-    ema = None
-    if ema_decay is not None:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
     focus_timesteps = [timestep_for_sigma(scheduler.alphas_cumprod, sigma) for sigma in focus_sigmas]
-    generator = torch.Generator().manual_seed(seed)
-    start, losses = 0, []
+    draw_timesteps = partial(training_timesteps, batch_size, max_timestep, focus_timesteps, focus_share)
+    state = _start_ddpm(size, images.shape[1], settings, lr or settings["lr"], seed, ema_decay, device)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / "training_state.pt"
     if state_path.is_file():
-        state = load_weights(state_path, map_location=device)
-        unet.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start, losses = state["step"], state["losses"]
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        state.resume(state_path, device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    unet.train()
-    bar = tqdm(range(start, total_steps), desc="train ddpm", disable=not progress)
+    state.unet.train()
+    bar = tqdm(range(state.step, total_steps), desc="train ddpm", disable=not progress)
     for step in bar:
-        clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)] * 2 - 1
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = training_timesteps(batch_size, max_timestep, focus_timesteps, focus_share, generator)
-        abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
-        noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
-        loss = F.mse_loss(unet(noisy, timesteps.to(device)).sample, noise.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            save_torch_atomically({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "generator": generator.get_state(), "step": step + 1, "losses": losses,
-                                   "ema": ema.state_dict() if ema is not None else None}, state_path)
-    if ema is not None:
-        ema.copy_to(unet.parameters())  # publish the averaged weights
-    pipeline = DDPMPipeline(unet=unet.eval().cpu(), scheduler=scheduler)
-    _publish_pipeline(pipeline, output_dir)
+        state.losses.append(_ddpm_step(state, images, batch_size, alphas_cumprod, draw_timesteps, device))
+        bar.set_postfix(loss=f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.4f}")
+        state.step = step + 1
+        if state.step % checkpoint_every == 0 and state.step < total_steps:
+            save_torch_atomically(state.checkpoint(), state_path)
+    if state.ema is not None:
+        state.ema.copy_to(state.unet.parameters())  # publish the averaged weights
+    _publish_pipeline(DDPMPipeline(unet=state.unet.eval().cpu(), scheduler=scheduler), output_dir)
     state_path.unlink(missing_ok=True)
     return output_dir
 

@@ -551,7 +551,7 @@ def sharp_attack(
     Returns (one row per group; arrays for a figure: the attacked pixels of all groups, the first group's image).
     """
     device = smoothed.device
-    generator = lambda *keys: torch.Generator(device=device).manual_seed(image_seed(seed, index, *keys))  # noqa: E731
+    generator = lambda *keys: stream_generator(device, seed, index, *keys)  # noqa: E731
     x = x.to(device)
     labels = torch.as_tensor(certificate.labels, device=device)
     groups = lowest_margin_groups(labels, certificate.pvalues, config.group_sizes)
@@ -599,6 +599,102 @@ def certificate_counts(certificate: Certificate, pixels: torch.Tensor) -> np.nda
     return np.abs(table[None, :] - np.log(pvalues)[:, None]).argmin(1)
 
 
+@dataclass(frozen=True)
+class _SmoothedAttack:
+    """The smoothed half of :func:`attack_image`. certificates: "before" (x, its own noise), then on the
+    re-certification's noise "after" (the PGD image), "control" (x) and "random" (x_random); eps: the
+    attack radius; losses: at x, the PGD image and x_random (common noise); seconds: "certify",
+    "attack", "controls"."""
+
+    certificates: dict[str, Certificate]
+    eps: float
+    attack: PGDResult
+    x_random: torch.Tensor
+    losses: list[float]
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _BaseAttack:
+    """The undefended segmenter under its own PGD: the attack and the class ids (H, W) it predicts at x, at
+    the attacked image and at x_random (on the CPU)."""
+
+    attack: PGDResult
+    clean: torch.Tensor
+    attacked: torch.Tensor
+    random: torch.Tensor
+
+
+def stream_generator(device: torch.device, seed: int, index: int, *keys: object) -> torch.Generator:
+    """A generator on ``device`` seeded for one random stream of one image (:func:`image_seed`)."""
+    return torch.Generator(device=device).manual_seed(image_seed(seed, index, *keys))
+
+
+def _attack_smoothed_model(smoothed: SmoothedSegmenter, x: torch.Tensor, *, n0: int, n: int, tau: float,
+                           alpha: float, pgd: PGDConfig, seed: int, index: int, progress: bool) -> _SmoothedAttack:
+    """Certify x (C, H, W), attack it at eps_factor * R, re-certify the attacked image, certify the two
+    controls (x, and x plus a random direction of length eps) on the re-certification's noise, and
+    measure the attack's loss at the three images."""
+    generator = lambda stream: stream_generator(smoothed.device, seed, index, stream)  # noqa: E731
+    options = dict(tau=tau, alpha=alpha)
+    start = time.perf_counter()
+    before = smoothed.certify(x, n0, n, generator=generator(STREAM_CERTIFY), **options)
+    eps = pgd.eps_factor * before.radius
+    certified_at = time.perf_counter()
+    attack = attack_smoothed(smoothed, x, before.labels, eps, pgd, generator(STREAM_ATTACK), progress=progress)
+    attacked_at = time.perf_counter()
+    after = smoothed.certify(attack.x_adv, n0, n, generator=generator(STREAM_RECERTIFY), **options)
+    recertified_at = time.perf_counter()
+    x_random = random_perturbation(x, eps, generator(STREAM_RANDOM))
+    control = smoothed.certify(x, n0, n, generator=generator(STREAM_RECERTIFY), **options)
+    random = smoothed.certify(x_random, n0, n, generator=generator(STREAM_RECERTIFY), **options)
+    losses = smoothed_losses(smoothed, [x, attack.x_adv, x_random], torch.as_tensor(before.labels, device=x.device),
+                             pgd.loss_draws, image_seed(seed, index, STREAM_LOSS))
+    control_at = time.perf_counter()
+    seconds = {"certify": certified_at - start + recertified_at - attacked_at, "attack": attacked_at - certified_at,
+               "controls": control_at - recertified_at}
+    certificates = {"before": before, "after": after, "control": control, "random": random}
+    return _SmoothedAttack(certificates, eps, attack, x_random, losses, seconds)
+
+
+def _attack_base_model(smoothed: SmoothedSegmenter, x: torch.Tensor, x_random: torch.Tensor, eps: float,
+                       pgd: PGDConfig) -> _BaseAttack:
+    """PGD at eps on the smoother's own segmenter (no noise, no denoiser), run at its precision."""
+    network = dict(num_classes=smoothed.num_classes, precision=smoothed.precision)
+    attack = attack_base(smoothed.segmenter, x, eps, pgd, **network)
+    predict = lambda image: base_prediction(smoothed.segmenter, image, **network).cpu()  # noqa: E731
+    return _BaseAttack(attack, predict(x), predict(attack.x_adv), predict(x_random))
+
+
+def _image_row(x: torch.Tensor, smoothed: _SmoothedAttack, labels: dict[str, torch.Tensor],
+               base: _BaseAttack) -> dict[str, Any]:
+    """The tidy row of :func:`attack_image` (counts and losses; seconds are added by the caller) from the
+    certificates' labels (H, W) by name."""
+    counts = compare_certificates(labels["before"], labels["after"])
+    controls = {name: compare_certificates(labels["before"], labels[name]) for name in ("control", "random")}
+    certified = labels["before"] != ABSTAIN
+    base_flipped = base.attacked != base.clean
+    changed = labels["after"] != labels["control"]
+    return {
+        "radius": smoothed.certificates["before"].radius,
+        "eps": smoothed.eps,
+        "delta_norm": float((smoothed.attack.x_adv - x).norm()),
+        **counts,
+        **{f"{name}_{key}": value for name, other in controls.items() for key, value in other.items()
+           if key in CHANGE_COUNTS},
+        "changed_vs_control": int(changed.sum()),
+        "changed_vs_control_certified": int((changed & certified).sum()),
+        "random_changed_vs_control": int((labels["random"] != labels["control"]).sum()),
+        "loss_clean": smoothed.losses[0],
+        "loss_attacked": smoothed.losses[1],
+        "loss_random": smoothed.losses[2],
+        "base_delta_norm": float((base.attack.x_adv - x).norm()),
+        "base_flips": int(base_flipped.sum()),
+        "base_flips_on_certified": int((base_flipped & certified).sum()),
+        "base_random_flips": int((base.random != base.clean).sum()),
+    }
+
+
 def attack_image(
     smoothed: SmoothedSegmenter,
     x: torch.Tensor,
@@ -627,70 +723,29 @@ def attack_image(
     group rows; arrays for a figure (image, adversarial image, the certificates' labels, the base
     model's clean and attacked predictions, the first group's pixels and image).
     """
-    device = smoothed.device
-    generator = lambda stream: torch.Generator(device=device).manual_seed(image_seed(seed, index, stream))  # noqa: E731
-    options = dict(tau=tau, alpha=alpha)
-    x = x.to(device)
+    x = x.to(smoothed.device)
     start = time.perf_counter()
-    before = smoothed.certify(x, n0, n, generator=generator(STREAM_CERTIFY), **options)
-    eps = pgd.eps_factor * before.radius
-    certified_at = time.perf_counter()
-    smoothed_attack = attack_smoothed(smoothed, x, before.labels, eps, pgd, generator(STREAM_ATTACK), progress=progress)
-    attacked_at = time.perf_counter()
-    after = smoothed.certify(smoothed_attack.x_adv, n0, n, generator=generator(STREAM_RECERTIFY), **options)
-    recertified_at = time.perf_counter()
-    x_random = random_perturbation(x, eps, generator(STREAM_RANDOM))
-    control = smoothed.certify(x, n0, n, generator=generator(STREAM_RECERTIFY), **options)
-    random = smoothed.certify(x_random, n0, n, generator=generator(STREAM_RECERTIFY), **options)
-    losses = smoothed_losses(smoothed, [x, smoothed_attack.x_adv, x_random],
-                             torch.as_tensor(before.labels, device=device), pgd.loss_draws,
-                             image_seed(seed, index, STREAM_LOSS))
+    attacked = _attack_smoothed_model(smoothed, x, n0=n0, n=n, tau=tau, alpha=alpha, pgd=pgd, seed=seed, index=index,
+                                      progress=progress)
     control_at = time.perf_counter()
-    network = dict(num_classes=smoothed.num_classes, precision=smoothed.precision)
-    base_attack = attack_base(smoothed.segmenter, x, eps, pgd, **network)
-    base_clean = base_prediction(smoothed.segmenter, x, **network).cpu()
-    base_adv = base_prediction(smoothed.segmenter, base_attack.x_adv, **network).cpu()
-    base_random = base_prediction(smoothed.segmenter, x_random, **network).cpu()
+    base = _attack_base_model(smoothed, x, attacked.x_random, attacked.eps, pgd)
     base_at = time.perf_counter()
-    groups, group_maps = ([], {}) if sharp is None else sharp_attack(smoothed, x, before, eps, sharp, seed=seed,
-                                                                   index=index)
+    before = attacked.certificates["before"]
+    groups, group_maps = ([], {}) if sharp is None else sharp_attack(smoothed, x, before, attacked.eps, sharp,
+                                                                   seed=seed, index=index)
     sharp_at = time.perf_counter()
-
-    labels = {name: cert.labels.cpu() for name, cert in
-              {"before": before, "after": after, "control": control, "random": random}.items()}
-    counts = compare_certificates(labels["before"], labels["after"])
-    control_counts = compare_certificates(labels["before"], labels["control"])
-    random_counts = compare_certificates(labels["before"], labels["random"])
-    certified = labels["before"] != ABSTAIN
-    base_flipped = base_adv != base_clean
+    labels = {name: certificate.labels.cpu() for name, certificate in attacked.certificates.items()}
     row = {
-        "radius": before.radius,
-        "eps": eps,
-        "delta_norm": float((smoothed_attack.x_adv - x).norm()),
-        **counts,
-        **{f"{name}_{key}": value for name, other in (("control", control_counts), ("random", random_counts))
-           for key, value in other.items() if key in CHANGE_COUNTS},
-        "changed_vs_control": int((labels["after"] != labels["control"]).sum()),
-        "changed_vs_control_certified": int(((labels["after"] != labels["control"]) & certified).sum()),
-        "random_changed_vs_control": int((labels["random"] != labels["control"]).sum()),
-        "loss_clean": losses[0],
-        "loss_attacked": losses[1],
-        "loss_random": losses[2],
-        "base_delta_norm": float((base_attack.x_adv - x).norm()),
-        "base_flips": int(base_flipped.sum()),
-        "base_flips_on_certified": int((base_flipped & certified).sum()),
-        "base_random_flips": int((base_random != base_clean).sum()),
-        "seconds_certify": certified_at - start + recertified_at - attacked_at,
-        "seconds_attack": attacked_at - certified_at,
-        "seconds_controls": control_at - recertified_at,
+        **_image_row(x, attacked, labels, base),
+        **{f"seconds_{name}": seconds for name, seconds in attacked.seconds.items()},
         "seconds_base": base_at - control_at,
         "seconds_sharp": sharp_at - base_at,
         "seconds": sharp_at - start,
     }
     maps = {
-        "image": x.cpu().numpy(), "adversarial": smoothed_attack.x_adv.cpu().numpy(),
+        "image": x.cpu().numpy(), "adversarial": attacked.attack.x_adv.cpu().numpy(),
         "labels": labels["before"].numpy(), "attacked_labels": labels["after"].numpy(),
-        "control_labels": labels["control"].numpy(), "base_clean": base_clean.numpy(),
-        "base_attacked": base_adv.numpy(), **group_maps,
+        "control_labels": labels["control"].numpy(), "base_clean": base.clean.numpy(),
+        "base_attacked": base.attacked.numpy(), **group_maps,
     }
     return ImageAttack(row, groups, maps)

@@ -19,6 +19,7 @@ import argparse
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,7 @@ from medcert_core.study.soundness import (
 from medcert_core.io import write_atomically, write_json_atomically
 from medcert_core.study.assets import DataSpec
 from medcert_core.study.profiles import training_spec
-from medcert_core.study.runs import CertificationRun, ours, segcertify
+from medcert_core.study.runs import CertificationRun, Method, ours, segcertify
 
 PALETTE = np.array([[20, 20, 20], [70, 130, 220], [230, 160, 40], [90, 190, 90], [180, 90, 200], [60, 200, 200]],
                    dtype=np.uint8)
@@ -97,7 +98,7 @@ def figure(examples: dict[str, dict[str, np.ndarray]], path: Path, zoom: int = 3
     write_atomically(path, lambda temporary: canvas.save(temporary, format="PNG"))
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick", help="training profile of the models (quick: the main job's)")
     parser.add_argument("--image-size", type=int, default=64)
@@ -130,22 +131,22 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs") / "cache")
     parser.add_argument("--output", type=Path, default=Path("results") / "attack.json")
     parser.add_argument("--figure", type=Path, default=Path("book") / "figures" / "attack.png")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
-    data = DataSpec("phantom", None, args.image_size, 0)
-    training = training_spec(args.profile)
-    methods = [ours("ddpm:auto"), segcertify()]
-    runs = [CertificationRun(data=data, training=training, arch="unet", method=method, sigma=sigma, n0=args.n0,
-                             n=args.n, alpha=args.alpha, tau=args.tau, precision=args.precision)
-            for method in methods for sigma in args.sigmas]
+
+def attack_settings(args: argparse.Namespace) -> tuple[PGDConfig, SharpConfig | None, int]:
+    """The PGD of every image, the sharp attack (None without group sizes) and how many images get it."""
     pgd = PGDConfig(steps=args.steps, draws=args.draws, eps_factor=args.eps_factor)
     sharp = None if not args.group_sizes else SharpConfig(
         group_sizes=tuple(args.group_sizes), steps=args.sharp_steps, draws=args.sharp_draws,
         estimate_draws=args.estimate_draws, confidence=args.confidence)
-    sharp_images = min(args.sharp_images, args.images)
+    return pgd, sharp, min(args.sharp_images, args.images)
 
-    start = time.perf_counter()
+
+def attack_runs(runs: list[CertificationRun], args: argparse.Namespace, pgd: PGDConfig, sharp: SharpConfig | None,
+                sharp_images: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """Attack every run's first images: (one row per image, one row per sharp group, the figure's maps per
+    "method, sigma")."""
     frames, group_frames, examples = [], [], {}
     for run in runs:
         run_start = time.perf_counter()
@@ -156,12 +157,14 @@ def main() -> None:
         examples[f"{run.method.label}, sigma {run.sigma:g}"] = result.maps
         print(f"{run.method.label} sigma={run.sigma:g}: {time.perf_counter() - run_start:.0f} s "
               f"(training included when the cache lacked the models)", flush=True)
-    frame = pd.concat(frames, ignore_index=True)
-    groups = pd.concat(group_frames, ignore_index=True)
-    seconds = time.perf_counter() - start
+    return pd.concat(frames, ignore_index=True), pd.concat(group_frames, ignore_index=True), examples
 
+
+def run_parameters(args: argparse.Namespace, data: DataSpec, methods: list[Method], runs: list[CertificationRun],
+                   pgd: PGDConfig, sharp: SharpConfig | None, sharp_images: int, seconds: float) -> dict[str, Any]:
+    """The parameters recorded with the results: data, models, statistics, both attacks and the machine."""
     channels = int(data.load("test")[0][0].shape[0])
-    parameters = {
+    return {
         "dataset": "phantom", "image_size": args.image_size, "channels": channels,
         "certified_space": f"[0, 1]^({channels}x{args.image_size}x{args.image_size})",
         "profile": args.profile, "arch": "unet",
@@ -183,16 +186,36 @@ def main() -> None:
         "device": args.device, "threads": args.threads, "machine": platform.platform(), "seconds": seconds,
         "figure": str(args.figure),
     }
-    payload = attack_payload(frame, parameters, groups)
-    write_json_atomically(payload, args.output)
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    figure(examples, args.figure)
-    table = summarize_attack(frame).set_index(["method_label", "sigma"]).T  # one column per (method, sigma)
+
+
+def print_summary(frame: pd.DataFrame, groups: pd.DataFrame) -> None:
+    """The attack's counts, one column per (method, sigma), and the sharp attack's per group size."""
+    table = summarize_attack(frame).set_index(["method_label", "sigma"]).T
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.map(formatted).to_string())
         if not groups.empty:
             print(summarize_groups(groups).set_index(["method_label", "sigma", "group_pixels"]).T
                   .map(formatted).to_string())
+
+
+def main() -> None:
+    args = parse_arguments()
+    torch.set_num_threads(args.threads)
+    data = DataSpec("phantom", None, args.image_size, 0)
+    training = training_spec(args.profile)
+    methods = [ours("ddpm:auto"), segcertify()]
+    runs = [CertificationRun(data=data, training=training, arch="unet", method=method, sigma=sigma, n0=args.n0,
+                             n=args.n, alpha=args.alpha, tau=args.tau, precision=args.precision)
+            for method in methods for sigma in args.sigmas]
+    pgd, sharp, sharp_images = attack_settings(args)
+    start = time.perf_counter()
+    frame, groups, examples = attack_runs(runs, args, pgd, sharp, sharp_images)
+    seconds = time.perf_counter() - start
+    payload = attack_payload(frame, run_parameters(args, data, methods, runs, pgd, sharp, sharp_images, seconds), groups)
+    write_json_atomically(payload, args.output)
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    figure(examples, args.figure)
+    print_summary(frame, groups)
     print(f"{seconds:.0f} s in all; wrote {args.output} and {args.figure}")
 
 

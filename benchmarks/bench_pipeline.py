@@ -6,7 +6,6 @@
     the batch-1 sampling may be timed on a subset of draws (``--reference-draws``) and
     extrapolated. The JSON says which.
 (b) ``SmoothedSegmenter.certify`` at each precision / channels_last / compile setting (``--settings``).
-    Settings the installed SmoothedSegmenter does not support yet are skipped, and say so.
 
 Configurations (``--config``):
     paper  the ADM-256 layout built by medcert's guided-diffusion converter (552 M parameters,
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import os
 import platform
 import resource
@@ -40,6 +38,7 @@ import statistics as stats
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,8 @@ from paper_reference import (  # noqa: E402
     sample_one_at_a_time,
     synchronize,
 )
+
+from medcert_core.io import write_json_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -81,10 +82,6 @@ class Setting:
     def kwargs(self) -> dict[str, Any]:
         return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
 
-    def non_default(self) -> dict[str, Any]:
-        defaults = Setting("default").kwargs()
-        return {key: value for key, value in self.kwargs().items() if value != defaults[key]}
-
 
 def parse_setting(text: str) -> Setting:
     """'bf16+cl+compile' -> Setting(precision='bf16', channels_last=True, compile=True)."""
@@ -102,12 +99,6 @@ def parse_setting(text: str) -> Setting:
                 f"unknown setting part {part!r} in {text!r}; use a precision ({', '.join(PRECISIONS)}) "
                 "joined with +cl (channels_last) and/or +compile, e.g. bf16+cl+compile")
     return Setting(text, precision, channels_last, compiled)
-
-
-def smoother_parameters() -> set[str]:
-    from medcert_core.smoothing import SmoothedSegmenter
-
-    return set(inspect.signature(SmoothedSegmenter.__init__).parameters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,28 +264,26 @@ class Timed:
         return getattr(self.__dict__["module"], attribute)
 
 
-def instrumented_split(smoothed: Any, certify_once, device: torch.device, compiled: bool) -> dict[str, Any]:
+def instrumented_split(smoothed: Any, certify_once: Callable[[], float], device: torch.device,
+                       compiled: bool) -> dict[str, Any]:
     """One certification with the networks and ``certify_counts`` timed call by call (synchronised).
 
     Eager: the denoiser and the segmenter are wrapped where SmoothedSegmenter looks them up. Compiled:
     f(D(.)) is one graph, and swapping its modules would recompile it, so the compiled callable
-    (``SmoothedSegmenter._forward``, when it exists) is timed as a whole ("networks").
+    (``SmoothedSegmenter._forward``) is timed as a whole ("networks").
     """
     import medcert_core.smoothing as smoothing_module
 
     totals = {"denoiser": 0.0, "segmenter": 0.0, "networks": 0.0, "statistics": 0.0}
     calls = dict.fromkeys(totals, 0)
-    wrapped = {}  # (owner, attribute) -> original
+    wrapped = {}  # (owner, attribute, name) -> original
     if compiled:
-        if getattr(smoothed, "_forward", None) is not None:
-            wrapped[(smoothed, "_forward", "networks")] = smoothed._forward
+        wrapped[(smoothed, "_forward", "networks")] = smoothed._forward
     else:
         wrapped[(smoothed, "segmenter", "segmenter")] = smoothed.segmenter
         if smoothed.denoiser is not None:
             wrapped[(smoothed, "denoiser", "denoiser")] = smoothed.denoiser
-    statistics_function = getattr(smoothing_module, "certify_counts", None)
-    if statistics_function is not None:
-        wrapped[(smoothing_module, "certify_counts", "statistics")] = statistics_function
+    wrapped[(smoothing_module, "certify_counts", "statistics")] = smoothing_module.certify_counts
     try:
         for (owner, attribute, name), original in wrapped.items():
             setattr(owner, attribute, Timed(original, name, totals, calls, device))
@@ -307,14 +296,11 @@ def instrumented_split(smoothed: Any, certify_once, device: torch.device, compil
         if calls[name]:
             split[f"{name}_seconds"] = totals[name]
     split["rest_seconds"] = seconds - sum(totals.values())
-    split["rest_is"] = "noise drawing, counting, host transfers, Python" + (
-        "" if calls["networks"] or calls["denoiser"] or calls["segmenter"] else ", and the networks (not reached)")
+    split["rest_is"] = "noise drawing, counting, host transfers, Python"
     split["calls"] = {name: count for name, count in calls.items() if count}
     if compiled:
         split["note"] = ("compiled: denoiser and segmenter run as one graph, timed together as networks_seconds; "
                          "see the eager setting of the same precision for their split")
-    if not calls["statistics"]:
-        split["note_statistics"] = "medcert_core.smoothing.certify_counts was not called; statistics are in rest"
     return split
 
 
@@ -337,70 +323,64 @@ def restore_modules(workload: Workload) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the run
+# the reference
 
 
-def write(result: dict[str, Any], path: Path) -> None:
-    try:
-        from medcert_core.io import write_json_atomically
-    except ImportError:  # pragma: no cover - older trees
-        import json
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        return
-    write_json_atomically(result, path)
+def memory_peak(device: torch.device) -> dict[str, int]:
+    """Peak GPU memory since the last reset on CUDA, else the process's peak RSS so far."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {"rss_peak_bytes_so_far": rss_peak_bytes()}
 
 
-def run_reference(args: argparse.Namespace, workload: Workload, device: torch.device,
-                  pixels: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """Time the paper code's approach on ``--reference-images`` images; returns (summary, labels of image 0
-    on ``pixels`` or None when its sampling was timed on a subset of draws, image 0's samples)."""
-    from medcert_core.certify import certify
-
-    draws = args.n0 + args.n
-    timed_draws = args.reference_draws if args.reference_draws and args.reference_draws < draws else None
-    # warm-up: one untimed batch-1 draw (cuDNN / allocator set-up)
+def warm_up_reference(args: argparse.Namespace, workload: Workload, device: torch.device) -> None:
+    """One untimed batch-1 draw (cuDNN / allocator set-up) and one untimed pass of the statistics on a
+    few pixels (scipy / statsmodels first-call costs)."""
     sample_one_at_a_time(workload.denoiser, workload.segmenter, workload.images[0], workload.num_classes,
                          args.sigma, 1, torch.Generator(device=device).manual_seed(12345), device=device)
-    # and one untimed pass of the statistics on a few pixels (scipy / statsmodels first-call costs)
-    warm = np.random.default_rng(0).integers(0, workload.num_classes, (draws, 4, 4))
+    warm = np.random.default_rng(0).integers(0, workload.num_classes, (args.n0 + args.n, 4, 4))
     per_pixel_statistics(warm, args.n0, workload.num_classes, args.tau, args.alpha, np.arange(16))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    per_image, first_labels, first_samples = [], None, None
-    statistics_identical = []
-    for index in range(args.reference_images):
-        generator = torch.Generator(device=device).manual_seed(args.seed + index)
-        sampling, statistics, samples = reference_certify(
-            workload.denoiser, workload.segmenter, workload.images[index], num_classes=workload.num_classes,
-            sigma=args.sigma, n0=args.n0, n=args.n, tau=args.tau, alpha=args.alpha, generator=generator,
-            device=device, pixels=pixels, timed_draws=timed_draws)
-        ours = certify(samples, args.n0, sigma=args.sigma, tau=args.tau, alpha=args.alpha,
-                       num_classes=workload.num_classes)
-        statistics_identical.append(bool(np.array_equal(labels_numpy(ours.labels).reshape(-1)[pixels],
-                                                        statistics.labels)))
-        sampled = sampling.extrapolated()
-        seconds = sampled["seconds"] + statistics.seconds
-        per_image.append({
-            "seconds": seconds,
-            "sampling_seconds": sampled["seconds"],
-            "denoiser_seconds": sampled["denoiser_seconds"],
-            "segmenter_seconds": sampled["segmenter_seconds"],
-            "noise_and_transfer_seconds": sampled["noise_and_transfer_seconds"],
-            "statistics_seconds": statistics.seconds,
-            "statistics_loop_seconds_measured": statistics.loop_seconds,
-            "statistics_loop_seconds_extrapolated": statistics.extrapolated_loop_seconds,
-            "holm_seconds": statistics.holm_seconds,
-            "draws_timed": sampling.draws_run,
-            "loop_matches_vectorised_pvalues": statistics.loop_matches_vectorised,
-        })
-        print(f"reference image {index}: {seconds:8.3f} s  (sampling {sampled['seconds']:.3f} s"
-              f"{' extrapolated from ' + str(sampling.draws_run) + ' draws' if timed_draws else ''}, "
-              f"statistics {statistics.seconds:.3f} s from {len(pixels)} of {statistics.num_pixels} pixels)")
-        if index == 0:
-            first_labels = statistics.labels if timed_draws is None else None
-            first_samples = samples
+
+
+def reference_image(args: argparse.Namespace, workload: Workload, device: torch.device, pixels: np.ndarray,
+                    index: int, timed_draws: int | None) -> tuple[dict[str, Any], np.ndarray, bool]:
+    """Certify image ``index`` the reference way (seeded with seed + index): (its timings, its labels on
+    ``pixels``, whether medcert's ``certify`` of the same samples gives those labels)."""
+    from medcert_core.certify import certify
+
+    generator = torch.Generator(device=device).manual_seed(args.seed + index)
+    sampling, statistics, samples = reference_certify(
+        workload.denoiser, workload.segmenter, workload.images[index], num_classes=workload.num_classes,
+        sigma=args.sigma, n0=args.n0, n=args.n, tau=args.tau, alpha=args.alpha, generator=generator,
+        device=device, pixels=pixels, timed_draws=timed_draws)
+    ours = certify(samples, args.n0, sigma=args.sigma, tau=args.tau, alpha=args.alpha,
+                   num_classes=workload.num_classes)
+    identical = bool(np.array_equal(labels_numpy(ours.labels).reshape(-1)[pixels], statistics.labels))
+    sampled = sampling.extrapolated()
+    seconds = sampled["seconds"] + statistics.seconds
+    timings = {
+        "seconds": seconds,
+        "sampling_seconds": sampled["seconds"],
+        "denoiser_seconds": sampled["denoiser_seconds"],
+        "segmenter_seconds": sampled["segmenter_seconds"],
+        "noise_and_transfer_seconds": sampled["noise_and_transfer_seconds"],
+        "statistics_seconds": statistics.seconds,
+        "statistics_loop_seconds_measured": statistics.loop_seconds,
+        "statistics_loop_seconds_extrapolated": statistics.extrapolated_loop_seconds,
+        "holm_seconds": statistics.holm_seconds,
+        "draws_timed": sampling.draws_run,
+        "loop_matches_vectorised_pvalues": statistics.loop_matches_vectorised,
+    }
+    print(f"reference image {index}: {seconds:8.3f} s  (sampling {sampled['seconds']:.3f} s"
+          f"{' extrapolated from ' + str(sampling.draws_run) + ' draws' if timed_draws else ''}, "
+          f"statistics {statistics.seconds:.3f} s from {len(pixels)} of {statistics.num_pixels} pixels)")
+    return timings, statistics.labels, identical
+
+
+def reference_summary(args: argparse.Namespace, workload: Workload, per_image: list[dict[str, Any]],
+                      pixels: np.ndarray, timed_draws: int | None, identical: bool) -> dict[str, Any]:
+    """The reference's medians over its images, what was extrapolated from what, and the per-image timings."""
+    draws = args.n0 + args.n
     median = lambda key: stats.median(image[key] for image in per_image)  # noqa: E731
     summary = {
         "approach": "batch-1 fp32 sampling under torch.no_grad (class map to numpy per draw), then a per-pixel "
@@ -414,7 +394,7 @@ def run_reference(args: argparse.Namespace, workload: Workload, device: torch.de
         "pixels_per_image": int(workload.images[0].shape[-2] * workload.images[0].shape[-1]),
         "sampling_extrapolated_from_draws": timed_draws,
         "draws_per_image": draws,
-        "statistics_identical_to_medcert_certify_on_same_samples": all(statistics_identical),
+        "statistics_identical_to_medcert_certify_on_same_samples": identical,
         "per_image": per_image,
     }
     if len(pixels) >= summary["pixels_per_image"]:
@@ -422,33 +402,34 @@ def run_reference(args: argparse.Namespace, workload: Workload, device: torch.de
     if timed_draws is not None:
         summary["note"] = (f"sampling timed on {timed_draws} of {draws} draws and scaled by {draws / timed_draws:.2f}; "
                            "the statistics ran on those draws repeated (timing only, labels not compared)")
+    return summary
+
+
+def run_reference(args: argparse.Namespace, workload: Workload, device: torch.device,
+                  pixels: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Time the paper code's approach on ``--reference-images`` images; returns (summary, labels of image 0
+    on ``pixels``, or None when its sampling was timed on a subset of draws)."""
+    draws = args.n0 + args.n
+    timed_draws = args.reference_draws if args.reference_draws and args.reference_draws < draws else None
+    warm_up_reference(args, workload, device)
     if device.type == "cuda":
-        summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    else:
-        summary["rss_peak_bytes_so_far"] = rss_peak_bytes()
-    return summary, first_labels, first_samples
+        torch.cuda.reset_peak_memory_stats(device)
+    images = [reference_image(args, workload, device, pixels, index, timed_draws)
+              for index in range(args.reference_images)]
+    summary = reference_summary(args, workload, [timings for timings, _, _ in images], pixels, timed_draws,
+                                all(identical for _, _, identical in images))
+    summary.update(memory_peak(device))
+    return summary, images[0][1] if timed_draws is None else None
 
 
-def run_setting(args: argparse.Namespace, workload: Workload, device: torch.device, setting: Setting,
-                supported: set[str], flops: dict[str, int], pixels: np.ndarray,
-                reference_labels: np.ndarray | None) -> dict[str, Any]:
-    from medcert_core.smoothing import SmoothedSegmenter
+# ----------------------------------------------------------------------------------------------
+# medcert at one setting
 
-    options = {key: value for key, value in setting.kwargs().items() if key in supported}  # explicit, even defaults
-    result: dict[str, Any] = {"setting": setting.kwargs()}
-    batch_size: Any = args.batch_size
-    try:
-        smoothed = SmoothedSegmenter(workload.segmenter, workload.num_classes, args.sigma, denoiser=workload.denoiser,
-                                     batch_size=batch_size, device=device, **options)
-    except (TypeError, ValueError) as error:
-        if batch_size != "auto":
-            raise
-        batch_size = args.fallback_batch_size
-        result["batch_size_note"] = f"batch_size='auto' not accepted ({error}); used {batch_size}"
-        print(f"  {result['batch_size_note']}")
-        smoothed = SmoothedSegmenter(workload.segmenter, workload.num_classes, args.sigma, denoiser=workload.denoiser,
-                                     batch_size=batch_size, device=device, **options)
-    result["batch_size"] = batch_size
+
+def certify_timer(smoothed: Any, workload: Workload, args: argparse.Namespace,
+                  device: torch.device) -> Callable[[int], tuple[float, np.ndarray]]:
+    """certify_once(index) -> (synchronised seconds, labels (H, W)) of certifying image ``index``, seeded
+    with seed + index like the reference's image of that index."""
 
     def certify_once(index: int) -> tuple[float, np.ndarray]:
         generator = torch.Generator(device=device).manual_seed(args.seed + index)
@@ -460,9 +441,14 @@ def run_setting(args: argparse.Namespace, workload: Workload, device: torch.devi
         synchronize(device)
         return time.perf_counter() - start, labels
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    warmup_seconds, warmup_labels = certify_once(0)  # image 0, seeded like the reference's image 0
+    return certify_once
+
+
+def time_images(certify_once: Callable[[int], tuple[float, np.ndarray]], args: argparse.Namespace,
+                setting: Setting, result: dict[str, Any]) -> tuple[list[float], np.ndarray]:
+    """A warm-up on image 0 (compiling, if asked), then images 1..--images timed; records the warm-up and
+    the median in ``result``; returns (the timings, image 0's labels)."""
+    warmup_seconds, warmup_labels = certify_once(0)
     result["warmup_seconds"] = warmup_seconds
     print(f"  warm-up (image 0{', compiling' if setting.compile else ''}): {warmup_seconds:.3f} s")
     timings = []
@@ -470,33 +456,111 @@ def run_setting(args: argparse.Namespace, workload: Workload, device: torch.devi
         seconds, _ = certify_once(index)
         timings.append(seconds)
         print(f"  image {index}: {seconds:.3f} s")
-    seconds_per_image = stats.median(timings)
-    result["seconds_per_image"] = seconds_per_image
-    working = getattr(smoothed, "_working_batch", None)  # what batch_size "auto" resolved to, where exposed
-    if isinstance(working, int):
-        result["batch_size_resolved"] = working
-    result["seconds_all_images"] = timings
-    result["achieved_tflop_per_s"] = flops["per_draw"] * (args.n0 + args.n) / seconds_per_image / 1e12
-    result["split"] = instrumented_split(smoothed, lambda: certify_once(1)[0], device, setting.compile)
+    result["seconds_per_image"] = stats.median(timings)
+    return timings, warmup_labels
+
+
+def part_rates(split: dict[str, Any], flops: dict[str, int], args: argparse.Namespace) -> dict[str, float]:
+    """Achieved TFLOP/s of the denoiser and the segmenter alone, where the split timed them."""
+    rates = {}
     for part in ("denoiser", "segmenter"):
-        part_seconds = result["split"].get(f"{part}_seconds")
+        part_seconds = split.get(f"{part}_seconds")
         if part_seconds:
-            result[f"{part}_achieved_tflop_per_s"] = flops[f"{part}_per_draw"] * (args.n0 + args.n) / part_seconds / 1e12
-    if device.type == "cuda":
-        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    else:
-        result["rss_peak_bytes_so_far"] = rss_peak_bytes()
-    certified = warmup_labels != ABSTAIN
-    result["certified_fraction_image0"] = float(certified.mean())
+            rates[f"{part}_achieved_tflop_per_s"] = flops[f"{part}_per_draw"] * (args.n0 + args.n) / part_seconds / 1e12
+    return rates
+
+
+def agreement(labels: np.ndarray, pixels: np.ndarray, reference_labels: np.ndarray | None) -> dict[str, Any]:
+    """Image 0's certified fraction and, when the reference certified all its draws, its agreement with the
+    reference's labels on ``pixels``."""
+    found: dict[str, Any] = {"certified_fraction_image0": float((labels != ABSTAIN).mean())}
     if reference_labels is not None:
-        ours = warmup_labels.reshape(-1)[pixels]
-        result["agreement_with_reference_on_subset"] = float((ours == reference_labels).mean())
-        result["pixels_differing_from_reference_on_subset"] = int((ours != reference_labels).sum())
-    del smoothed
+        ours = labels.reshape(-1)[pixels]
+        found["agreement_with_reference_on_subset"] = float((ours == reference_labels).mean())
+        found["pixels_differing_from_reference_on_subset"] = int((ours != reference_labels).sum())
+    return found
+
+
+def run_setting(args: argparse.Namespace, workload: Workload, device: torch.device, setting: Setting,
+                flops: dict[str, int], pixels: np.ndarray, reference_labels: np.ndarray | None) -> dict[str, Any]:
+    """Certify the images with SmoothedSegmenter at one setting: timings, achieved TFLOP/s, the instrumented
+    split, peak memory, and image 0 against the reference."""
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    smoothed = SmoothedSegmenter(workload.segmenter, workload.num_classes, args.sigma, denoiser=workload.denoiser,
+                                 batch_size=args.batch_size, device=device, **setting.kwargs())
+    result: dict[str, Any] = {"setting": setting.kwargs(), "batch_size": args.batch_size}
+    certify_once = certify_timer(smoothed, workload, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings, warmup_labels = time_images(certify_once, args, setting, result)
+    result["batch_size_resolved"] = smoothed._working_batch  # what batch_size "auto" resolved to
+    result["seconds_all_images"] = timings
+    result["achieved_tflop_per_s"] = flops["per_draw"] * (args.n0 + args.n) / result["seconds_per_image"] / 1e12
+    result["split"] = instrumented_split(smoothed, lambda: certify_once(1)[0], device, setting.compile)
+    result.update(part_rates(result["split"], flops, args))
+    result.update(memory_peak(device))
+    result.update(agreement(warmup_labels, pixels, reference_labels))
     return result
 
 
-def main() -> None:
+def target_checks(entry: dict[str, Any], target: dict[str, float]) -> dict[str, bool]:
+    """Which of the issue's targets one setting meets (seconds per image, speed-up, statistics time)."""
+    checks = {}
+    if "seconds_per_image_max" in target:
+        checks["seconds_per_image"] = entry["seconds_per_image"] <= target["seconds_per_image_max"]
+    if "speedup_min" in target:
+        checks["speedup"] = entry["speedup_vs_reference"] >= target["speedup_min"]
+    if "statistics_seconds_max" in target:
+        statistics_seconds = entry["split"].get("statistics_seconds")
+        checks["statistics"] = statistics_seconds is not None and statistics_seconds <= target["statistics_seconds_max"]
+    return checks
+
+
+def print_entry(entry: dict[str, Any], target: dict[str, float] | None) -> None:
+    split = entry["split"]
+    parts = ", ".join(f"{key.replace('_seconds', '')} {split[key]:.3f}" for key in
+                      ("denoiser_seconds", "segmenter_seconds", "networks_seconds", "statistics_seconds",
+                       "rest_seconds")
+                      if split.get(key) is not None)
+    print(f"  {entry['seconds_per_image']:.3f} s per image, {entry['speedup_vs_reference']:.1f}x the reference, "
+          f"{entry['achieved_tflop_per_s']:.3f} TFLOP/s; split (s): {parts}"
+          + (f"; passed: {entry['passed']}" if target else ""))
+
+
+def benchmark_setting(args: argparse.Namespace, workload: Workload, device: torch.device, setting: Setting,
+                      flops: dict[str, int], pixels: np.ndarray, reference: dict[str, Any],
+                      reference_labels: np.ndarray | None, target: dict[str, float] | None) -> dict[str, Any]:
+    """run_setting with a failure (out of memory, compile error) reported instead of raised; the modules
+    restored and memory freed after it; its speed-up against the reference and the issue's target."""
+    print(f"medcert {setting.name}:")
+    try:
+        entry = run_setting(args, workload, device, setting, flops, pixels, reference_labels)
+    except Exception as error:  # noqa: BLE001 - one failing setting (out of memory, compile error) is reported
+        entry = {"setting": setting.kwargs(), "error": f"{type(error).__name__}: {error}"}
+        print(f"  failed: {entry['error']}")
+    if setting.compile:
+        torch._dynamo.reset()  # drop the compiled graphs (and the tensors they hold) before the next setting
+    restored = restore_modules(workload)
+    if restored:
+        entry["modules_restored_after"] = restored
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if "seconds_per_image" in entry:
+        entry["speedup_vs_reference"] = reference["seconds_per_image"] / entry["seconds_per_image"]
+        if target:
+            entry["target_checks"] = target_checks(entry, target)
+            entry["passed"] = all(entry["target_checks"].values())
+        print_entry(entry, target)
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("paper", "quick"), default="quick")
     parser.add_argument("--small", action="store_true",
@@ -512,8 +576,6 @@ def main() -> None:
                         help="time the batch-1 sampling on this many draws and extrapolate to n0 + n")
     parser.add_argument("--stat-pixels", type=int, default=2000, help="pixels the per-pixel loop is timed on")
     parser.add_argument("--batch-size", default="auto", help="'auto' or an int, passed to SmoothedSegmenter")
-    parser.add_argument("--fallback-batch-size", type=int, default=None,
-                        help="used when SmoothedSegmenter does not accept 'auto' (default: 110 on CUDA, 32 on CPU)")
     parser.add_argument("--image-size", type=int, default=None, help="input size (paper 512, small 64, quick 64)")
     parser.add_argument("--model-size", type=int, default=None, help="paper: diffusion model size (256; small 32)")
     parser.add_argument("--num-channels", type=int, default=None, help="paper: diffusion model width (256; small 32)")
@@ -535,11 +597,12 @@ def main() -> None:
                              "more threads than free cores make batch-1 calls many times slower; torch's own on CUDA)")
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/bench_pipeline_<config>[-small]_<device>.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from medcert_core.smoothing import resolve_device
 
-    device = resolve_device(args.device)
+def fill_defaults(args: argparse.Namespace, device: torch.device) -> bool:
+    """Fill the options left unset with their config's values (sizes, widths, n, reference images, threads);
+    set torch's threads; returns whether this is the small paper form."""
     if args.threads is None and device.type == "cpu":
         args.threads = 1
     if args.threads:
@@ -559,14 +622,11 @@ def main() -> None:
     args.reference_images = max(1, min(args.reference_images, args.images + 1))
     if args.batch_size != "auto":
         args.batch_size = int(args.batch_size)
-    if args.fallback_batch_size is None:
-        args.fallback_batch_size = 110 if device.type == "cuda" else 32
-    settings = [parse_setting(text) for text in (args.settings or DEFAULT_SETTINGS.get(device.type, "fp32")).split(",")
-                if text.strip()]
-    form = "small" if small else "full"
-    label = f"{args.config}{'-small' if small else ''}"
-    output = args.output or RESULTS / f"bench_pipeline_{label}_{device.type}.json"
+    return small
 
+
+def run_header(args: argparse.Namespace, device: torch.device, form: str) -> dict[str, Any]:
+    """What the result records before anything is measured: the run, the machine, the versions."""
     import diffusers
     import scipy
     import statsmodels
@@ -594,9 +654,11 @@ def main() -> None:
     if device.type == "cuda":
         result["device"].update(cuda=torch.version.cuda, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
                                 cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
-    print(f"bench_pipeline: config {label} on {device.type} ({result['device']['name']}), "
-          f"n0 = {args.n0}, n = {args.n}, {args.image_size} px")
+    return result
 
+
+def build_workload(args: argparse.Namespace, device: torch.device, result: dict[str, Any]) -> Workload:
+    """The config's models (in eval mode) and images; records the models and their build time in ``result``."""
     start = time.perf_counter()
     workload = (build_paper if args.config == "paper" else build_quick)(args, device)
     workload.segmenter.eval()
@@ -607,75 +669,24 @@ def main() -> None:
     print(f"models: denoiser {workload.info['denoiser']['parameters'] / 1e6:.1f} M parameters "
           f"({workload.info['denoiser']['weights']}), segmenter {workload.info['segmenter']['parameters'] / 1e6:.1f} M "
           f"({workload.info['segmenter']['weights']}); built in {result['models']['build_seconds']:.1f} s")
+    return workload
 
+
+def workload_flops(args: argparse.Namespace, workload: Workload, device: torch.device) -> dict[str, Any]:
+    """FLOPs of one denoiser + segmenter forward at batch 1, per draw and per image."""
     probe = workload.images[0].to(device).unsqueeze(0)
     denoiser_flops = count_flops(workload.denoiser, probe) if workload.denoiser is not None else 0
     segmenter_flops = count_flops(workload.segmenter, probe)
     flops_per_draw = denoiser_flops + segmenter_flops
-    result["flops"] = {"denoiser_per_draw": denoiser_flops, "segmenter_per_draw": segmenter_flops,
-                       "per_draw": flops_per_draw, "per_image": flops_per_draw * (args.n0 + args.n),
-                       "counted_with": "torch.utils.flop_counter.FlopCounterMode, one fp32 forward at batch 1"}
     print(f"FLOPs per draw: denoiser {denoiser_flops / 1e9:.2f} G, segmenter {segmenter_flops / 1e9:.2f} G; "
           f"per image {flops_per_draw * (args.n0 + args.n) / 1e12:.3f} T")
-    write(result, output)
+    return {"denoiser_per_draw": denoiser_flops, "segmenter_per_draw": segmenter_flops,
+            "per_draw": flops_per_draw, "per_image": flops_per_draw * (args.n0 + args.n),
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode, one fp32 forward at batch 1"}
 
-    pixels = pixel_subset(args.image_size * args.image_size, args.stat_pixels, seed=args.seed)
-    reference, reference_labels, _ = run_reference(args, workload, device, pixels)
-    reference["achieved_tflop_per_s"] = flops_per_draw * (args.n0 + args.n) / reference["seconds_per_image"] / 1e12
-    result["reference"] = reference
-    print(f"reference: {reference['seconds_per_image']:.3f} s per image")
-    write(result, output)
 
-    supported = smoother_parameters()
-    result["smoother_supports"] = sorted(supported & {"precision", "channels_last", "compile"})
-    result["medcert"], result["skipped_settings"] = {}, {}
-    target = TARGETS.get((args.config, device.type)) if form == "full" else None
-    for setting in settings:
-        missing = sorted(set(setting.non_default()) - supported)
-        if missing:
-            reason = f"SmoothedSegmenter does not accept {', '.join(missing)} yet"
-            print(f"skipped setting {setting.name}: {reason}")
-            result["skipped_settings"][setting.name] = reason
-            continue
-        print(f"medcert {setting.name}:")
-        try:
-            entry = run_setting(args, workload, device, setting, supported, result["flops"], pixels, reference_labels)
-        except Exception as error:  # noqa: BLE001 - one failing setting (out of memory, compile error) is reported
-            entry = {"setting": setting.kwargs(), "error": f"{type(error).__name__}: {error}"}
-            print(f"  failed: {entry['error']}")
-        if setting.compile:
-            torch._dynamo.reset()  # drop the compiled graphs (and the tensors they hold) before the next setting
-        restored = restore_modules(workload)
-        if restored:
-            entry["modules_restored_after"] = restored
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if "seconds_per_image" in entry:
-            entry["speedup_vs_reference"] = reference["seconds_per_image"] / entry["seconds_per_image"]
-            if target:
-                checks = {}
-                if "seconds_per_image_max" in target:
-                    checks["seconds_per_image"] = entry["seconds_per_image"] <= target["seconds_per_image_max"]
-                if "speedup_min" in target:
-                    checks["speedup"] = entry["speedup_vs_reference"] >= target["speedup_min"]
-                if "statistics_seconds_max" in target:
-                    statistics_seconds = entry["split"].get("statistics_seconds")
-                    checks["statistics"] = (statistics_seconds is not None
-                                            and statistics_seconds <= target["statistics_seconds_max"])
-                entry["target_checks"] = checks
-                entry["passed"] = all(checks.values())
-            split = entry["split"]
-            parts = ", ".join(f"{key.replace('_seconds', '')} {split[key]:.3f}" for key in
-                              ("denoiser_seconds", "segmenter_seconds", "networks_seconds", "statistics_seconds",
-                               "rest_seconds")
-                              if split.get(key) is not None)
-            print(f"  {entry['seconds_per_image']:.3f} s per image, {entry['speedup_vs_reference']:.1f}x the reference, "
-                  f"{entry['achieved_tflop_per_s']:.3f} TFLOP/s; split (s): {parts}"
-                  + (f"; passed: {entry['passed']}" if target else ""))
-        result["medcert"][setting.name] = entry
-        write(result, output)
-
+def summarize(result: dict[str, Any], reference: dict[str, Any], target: dict[str, float] | None) -> str | None:
+    """Record the issue's target and the best setting against the reference; returns the best setting's name."""
     timed = {name: entry for name, entry in result["medcert"].items() if "seconds_per_image" in entry}
     best = min(timed, key=lambda name: timed[name]["seconds_per_image"]) if timed else None
     result["target"] = {**target, "source": "issue 10"} if target else {
@@ -688,15 +699,52 @@ def main() -> None:
         "speedup_vs_reference": timed[best]["speedup_vs_reference"] if best else None,
         "passed": timed[best].get("passed") if best and target else None,
     }
+    return best
+
+
+def main() -> None:
+    from medcert_core.smoothing import resolve_device
+
+    args = parse_arguments()
+    device = resolve_device(args.device)
+    small = fill_defaults(args, device)
+    settings = [parse_setting(text) for text in (args.settings or DEFAULT_SETTINGS.get(device.type, "fp32")).split(",")
+                if text.strip()]
+    form = "small" if small else "full"
+    label = f"{args.config}{'-small' if small else ''}"
+    output = args.output or RESULTS / f"bench_pipeline_{label}_{device.type}.json"
+    result = run_header(args, device, form)
+    print(f"bench_pipeline: config {label} on {device.type} ({result['device']['name']}), "
+          f"n0 = {args.n0}, n = {args.n}, {args.image_size} px")
+
+    start = time.perf_counter()
+    workload = build_workload(args, device, result)
+    result["flops"] = workload_flops(args, workload, device)
+    write_json_atomically(result, output)
+
+    pixels = pixel_subset(args.image_size * args.image_size, args.stat_pixels, seed=args.seed)
+    reference, reference_labels = run_reference(args, workload, device, pixels)
+    reference["achieved_tflop_per_s"] = result["flops"]["per_image"] / reference["seconds_per_image"] / 1e12
+    result["reference"] = reference
+    print(f"reference: {reference['seconds_per_image']:.3f} s per image")
+    write_json_atomically(result, output)
+
+    result["medcert"] = {}
+    target = TARGETS.get((args.config, device.type)) if form == "full" else None
+    for setting in settings:
+        result["medcert"][setting.name] = benchmark_setting(args, workload, device, setting, result["flops"], pixels,
+                                                            reference, reference_labels, target)
+        write_json_atomically(result, output)
+
+    best = summarize(result, reference, target)
     result["device"]["load_average_at_end"] = list(os.getloadavg())
     if device.type == "cpu":
         result["rss_peak_bytes"] = rss_peak_bytes()
     result["total_seconds"] = time.perf_counter() - start
     result["complete"] = True
-    write(result, output)
+    write_json_atomically(result, output)
     print(f"best: {best} at {result['summary']['seconds_per_image']} s per image, "
           f"{result['summary']['speedup_vs_reference']} x the reference; wrote {output}")
-
 
 if __name__ == "__main__":
     main()

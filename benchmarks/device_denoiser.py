@@ -3,8 +3,7 @@
 The paper grid reads OpenAI's ``256x256_diffusion_uncond.pt`` (``guided-diffusion:<file.pt>``), which
 no machine here has. This writes a checkpoint of the same layout with random weights (timings and
 memory do not depend on the weights) in guided-diffusion's own key layout, with
-``medcert_core.testing.fixtures.write_guided_diffusion_checkpoint`` where that exists; otherwise it
-saves the converter's diffusers model as a DDPM folder (``ddpm:<folder>``) -- the same network.
+``medcert_core.testing.fixtures.write_guided_diffusion_checkpoint``.
 
     python benchmarks/device_denoiser.py --form full  --out .device/run   # ADM-256, 552 M parameters
     python benchmarks/device_denoiser.py --form small --out .device/run   # the ADM layout at 32 px, width 32
@@ -16,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import time
 from pathlib import Path
+
+from medcert_core.testing.fixtures import write_guided_diffusion_checkpoint
 
 # 256x256_diffusion_uncond's MODEL_FLAGS, as guided-diffusion's README gives them
 FLAGS = {
@@ -31,20 +31,6 @@ FLAGS = {
               "--num_head_channels 32 --num_res_blocks 2 --resblock_updown True --use_fp16 False "
               "--use_scale_shift_norm True"),
 }
-MODEL_FLAG_NAMES = ("image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
-                    "num_head_channels", "learn_sigma", "resblock_updown", "use_scale_shift_norm")
-
-
-def converter_flags(text: str) -> dict:
-    """The model flags of a MODEL_FLAGS string, typed as the converter takes them."""
-    words = shlex.split(text)
-    flags = dict(zip((word.lstrip("-") for word in words[::2]), words[1::2]))
-    typed = {}
-    for name in MODEL_FLAG_NAMES:
-        if name in flags:
-            value = flags[name]
-            typed[name] = value == "True" if value in ("True", "False") else int(value) if value.isdigit() else value
-    return typed
 
 
 def main() -> None:
@@ -56,26 +42,9 @@ def main() -> None:
     start = time.perf_counter()
     flags = FLAGS[args.form]
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        from medcert_core.testing.fixtures import write_guided_diffusion_checkpoint
-    except ImportError:
-        write_guided_diffusion_checkpoint = None
-    if write_guided_diffusion_checkpoint is not None:
-        path = write_guided_diffusion_checkpoint(args.out / f"adm_{args.form}_random.pt", flags, seed=args.seed)
-        spec, kind = f"guided-diffusion:{path}", "guided-diffusion checkpoint (OpenAI key layout), random weights"
-    else:
-        import torch
-        from diffusers import UNet2DModel
-
-        from medcert_core.denoisers import linear_scheduler
-        from medcert_core.denoisers.guided_diffusion import unet_config_from_flags
-
-        torch.manual_seed(args.seed)
-        folder = args.out / f"adm_{args.form}_random"
-        UNet2DModel(**unet_config_from_flags(**converter_flags(flags))).save_pretrained(folder / "unet")
-        linear_scheduler().save_pretrained(folder / "scheduler")
-        spec, kind, flags = f"ddpm:{folder}", "diffusers DDPM folder of the converter's UNet2DModel, random weights", ""
-    print(json.dumps({"denoiser": spec, "denoiser_flags": flags, "kind": kind,
+    path = write_guided_diffusion_checkpoint(args.out / f"adm_{args.form}_random.pt", flags, seed=args.seed)
+    print(json.dumps({"denoiser": f"guided-diffusion:{path}", "denoiser_flags": flags,
+                      "kind": "guided-diffusion checkpoint (OpenAI key layout), random weights",
                       "seconds": round(time.perf_counter() - start, 2)}))
 
 

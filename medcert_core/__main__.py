@@ -36,7 +36,7 @@ from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import COMPILE_MODES, PRECISIONS, resolve_device
-from medcert_core.study.profiles import PROFILES
+from medcert_core.study.settings import DEFAULTS, PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
 
@@ -152,7 +152,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
 def _override(text: str) -> tuple[str, object]:
     """argparse type of --set: KEY=VALUE with VALUE parsed as YAML."""
-    from medcert_core.study.grid import parse_override
+    from medcert_core.study.grid.spec import parse_override
 
     try:
         return parse_override(text)
@@ -247,7 +247,7 @@ def _sbatch_option(text: str) -> tuple[str, object]:
 
 
 def _add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """--executor and the SLURM options of study and grid (see medcert_core.study.executors)."""
+    """--executor and the SLURM options of study and grid (see medcert_core.study.grid.slurm)."""
     parser.add_argument("--executor", choices=["local", "slurm"], default="local",
                         help="local: here, one notebook after another; slurm: one SLURM job per grid entry (submitit)")
     slurm = parser.add_argument_group("SLURM (with --executor slurm; default: the grid file's executor: section)")
@@ -264,13 +264,13 @@ def _add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_book(args: argparse.Namespace) -> None:
-    from medcert_core.study.book import build_book
+    from medcert_core.study.report.book import build_book
 
     print(f"built {build_book(args.root)}")
 
 
 def command_certify(args: argparse.Namespace) -> None:
-    from medcert_core.study.single_image import certify_image_file
+    from medcert_core.single_image import certify_image_file
 
     summary = certify_image_file(
         args.image, args.checkpoint, args.denoiser, args.sigma, output_dir=args.output_dir, n0=args.n0, n=args.n,
@@ -281,10 +281,8 @@ def command_certify(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medcert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    """The ``train`` command and its options."""
     train = commands.add_parser("train", help="train a segmenter")
     _add_data_arguments(train)
     train.add_argument("--arch", default="unet", choices=ARCHITECTURES)
@@ -296,14 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint", required=True, help="where to save (and resume from)")
     train.set_defaults(run=command_train)
 
+
+def _add_evaluate_command(commands: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` command and its options."""
     evaluate = commands.add_parser("evaluate", help="plain test Dice of a checkpoint")
     _add_data_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--results", default=None, help="JSON file to add the result to")
     evaluate.set_defaults(run=command_evaluate)
 
+
+def _add_study_command(commands: argparse._SubParsersAction) -> None:
+    """The ``study`` command and its options."""
     study = commands.add_parser("study", help="the whole study: train or reuse models, run the grid, build the book")
-    study.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    study.add_argument("--profile", default=DEFAULTS["profile"], choices=sorted(PROFILES))
     study.add_argument("--data-root", default=None, help="dataset folder (jsrt) or folder of dataset folders (paper)")
     study.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     study.add_argument("--grid", default=None, help="grid file (default: grids/<profile>.yaml)")
@@ -314,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_arguments(study)
     study.set_defaults(run=command_study)
 
+
+def _add_grid_command(commands: argparse._SubParsersAction) -> None:
+    """The ``grid`` command and its options."""
     grid = commands.add_parser("grid", help="execute one papermill grid (YAML) into book/")
     grid.add_argument("grid_file")
     grid.add_argument("--data-root", default=None, help="fills {data_root} in the grid's parameters")
@@ -324,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_arguments(grid)
     grid.set_defaults(run=command_grid)
 
+
+def _add_certify_runs_command(commands: argparse._SubParsersAction) -> None:
+    """The ``certify-runs`` command and its options."""
     runs = commands.add_parser("certify-runs", help="certify a dataset chapter's runs into the results store "
                                "(under torchrun: each run's test images sharded over the processes)")
-    runs.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    runs.add_argument("--profile", default=DEFAULTS["profile"], choices=sorted(PROFILES))
     runs.add_argument("--grid", default=None, help="grid file (default: grids/<profile>.yaml)")
     runs.add_argument("--chapter", default=None, help="the grid entry (output name; default: its first dataset chapter)")
     runs.add_argument("--data-root", default=None, help="fills {data_root} in the grid's parameters")
@@ -336,10 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--output", default=None, help="CSV of the tidy rows of every run (written by rank 0)")
     runs.set_defaults(run=command_certify_runs)
 
+
+def _add_book_command(commands: argparse._SubParsersAction) -> None:
+    """The ``book`` command and its options."""
     book = commands.add_parser("book", help="build the website from book/ (no notebook is executed)")
     book.add_argument("--root", default=".", help="folder holding _config.yml and _toc.yml")
     book.set_defaults(run=command_book)
 
+
+def _add_certify_command(commands: argparse._SubParsersAction) -> None:
+    """The ``certify`` command and its options."""
     certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG",
                                   description="Certify an image file, or every image file of a folder (two files "
                                               "with the same stem are refused: their outputs would collide). The "
@@ -354,19 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help='MODEL_FLAGS of a guided-diffusion checkpoint, e.g. "--num_channels 128 --learn_sigma True" '
                               "(default: those of 256x256_diffusion_uncond.pt)")
     certify.add_argument("--steps", type=_steps, default="single", help='DDPM calls: "single" or an int')
-    certify.add_argument("--n0", type=_parameter("n0"), default=10, help="selection draws (>= 1)")
-    certify.add_argument("--n", type=_parameter("n"), default=100, help="estimation draws (>= 1)")
-    certify.add_argument("--alpha", type=_parameter("alpha"), default=0.001, help="error level, 0 < alpha < 1")
-    certify.add_argument("--tau", type=_parameter("tau"), default=0.75, help="0.5 <= tau < 1")
+    certify.add_argument("--n0", type=_parameter("n0"), default=DEFAULTS["n0"], help="selection draws (>= 1)")
+    certify.add_argument("--n", type=_parameter("n"), default=DEFAULTS["n"], help="estimation draws (>= 1)")
+    certify.add_argument("--alpha", type=_parameter("alpha"), default=DEFAULTS["alpha"], help="error level, 0 < alpha < 1")
+    certify.add_argument("--tau", type=_parameter("tau"), default=DEFAULTS["tau"], help="0.5 <= tau < 1")
     certify.add_argument("--seed", type=int, default=None,
                          help="noise seed (default: drawn from the OS's entropy). Each file's noise is seeded from "
                               "(this seed, the sha256 of its bytes); the JSON and CSV record both seeds. A fixed seed "
                               "is fine to evaluate a fixed test set or to reproduce a recorded certificate (pass its "
                               "'seed'); never give one when certifying inputs someone else chose: who knows the noise "
                               "can craft an input that certifies a wrong class")
-    certify.add_argument("--batch-size", type=_batch_size, default=32,
+    certify.add_argument("--batch-size", type=_batch_size, default=DEFAULTS["batch_size"],
                          help='noisy draws per forward pass, or "auto" (GPU: the largest that fits; halved on out-of-memory)')
-    certify.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    certify.add_argument("--precision", choices=list(PRECISIONS), default=DEFAULTS["precision"],
                          help="autocast of the networks only; the noise and statistics stay fp32/fp64 (GPU: bf16)")
     certify.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     certify.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, *COMPILE_MODES],
@@ -374,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--device", default="auto")
     certify.add_argument("--output-dir", default=".", help="where the PNGs and the JSON go")
     certify.set_defaults(run=command_certify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medcert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(commands)
+    _add_evaluate_command(commands)
+    _add_study_command(commands)
+    _add_grid_command(commands)
+    _add_certify_runs_command(commands)
+    _add_book_command(commands)
+    _add_certify_command(commands)
     return parser
 
 

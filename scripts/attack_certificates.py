@@ -36,9 +36,9 @@ from medcert_core.study.soundness import (
     summarize_groups,
 )
 from medcert_core.io import write_atomically, write_json_atomically
-from medcert_core.study.assets import DataSpec
-from medcert_core.study.profiles import training_spec
-from medcert_core.study.runs import CertificationRun, Method, ours, segcertify
+from medcert_core.study.settings import DataSpec
+from medcert_core.study.settings import training_spec
+from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
 
 PALETTE = np.array([[20, 20, 20], [70, 130, 220], [230, 160, 40], [90, 190, 90], [180, 90, 200], [60, 200, 200]],
                    dtype=np.uint8)

@@ -28,8 +28,9 @@ import yaml
 from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.gate import mmse_gate_failures, psnr_row
 from medcert_core.io import write_json_atomically
-from medcert_core.study.assets import DataSpec, ddpm_image_size, resolve_denoiser_spec
-from medcert_core.study.profiles import training_spec
+from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
+from medcert_core.study.settings import DataSpec
+from medcert_core.study.settings import training_spec
 
 SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
 

@@ -26,12 +26,13 @@ from medcert_core.denoisers.gate import psnr_row
 from medcert_core.io import write_json_atomically
 from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
 from medcert_core.smoothing import Execution, SmoothedSegmenter, image_seed
-from medcert_core.study import assets
-from medcert_core.study.runs import CertificationRun, ours
-from medcert_core.study.profiles import training_spec
+from medcert_core.study.runs import assets
+from medcert_core.study.settings import DataSpec, TrainingSpec
+from medcert_core.study.runs.run import CertificationRun, ours
+from medcert_core.study.settings import training_spec
 
 
-def certified_rows(data: assets.DataSpec, training: assets.TrainingSpec, ddpm: str, arch: str, sigma: float,
+def certified_rows(data: DataSpec, training: TrainingSpec, ddpm: str, arch: str, sigma: float,
                    count: int, args: argparse.Namespace, shrink: str) -> list[dict]:
     """Certified scores (one row per image x class) of ``arch`` behind the single-step DDPM at ``sigma``, its
     input shrunk by ``shrink``: the run's segmenter, execution and per-image seeds, as ``runs.compute``
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    data = assets.DataSpec("jsrt", args.data_root, args.image_size)
+    data = DataSpec("jsrt", args.data_root, args.image_size)
     training = training_spec("jsrt")
     folder = assets.ddpm_folder(args.cache, data, training)
     if not (folder / "model_index.json").is_file():
@@ -117,7 +118,7 @@ def box_minus_bilinear(psnr: list[dict], sigmas: list[float]) -> dict[str, dict[
             for sigma in sigmas}
 
 
-def _noise_factor(way: str, size: int, data: assets.DataSpec, training: assets.TrainingSpec) -> float:
+def _noise_factor(way: str, size: int, data: DataSpec, training: TrainingSpec) -> float:
     model = assets.ddpm_image_size(data, training)
     return resize_noise_factor((size, size), (model, model), way)
 

@@ -200,9 +200,9 @@ def one_thread():
 @pytest.mark.slow
 def test_certified_pixels_survive_pgd_at_the_certified_radius(tmp_path, one_thread):
     """End to end on 1-epoch smoke models at 32 px: no certified pixel flips; the base model does."""
-    from medcert_core.study.assets import DataSpec
-    from medcert_core.study.profiles import training_spec
-    from medcert_core.study.runs import CertificationRun, ours, segcertify
+    from medcert_core.study.settings import DataSpec
+    from medcert_core.study.settings import training_spec
+    from medcert_core.study.runs.run import CertificationRun, ours, segcertify
 
     data = DataSpec("phantom", None, 32, 0)
     runs = [CertificationRun(data=data, training=training_spec("smoke"), arch="unet", method=method, sigma=0.5,

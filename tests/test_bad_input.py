@@ -25,8 +25,8 @@ from medcert_core.data import load_dataset
 from medcert_core.data.rgb import CVC_IMAGES, CVC_MASKS, ISIC_INPUT, ISIC_TRUTH
 from medcert_core.denoisers import load_denoiser
 from medcert_core.models import create_model
-from medcert_core.study.grid import parse_grid
-from medcert_core.study.profiles import training_spec
+from medcert_core.study.grid.spec import parse_grid
+from medcert_core.study.settings import training_spec
 from medcert_core.training import TrainConfig, load_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -531,8 +531,9 @@ def test_grid_output_outside_the_book(tmp_path, capsys, monkeypatch):
 def test_control_character_in_a_slurm_value(tmp_path, capsys, monkeypatch):
     import submitit
 
-    from medcert_core.study.executors import SlurmOptions, run_on_slurm
-    from medcert_core.study.grid import GridEntry
+    from medcert_core.study.grid.slurm import run_on_slurm
+    from medcert_core.study.grid.spec import SlurmOptions
+    from medcert_core.study.grid.spec import GridEntry
 
     def no_submission(*args, **kwargs):
         raise AssertionError("nothing may be submitted")

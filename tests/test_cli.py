@@ -228,7 +228,7 @@ def test_a_label_png_never_reads_abstain_as_a_class(tmp_path, num_classes, dtype
     from PIL import Image
 
     from medcert_core import ABSTAIN
-    from medcert_core.study.single_image import _label_png, _save_png, abstain_value
+    from medcert_core.single_image import _label_png, _save_png, abstain_value
 
     labels = np.array([[0, num_classes - 1], [ABSTAIN, 1]])
     written = np.array(Image.open(_save_png(_label_png(labels, num_classes), tmp_path / "labels.png")))

@@ -22,14 +22,18 @@ import pandas as pd
 import pytest
 
 from medcert_core.io import file_lock
-from medcert_core.study import assets, grid, runs, store
-from medcert_core.study.assets import DataSpec, TrainingSpec
+from medcert_core.study.grid import local as grid_local
+from medcert_core.study.grid.spec import GridEntry
+from medcert_core.study.runs import assets
+from medcert_core.study.runs import run as runs
+from medcert_core.study.runs import store
+from medcert_core.study.settings import DataSpec, TrainingSpec
 
 WRITER = r"""
 import sys, time
 from pathlib import Path
 import numpy as np, pandas as pd
-from medcert_core.study import store
+from medcert_core.study.runs import store
 
 results, writer, count, go = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 while not go.exists():
@@ -130,13 +134,13 @@ def test_two_processes_needing_one_model_train_it_once(tmp_path, monkeypatch, ca
 
 
 def test_concurrent_grid_entries_all_recorded(tmp_path):
-    entries = [grid.GridEntry("phantom", f"chapter{number}", {"n": number}) for number in range(16)]
-    threads = [threading.Thread(target=grid.record_done, args=(entry, tmp_path)) for entry in entries]
+    entries = [GridEntry("phantom", f"chapter{number}", {"n": number}) for number in range(16)]
+    threads = [threading.Thread(target=grid_local.record_done, args=(entry, tmp_path)) for entry in entries]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    state = json.loads((tmp_path / grid.STATE).read_text())
+    state = json.loads((tmp_path / grid_local.STATE).read_text())
     assert state == {entry.output: entry.hash for entry in entries}
 
 

@@ -33,8 +33,9 @@ import psutil
 import pytest
 
 from medcert_core.study.experiment import Experiment, clean_baselines
-from medcert_core.study.grid import load_grid
-from medcert_core.study.runs import ours, segcertify
+from medcert_core.study.grid.spec import load_grid
+from medcert_core.study.runs.run import ours, segcertify
+from medcert_core.study.settings import DataSpec, TrainingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = "grids/smoke.yaml"
@@ -263,7 +264,7 @@ def test_the_smoke_grid_survives_sigkill_mid_run_and_mid_notebook(tmp_path):
 # --- the pieces, one crash each (fast) -----------------------------------------------------------
 
 def test_aggregate_reads_only_complete_runs_never_a_temporary_file(tmp_path):
-    from medcert_core.study import store
+    from medcert_core.study.runs import store
 
     rows = pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]})
     store.save_run(tmp_path, "done", rows, {"labels": np.zeros((1, 2, 2))}, {"x": 1})
@@ -281,7 +282,8 @@ def test_a_stale_running_notebook_is_replaced_not_read(tmp_path, monkeypatch):
     import nbformat
     import papermill
 
-    from medcert_core.study.grid import GridEntry, execute, is_done
+    from medcert_core.study.grid.local import execute, is_done
+    from medcert_core.study.grid.spec import GridEntry
 
     entry = GridEntry("phantom", "phantom", {"n": 100})
     notebooks, book, results = tmp_path / "notebooks", tmp_path / "book", tmp_path / "results"
@@ -306,9 +308,9 @@ def test_a_stale_running_notebook_is_replaced_not_read(tmp_path, monkeypatch):
 def test_a_segmenter_without_its_marker_is_resumed_or_retrained_never_read_as_finished(tmp_path, monkeypatch):
     import torch
 
-    from medcert_core.study import assets
+    from medcert_core.study.runs import assets
 
-    data, training = assets.DataSpec("phantom", None, 32, 0), assets.TrainingSpec(epochs=3)
+    data, training = DataSpec("phantom", None, 32, 0), TrainingSpec(epochs=3)
     path = assets.segmenter_path(tmp_path, data, training, "unet", 0.0)
     path.parent.mkdir(parents=True)
     calls = []
@@ -333,9 +335,9 @@ def test_a_segmenter_without_its_marker_is_resumed_or_retrained_never_read_as_fi
 def test_a_segmenter_with_its_marker_is_never_deleted_nor_retrained(tmp_path, monkeypatch):
     import torch
 
-    from medcert_core.study import assets
+    from medcert_core.study.runs import assets
 
-    data, training = assets.DataSpec("phantom", None, 32, 0), assets.TrainingSpec(epochs=1)
+    data, training = DataSpec("phantom", None, 32, 0), TrainingSpec(epochs=1)
     path = assets.segmenter_path(tmp_path, data, training, "unet", 0.0)
     trained = []
 
@@ -362,9 +364,9 @@ def test_a_segmenter_with_its_marker_is_never_deleted_nor_retrained(tmp_path, mo
 
 
 def test_a_denoiser_folder_is_complete_only_with_its_marker(tmp_path, monkeypatch):
-    from medcert_core.study import assets
+    from medcert_core.study.runs import assets
 
-    data, training = assets.DataSpec("phantom", None, 32, 0), assets.TrainingSpec(ddpm_steps=2)
+    data, training = DataSpec("phantom", None, 32, 0), TrainingSpec(ddpm_steps=2)
     trained = []
 
     def fake_train_ddpm(train_set, folder, **kwargs):
@@ -390,8 +392,9 @@ def test_a_denoiser_folder_is_complete_only_with_its_marker(tmp_path, monkeypatc
 
 
 def test_a_run_completed_meanwhile_by_another_process_keeps_its_record(tmp_path, monkeypatch):
-    from medcert_core.study import runs, store
-    from medcert_core.study.assets import DataSpec, TrainingSpec
+    from medcert_core.study.runs import run as runs
+    from medcert_core.study.runs import store
+    from medcert_core.study.settings import DataSpec, TrainingSpec
 
     run = runs.CertificationRun(DataSpec("phantom", None, 32, 0), TrainingSpec(epochs=1), "unet", runs.plain(), 0.0)
     first = pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]})

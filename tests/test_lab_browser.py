@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from test_lab import free_port
 
-from medcert_core.study.grid import load_grid
+from medcert_core.study.grid.spec import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("MEDCERT_CHROMIUM", "/usr/bin/chromium"))

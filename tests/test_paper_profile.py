@@ -47,8 +47,8 @@ from medcert_core.testing.fixtures import (
 from medcert_core.data.phantom import chest_phantom
 from medcert_core.denoisers import load_denoiser, model_flags
 from medcert_core.denoisers.guided_diffusion import GUIDED_DIFFUSION_DEFAULTS, channel_multipliers, parse_model_flags
-from medcert_core.study.assets import TrainingSpec
-from medcert_core.study.grid import parse_grid, parse_override
+from medcert_core.study.settings import TrainingSpec
+from medcert_core.study.grid.spec import parse_grid, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GRID = "grids/paper.yaml"

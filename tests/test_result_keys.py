@@ -21,9 +21,11 @@ from PIL import Image
 from medcert_core.data import base, load_dataset
 from medcert_core import io as medcert_io
 from medcert_core.io import file_digest
-from medcert_core.study import assets, runs, store
-from medcert_core.study.assets import DataSpec, TrainingSpec
-from medcert_core.study.runs import CertificationRun, RunOutput, ours, plain
+from medcert_core.study.runs import assets
+from medcert_core.study.runs import run as runs
+from medcert_core.study.runs import store
+from medcert_core.study.settings import DataSpec, TrainingSpec
+from medcert_core.study.runs.run import CertificationRun, RunOutput, ours, plain
 
 TRAINING = TrainingSpec(epochs=1, unet_denoiser_steps=2, ddpm_steps=2)
 OLD = 1_000_000_000  # an mtime (2001) far enough in the past for a file's digest to be cached

@@ -35,8 +35,13 @@ import pytest
 import yaml
 
 from medcert_core.__main__ import main
-from medcert_core.study.executors import SlurmOptions, section_problem, slurm_options
-from medcert_core.study.grid import parse_grid
+from medcert_core.study.grid.spec import (
+    SlurmOptions,
+    check_executor_section,
+    parse_grid,
+    slurm_options,
+)
+from medcert_core.study.settings import DataSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -68,7 +73,7 @@ def test_command_line_options_override_the_grid_file():
     assert options.submitit_parameters() == {
         "timeout_min": 1440, "cpus_per_task": 4, "tasks_per_node": 1, "nodes": 1, "slurm_partition": "gpu",
         "gpus_per_node": 1, "slurm_additional_parameters": {"account": "lab", "qos": "high"}}
-    assert section_problem(None) is None
+    check_executor_section(None)  # no section: nothing to refuse
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -218,15 +223,15 @@ def train_segmenter_job(cache: str, barrier: str, number: int) -> dict:
     """A SLURM job needing the smoke profile's UNet: waits until both jobs have started, then asks for it."""
     import torch
 
-    from medcert_core.study import assets
-    from medcert_core.study.profiles import training_spec
+    from medcert_core.study.runs import assets
+    from medcert_core.study.settings import training_spec
 
     Path(barrier, f"started-{number}").touch()
     deadline = time.monotonic() + 120
     while len(list(Path(barrier).glob("started-*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     torch.set_num_threads(1)
-    model, _ = assets.segmenter(Path(cache), assets.DataSpec("phantom", None, 32, 0), training_spec("smoke"), "unet",
+    model, _ = assets.segmenter(Path(cache), DataSpec("phantom", None, 32, 0), training_spec("smoke"), "unet",
                                 0.0, device="cpu")
     weights = b"".join(tensor.numpy().tobytes() for tensor in model.state_dict().values())
     return {"pid": os.getpid(), "weights": hashlib.sha256(weights).hexdigest()}

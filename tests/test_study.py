@@ -12,12 +12,17 @@ from scipy.stats import norm
 
 from medcert_core import ABSTAIN
 from medcert_core.certify import certified_radius as radius
-from medcert_core.study import paper, report, store
-from medcert_core.study.assets import DataSpec, TrainingSpec, segmenter_path
+from medcert_core import render
+from medcert_core.study.report import figures, tables
+from medcert_core.study.report import paper
+from medcert_core.study.runs import store
+from medcert_core.study.runs.assets import segmenter_path
+from medcert_core.study.settings import DataSpec, TrainingSpec
 from medcert_core.study.experiment import Experiment, combine
 from medcert_core.io import file_digest
-from medcert_core.study.grid import GridEntry, is_done, parse_grid
-from medcert_core.study.runs import CertificationRun, ours, plain, segcertify
+from medcert_core.study.grid.local import is_done
+from medcert_core.study.grid.spec import GridEntry, parse_grid
+from medcert_core.study.runs.run import CertificationRun, ours, plain, segcertify
 from medcert_core.study.workflow import fill_data_root
 
 TINY_TRAINING = TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
@@ -115,14 +120,14 @@ def test_certification_runs_are_stored_and_read_back(tiny_experiment, monkeypatc
     def must_not_compute(*args, **kwargs):
         raise AssertionError("a completed run was computed again")
 
-    monkeypatch.setattr("medcert_core.study.runs.compute", must_not_compute)
+    monkeypatch.setattr("medcert_core.study.runs.run.compute", must_not_compute)
     again = tiny_experiment.run(["unet"], methods)
     pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
 
     maps = tiny_experiment.maps("unet", ours("none"), 0.5)
     assert maps["labels"].shape == (2, 32, 32) and maps["noisy"].shape == (2, 3, 32, 32)
     assert set(np.unique(maps["labels"])) <= {ABSTAIN, 0, 1, 2, 3}
-    figure = tiny_experiment.abstention_figure("unet", [ours("none")])
+    figure = figures.abstention_figure(tiny_experiment, "unet", [ours("none")])
     assert [trace.type for trace in figure.data] == ["image"] * 3  # noisy, ground truth, one method
     assert tiny_experiment.cache_path.joinpath("segmenters").is_dir()
     expected = segmenter_path(tiny_experiment.cache_path, tiny_experiment.data, TINY_TRAINING, "unet", 0.0)
@@ -134,7 +139,7 @@ def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment,
     import torch
 
     from medcert_core.smoothing import image_seed
-    from medcert_core.study.runs import curve_taus, smoothed_segmenter
+    from medcert_core.study.runs.run import curve_taus, smoothed_segmenter
 
     monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
     method = ours("none")
@@ -175,20 +180,20 @@ def test_dice_against_radius_has_one_line_per_method_and_sigma():
         for method, offset in (("ours", 0.0), ("SegCertify", 0.2)) for sigma in (0.25, 0.5)
         for tau in (0.6, 0.9) for class_id, name in ((0, "background"), (1, "lung"))
         for image, dice in (("a", 0.9 - offset - tau / 2), ("b", 0.7 - offset - tau / 2))])
-    figure = report.dice_against_radius(curves)
+    figure = figures.dice_against_radius(curves)
     assert len(figure.data) == 2 * 2  # (2 methods x 2 sigmas) lines in the one foreground panel
     ours_025 = next(trace for trace in figure.data if trace.name == "ours · unet, σ 0.25")
     assert list(ours_025.x) == pytest.approx([radius(0.25, 0.6), radius(0.25, 0.9)])
     assert list(ours_025.y) == pytest.approx([0.8 - 0.3, 0.8 - 0.45])
-    table = report.radius_curve_table(curves)
+    table = tables.radius_curve_table(curves)
     assert table.loc[("SegCertify", "unet", 0.5, 0.9, round(radius(0.5, 0.9), 3)), "lung"] == pytest.approx(0.15)
     assert table["%⊘ all"].unique() == pytest.approx([10.0])
 
     curves["reachable"] = curves["tau"] < 0.8  # tau 0.9: n cannot reach it, every pixel abstains by construction
-    figure = report.dice_against_radius(curves)
+    figure = figures.dice_against_radius(curves)
     assert all(list(trace.x) == pytest.approx([radius(float(trace.name[-4:]), 0.6)]) for trace in figure.data)
     assert "not drawn: tau = 0.9" in figure.layout.annotations[-1].text
-    table = report.radius_curve_table(curves)
+    table = tables.radius_curve_table(curves)
     unreachable = table.xs(0.9, level="τ")
     assert unreachable["lung"].isna().all() and (unreachable["n reaches τ"] == "no").all()
     assert (table.xs(0.6, level="τ")["n reaches τ"] == "yes").all()
@@ -223,7 +228,7 @@ def test_paper_table_averages_per_image_in_the_papers_layout():
         ("ours", 0.5, "a", 2, 0.6, 0.4, 0.1, 0.10), ("ours", 0.5, "b", 1, 1.0, 1.0, 0.0, 0.30),
         ("ours", 0.5, "b", 2, np.nan, np.nan, 0.0, 0.30),
     ])
-    table = report.paper_table(frame)
+    table = tables.paper_table(frame)
     assert list(table.columns) == [("lung", "Dice"), ("lung", "IoU"), ("lung", "%⊘"), ("heart", "Dice"),
                                    ("heart", "IoU"), ("heart", "%⊘"), ("all", "%⊘")]
     row = table.loc[("ours", "unet", 0.5, round(radius(0.5, 0.75), 3))]  # R shown to 3 decimals
@@ -231,14 +236,14 @@ def test_paper_table_averages_per_image_in_the_papers_layout():
     assert row[("heart", "Dice")] == pytest.approx(0.6), "a NaN (class absent) is skipped, not counted as 0"
     assert row[("lung", "%⊘")] == pytest.approx(0.1)
     assert row[("all", "%⊘")] == pytest.approx(0.2)
-    html = report.table_html(table)
+    html = tables.table_html(table)
     assert "<table" in html and "medcert-results" in html and "20.00" in html  # all %⊘ shown in percent
 
 
 def test_dice_against_sigma_has_one_panel_per_class_and_one_line_per_method():
     frame = tidy([(method, sigma, "a", c, 0.9 - sigma / 2, 0.8, 0.0, 0.0)
                   for method in ("ours", "SegCertify") for sigma in (0.25, 0.5, 1.0) for c in (0, 1, 2)])
-    figure = report.dice_against_sigma(frame)
+    figure = figures.dice_against_sigma(frame)
     assert len(figure.data) == 2 * 2  # 2 methods x 2 foreground classes
     assert sorted({trace.name for trace in figure.data}) == ["SegCertify · unet", "ours · unet"]
     assert list(figure.data[0].y) == pytest.approx([0.775, 0.65, 0.4])
@@ -250,7 +255,7 @@ def test_ranking_per_sigma_averages_classes_then_ranks_the_methods():
                   for method, base in (("ours", 0.8), ("SegCertify", 0.6)) for sigma in (0.25, 1.0)
                   for image, shift in (("a", 0.0), ("b", 0.1)) for c, dice in
                   ((0, 0.99), (1, base + shift - sigma / 4), (2, base - 0.2 * (method == "ours" and sigma == 1.0)))])
-    table = report.ranking_per_sigma(frame)
+    table = tables.ranking_per_sigma(frame)
     # ours at sigma 1: class 1 mean (0.55 + 0.65) / 2 = 0.60, class 2 0.60 -> 0.60; SegCertify: 0.40 and 0.60 -> 0.50
     assert table.loc[1.0].index.tolist() == ["ours", "SegCertify"]
     assert table.loc[1.0]["mean certified Dice"].tolist() == pytest.approx([0.60, 0.50])
@@ -260,10 +265,10 @@ def test_ranking_per_sigma_averages_classes_then_ranks_the_methods():
 
 def test_abstained_pixels_are_white_and_background_black():
     labels = np.array([[0, 1], [ABSTAIN, 2]])
-    rgb = report.colour_labels(labels)
+    rgb = render.colour_labels(labels)
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[1, 0].tolist() == [255, 255, 255]
     assert rgb[0, 1].tolist() != rgb[1, 1].tolist()
-    assert report.png_data_uri(rgb).startswith("data:image/png;base64,")
+    assert render.png_data_uri(rgb).startswith("data:image/png;base64,")
 
 
 def test_next_to_paper_subtracts_the_papers_value():
@@ -353,17 +358,19 @@ def test_data_root_placeholders_need_a_data_root():
 
 
 def test_live_recertification_shows_each_method(tiny_experiment, monkeypatch):
-    from medcert_core.study import live
+    from medcert_core.study.report import live
 
     monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
-    figure = live.certify_one(tiny_experiment, "unet", [plain(0.0), ours("none")], index=1, sigma=0.5)
+    methods = [plain(0.0), ours("none")]
+    panel = live.certify_panel(tiny_experiment, "unet", methods, index=1, sigma=0.5)
+    figure = figures.abstention_maps({0.5: panel}, [method.label for method in methods])
     assert [trace.type for trace in figure.data] == ["image"] * 4
     assert [annotation.text for annotation in figure.layout.annotations][:4] == [
         "noisy input", "ground truth", "plain (noise 0)", "ours (no denoiser)"]
 
 
 def test_live_certificate_of_an_image_is_its_stored_runs(tiny_experiment, monkeypatch):
-    from medcert_core.study import live
+    from medcert_core.study.report import live
 
     monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
     method = ours("none")
@@ -377,7 +384,7 @@ def test_live_certificate_of_an_image_is_its_stored_runs(tiny_experiment, monkey
 def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
     import nbformat
 
-    from medcert_core.study.book import toc_files, write_placeholders
+    from medcert_core.study.report.book import toc_files, write_placeholders
 
     (tmp_path / "_toc.yml").write_text(
         "format: jb-book\nroot: book/intro\nparts:\n  - caption: Results\n    chapters:\n"
@@ -408,7 +415,7 @@ def test_placeholders_fill_only_missing_chapters_that_have_a_template(tmp_path):
 
 
 def test_overlay_paints_abstentions_white_over_a_grey_image():
-    from medcert_core.study.single_image import overlay
+    from medcert_core.single_image import overlay
 
     image = np.full((3, 2, 2), 0.5, dtype=np.float32)
     labels = np.array([[0, 1], [ABSTAIN, 2]])
@@ -448,7 +455,7 @@ def test_differences_from_paper_state_settings_and_numbers():
 
 
 def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(notebooks, monkeypatch):
-    from medcert_core.study import grid
+    from medcert_core.study.grid import spec as grid
 
     spec = {"parameters": {"n": 100}, "runs": [{"notebook": "phantom"}]}
     (entry,) = parse_grid(spec, "grid.yaml", notebooks)
@@ -465,7 +472,7 @@ def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(n
 
 
 def test_a_changed_profile_changes_the_grid_hash(monkeypatch):
-    from medcert_core.study import grid
+    from medcert_core.study.grid import spec as grid
 
     entry = GridEntry("phantom", "phantom", {"profile": "quick"})
     before = entry.hash
@@ -513,7 +520,7 @@ def test_every_committed_grid_is_valid(grid_file):
 
 
 def test_live_controls_are_disabled_and_show_progress_while_certifying(tiny_experiment, monkeypatch):
-    from medcert_core.study import live
+    from medcert_core.study.report import live
 
     monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
     methods = [plain(0.0), ours("none")]
@@ -560,7 +567,7 @@ def test_a_data_root_through_a_symlink_stays_project_relative(tmp_path):
 
 def test_live_summary_averages_certified_dice_over_the_foreground_classes():
     from medcert_core import ABSTAIN
-    from medcert_core.study import live
+    from medcert_core.study.report import live
 
     target = np.array([[0, 0, 1, 1], [0, 0, 2, 2]])
     certified = np.array([[0, 0, 1, 1], [0, ABSTAIN, 2, ABSTAIN]])  # lung perfect, heart half abstained

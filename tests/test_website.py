@@ -18,8 +18,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from medcert_core.study.book import build_book
-from medcert_core.study.grid import GridEntry, load_grid, run_grid
+from medcert_core.study.report.book import build_book
+from medcert_core.study.grid.local import run_grid
+from medcert_core.study.grid.spec import GridEntry, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("MEDCERT_CHROMIUM", "/usr/bin/chromium"))
@@ -115,7 +116,7 @@ def test_a_finished_grid_is_not_executed_again(smoke_site, monkeypatch):
     def must_not_execute(*args, **kwargs):
         raise AssertionError("a notebook already executed with these parameters ran again")
 
-    monkeypatch.setattr("medcert_core.study.grid.execute", must_not_execute)
+    monkeypatch.setattr("medcert_core.study.grid.local.execute", must_not_execute)
     outputs = run_smoke_grid(root)
     assert sorted(outputs) == sorted(before)
     assert {path: path.stat().st_mtime_ns for path in before} == before

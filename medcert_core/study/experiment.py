@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 
 from medcert_core.smoothing import Execution, check_precision, resolve_device
-from medcert_core.study import store
-from medcert_core.study.assets import DataSpec, TrainingSpec
-from medcert_core.study.profiles import training_spec
-from medcert_core.study.report import abstention_maps
-from medcert_core.study.runs import CertificationRun, Method, plain, run_all
+from medcert_core.study.runs import store
+from medcert_core.study.settings import DataSpec, TrainingSpec
+from medcert_core.study.settings import DEFAULTS, training_spec
+from medcert_core.study.runs.run import CertificationRun, Method, plain, run_all
 
 PROJECT_MARKERS = ("_toc.yml", "pyproject.toml")
 
@@ -45,28 +44,29 @@ def _under_project(path: str | Path) -> Path:
 
 @dataclass
 class Experiment:
-    """The shared settings of a chapter: data, training profile, certificate parameters, where to store."""
+    """The shared settings of a chapter: data, training profile, certificate parameters, where to store
+    (defaults: :data:`medcert_core.study.settings.SETTINGS`; ``training_overrides`` is its ``training``)."""
 
-    profile: str = "quick"
-    dataset: str = "phantom"
-    data_root: str | None = None
-    image_size: int | Sequence[int] = 64
-    sigmas: Sequence[float] = (0.25, 0.5, 1.0)
-    n0: int = 10
-    n: int = 100
-    alpha: float = 0.001
-    tau: float = 0.75
-    test_images: int | None = 3
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | str = 32
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool | str = False
-    denoiser_flags: str = ""
-    training_overrides: Mapping[str, Any] | None = None
-    results_dir: str = "runs/results"
-    cache_dir: str = "runs/cache"
+    profile: str = DEFAULTS["profile"]
+    dataset: str = DEFAULTS["dataset"]
+    data_root: str | None = DEFAULTS["data_root"]
+    image_size: int | Sequence[int] = DEFAULTS["image_size"]
+    sigmas: Sequence[float] = tuple(DEFAULTS["sigmas"])
+    n0: int = DEFAULTS["n0"]
+    n: int = DEFAULTS["n"]
+    alpha: float = DEFAULTS["alpha"]
+    tau: float = DEFAULTS["tau"]
+    test_images: int | None = DEFAULTS["test_images"]
+    seed: int = DEFAULTS["seed"]
+    device: str = DEFAULTS["device"]
+    batch_size: int | str = DEFAULTS["batch_size"]
+    precision: str = DEFAULTS["precision"]
+    channels_last: bool = DEFAULTS["channels_last"]
+    compile: bool | str = DEFAULTS["compile"]
+    denoiser_flags: str = DEFAULTS["denoiser_flags"]
+    training_overrides: Mapping[str, Any] | None = DEFAULTS["training"]
+    results_dir: str = DEFAULTS["results_dir"]
+    cache_dir: str = DEFAULTS["cache_dir"]
     progress: bool = True
 
     @classmethod
@@ -145,17 +145,13 @@ class Experiment:
         return store.load_maps(self.results_path, self.certification_run(arch, method, sigma).hash)
 
     def abstention_panels(self, arch: str, methods: Sequence[Method]) -> dict[float, dict[str, np.ndarray]]:
-        """{sigma: {"noisy", "target", <method label>: labels}} of completed runs, for ``report.abstention_maps``."""
+        """{sigma: {"noisy", "target", <method label>: labels}} of completed runs, for ``figures.abstention_maps``."""
         panels = {}
         for sigma in self.sigmas:
             first = self.maps(arch, methods[0], sigma)
             panels[float(sigma)] = {"noisy": first["noisy"], "target": first["target"],
                                     **{method.label: self.maps(arch, method, sigma)["labels"] for method in methods}}
         return panels
-
-    def abstention_figure(self, arch: str, methods: Sequence[Method]):
-        """The paper's Figure 1 for the first test image: noisy input, ground truth, each method per sigma."""
-        return abstention_maps(self.abstention_panels(arch, methods), [method.label for method in methods])
 
     def settings_table(self) -> pd.DataFrame:
         """The settings a chapter states: data, input space, certificate parameters, profile, device."""

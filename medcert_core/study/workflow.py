@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcert_core.study import store
-from medcert_core.study.book import build_book
+from medcert_core.study.runs import store
+from medcert_core.study.report.book import build_book
 from medcert_core.study.experiment import project_root
-from medcert_core.study.grid import GridEntry, load_grid, run_grid
-from medcert_core.study.profiles import training_spec
+from medcert_core.study.grid.local import run_grid
+from medcert_core.study.grid.spec import GridEntry, load_grid
+from medcert_core.study.settings import training_spec
 
 DEFAULT_RESULTS = "runs/results"
 
@@ -75,7 +76,7 @@ def run_grid_file(grid_file: str | Path, *, data_root: str | None = None, device
 
     ``overrides``: parameter -> value set in every entry whose template has it (``--set KEY=VALUE``).
     ``executor``: "local" (here, one after another) or "slurm" (one job per entry, see
-    ``medcert_core.study.executors``), with ``slurm`` options over the grid file's ``executor:`` section.
+    ``medcert_core.study.grid.slurm``), with ``slurm`` options over the grid file's ``executor:`` section.
     """
     return grid_report(grid_file, data_root=data_root, device=device, force=force, book_dir=book_dir,
                        overrides=overrides, executor=executor, slurm=slurm, wait=wait).outputs
@@ -94,10 +95,11 @@ def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: 
                 executor: str = "local", slurm: Mapping[str, Any] | None = None, wait: bool = True) -> GridReport:
     """:func:`run_grid_file`, also saying which chapters are still pending on SLURM. Failed SLURM jobs
     raise ``NotebookFailed`` (each with its log) once every job has ended."""
-    from medcert_core.study import executors
+    from medcert_core.study.grid import slurm as slurm_grid
+    from medcert_core.study.grid.spec import EXECUTORS, grid_section, slurm_options
 
-    if executor not in executors.EXECUTORS:
-        raise ValueError(f"executor must be one of {list(executors.EXECUTORS)}, got {executor!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
     if executor == "local" and any(value not in (None, {}) for value in (slurm or {}).values()):
         given = sorted(key for key, value in (slurm or {}).items() if value not in (None, {}))
         raise ValueError(f"SLURM options ({', '.join(given)}) need --executor slurm")
@@ -111,11 +113,11 @@ def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: 
                            results_dir=results_dir, cwd=root, force=force)
         store.aggregate(results_dir)
         return GridReport(outputs)
-    options = executors.slurm_options(executors.grid_section(grid_file), slurm)
-    report = executors.run_on_slurm(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
-                                    results_dir=results_dir, cwd=root, options=options, wait=wait, force=force)
+    options = slurm_options(grid_section(grid_file), slurm)
+    report = slurm_grid.run_on_slurm(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
+                                      results_dir=results_dir, cwd=root, options=options, wait=wait, force=force)
     store.aggregate(results_dir)
-    executors.raise_on_failures(report)
+    slurm_grid.raise_on_failures(report)
     pending = {outcome.entry.output for outcome in report.pending}
     if pending:
         print(f"[medcert] {len(pending)} SLURM job(s) submitted or still running: "
@@ -154,40 +156,29 @@ def run_study(profile: str, *, data_root: str | None = None, device: str = "auto
 
 # --- a dataset chapter's runs outside its notebook (torchrun: each run's images over the processes) ---
 
-CHAPTER_PARAMETERS = ("archs", "denoiser", "denoise_steps", "segcertify_noise")  # what a dataset chapter has
-
-
 def chapter_runs(grid_file: str | Path, *, chapter: str | None = None, data_root: str | None = None,
                  device: str | None = None, overrides: Mapping[str, Any] | None = None,
                  root: Path | None = None) -> tuple[Any, list[Any]]:
     """(Experiment, certification runs) of one dataset chapter of a grid, exactly as its notebook builds
-    them: the template's defaults, the grid's values and ``overrides``; ours for every architecture,
-    then the clean rows, SegCertify and ours for the first (the chapter's ``per_arch`` and ``comparison``).
+    them (:class:`~medcert_core.study.chapter.DatasetChapter`, from the template's defaults, the grid's
+    values and ``overrides``).
 
     ``chapter``: the entry's output name (default: the grid's first dataset chapter).
     """
-    from medcert_core.study.experiment import Experiment, clean_baselines
-    from medcert_core.study.grid import template_parameters
-    from medcert_core.study.runs import ours, segcertify
+    from medcert_core.study.chapter import DatasetChapter
+    from medcert_core.study.grid.spec import template_parameters
 
     root = root or project_root()
     entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
     defaults = {entry.output: template_parameters(root / "notebooks" / f"{entry.notebook}.ipynb") or {}
                 for entry in entries}
-    chapters = [entry for entry in entries if all(name in defaults[entry.output] for name in CHAPTER_PARAMETERS)]
+    chapters = [entry for entry in entries if DatasetChapter.is_dataset_chapter(defaults[entry.output])]
     chosen = [entry for entry in chapters if chapter in (None, entry.output)]
     if not chosen:
         raise ValueError(f"{grid_file}: no dataset chapter {chapter!r}; valid: {[entry.output for entry in chapters]}")
     entry = chosen[0]
-    values = {**defaults[entry.output], **entry.parameters}
-    experiment = Experiment.from_parameters(values)
-    method = ours(values["denoiser"], values["denoise_steps"])
-    archs = list(values["archs"])
-    runs = [*experiment.runs(archs, [method]),
-            *experiment.runs(archs[:1], [*clean_baselines(values["segcertify_noise"]),
-                                          segcertify(values["segcertify_noise"]), method])]
-    unique = list({run.hash: run for run in runs}.values())
-    return experiment, unique
+    dataset_chapter = DatasetChapter.from_parameters({**defaults[entry.output], **entry.parameters})
+    return dataset_chapter.experiment, dataset_chapter.runs()
 
 
 def certify_chapter_runs(profile: str = "quick", *, grid_file: str | Path | None = None, chapter: str | None = None,
@@ -199,7 +190,7 @@ def certify_chapter_runs(profile: str = "quick", *, grid_file: str | Path | None
     (a CSV of the rows). The chapter's notebook later reads these runs back instead of computing them."""
     from medcert_core import distributed
     from medcert_core.io import write_atomically
-    from medcert_core.study.runs import run_all
+    from medcert_core.study.runs.run import run_all
 
     training_spec(profile)
     root = project_root()

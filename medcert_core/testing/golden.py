@@ -150,10 +150,12 @@ def state_summary(module: torch.nn.Module) -> list[float]:
 def training_and_study_numbers() -> dict[str, Any]:
     """A segmenter (1 epoch), a DDPM (2 steps), a UNet denoiser (2 steps) trained on the 32 px chest
     phantoms, and one certification run of the study on them (2 test images)."""
-    from medcert_core.study import assets, runs
+    from medcert_core.study.runs import assets
+    from medcert_core.study.runs import run as runs
+    from medcert_core.study.settings import DataSpec, TrainingSpec
 
-    data = assets.DataSpec("phantom", None, IMAGE_SIZE, 0)
-    training = assets.TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
+    data = DataSpec("phantom", None, IMAGE_SIZE, 0)
+    training = TrainingSpec(preset="tiny", epochs=1, ddpm_preset="tiny", ddpm_steps=2, unet_denoiser_steps=2)
     with tempfile.TemporaryDirectory() as folder:
         cache = Path(folder) / "cache"
         segmenter, _ = assets.segmenter(cache, data, training, "unet", 0.0, device="cpu")

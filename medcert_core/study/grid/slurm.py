@@ -57,8 +57,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,154 +65,29 @@ from tqdm import tqdm
 
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import file_lock, write_json_atomically
-from medcert_core.study.grid import GridEntry, execute, is_done
+from medcert_core.study.grid.local import execute, is_done
+from medcert_core.study.grid.spec import OPTION_NAMES, GridEntry, SlurmOptions, check_executor_section, check_one_line
 
-EXECUTORS = ("local", "slurm")
 KERNEL_NAME = "medcert"
 JOBS = "slurm_jobs.json"  # in the results store: the job of each submitted entry
 JOBS_LOCK = "locks/slurm_jobs.lock"
 VANISHED_GRACE_S = 30.0  # a job gone from the queue this long without a result file has failed
 
 
-@dataclass(frozen=True)
-class SlurmOptions:
-    """How each grid entry's SLURM job is requested (``executor:`` section / command-line options)."""
-
-    partition: str | None = None
-    gpus_per_job: int = 0
-    cpus_per_job: int = 1
-    mem_gb: float | None = None
-    time_min: int = 24 * 60
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    log_dir: str = "runs/slurm"
-    kernel_start_timeout: float = 600.0
-    poll_s: float = 5.0
-
-    def submitit_parameters(self) -> dict[str, Any]:
-        """The parameters of ``submitit.AutoExecutor.update_parameters`` (the name is set per job)."""
-        parameters: dict[str, Any] = {"timeout_min": self.time_min, "cpus_per_task": self.cpus_per_job,
-                                      "tasks_per_node": 1, "nodes": 1}
-        if self.partition:
-            parameters["slurm_partition"] = self.partition
-        if self.gpus_per_job:
-            parameters["gpus_per_node"] = self.gpus_per_job
-        if self.mem_gb is not None:
-            parameters["mem_gb"] = self.mem_gb
-        if self.sbatch:
-            parameters["slurm_additional_parameters"] = dict(self.sbatch)
-        return parameters
-
-
-OPTION_NAMES = [item.name for item in fields(SlurmOptions)]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def control_problem(key: str, value: Any) -> str | None:
-    """Why ``value`` (of SLURM option, job name or path ``key``) cannot go into a batch script: it holds
-    a control character (a newline inside ``#SBATCH --key=value`` would start a shell line); None if fine."""
-    found = CONTROL_CHARACTER.search(value) if isinstance(value, str) else None
-    if found is None:
-        return None
-    return (f"{key} holds the control character {found.group()!r} (in {value!r}); SLURM values, job names and "
-            "paths must be on one line: a newline would turn the rest of an #SBATCH line into a shell command "
-            "of the batch script")
-
-
-def option_problem(name: str, value: Any) -> str | None:
-    """Why ``value`` is not valid for SLURM option ``name``; None if it is."""
-    if name not in OPTION_NAMES:
-        return f"unknown option {name!r}; valid: {OPTION_NAMES}"
-    problem = control_problem(repr(name), value)
-    if problem:
-        return problem
-    checks = {
-        "partition": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a partition name"),
-        "gpus_per_job": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "cpus_per_job": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "mem_gb": (lambda v: v is None or (_is_number(v) and v > 0), "a number of GB > 0"),
-        "time_min": (lambda v: _is_int(v) and v >= 1, "an integer number of minutes >= 1"),
-        "log_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder"),
-        "kernel_start_timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
-        "poll_s": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
-    }
-    if name == "sbatch":
-        if not isinstance(value, Mapping):
-            return f"'sbatch' must be a mapping of sbatch option: value (e.g. {{account: mylab}}), got {value!r}"
-        for key, item in value.items():
-            if not isinstance(key, str) or not key or key.startswith("-"):
-                return f"'sbatch' option names are sbatch's long options without dashes (e.g. account, qos), got {key!r}"
-            if not isinstance(item, (str, int, float, bool)):
-                return f"'sbatch' option {key!r} must be a string, number or true, got {item!r}"
-            problem = control_problem(f"'sbatch' option {key!r}", key) or control_problem(f"'sbatch' option {key!r}", item)
-            if problem:
-                return problem
-        return None
-    valid, expected = checks[name]
-    return None if valid(value) else f"{name!r} must be {expected}, got {value!r}"
-
-
-def section_problem(section: Any) -> str | None:
-    """Why a grid file's ``executor:`` section is invalid; None if it is valid (or absent)."""
-    if section is None:
-        return None
-    if not isinstance(section, Mapping):
-        return f"'executor:' must be a mapping of SLURM options ({', '.join(OPTION_NAMES)}), got {section!r}"
-    for name, value in section.items():
-        problem = option_problem(name, value)
-        if problem:
-            return f"executor: {problem}"
-    return None
-
-
-def slurm_options(section: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> SlurmOptions:
-    """The grid file's ``executor:`` section, then the command line's ``overrides`` (None: not given)."""
-    values = {**(section or {}), **{key: value for key, value in (overrides or {}).items() if value is not None}}
-    for name, value in values.items():
-        problem = option_problem(name, value)
-        if problem:
-            raise ValueError(f"executor: {problem}")
-    sbatch = {**dict((section or {}).get("sbatch") or {}), **dict((overrides or {}).get("sbatch") or {})}
-    return replace(SlurmOptions(), **{**values, "sbatch": sbatch})
-
-
-def submission_problem(entries: list[GridEntry], options: SlurmOptions, log_dir: Path) -> str | None:
-    """Why these jobs cannot be submitted safely (an option, a job name, an output name or the log
-    folder holding a control character); None if they can. Checked before anything is submitted."""
-    for name in OPTION_NAMES:
-        problem = option_problem(name, getattr(options, name))
-        if problem:
-            return f"executor: {problem}"
-    checks = [(f"the log folder {log_dir}", str(log_dir))]
+def check_submission(entries: list[GridEntry], options: SlurmOptions, log_dir: Path) -> None:
+    """ValueError unless these jobs can be submitted safely (an option, a job name, an output name or the
+    log folder holding a control character). Checked before anything is submitted."""
+    check_executor_section({name: getattr(options, name) for name in OPTION_NAMES})
+    check_one_line(f"the log folder {log_dir}", str(log_dir))
     for entry in entries:
-        checks += [(f"the output name of grid entry {entry.notebook!r}", entry.output),
-                   (f"the job name of grid entry {entry.notebook!r}", job_name(entry))]
-    return next((problem for key, value in checks if (problem := control_problem(key, value))), None)
+        check_one_line(f"the output name of grid entry {entry.notebook!r}", entry.output)
+        check_one_line(f"the job name of grid entry {entry.notebook!r}", job_name(entry))
 
 
 def job_name(entry: GridEntry) -> str:
     """The SLURM job name of a grid entry."""
     return f"medcert-{entry.output}"[:120]
 
-
-def grid_section(grid_file: str | Path) -> dict[str, Any] | None:
-    """The ``executor:`` section of a grid file (already checked by ``grid.parse_grid``)."""
-    import yaml
-
-    spec = yaml.safe_load(Path(grid_file).read_text())
-    return spec.get("executor") if isinstance(spec, Mapping) else None
-
-
-# --- the kernel ------------------------------------------------------------------------------------
 
 def kernels_root() -> Path:
     """Where this environment's kernel specs live (``<sys.prefix>/share/jupyter``)."""
@@ -308,8 +182,6 @@ def run_entry_job(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, resu
     return {"output": str(output), "hash": entry.hash, "host": socket.gethostname(), "job": job, "seconds": seconds}
 
 
-# --- submitting and waiting ------------------------------------------------------------------------
-
 @dataclass
 class JobOutcome:
     entry: GridEntry
@@ -398,9 +270,10 @@ def run_on_slurm(entries: list[GridEntry], *, notebooks_dir: Path, book_dir: Pat
     import submitit
 
     log_dir = Path(options.log_dir) if Path(options.log_dir).is_absolute() else cwd / options.log_dir
-    problem = submission_problem(entries, options, log_dir)
-    if problem:
-        raise ValueError(f"nothing submitted: {problem}")
+    try:
+        check_submission(entries, options, log_dir)
+    except ValueError as problem:
+        raise ValueError(f"nothing submitted: {problem}") from None
     jupyter_path = ensure_kernel(fallback=log_dir / "jupyter")
     report = SlurmReport()
     record = _jobs_record(results_dir)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from medcert_core.data.chest import read_jsrt_img
 from medcert_core.denoisers import load_denoiser
 from medcert_core.io import file_digest, write_atomically, write_json_atomically
 from medcert_core.smoothing import SEED_RANGE, SmoothedSegmenter, image_seed, resolve_device
-from medcert_core.study.report import ABSTAIN_COLOUR, colour_labels, grey_image
+from medcert_core.render import ABSTAIN_COLOUR, colour_labels, grey_image
 from medcert_core.training import load_segmenter
 
 ABSTAIN_VALUES = {np.uint8: 255, np.uint16: 65535}  # label PNG dtype -> the value of an abstained pixel
@@ -72,11 +72,6 @@ def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> to
     if image.shape[0] != channels:
         image = image.mean(0, keepdim=True).expand(channels, -1, -1).clone()
     return resize_image(image, tuple(size))
-
-
-def load_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """An image file as the segmenter's input: (channels, *size) float32 in [0, 1]."""
-    return model_input(read_image_file(path), channels, size)
 
 
 def native_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

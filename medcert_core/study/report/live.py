@@ -15,8 +15,8 @@ import torch
 from medcert_core.metrics import segmentation_scores
 from medcert_core.smoothing import image_seed, resolve_device
 from medcert_core.study.experiment import Experiment
-from medcert_core.study.report import abstention_maps, show
-from medcert_core.study.runs import Method, smoothed_segmenter
+from medcert_core.study.report.figures import abstention_maps, show
+from medcert_core.study.runs.run import Method, smoothed_segmenter
 
 OnMethod = Callable[[int, Method], None]  # called with (k, method) before method k (0-based) is certified
 
@@ -46,12 +46,6 @@ def certify_panel(experiment: Experiment, arch: str, methods: Sequence[Method], 
             on_method(k, method)
         panel[method.label] = certify_labels(experiment, arch, method, image, sigma, seed)[None]
     return panel
-
-
-def certify_one(experiment: Experiment, arch: str, methods: Sequence[Method], index: int, sigma: float):
-    """Certify test image ``index`` at ``sigma`` with each method; returns the abstention figure (one row)."""
-    panel = certify_panel(experiment, arch, methods, index, sigma)
-    return abstention_maps({float(sigma): panel}, [method.label for method in methods])
 
 
 def summary(panel: dict[str, np.ndarray], labels: Sequence[str], num_classes: int) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.study.report import paper_table
+from medcert_core.study.report.tables import paper_table
 
 CLASSES = ("lung", "heart", "clavicle")
 _ROW = ("method", "train_noise", "arch", "sigma")
@@ -98,7 +98,7 @@ def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:
 
 def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, comparison: pd.DataFrame) -> str:
     """Markdown: one sentence per difference between this run and the paper's JSRT setting and numbers."""
-    from medcert_core.study.profiles import training_spec
+    from medcert_core.study.settings import training_spec
 
     training = training_spec(experiment.profile)
     test_count = len(experiment.data.load("test"))

@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.io import file_digest, file_lock, write_atomically, write_json_atomically
+from medcert_core.io import (
+    file_digest,
+    file_lock,
+    write_atomically,
+    write_json_atomically,
+)
 
 RESULTS = "results.csv"
 CURVES = "curves.csv"

@@ -21,7 +21,6 @@ next one resumes. Each training says so on stderr: ``[medcert] training <kind> <
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,136 +28,34 @@ import shutil
 import socket
 import sys
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from medcert_core.data import load_dataset
-from medcert_core.data.base import as_size, dataset_digest
-from medcert_core.denoisers import (DDPM_PRESETS, load_denoiser, parse_spec, resize_noise_factor, train_ddpm,
-                                    train_unet_denoiser)
-from medcert_core.io import file_digest, file_lock, fsync_path, load_weights, write_json_atomically
+from medcert_core.data.base import as_size
+from medcert_core.denoisers import (
+    load_denoiser,
+    parse_spec,
+    resize_noise_factor,
+    train_ddpm,
+    train_unet_denoiser,
+)
+from medcert_core.io import (
+    file_digest,
+    file_lock,
+    fsync_path,
+    load_weights,
+    write_json_atomically,
+)
 from medcert_core.smoothing import resolve_device
-from medcert_core.study.store import weight_files, weights_digest
-from medcert_core.training import PRESETS, TrainConfig, load_segmenter, train_segmenter
+from medcert_core.study.runs.store import weight_files, weights_digest
+from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
+from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
 
 AUTO = "auto"  # denoiser location meaning "train it in the project", e.g. "ddpm:auto"
-UNET_DENOISER_BATCH = 16  # train_unet_denoiser's batch size
 COMPLETE = ".complete"  # suffix of a cached model's completion marker
-DIGEST_LENGTH = 12  # hex digits of the data digest in a cache name
 LOADED_FILES = {"ddpm": ("unet", "scheduler"), "unet": ("unet_denoiser.pt",)}  # what a folder spec loads
 FINISHED = {"ddpm": "model_index.json", "unet": "unet_denoiser.pt"}  # each trainer's own last-written file
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which data a study reads: dataset name, its root (None for phantoms), input size, split seed."""
-
-    dataset: str
-    data_root: str | None
-    image_size: int | tuple[int, int]
-    seed: int = 0
-
-    def load(self, split: str):
-        return load_dataset(self.dataset, self.data_root, split, image_size=self.image_size, seed=self.seed)
-
-    @property
-    def tag(self) -> str:
-        size = self.image_size if isinstance(self.image_size, int) else "x".join(map(str, self.image_size))
-        return f"{self.dataset}_{size}"
-
-    def digest(self, *splits: str) -> str:
-        """sha256 (hex) of the data these splits read: each split's case ids and file bytes
-        (:func:`medcert_core.data.base.dataset_digest`); the root's location does not count."""
-        digests = {split: dataset_digest(self.load(split)) for split in splits}
-        return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-
-    def data_tag(self, *splits: str) -> str:
-        """``_data<digest>``: the part of a cache name that names the data a model is trained on."""
-        return f"_data{self.digest(*splits)[:DIGEST_LENGTH]}"
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """How models are trained when the cache lacks them (see ``medcert_core.training.PRESETS``).
-
-    Segmenters: ``preset`` (widths and defaults: "tiny" | "paper") and ``epochs`` (None: the
-    preset's); the in-project DDPM: ``ddpm_preset``, ``ddpm_steps`` (None: the preset's) and the
-    largest sigma it is trained for, the decay of its weights' moving average (None: none) and the
-    share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
-    (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps`` and
-    ``unet_denoiser_batch_size``. A profile fixes them (``profiles.PROFILES``); a chapter's
-    ``training`` parameter overrides some (:meth:`with_overrides`).
-    """
-
-    preset: str = "tiny"
-    epochs: int | None = None
-    ddpm_preset: str = "tiny"
-    ddpm_steps: int | None = None
-    ddpm_max_sigma: float = 1.0
-    unet_denoiser_steps: int = 300
-    unet_denoiser_batch_size: int = UNET_DENOISER_BATCH
-    ddpm_ema_decay: float | None = None
-    ddpm_focus_sigmas: tuple[float, ...] = ()
-    ddpm_focus_share: float = 0.0
-    ddpm_image_size: int | None = None
-
-    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
-        """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
-        ``training`` parameter, ``--set "training={epochs: 1}"``); None or {} changes nothing.
-
-        Raises ValueError naming a field that does not exist (listing the valid ones) or a value
-        of the wrong type or range (see :func:`training_override_problem`).
-        """
-        if overrides is None:
-            return self
-        problem = training_override_problem(overrides)
-        if problem:
-            raise ValueError(problem)
-        return dataclasses.replace(self, **overrides)
-
-
-def _training_field_problem(name: str, value: Any) -> str | None:
-    """Why ``value`` is not valid for TrainingSpec field ``name``; None if it is."""
-    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS)}
-    if name in choices:
-        return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
-    if name == "ddpm_ema_decay":
-        ok = value is None or (isinstance(value, float) and 0 < value < 1)
-        return None if ok else f"must be null or a number in (0, 1), got {value!r}"
-    if name == "ddpm_focus_share":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-        return None if ok else f"must be a number in [0, 1], got {value!r}"
-    if name == "ddpm_focus_sigmas":
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0 for item in value)
-        return None if ok else f"must be a list of numbers > 0, got {value!r}"
-    if name == "ddpm_max_sigma":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-        return None if ok else f"must be a number > 0, got {value!r}"
-    optional = name in ("epochs", "ddpm_steps", "ddpm_image_size")  # None: the preset's own number
-    if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return None
-    return f"must be an integer >= 1{' or null (the preset default)' if optional else ''}, got {value!r}"
-
-
-def training_override_problem(overrides: Any) -> str | None:
-    """Why ``overrides`` is not a valid mapping of TrainingSpec field -> value; None if it is."""
-    names = [f.name for f in dataclasses.fields(TrainingSpec)]
-    example = "e.g. {epochs: 1, preset: tiny, unet_denoiser_steps: 2}"
-    if not isinstance(overrides, Mapping):
-        return f"training overrides must be a mapping of TrainingSpec fields ({example}), got {overrides!r}"
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        return f"unknown training setting(s) {unknown}; valid: {names}"
-    for name, value in overrides.items():
-        problem = _training_field_problem(name, value)
-        if problem:
-            return f"training setting {name!r} {problem}"
-    return None
 
 
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:

@@ -25,13 +25,26 @@ from tqdm import tqdm
 
 import medcert_core
 from medcert_core import distributed
-from medcert_core.certify import (TAU_GRID, Certificate, certified_radius, certify_counts_over_taus,
-                                  smallest_certifiable_n, warn_if_n_too_small)
+from medcert_core.certify import (
+    TAU_GRID,
+    Certificate,
+    certified_radius,
+    certify_counts_over_taus,
+    smallest_certifiable_n,
+    warn_if_n_too_small,
+)
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.smoothing import Execution, SmoothedSegmenter, check_precision, image_seed, resolve_device
-from medcert_core.study import assets, store
+from medcert_core.smoothing import (
+    Execution,
+    SmoothedSegmenter,
+    check_precision,
+    image_seed,
+    resolve_device,
+)
+from medcert_core.study.runs import assets, store
 from medcert_core.training import TrainConfig, predict_batch
+from medcert_core.study.settings import DEFAULTS, DataSpec, TrainingSpec
 
 DEVICE_NOTE = ("the noise comes from torch generators on this device, one per image seeded from (seed, image id); "
                "CPU and CUDA generators give different noise, so the same run on another device gives "
@@ -89,18 +102,18 @@ class CertificationRun:
     changes the base model f(D(.)) itself: it is hashed.
     """
 
-    data: assets.DataSpec
-    training: assets.TrainingSpec
+    data: DataSpec
+    training: TrainingSpec
     arch: str
     method: Method
     sigma: float
-    n0: int = 10
-    n: int = 100
-    alpha: float = 0.001
-    tau: float = 0.75
+    n0: int = DEFAULTS["n0"]
+    n: int = DEFAULTS["n"]
+    alpha: float = DEFAULTS["alpha"]
+    tau: float = DEFAULTS["tau"]
     test_images: int | None = None
-    precision: str = "fp32"
-    denoiser_flags: str = ""
+    precision: str = DEFAULTS["precision"]
+    denoiser_flags: str = DEFAULTS["denoiser_flags"]
 
     def __post_init__(self) -> None:
         check_precision(self.precision)

@@ -1,0 +1,98 @@
+"""What a dataset chapter certifies, in one place: the chapter's notebook and ``medcert certify-runs``
+both build a :class:`DatasetChapter` from the same parameters and so compute the same runs.
+
+    chapter = study.DatasetChapter.from_parameters(globals())   # in the notebook
+    per_arch, comparison = chapter.per_arch(), chapter.comparison()
+
+Rows (as the paper's Tables 1 and 2): ours for every architecture (``per_arch``); the clean rows
+(sigma = 0, trained without and with noise), SegCertify and ours for the first architecture or, with
+``baselines_for = "all"``, for every one (``comparison``). No figure code: the notebook draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from medcert_core.study.experiment import Experiment, clean_baselines
+from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
+from medcert_core.study.settings import CHAPTER_SETTINGS
+
+CHAPTER_PARAMETERS = ("archs", "denoiser", "denoise_steps", "segcertify_noise", "baselines_for")
+BASELINES_FOR = ("first", "all")
+
+
+@dataclass(frozen=True)
+class DatasetChapter:
+    """A dataset chapter: its shared settings (``experiment``) and its own parameters."""
+
+    experiment: Experiment
+    archs: tuple[str, ...]
+    denoiser: str
+    denoise_steps: str | int = CHAPTER_SETTINGS["denoise_steps"].default
+    segcertify_noise: float = CHAPTER_SETTINGS["segcertify_noise"].default
+    baselines_for: str = CHAPTER_SETTINGS["baselines_for"].default
+
+    def __post_init__(self) -> None:
+        if not self.archs:
+            raise ValueError("a dataset chapter needs at least one architecture in 'archs'")
+        if self.baselines_for not in BASELINES_FOR:
+            raise ValueError(f"baselines_for must be one of {list(BASELINES_FOR)}, got {self.baselines_for!r}")
+
+    @classmethod
+    def is_dataset_chapter(cls, parameters: Mapping[str, Any]) -> bool:
+        """Whether a template's parameters are a dataset chapter's (it names every chapter parameter)."""
+        return all(name in parameters for name in CHAPTER_PARAMETERS)
+
+    @classmethod
+    def from_parameters(cls, namespace: Mapping[str, Any]) -> "DatasetChapter":
+        """Build from a notebook's parameters (its ``globals()``) or a grid entry's; ValueError naming a
+        missing chapter parameter."""
+        missing = [name for name in CHAPTER_PARAMETERS if name not in namespace]
+        if missing:
+            raise ValueError(f"not a dataset chapter: its parameters lack {missing} (a dataset chapter names "
+                             f"{list(CHAPTER_PARAMETERS)})")
+        return cls(Experiment.from_parameters(namespace), tuple(namespace["archs"]), namespace["denoiser"],
+                   namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"])
+
+    @property
+    def ours(self) -> Method:
+        return ours(self.denoiser, self.denoise_steps)
+
+    @property
+    def segcertify(self) -> Method:
+        return segcertify(self.segcertify_noise)
+
+    @property
+    def compared(self) -> list[Method]:
+        """The smoothed methods side by side in the radius curves and abstention maps."""
+        return [self.segcertify, self.ours]
+
+    @property
+    def baseline_archs(self) -> list[str]:
+        """The architectures that also get the clean rows and SegCertify."""
+        return list(self.archs if self.baselines_for == "all" else self.archs[:1])
+
+    def _comparison_methods(self) -> list[Method]:
+        return [*clean_baselines(self.segcertify_noise), self.segcertify, self.ours]
+
+    def runs(self) -> list[CertificationRun]:
+        """Every run the chapter reads, each once (what ``certify-runs`` computes for it)."""
+        runs = [*self.experiment.runs(self.archs, [self.ours]),
+                *self.experiment.runs(self.baseline_archs, self._comparison_methods())]
+        return list(dict.fromkeys(runs))  # equal settings, equal run: each once, in order
+
+    def per_arch(self) -> pd.DataFrame:
+        """Tidy rows of ours for every architecture (computed once, then read from the store)."""
+        return self.experiment.run(self.archs, [self.ours])
+
+    def comparison(self) -> pd.DataFrame:
+        """Tidy rows of the clean rows, SegCertify and ours for the baseline architectures."""
+        return self.experiment.run(self.baseline_archs, self._comparison_methods())
+
+    def curves(self) -> pd.DataFrame:
+        """Radius-curve rows of SegCertify and ours for the first architecture."""
+        return self.experiment.curves(self.archs[:1], self.compared)

@@ -1,0 +1,1 @@
+"""Grid files: what to execute (:mod:`.spec`), here (:mod:`.local`) or on SLURM (:mod:`.slurm`)."""

@@ -1,0 +1,98 @@
+"""Tables of the chapters, from the tidy results.
+
+``paper_table`` lays results out as the paper's Tables 1-3: one row per method x arch x sigma x R,
+per class certified Dice, IoU and % abstain; ``radius_curve_table`` the radius curves' values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+METRICS = {"dice": "Dice", "iou": "IoU", "abstain_in_class": "%⊘"}
+ROW_KEYS = {"method_label": "method", "arch": "arch", "sigma": "σ", "radius": "R"}
+
+
+def paper_table(frame: pd.DataFrame, rows: Mapping[str, str] = ROW_KEYS) -> pd.DataFrame:
+    """Mean per-image scores of the foreground classes in the paper's layout: one row per value of
+    the ``rows`` columns (default method, arch, σ, R; renamed as given), columns (class, metric).
+
+    %⊘ is the abstained share of the class's pixels; the last column, "all %⊘", of the whole image.
+    """
+    frame = frame[frame["class_id"] > 0]
+    keys = list(rows)
+    order = frame.drop_duplicates("class_name").sort_values("class_id")["class_name"].tolist()
+    per_class = frame.pivot_table(index=keys, columns="class_name", values=list(METRICS), aggfunc="mean", sort=False)
+    per_class = per_class.swaplevel(0, 1, axis=1).reindex(
+        columns=pd.MultiIndex.from_product([order, list(METRICS)]))
+    per_class.columns = pd.MultiIndex.from_tuples([(name, METRICS[metric]) for name, metric in per_class.columns])
+    image_abstain = frame.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean()
+    per_class[("all", "%⊘")] = image_abstain
+    per_class.index = per_class.index.set_names(list(rows.values()))
+    per_class = per_class.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value)
+    return per_class.sort_index()
+
+
+def table_html(table: pd.DataFrame, digits: int = 2) -> str:
+    """HTML with ``digits`` decimals; results tables (MultiIndex columns, class ``medcert-results``)
+    show %⊘ in percent, other tables get class ``medcert-table``."""
+    shown = table.copy()
+    if shown.columns.nlevels == 2:  # a paper_table: %⊘ as fractions
+        for column in shown.columns:
+            if column[1] == "%⊘":
+                shown[column] = shown[column] * 100
+    kind = "medcert-results" if shown.columns.nlevels > 1 else "medcert-table"
+    return shown.to_html(float_format=lambda value: f"{value:.{digits}f}", na_rep="–", classes=kind, border=0)
+
+
+def ranking_per_sigma(frame: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
+    """Per sigma (> 0), each method's certified ``metric`` averaged over images and foreground classes
+    (each class's per-image mean first), its rank (1 = best) and its gap to the best method.
+    For the ablations, where the question is which variant certifies most."""
+    certified = frame[(frame["class_id"] > 0) & (frame["sigma"] > 0)]
+    per_class = certified.groupby(["sigma", "method_label", "class_name"])[metric].mean()
+    means = per_class.groupby(["sigma", "method_label"]).mean().rename(f"mean certified {METRICS[metric]}")
+    table = means.reset_index()
+    column = f"mean certified {METRICS[metric]}"
+    table["rank"] = table.groupby("sigma")[column].rank(ascending=False, method="min").astype(int)
+    table["gap to best"] = table[column] - table.groupby("sigma")[column].transform("max")
+    return table.rename(columns={"sigma": "σ", "method_label": "method"}).sort_values(["σ", "rank"]).set_index(["σ", "method"])
+
+
+def reachable_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """The curve rows whose tau n can reach (``reachable``; rows stored before that column count as
+    reachable): at a tau no n-draw count can certify, every pixel abstains by construction."""
+    if "reachable" not in curves:
+        return curves
+    return curves[curves["reachable"].astype(bool)]
+
+
+def unreachable_note(curves: pd.DataFrame) -> str:
+    """One sentence naming the (sigma, tau) that n cannot reach, or "" when there are none."""
+    if "reachable" not in curves:
+        return ""
+    out = curves[~curves["reachable"].astype(bool)]
+    if out.empty:
+        return ""
+    taus = ", ".join(sorted({f"{tau:g}" for tau in out["tau"]}))
+    draws = f"n = {', '.join(str(n) for n in sorted(set(out['n'])))} draws" if "n" in out else "n draws"
+    return f"not drawn: tau = {taus}, which {draws} cannot reach (every pixel abstains by construction)"
+
+
+def radius_curve_table(curves: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
+    """The curves' values: mean certified ``metric`` per class and the abstained share of the image,
+    one row per method x arch x sigma x tau (with R); at a tau that n cannot reach, the values are
+    empty and "n reaches τ" says no (every pixel abstains by construction)."""
+    keys = ["method_label", "arch", "sigma", "tau", "radius"]
+    foreground = curves[curves["class_id"] > 0]
+    table = foreground.pivot_table(index=keys, columns="class_name", values=metric, aggfunc="mean", sort=False)
+    table["%⊘ all"] = foreground.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean() * 100
+    if "reachable" in foreground:
+        reachable = foreground.groupby(keys, sort=False)["reachable"].all().astype(bool)
+        table = table.where(reachable.reindex(table.index), np.nan)
+        table["n reaches τ"] = reachable.reindex(table.index).map({True: "yes", False: "no"})
+    table.index = table.index.set_names(["method", "arch", "σ", "τ", "R"])
+    table.columns.name = None
+    return table.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value).sort_index()

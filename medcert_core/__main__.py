@@ -364,7 +364,8 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                                        "or a folder of them (one JSON each and certificates.csv)")
     certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
-                         help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder>")
+                         help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder> | ffdnet:<file.pth> "
+                              "(FFDNet, an off-the-shelf natural-image denoiser)")
     certify.add_argument("--sigma", type=_parameter("sigma"), required=True, help="noise level in the [0, 1] input scale")
     certify.add_argument("--denoiser-flags", default="",
                          help='MODEL_FLAGS of a guided-diffusion checkpoint, e.g. "--num_channels 128 --learn_sigma True" '

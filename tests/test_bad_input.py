@@ -383,7 +383,7 @@ UNKNOWN_NAMES = {
              ["train", "--arch", "vgg", "--checkpoint", "x.pt"], "argument --arch: invalid choice: 'vgg'",
              {"archs": ["vgg"]}, "parameter 'archs': unknown value ['vgg']; valid: ['unet', 'resunetpp', 'deeplabv2']"),
     "denoiser": (lambda: load_denoiser("diffusion:x.pt", 0.5),
-                 "denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, unet:<folder>; "
+                 "denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, unet:<folder>, ffdnet:<file.pth>; "
                  "got 'diffusion:x.pt'",
                  ["certify", "x.png", "--checkpoint", "x.pt", "--sigma", "0.5", "--denoiser", "diffusion:x.pt"],
                  "argument --denoiser: denoiser spec must be 'none' or one of ddpm:<folder>",

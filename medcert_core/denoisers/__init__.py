@@ -5,7 +5,8 @@ to its clean estimate.
 ``none``, ``ddpm:<folder>`` (a diffusers DDPMPipeline folder, or any folder with ``unet/`` and
 ``scheduler/``), ``guided-diffusion:<file.pt>`` (OpenAI's checkpoint, e.g. the paper's
 256x256_diffusion_uncond.pt) and ``unet:<folder>`` (the baseline written by
-``train_unet_denoiser``).
+``train_unet_denoiser``) and ``ffdnet:<file.pth>`` (FFDNet, an off-the-shelf natural-image denoiser;
+see :mod:`medcert_core.denoisers.ffdnet`).
 
 A guided-diffusion checkpoint other than 256x256_diffusion_uncond.pt needs its flags, given as its
 users write them: ``load_denoiser("guided-diffusion:model.pt", 0.5, flags="--num_channels 128
@@ -22,10 +23,11 @@ from typing import Any
 import torch
 
 from medcert_core.denoisers.diffusion import DiffusionDenoiser, resize_noise_factor, timestep_for_sigma
+from medcert_core.denoisers.ffdnet import FFDNetDenoiser, load_ffdnet
 from medcert_core.denoisers.training import DDPM_PRESETS, linear_scheduler, train_ddpm, train_unet_denoiser
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
 
-SPEC_KINDS = ("none", "ddpm", "guided-diffusion", "unet")
+SPEC_KINDS = ("none", "ddpm", "guided-diffusion", "unet", "ffdnet")
 
 
 def load_ddpm(folder: str | Path, sigma: float, **options: Any) -> DiffusionDenoiser:
@@ -59,7 +61,7 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     kind, _, location = spec.partition(":")
     if kind not in SPEC_KINDS[1:] or not location:
         raise ValueError(f"denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, "
-                         f"unet:<folder>; got {spec!r}")
+                         f"unet:<folder>, ffdnet:<file.pth>; got {spec!r}")
     return kind, Path(location).expanduser()
 
 
@@ -78,7 +80,8 @@ def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, A
     """Build the denoiser of ``spec`` for noise level ``sigma``; None for ``none``.
 
     options go to DiffusionDenoiser (``steps``, ``sampler``, ``image_size``, ``generator``; for
-    ``ddpm:`` also ``shrink``, "box" or "bilinear"); ``none`` and the UNet baseline ignore them. ``flags``: a guided-diffusion checkpoint's flags, as a
+    ``ddpm:`` also ``shrink``, "box" or "bilinear"); ``ffdnet:`` takes ``shrink`` ("box", "bilinear" or
+    "none", for sigma above 75/255) and ignores the others; ``none`` and the UNet baseline ignore them. ``flags``: a guided-diffusion checkpoint's flags, as a
     MODEL_FLAGS string (``"--num_channels 128 --learn_sigma True ..."``) or a dict of them; other
     kinds ignore them (a chapter passes one set of flags to all of its denoisers).
     """
@@ -92,6 +95,8 @@ def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, A
         return load_ddpm(path, sigma, **options)
     if kind == "guided-diffusion":
         return load_guided_diffusion(path, sigma, **options, **parsed_flags)
+    if kind == "ffdnet":
+        return load_ffdnet(path, sigma, shrink=options.get("shrink", "box"))
     denoiser = UNetDenoiser.load(path)
     if abs(denoiser.sigma - sigma) > 1e-9:
         raise ValueError(f"the UNet denoiser in {path} was trained for sigma = {denoiser.sigma}, not {sigma}")
@@ -99,7 +104,7 @@ def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, A
 
 
 __all__ = [
-    "DDPM_PRESETS", "DiffusionDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser",
+    "DDPM_PRESETS", "DiffusionDenoiser", "FFDNetDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser", "load_ffdnet",
     "load_guided_diffusion", "model_flags", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm",
     "train_unet_denoiser",
 ]

@@ -187,8 +187,19 @@ def _ranged(name: str) -> Callable[[Any], Any]:
 
 
 def _check_denoiser_spec(spec: str) -> None:
-    if spec != "none":
-        parse_spec(spec)
+    if spec == "none":
+        return
+    kind, location = parse_spec(spec)
+    if str(location) == "auto" and kind not in ("ddpm", "unet"):
+        raise ValueError(f"only ddpm:auto and unet:auto are trained here; {kind}: needs a file, got {spec!r}")
+
+
+def _check_other_denoisers(denoisers: dict) -> None:
+    """{label note: denoiser spec}: notes are non-empty strings, specs valid."""
+    for note, spec in denoisers.items():
+        if not isinstance(note, str) or not note or not isinstance(spec, str):
+            raise ValueError(f"expected {{label note: denoiser spec}} with non-empty string notes, got {note!r}: {spec!r}")
+        _check_denoiser_spec(spec)
 
 
 def _check_model_flags(text: str) -> None:
@@ -245,8 +256,10 @@ CHAPTER_SETTINGS: dict[str, Setting] = {
     "archs": Setting(["unet"], (list,), "Table 1 rows, one per architecture", choices=ARCHITECTURES),
     "arch": Setting("unet", (str,), "architecture", choices=ARCHITECTURES),
     "denoiser": Setting("ddpm:auto", (str,), "ddpm:auto (trained here) | ddpm:<folder> | guided-diffusion:<file.pt> | "
-                        "unet:<folder> | none", check=_check_denoiser_spec),
+                        "unet:<folder> | ffdnet:<file.pth> | none", check=_check_denoiser_spec),
     "unet_denoiser": Setting("unet:auto", (str,), "unet:auto | unet:<folder with {sigma}>", check=_check_denoiser_spec),
+    "other_denoisers": Setting({}, (dict,), '{label note: spec} of more denoiser rows, e.g. {"off the shelf": '
+                               '"ffdnet:<file.pth>", "trained on jsrt": "ddpm:<folder>"}', check=_check_other_denoisers),
     "denoise_steps": Setting("single", (str, int), 'DDPM calls from t* to 0: "single" (the paper\'s choice) or an int'),
     "segcertify_noise": Setting(0.25, (int, float), "training noise of the SegCertify baseline"),
     "multi_steps": Setting([4], (list,), "model calls of each multi-step variant"),

@@ -92,6 +92,51 @@ def test_method_labels_name_the_comparison():
     assert ours("unet:auto").label == "ours (unet)"
     assert ours("none").label == "ours (no denoiser)"
     assert plain(0.25).label == "plain (noise 0.25)"
+    assert ours("ffdnet:weights.pth", note="off the shelf").label == "ours (ffdnet, off the shelf)"
+    assert ours("ddpm:x", note="trained on jsrt").label == "ours (ddpm, trained on jsrt, single-step)"
+
+
+def test_a_label_note_is_not_part_of_what_a_run_computes():
+    """The note only names the row: same key with or without it, and two notes of one spec are equal methods."""
+    plain_run = CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    noted = CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto", note="this dataset"), 0.5)
+    assert noted.hash == plain_run.hash and "note" not in noted.parameters()["method"]
+    assert ours("ddpm:auto", note="a") == ours("ddpm:auto", note="b")
+
+
+def test_paired_differences_against_a_direct_computation():
+    """Means and intervals over images of (method - reference), per sigma and class, computed with numpy."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in range(12):
+        for label, shift in (("ref", 0.0), ("better", 0.2), ("same", 0.0)):
+            abstain = rng.uniform(0, 0.5)
+            for class_id, name in ((0, "background"), (1, "lung"), (2, "heart")):
+                dice = np.nan if (name == "heart" and image == 3) else rng.uniform(0.3, 0.7) + shift
+                rows.append({"arch": "unet", "sigma": 0.5, "method_label": label, "class_id": class_id,
+                             "class_name": name, "image_id": f"i{image}", "dice": dice, "abstain": abstain})
+    frame = pd.DataFrame(rows)
+    result = tables.paired_differences(frame, reference="ref", resamples=2000)
+    assert set(result["method"]) == {"better", "same"} and set(result["class"]) == {"lung", "heart", "all %⊘"}
+    for (method, name), group in result.groupby(["method", "class"]):
+        row = group.iloc[0]
+        column = "abstain" if name == "all %⊘" else "dice"
+        pick = frame if name == "all %⊘" else frame[frame["class_name"] == name]
+        pick = pick[pick["class_id"] > 0].drop_duplicates(["method_label", "image_id"]) if name == "all %⊘" else pick
+        values = pick.pivot_table(index="image_id", columns="method_label", values=column, dropna=False)
+        differences = (values[method] - values["ref"]).dropna()
+        assert row["images"] == len(differences) == (11 if name == "heart" else 12)
+        assert abs(row["mean"] - differences.mean()) < 1e-12
+        standard_error = differences.std(ddof=0) / np.sqrt(len(differences))
+        assert row["low"] < row["mean"] < row["high"]
+        assert abs((row["high"] - row["low"]) - 2 * 1.96 * standard_error) < 0.6 * 2 * 1.96 * standard_error
+    better_lung = result[(result["method"] == "better") & (result["class"] == "lung")].iloc[0]
+    assert better_lung["ahead"] == "yes" and better_lung["low"] > 0
+    assert set(result[result["method"] == "same"]["ahead"]) <= {"–", "yes", "no"}
+    shown = tables.paired_table(result)
+    assert list(shown.columns) == ["lung", "heart", "all %⊘"] and shown.loc[("unet", "better", 0.5), "lung"].startswith("+0.")
+    with pytest.raises(ValueError, match="reference 'absent' is not among the methods"):
+        tables.paired_differences(frame, reference="absent")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,14 @@ from medcert_core.study.experiment import Experiment, clean_baselines, combine, 
 from medcert_core.study.report.figures import (abstention_figure, abstention_maps, dice_against_radius,
                                               dice_against_sigma, show, show_markdown)
 from medcert_core.study.report.paper import differences_from_paper, next_to_paper
-from medcert_core.study.report.tables import paper_table, radius_curve_table, ranking_per_sigma
+from medcert_core.study.report.tables import (paired_differences, paired_table, paper_table, radius_curve_table,
+                                             ranking_per_sigma)
 from medcert_core.study.runs.run import CertificationRun, Method, ours, plain, segcertify
 from medcert_core.study.settings import PROFILES, SETTINGS, training_spec
 
 __all__ = [
     "PROFILES", "SETTINGS", "CertificationRun", "DatasetChapter", "Experiment", "Method", "abstention_figure",
     "abstention_maps", "clean_baselines", "combine", "dice_against_radius", "dice_against_sigma",
-    "differences_from_paper", "next_to_paper", "ours", "paper_table", "plain", "project_root", "radius_curve_table",
+    "differences_from_paper", "next_to_paper", "ours", "paired_differences", "paired_table", "paper_table", "plain", "project_root", "radius_curve_table",
     "ranking_per_sigma", "segcertify", "show", "show_markdown", "training_spec",
 ]

@@ -137,7 +137,8 @@ class Experiment:
         runs = [run for run in self.runs(archs, methods) if run.sigma > 0]
         if not all(store.is_complete(self.results_path, run.hash) for run in runs):
             self.run(archs, methods)
-        frames = [store.load_curves(self.results_path, run.hash).assign(run=run.hash) for run in runs]
+        frames = [store.load_curves(self.results_path, run.hash).assign(run=run.hash, method_label=run.method.label)
+                  for run in runs]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def maps(self, arch: str, method: Method, sigma: float) -> dict[str, np.ndarray]:

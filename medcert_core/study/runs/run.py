@@ -54,12 +54,17 @@ MAP_IMAGES = 2  # test images whose label maps are kept for the abstention figur
 
 @dataclass(frozen=True)
 class Method:
-    """How the base classifier f(D(x + delta)) is built. steps: DDPM calls ("single" or an int)."""
+    """How the base classifier f(D(x + delta)) is built. steps: DDPM calls ("single" or an int).
+
+    note: words for the label only (e.g. "trained on jsrt" for a DDPM of another dataset); not part
+    of what a run computes, so not hashed (:meth:`CertificationRun.parameters` drops it).
+    """
 
     name: str
     train_noise: float = 0.0
     denoiser: str = "none"
     steps: str | int = "single"
+    note: str = dataclasses.field(default="", compare=False)
 
     @property
     def label(self) -> str:
@@ -69,12 +74,13 @@ class Method:
         if kind == "none":
             return f"{self.name} (no denoiser)" if self.name != "plain" else f"plain (noise {self.train_noise:g})"
         steps = "single-step" if self.steps == "single" else f"{self.steps}-step"
-        return f"{self.name} ({kind}, {steps})" if kind in ("ddpm", "guided-diffusion") else f"{self.name} ({kind})"
+        words = [kind, *([self.note] if self.note else []), *([steps] if kind in ("ddpm", "guided-diffusion") else [])]
+        return f"{self.name} ({', '.join(words)})"
 
 
-def ours(denoiser: str, steps: str | int = "single") -> Method:
-    """The paper's method: a segmenter trained without noise behind a denoiser."""
-    return Method("ours", 0.0, denoiser, steps)
+def ours(denoiser: str, steps: str | int = "single", note: str = "") -> Method:
+    """The paper's method: a segmenter trained without noise behind a denoiser (``note``: for the label)."""
+    return Method("ours", 0.0, denoiser, steps, note)
 
 
 def segcertify(train_noise: float = 0.25) -> Method:
@@ -121,6 +127,7 @@ class CertificationRun:
     def parameters(self) -> dict[str, Any]:
         parameters = dataclasses.asdict(self)
         parameters["data"].pop("data_root")
+        parameters["method"].pop("note")
         return parameters
 
     def data_digests(self) -> dict[str, str]:
@@ -345,5 +352,5 @@ def run_all(runs: list[CertificationRun], **options: Any) -> pd.DataFrame:
     bar = tqdm(runs, desc="certification runs", disable=not options.get("progress", True))
     for run in bar:
         bar.set_postfix_str(f"{run.method.label} {run.arch} sigma={run.sigma:g}")
-        frames.append(run_certification(run, **options).assign(run=run.hash))
+        frames.append(run_certification(run, **options).assign(run=run.hash, method_label=run.method.label))
     return pd.concat(frames, ignore_index=True)

@@ -12,6 +12,11 @@ trained here when the cache lacks them: resumable). Writes a JSON table and exit
 fails:
 
     python scripts/denoiser_gate.py --profile jsrt --data-root ../shared/data/jsrt --image-size 128
+
+Rows that are reported, not gated: ``--ffdnet FILE`` adds the off-the-shelf FFDNet
+(``ffdnet:<file.pth>``) with the shrink above 75/255 (box average to its trained range) and without it
+(full resolution, noise map at sigma); ``--other-ddpm NOTE=FOLDER`` (repeatable) adds a DDPM trained on
+another dataset, single-step, e.g. ``--other-ddpm "trained on jsrt=runs/cache/denoisers/ddpm_jsrt_..."``.
 """
 
 from __future__ import annotations
@@ -29,10 +34,29 @@ from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.gate import mmse_gate_failures, psnr_row
 from medcert_core.io import write_json_atomically
 from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
-from medcert_core.study.settings import DataSpec
-from medcert_core.study.settings import training_spec
+from medcert_core.study.settings import DataSpec, training_spec
 
 SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
+FFDNET, FFDNET_FULL = "ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"
+
+
+def other_ddpm(text: str) -> tuple[str, str]:
+    """argparse type of --other-ddpm: NOTE=FOLDER."""
+    note, separator, folder = text.partition("=")
+    if not separator or not note or not folder:
+        raise argparse.ArgumentTypeError(f"expected NOTE=FOLDER, got {text!r}")
+    return note, folder
+
+
+def reported_denoisers(args: argparse.Namespace, sigma: float) -> dict[str, torch.nn.Module]:
+    """The rows next to the gate: FFDNet with and without its shrink, DDPMs of other datasets."""
+    rows = {}
+    if args.ffdnet:
+        rows[FFDNET] = load_denoiser(f"ffdnet:{args.ffdnet}", sigma)
+        rows[FFDNET_FULL] = load_denoiser(f"ffdnet:{args.ffdnet}", sigma, shrink="none")
+    for note, folder in args.other_ddpm:
+        rows[f"ddpm single-step, {note}"] = load_denoiser(f"ddpm:{folder}", sigma)
+    return rows
 
 
 def main() -> int:
@@ -49,6 +73,9 @@ def main() -> int:
                         help="images the gate is measured on: val (default; the gate chooses the denoiser) or "
                              "test (to report, never to choose)")
     parser.add_argument("--images", type=int, default=None, help="first N images of the split (default: all)")
+    parser.add_argument("--ffdnet", type=Path, default=None, help="report FFDNet rows from this ffdnet_color.pth")
+    parser.add_argument("--other-ddpm", type=other_ddpm, action="append", default=[], metavar="NOTE=FOLDER",
+                        help="report a DDPM trained on another dataset (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
@@ -75,6 +102,7 @@ def main() -> int:
             SINGLE: load_denoiser(ddpm, sigma),
             MULTI: load_denoiser(ddpm, sigma, steps=args.multi_steps, generator=torch.Generator().manual_seed(1)),
             UNET: load_denoiser(unets[sigma], sigma),
+            **reported_denoisers(args, sigma),
         }
         for name, denoiser in denoisers.items():
             rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size))
@@ -87,6 +115,8 @@ def main() -> int:
         "dataset": args.dataset, "split": args.split, "images": count, "image_size": args.image_size,
         "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
         "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},
+        "reported_not_gated": {"ffdnet": str(args.ffdnet) if args.ffdnet else None,
+                               "other_ddpms": dict(args.other_ddpm)},
         "multi_steps": args.multi_steps, "training_seconds": training_seconds, "device": args.device,
         "machine": platform.platform(),
     }

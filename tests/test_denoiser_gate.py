@@ -32,11 +32,17 @@ def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
                "--image-size", "32", "--sigmas", "0.5", "--multi-steps", "2", "--images", "3",
                "--training", "{ddpm_steps: 3, unet_denoiser_steps: 2, ddpm_ema_decay: 0.9}",
                "--cache", str(tmp_path / "cache"), "--output", str(output)]
+    ffdnet = ROOT.parent / "shared" / "weights" / "ffdnet" / "ffdnet_color.pth"
+    reported = {"ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"} if ffdnet.is_file() else set()
+    command += ["--ffdnet", str(ffdnet)] if reported else []
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode in (0, 1), completed.stderr
     result = json.loads(output.read_text())
     table = {(row["sigma"], row["denoiser"]): row["psnr_db"] for row in result["rows"]}
-    assert {name for _, name in table} == {"noisy input", "ddpm single-step", "ddpm multi-step", "unet denoiser"}
+    assert {name for _, name in table} == {"noisy input", "ddpm single-step", "ddpm multi-step", "unet denoiser",
+                                           *reported}
+    if reported:  # at sigma 0.5 > 75/255 the shrink changes what FFDNet sees; reported rows are never gated
+        assert table[(0.5, "ffdnet (box shrink above 75/255)")] != table[(0.5, "ffdnet (no shrink)")]
     assert all(row["images"] == 3 for row in result["rows"])
     assert result["split"] == "val", "the gate chooses, so it is measured on the validation split by default"
     assert result["passed"] == (completed.returncode == 0) == (not result["failures"])

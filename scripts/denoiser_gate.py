@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from medcert_core.denoisers import load_denoiser
-from medcert_core.denoisers.gate import mmse_gate_failures, psnr_row
+from medcert_core.denoisers.gate import mmse_gate_failures, paired_psnr_differences, psnr_row
 from medcert_core.io import write_json_atomically
 from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
 from medcert_core.study.settings import DataSpec, training_spec
@@ -112,6 +112,7 @@ def main() -> int:
     result = {
         "gate": "PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma",
         "passed": not failures, "failures": failures, "rows": rows,
+        "paired_against_single_step": paired_psnr_differences(rows, SINGLE),
         "dataset": args.dataset, "split": args.split, "images": count, "image_size": args.image_size,
         "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
         "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},

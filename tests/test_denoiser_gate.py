@@ -24,6 +24,18 @@ def test_the_gate_fails_exactly_where_single_step_loses():
         mmse_gate_failures(table, [0.25], single="single", rivals=("multi",))
 
 
+def test_paired_psnr_differences_are_image_by_image():
+    from medcert_core.denoisers.gate import paired_psnr_differences
+
+    rows = [{"sigma": 0.5, "denoiser": name, "psnr_db_per_image": values}
+            for name, values in (("noisy input", [6.0, 6.0, 6.0]), ("ref", [30.0, 31.0, 29.0]),
+                                 ("other", [29.0, 31.5, 28.0]))]
+    (row,) = paired_psnr_differences(rows, "ref")
+    assert (row["denoiser"], row["minus"], row["images"]) == ("other", "ref", 3)
+    assert abs(row["mean_db"] - (-1.0 + 0.5 - 1.0) / 3) < 1e-12 and row["low_db"] <= row["mean_db"] <= row["high_db"]
+    assert -1.0 <= row["low_db"] and row["high_db"] <= 0.5, "a mean of resampled differences lies within their range"
+
+
 @pytest.mark.slow
 def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
     """Phantoms at 32 px with a few training steps: the numbers mean nothing, the plumbing does."""
@@ -49,3 +61,5 @@ def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
     assert result["failures"] == mmse_gate_failures(table, [0.5], single="ddpm single-step",
                                                     rivals=("ddpm multi-step", "unet denoiser"))
     assert "_ema0.9" in result["ddpm"]["folder"]
+    assert {row["denoiser"] for row in result["paired_against_single_step"]} == \
+        {"ddpm multi-step", "unet denoiser", *reported}

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from medcert_core.metrics import psnr
+from medcert_core.metrics import paired_bootstrap_interval, psnr
 
 
 def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Sequence[float], *,
@@ -37,3 +37,18 @@ def psnr_row(denoiser: torch.nn.Module | None, noisy: torch.Tensor, clean: torch
     values = psnr(estimate, clean)
     return {"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()), "psnr_std_db": float(values.std()),
             "images": len(values), "psnr_db_per_image": [round(float(value), 4) for value in values]}
+
+
+def paired_psnr_differences(rows: Sequence[Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Per sigma, each denoiser's PSNR minus ``reference``'s, image by image (same noise), with the 95 %
+    paired bootstrap interval over images (``metrics.paired_bootstrap_interval``); the noisy input is left out."""
+    per_image = {(row["sigma"], row["denoiser"]): row["psnr_db_per_image"] for row in rows}
+    differences = []
+    for (sigma, name), values in per_image.items():
+        if name in (reference, "noisy input") or (sigma, reference) not in per_image:
+            continue
+        paired = [value - base for value, base in zip(values, per_image[(sigma, reference)], strict=True)]
+        interval = paired_bootstrap_interval(paired)
+        differences.append({"sigma": sigma, "denoiser": name, "minus": reference, "mean_db": interval["mean"],
+                            "low_db": interval["low"], "high_db": interval["high"], "images": interval["images"]})
+    return differences

@@ -494,3 +494,30 @@ def _timed(generate, index: int) -> float:
     start = time.perf_counter()
     generate(0, index)
     return time.perf_counter() - start
+
+
+CVC_ROOT = JSRT_ROOT.parent / "cvc_clinicdb"
+
+
+@pytest.mark.skipif(not (CVC_ROOT / "tif_sample").is_dir(), reason="the shared CVC-ClinicDB copy is not on this machine")
+def test_cvc_clinicdb_png_and_tiff_editions_give_the_same_arrays() -> None:
+    """The shared PNG edition and the three TIFF pairs decode to identical images and labels; the soft
+    mask edges are binarized at 128 (checked against PIL / tifffile directly)."""
+    import tifffile
+    from PIL import Image
+
+    png = load_dataset("cvc_clinicdb", CVC_ROOT, "all")
+    tif = load_dataset("cvc_clinicdb", CVC_ROOT / "tif_sample", "all")
+    assert len(png) == 612 and tif.ids == ["1", "2", "3"]
+    for index, case in enumerate(tif.ids):
+        (png_image, png_labels), (tif_image, tif_labels) = png[png.ids.index(case)], tif[index]
+        assert png_image.shape == (3, 288, 384) and torch.equal(png_image, tif_image)
+        assert torch.equal(png_labels, tif_labels)
+        stored = np.asarray(Image.open(CVC_ROOT / "Ground Truth" / f"{case}.png"))[..., 0]
+        soft = (stored > 0) & (stored < 255)
+        assert soft.any(), "the PNG masks have soft edges"
+        assert np.array_equal(png_labels.numpy(), (stored >= 128).astype(np.int64))
+        assert np.array_equal(tifffile.imread(CVC_ROOT / "tif_sample" / "Ground Truth" / f"{case}.tif") >= 128,
+                              tif_labels.numpy() == 1)
+        expected = np.asarray(Image.open(CVC_ROOT / "Original" / f"{case}.png"), dtype=np.float32) / 255
+        assert torch.allclose(png_image, torch.from_numpy(expected).permute(2, 0, 1))

@@ -1,7 +1,8 @@
 """How long the paper grid's certifications take on one device, from a measured seconds per image.
 
 Counts the certified images of every run in grids/paper.yaml, the way its chapters build their
-runs (dataset chapters: ours for every architecture and SegCertify for the first; the comparison
+runs (dataset chapters: ours for every architecture and SegCertify for the first or, with
+``baselines_for: all`` (the template's or the grid's value), for every architecture; the comparison
 chapter shares its runs with JSRT's; the ablations add k-step DDPM, the UNet denoiser and no
 denoiser), each over the whole test split (medcert's split: 70 / 10 / 20 % of the distributed
 images), at every sigma. A run through the diffusion model costs ``steps`` images' worth of
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from medcert_core.data.base import split_ids
+from medcert_core.study.grid.spec import template_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTED_IMAGES = {  # annotated images as distributed (what medcert's loaders find)
@@ -37,11 +39,13 @@ def test_images(dataset: str) -> int:
 
 def chapter_runs(entry: dict, defaults: dict) -> list[tuple[str, str, str | int]]:
     """(arch, method, denoiser steps) of a grid entry's certification runs at one sigma."""
-    parameters = {**defaults, **entry.get("parameters", {})}
     notebook = entry["notebook"]
+    template = template_parameters(ROOT / "notebooks" / f"{notebook}.ipynb") or {}
+    parameters = {**template, **defaults, **entry.get("parameters", {})}
     if notebook in DATASET_CHAPTERS:
         archs = parameters["archs"]
-        return [(arch, "ours-ddpm", 1) for arch in archs] + [(archs[0], "segcertify", 0)]
+        baselines = archs if parameters.get("baselines_for", "first") == "all" else archs[:1]
+        return [(arch, "ours-ddpm", 1) for arch in archs] + [(arch, "segcertify", 0) for arch in baselines]
     arch = parameters["arch"]
     if notebook == "segcertify_vs_ours":
         return [(arch, "ours-ddpm", 1), (arch, "segcertify", 0)]

@@ -29,6 +29,67 @@ Run it with the dataset's folder, e.g.
 The template, with its parameters cell, is `notebooks/{name}.ipynb`.
 """
 
+MISSING_DATA = {  # the paper's datasets that are not on the machine that builds the site
+    "montgomery": {
+        "data": "the Montgomery County chest X-ray set (138 images with left and right lung masks)",
+        "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
+                  "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets",
+        "paper": "Table 1, Montgomery lung, certified Dice / IoU / %⊘ at σ = 0.25 / 0.5 / 1.0 (512 px): "
+                 "UNet 0.93 0.89 0.07 / 0.89 0.80 0.07 / 0.88 0.80 0.14; ResUNet++ 0.96 0.93 0.02 / "
+                 "0.94 0.89 0.03 / 0.89 0.83 0.07; DeepLabV2 0.93 0.91 0.07 / 0.91 0.87 0.02 / 0.85 0.79 0.17",
+    },
+    "shenzhen": {
+        "data": "the Shenzhen chest X-ray set (662 images; lung masks as `mask/<stem>_mask.png`)",
+        "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
+                  "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets "
+                  "(the lung masks are distributed separately; the layout is in the Datasets chapter)",
+        "paper": "Table 1, Shenzhen lung, certified Dice / IoU / %⊘ at σ = 0.25 / 0.5 / 1.0 (512 px): "
+                 "UNet 0.95 0.90 0.05 / 0.93 0.90 0.02 / 0.89 0.83 0.10; ResUNet++ 0.95 0.91 0.01 / "
+                 "0.93 0.90 0.02 / 0.90 0.85 0.06; DeepLabV2 0.80 0.71 0.07 / 0.34 0.25 0.15 / 0.04 0.02 0.11",
+    },
+    "isic2018": {
+        "data": "the ISIC 2018 Task 1 training set (2,594 dermatoscopy images with lesion masks)",
+        "source": "the ISIC challenge's data page, https://challenge.isic-archive.com/data/#2018",
+        "paper": "Table 3, skin lesions, ResUNet++, certified Dice / IoU / %⊘: SegCertify 0.79 0.68 0.07 / "
+                 "0.41 0.27 0.06 / 0.00 0.00 0.01, ours 0.85 0.77 0.03 / 0.83 0.76 0.04 / 0.77 0.69 0.06, in "
+                 "the order of the table's three rows (our copy of the paper garbles their σ and R columns: "
+                 "presumably σ = 0.25 / 0.5 / 1.0)",
+    },
+}
+MISSING_DATA_PLACEHOLDER = """# {title}
+
+The data of this chapter, {data}, is not on the machine that built this site, so the chapter has
+not been run here. It can be had from {source}; the folder layout medcert reads is in the
+[Datasets](datasets.md) chapter.
+
+Once it is there, this executes the chapter on a CPU at the JSRT study's scale (128 px, the first
+25 test images) and rebuilds the site:
+
+```bash
+cat > grids/{output}.yaml <<'YAML'
+parameters: {{profile: jsrt, dataset: {dataset}, data_root: "{{data_root}}", image_size: 128, test_images: 25}}
+runs:
+  - notebook: {name}
+    output: {output}
+YAML
+./run.sh grid grids/{output}.yaml --data-root DIR && ./run.sh book
+```
+
+(`DIR`: the dataset's folder.) `./run.sh study --profile paper --data-root DATA_DIR --device cuda`
+runs it at the paper's settings on a GPU, with every other chapter.
+
+What the paper reports for it: {paper}.
+"""
+
+
+def placeholder_text(title: str, template: str, output: str) -> str:
+    """The markdown of a chapter not run here: dataset-specific where its data is known to be missing."""
+    dataset = next((name for name in MISSING_DATA if template == name), None)
+    if dataset is None:
+        return PLACEHOLDER.format(title=title, name=template, output=output)
+    return MISSING_DATA_PLACEHOLDER.format(title=title, name=template, output=output, dataset=dataset,
+                                           **MISSING_DATA[dataset])
+
 
 def toc_files(root: str | Path) -> list[str]:
     """Every ``file:`` of the book's _toc.yml (root included), relative to ``root``, without suffix."""
@@ -70,7 +131,7 @@ def write_placeholders(root: str | Path, notebooks_dir: str | Path = "notebooks"
             continue
         title = nbformat.read(template, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
-            PLACEHOLDER.format(title=title, name=template.stem, output=name))])
+            placeholder_text(title, template.stem, name))])
         notebook.metadata["medcert"] = {"placeholder": True}
         path = root / f"{file}.ipynb"
         written.append(write_atomically(path, lambda temporary: nbformat.write(notebook, str(temporary))))

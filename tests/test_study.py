@@ -135,6 +135,8 @@ def test_paired_differences_against_a_direct_computation():
     assert set(result[result["method"] == "same"]["ahead"]) <= {"–", "yes", "no"}
     shown = tables.paired_table(result)
     assert list(shown.columns) == ["lung", "heart", "all %⊘"] and shown.loc[("unet", "better", 0.5), "lung"].startswith("+0.")
+    one_image = tables.paired_differences(frame[frame["image_id"] == "i0"], reference="ref")
+    assert one_image.empty and "no paired intervals" in tables.paired_table(one_image).iloc[0, 0]
     with pytest.raises(ValueError, match="reference 'absent' is not among the methods"):
         tables.paired_differences(frame, reference="absent")
 

@@ -150,6 +150,8 @@ def paired_table(differences: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
         shown = digits if scale == 1 else 1
         return (f"{row['mean'] * scale:+.{shown}f} [{row['low'] * scale:+.{shown}f}, {row['high'] * scale:+.{shown}f}]")
 
+    if differences.empty:  # fewer than 2 images per pair: no interval
+        return pd.DataFrame({"note": ["fewer than 2 test images per pair: no paired intervals"]})
     shown = differences.assign(cell=differences.apply(cell, axis=1))
     order = list(dict.fromkeys(differences["class"]))
     table = shown.pivot_table(index=["arch", "method", "σ"], columns="class", values="cell", aggfunc="first", sort=False)

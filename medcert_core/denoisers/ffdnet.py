@@ -143,10 +143,10 @@ class FFDNetDenoiser(torch.nn.Module):
             raise ValueError(f"FFDNet denoises RGB (3 channels) or grayscale (1) batches, got {channels} channels")
         size = tuple(noisy.shape[-2:])
         images = noisy.float().expand(-1, 3, -1, -1) if channels == 1 else noisy.float()
-        target = self.working_size(size)
-        mode = "box" if self.shrink == "none" else self.shrink
-        clean = self.network(resize(images, target, mode), self.noise_level(size))
-        clean = resize(clean, size, mode).clamp(0, 1)
+        target = self.working_size(size)  # == size within the trained range and with shrink="none"
+        resized = target != size
+        clean = self.network(resize(images, target, self.shrink) if resized else images, self.noise_level(size))
+        clean = (resize(clean, size, self.shrink) if resized else clean).clamp(0, 1)
         return clean.mean(dim=1, keepdim=True) if channels == 1 else clean
 
 

@@ -6,12 +6,15 @@
     certify-runs  certify a dataset chapter's runs into the results store; under
                `torchrun --nproc-per-node N -m medcert_core certify-runs ...` each run's images are sharded
     book       build the website from book/
-    certify    certify one image file: label map, abstention overlay PNG, JSON summary
+    certify    certify an image file or folder (PNG, TIFF, DICOM, NIfTI, ...) with a medcert checkpoint or any
+               exported segmenter (TorchScript, torch.export, package.module:function): label maps,
+               overlay with a legend, JSON summary
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
 
 Files are data, never code: checkpoints and weights are read with torch.load(weights_only=True)
 (tensors and plain containers only); a file that would need arbitrary code to unpickle is refused.
+`certify --model package.module:function` is the one exception: it imports your own code.
 `certify` draws its noise seed from the OS's entropy unless --seed is given (see `certify --help`).
 
 Bad input (a missing file, a wrong layout, a parameter out of range) ends with
@@ -49,6 +52,33 @@ def _image_size(text: str) -> int | tuple[int, int]:
     if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive integers (e.g. 256 or 384x512), got {text!r}")
     return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def _image_size_pair(text: str) -> tuple[int, int]:
+    """argparse type of certify's --image-size: "256" -> (256, 256), "384x512" -> (384, 512)."""
+    size = _image_size(text)
+    return (size, size) if isinstance(size, int) else size
+
+
+def _json_object(text: str) -> dict:
+    """argparse type of --model-kwargs: a JSON object."""
+    from medcert_core.models.external import parse_model_kwargs
+
+    try:
+        return parse_model_kwargs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _intensity(text: str) -> str:
+    """argparse type of --intensity: checked here, parsed again by certify."""
+    from medcert_core.data.medical import parse_intensity
+
+    try:
+        parse_intensity(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
 
 
 def _batch_size(text: str) -> int | str:
@@ -273,7 +303,10 @@ def command_certify(args: argparse.Namespace) -> None:
     from medcert_core.single_image import certify_image_file
 
     summary = certify_image_file(
-        args.image, args.checkpoint, args.denoiser, args.sigma, output_dir=args.output_dir, n0=args.n0, n=args.n,
+        args.image, args.checkpoint, args.denoiser, args.sigma, model=args.model, model_kwargs=args.model_kwargs,
+        num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size,
+        class_names=args.class_names, normalize=args.normalize, intensity=args.intensity, slice=args.slice,
+        output_dir=args.output_dir, n0=args.n0, n=args.n,
         alpha=args.alpha, tau=args.tau, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         denoiser_flags=args.denoiser_flags,
@@ -356,13 +389,42 @@ def _add_book_command(commands: argparse._SubParsersAction) -> None:
 
 def _add_certify_command(commands: argparse._SubParsersAction) -> None:
     """The ``certify`` command and its options."""
-    certify = commands.add_parser("certify", help="certify one image file; writes a label map and an overlay PNG",
+    certify = commands.add_parser("certify", help="certify one image file (or a folder) with any segmenter; writes "
+                                                  "label maps, overlays with a legend and a JSON summary",
                                   description="Certify an image file, or every image file of a folder (two files "
                                               "with the same stem are refused: their outputs would collide). The "
                                               "noise is unpredictable unless --seed is given (see --seed).")
-    certify.add_argument("image", help="PNG, JPEG, TIFF, ... or JSRT .IMG (resized to the checkpoint's input size), "
-                                       "or a folder of them (one JSON each and certificates.csv)")
-    certify.add_argument("--checkpoint", required=True, help="segmenter checkpoint written by `medcert train`")
+    certify.add_argument("image", help="PNG, JPEG, TIFF (8 or 16 bit), BMP, JSRT .IMG, DICOM (.dcm) or NIfTI (.nii, "
+                                       ".nii.gz), resized to the model's input size; or a folder of them (one JSON "
+                                       "each and certificates.csv)")
+    model = certify.add_argument_group("the segmenter: --checkpoint or --model")
+    model.add_argument("--checkpoint", default=None, help="segmenter checkpoint written by `medcert train`")
+    model.add_argument("--model", default=None,
+                       help="any other segmenter returning logits (B, K, H, W): a TorchScript file (torch.jit.save), a "
+                            "torch.export program (.pt2, its tensors checked to load as weights only) or "
+                            "package.module:function returning an nn.Module. An entry point imports and runs your own "
+                            "Python code: give only one you trust. A torch.save'd module (a pickle) is refused")
+    model.add_argument("--model-kwargs", type=_json_object, default=None,
+                       help='keyword arguments of the entry point, as JSON, e.g. \'{"in_channels": 1, "out_channels": 2}\'')
+    model.add_argument("--num-classes", type=int, default=None,
+                       help="K (default: read from the model's output; given, it must match)")
+    model.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
+                       help="input channels (default: a .pt2's input shape or the module's in_channels attribute)")
+    model.add_argument("--image-size", type=_image_size_pair, default=None,
+                       help="the model's input size, e.g. 256 or 256x256 (default: a .pt2's input shape)")
+    model.add_argument("--class-names", type=lambda text: tuple(text.split(",")), default=None,
+                       help="comma-separated, background first (default: background,class_1,...)")
+    model.add_argument("--normalize", default=None, metavar="MEAN,STD",
+                       help="per-channel normalisation inside the base model, after the noise: MEAN,STD for every "
+                            "channel or M1,M2,M3,S1,S2,S3 (the radius stays in the [0, 1] image scale)")
+    reading = certify.add_argument_group("reading the image file")
+    reading.add_argument("--intensity", default="auto", type=_intensity,
+                         help="how stored values map to [0, 1]: auto (integers by their bit depth, DICOM by "
+                              "BitsStored after the rescale, NIfTI by its range), minmax, window:CENTER,WIDTH (DICOM "
+                              "linear window in rescaled units, e.g. HU), voi (the DICOM file's own window or VOI "
+                              "LUT); MONOCHROME1 is inverted; the JSON's file_to_tensor records every step")
+    reading.add_argument("--slice", default=None, metavar="AXIS:INDEX",
+                         help="one 2D slice of a 3D NIfTI volume (e.g. 2:40) or one frame of a multi-frame DICOM (0:FRAME)")
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder> | ffdnet:<file.pth> "
                               "(FFDNet, an off-the-shelf natural-image denoiser)")

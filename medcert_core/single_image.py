@@ -1,12 +1,20 @@
 """Certify image files with a trained segmenter (and a denoiser): ``medcert certify IMAGE|FOLDER ...``.
 
-The certificate is about the tensor the model receives: the image resized to the checkpoint's
-input size, values in [0, 1]. Writes, next to each other in ``output_dir``:
+The segmenter is a medcert checkpoint (``checkpoint``) or any other model (``model``: TorchScript,
+``torch.export`` program or ``package.module:function``, see :mod:`medcert_core.models.external`),
+with an optional normalisation inside the base model. Image files may be PNG, JPEG, TIFF (8 or
+16 bit, kept at full depth), BMP, JSRT .IMG, DICOM or NIfTI (:mod:`medcert_core.data.medical`).
+
+The certificate is about the tensor the model receives: the image mapped to [0, 1] (``intensity``),
+resized to the model's input size and given its channel count. Each JSON records that mapping under
+``file_to_tensor``. Writes, next to each other in ``output_dir``:
     <stem>_labels.png           class ids at the input size, ``abstain_value`` where the certificate abstains:
                                 8-bit with 255 for up to 255 classes, else 16-bit with 65535
     <stem>_overlay.png          the input in grey with the certified classes in colour, abstentions white
     <stem>_labels_native.png    the same labels at the image file's own resolution (nearest neighbour)
     <stem>_overlay_native.png   the overlay on the original image, at its resolution
+    <stem>_legend.png           the native overlay with a legend beside it: class colours and names,
+                                abstain, sigma, the certified radius and what it is measured on
     <stem>_certificate.json     sigma, radius, n0, n, alpha, tau, input and native sizes, abstain
                                 fraction, pixels per class, the seeds (see below)
 For a folder, one set per image file and ``certificates.csv`` (one row per image); two image files
@@ -36,12 +44,26 @@ from tqdm import tqdm
 
 from medcert_core.certify import ABSTAIN, Certificate, smallest_certifiable_n
 from medcert_core.checks import check_parameter
-from medcert_core.data.base import read_image, resize_image
+from medcert_core.data.base import resize_image
 from medcert_core.data.chest import read_jsrt_img
+from medcert_core.data.medical import (
+    MEDICAL_SUFFIXES,
+    Intensity,
+    file_stem,
+    file_suffix,
+    parse_intensity,
+    parse_slice,
+    read_with_mapping,
+)
 from medcert_core.denoisers import load_denoiser
 from medcert_core.io import file_digest, write_atomically, write_json_atomically
-from medcert_core.smoothing import SEED_RANGE, SmoothedSegmenter, image_seed, resolve_device
 from medcert_core.render import ABSTAIN_COLOUR, colour_labels, grey_image
+from medcert_core.smoothing import (
+    SEED_RANGE,
+    SmoothedSegmenter,
+    image_seed,
+    resolve_device,
+)
 from medcert_core.training import load_segmenter
 
 ABSTAIN_VALUES = {np.uint8: 255, np.uint16: 65535}  # label PNG dtype -> the value of an abstained pixel
@@ -55,16 +77,32 @@ def check_n_certifies(n: int, size: tuple[int, int], tau: float, alpha: float) -
                          f"alpha = {alpha} (Holm over {size[0] * size[1]} pixels); use n >= {needed}")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img", *MEDICAL_SUFFIXES)
 
 
-def read_image_file(path: str | Path) -> torch.Tensor:
-    """An image file (PNG, JPEG, TIFF, ... or JSRT .IMG) at its own resolution: (1 or 3, H, W) float32 in [0, 1]."""
+def read_image_file(path: str | Path, intensity: Intensity = Intensity(), slice_spec=None
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """An image file at its own resolution -> ((1 or 3, H, W) float32 in [0, 1], how its values were mapped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
-    array = read_jsrt_img(path) if path.suffix.lower() == ".img" else read_image(path)
-    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+    if file_suffix(path) == ".img":
+        if intensity.mode != "auto" or slice_spec is not None:
+            raise ValueError(f"{path}: a JSRT .IMG file is read with its own 12-bit mapping; --intensity and "
+                             f"--slice do not apply")
+        array, mapping = read_jsrt_img(path), {"format": "jsrt img", "intensity": "auto",
+                                                "formula": "(4095 - min(v, 4095)) / 4095 (12-bit, high = dark)"}
+    else:
+        array, mapping = read_with_mapping(path, intensity, slice_spec)
+    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()), mapping
+
+
+def channel_mapping(stored: int, channels: int) -> str:
+    """How a file's ``stored`` channels become the model's ``channels`` (the rule of :func:`model_input`)."""
+    if stored == channels:
+        return "as stored"
+    return "grey replicated to 3 channels" if stored == 1 else f"{stored} channels averaged to grey" + (
+        f", replicated to {channels}" if channels > 1 else "")
 
 
 def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -74,19 +112,29 @@ def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> to
     return resize_image(image, tuple(size))
 
 
+def file_to_tensor(mapping: dict[str, Any], stored_shape: Sequence[int], channels: int,
+                   size: tuple[int, int]) -> dict[str, Any]:
+    """The JSON record of every step from the file to the certified tensor: values, channels, resize."""
+    native = [int(stored_shape[-2]), int(stored_shape[-1])]
+    resize = ("none" if tuple(native) == tuple(size) else
+              f"{native[0]} x {native[1]} -> {size[0]} x {size[1]}, bilinear with antialiasing, clipped to [0, 1]")
+    return {**mapping, "channels": channel_mapping(int(stored_shape[0]), channels), "resize": resize,
+            "tensor": f"[0, 1]^({channels}x{size[0]}x{size[1]})"}
+
+
 def native_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) labels (ABSTAIN included) -> (H, W) by nearest neighbour, for viewing at the file's resolution."""
     resized = F.interpolate(torch.from_numpy(labels)[None, None].double(), size=tuple(size), mode="nearest-exact")
     return resized[0, 0].long().numpy()
 
 
-OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_labels_native.png", "_overlay_native.png")  # what certify writes
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_labels_native.png", "_overlay_native.png", "_legend.png")  # what certify writes
 
 
 def image_files(folder: Path) -> list[Path]:
     """The image files of a folder (not recursive), sorted, without certify's own outputs (an earlier
     run with --output-dir in the same folder); FileNotFoundError naming the accepted suffixes."""
-    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    files = sorted(path for path in folder.iterdir() if path.is_file() and file_suffix(path) in IMAGE_SUFFIXES
                    and not path.name.endswith(OUTPUT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no image file in {folder} (accepted: {', '.join(IMAGE_SUFFIXES)})")
@@ -98,10 +146,10 @@ def check_distinct_stems(files: Sequence[Path]) -> None:
     ``<stem>_labels.png`` ... ``<stem>_certificate.json`` would overwrite each other."""
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in files:
-        by_stem[path.stem.casefold()].append(path)
+        by_stem[file_stem(path).casefold()].append(path)
     clashes = [paths for paths in by_stem.values() if len(paths) > 1]
     if clashes:
-        names, stem = " and ".join(str(path) for path in clashes[0]), clashes[0][0].stem
+        names, stem = " and ".join(str(path) for path in clashes[0]), file_stem(clashes[0][0])
         raise ValueError(f"{names} have the same stem {stem!r}: their outputs ({stem}_labels.png, ..., "
                          f"{stem}_certificate.json) would overwrite each other; rename one, or move it to another folder")
 
@@ -128,46 +176,91 @@ def _save_png(array: np.ndarray, path: Path) -> Path:
     return write_atomically(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
 
 
-def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser: str, sigma: float, *,
+def load_base_model(checkpoint: str | Path | None, model: str | None, *, model_kwargs: dict[str, Any] | None = None,
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    image_size: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
+                    normalize: str | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, dict]:
+    """The base model f and what certify reads of it (num_classes, in_channels, image_size, class_names),
+    from a medcert ``checkpoint`` or any other ``model``; returns (module, info, JSON record of the model)."""
+    from medcert_core.models.external import (
+        Normalized,
+        external_segmenter,
+        parse_normalize,
+    )
+
+    if (checkpoint is None) == (model is None):
+        raise ValueError("give a segmenter: either --checkpoint (a medcert checkpoint) or --model (TorchScript, "
+                         "torch.export .pt2 or package.module:function), not both")
+    if model is not None:
+        module, info = external_segmenter(model, kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
+                                          image_size=image_size, class_names=class_names, normalize=normalize,
+                                          device=device)
+        return module, info, info.describe()
+    asked = {"--model-kwargs": model_kwargs, "--in-channels": in_channels, "--image-size": image_size,
+             "--class-names": class_names}
+    given = [flag for flag, value in asked.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to --model; a medcert checkpoint records them itself")
+    module, config = load_segmenter(checkpoint, num_classes=num_classes, device=device)
+    record = {"checkpoint": str(checkpoint), "normalize": None}
+    if normalize:
+        mean, std = parse_normalize(normalize, config.in_channels)
+        module, record["normalize"] = Normalized(module, mean, std).to(device).eval(), {"mean": mean, "std": std}
+    return module, config, record
+
+
+def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, denoiser: str, sigma: float, *,
+                       model: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                       num_classes: int | None = None, in_channels: int | None = None,
+                       image_size: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
+                       normalize: str | None = None, intensity: str = "auto", slice: str | None = None,
                        output_dir: str | Path = ".", n0: int = 10, n: int = 100, alpha: float = 0.001,
                        tau: float = 0.75, steps: str | int = "single", seed: int | None = None,
                        batch_size: int | str = 32,
                        device: str = "auto", precision: str = "fp32", channels_last: bool = False,
                        compile: bool | str = False, denoiser_flags: str = "",
                        progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
-    """Certify an image file, or every image file of a folder; writes the label maps, overlays and a
-    JSON summary per image (and ``certificates.csv`` for a folder); returns the summary (or the list).
+    """Certify an image file, or every image file of a folder; writes the label maps, overlays, legend and
+    a JSON summary per image (and ``certificates.csv`` for a folder); returns the summary (or the list).
 
-    Every check (parameters, files, stems, an n too small to certify any pixel) runs before the first
-    draw. ``seed`` None (the default): drawn from the OS's entropy; each file's noise is seeded from
-    (seed, sha256 of its bytes). The JSON records ``seed`` (pass it to reproduce), ``seed_source``,
+    The segmenter: ``checkpoint`` (medcert) or ``model`` with its options (:func:`load_base_model`);
+    ``normalize`` "MEAN,STD" runs inside the base model, after the noise. ``intensity`` and ``slice``:
+    how DICOM, NIfTI and 16-bit files map to [0, 1] (:mod:`medcert_core.data.medical`).
+    Every check (parameters, files, stems, model, an n too small to certify any pixel) runs before the
+    first draw. ``seed`` None (the default): drawn from the OS's entropy; each file's noise is seeded
+    from (seed, sha256 of its bytes). The JSON records ``seed`` (pass it to reproduce), ``seed_source``,
     ``image_sha256`` and ``noise_seed`` (the file's generator seed).
     """
     for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
         check_parameter(name, value)
+    reading = parse_intensity(intensity), (parse_slice(slice) if slice else None)
     image_path = Path(image_path)
     files = image_files(image_path) if image_path.is_dir() else [image_path]
     check_distinct_stems(files)
-    images = {path: read_image_file(path) for path in files}  # a bad file fails before any draw
+    images = {path: read_image_file(path, *reading) for path in files}  # a bad file fails before any draw
     digests = {path: file_digest(path) for path in files}
     seed, seed_source = run_seed(seed)
     device = resolve_device(device)
-    model, config = load_segmenter(checkpoint, device=device)
+    base, config, model_record = load_base_model(
+        checkpoint, model, model_kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
+        image_size=image_size, class_names=class_names, normalize=normalize, device=device)
+    check_channels(images, config.in_channels)
     check_n_certifies(n, config.image_size, tau, alpha)
     denoising = load_denoiser(denoiser, sigma, steps=steps, flags=denoiser_flags)
-    smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
+    smoothed = SmoothedSegmenter(base, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
                                  device=device, precision=precision, channels_last=channels_last, compile=compile)
-    settings = {"checkpoint": str(checkpoint), "denoiser": denoiser, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
+    settings = {**model_record, "denoiser": denoiser, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
                 "tau": tau, "seed": seed, "seed_source": seed_source, "precision": precision, "device": str(device)}
     summaries = []
     for path in tqdm(files, desc="certify", disable=not progress or len(files) == 1):
-        original = images[path]
+        original, mapping = images[path]
         image = model_input(original, config.in_channels, config.image_size)
         noise_seed = image_seed(seed, digests[path])
         certificate: Certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=progress,
                                                     generator=torch.Generator(device=device).manual_seed(noise_seed))
-        seeds = {"image_sha256": digests[path], "noise_seed": noise_seed}
-        summaries.append(_write_outputs(path, original, image, certificate, config, settings | seeds,
+        extra = {"image_sha256": digests[path], "noise_seed": noise_seed,
+                 "file_to_tensor": file_to_tensor(mapping, original.shape, config.in_channels, config.image_size)}
+        summaries.append(_write_outputs(path, original, image, certificate, config, settings | extra,
                                         Path(output_dir)))
     if not image_path.is_dir():
         return summaries[0]
@@ -178,12 +271,21 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path, denoiser:
     return summaries
 
 
+def check_channels(images: dict[Path, tuple[torch.Tensor, dict]], channels: int) -> None:
+    """ValueError naming the file when a colour image meets a 1-channel model (its colour would be averaged
+    away silently); grey images for a 3-channel model are replicated, as the study does."""
+    for path, (image, _) in images.items():
+        if image.shape[0] == 3 and channels == 1 and not (torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])):
+            raise ValueError(f"{path} is a colour image and the model takes 1 channel: convert it to grey yourself "
+                             f"(the certificate would be about the average of its channels), or give an RGB model")
+
+
 def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, certificate: Certificate, config,
                    settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Write one image's PNGs (input size and native size) and JSON; returns the JSON's content."""
     labels = certificate.labels.cpu().numpy()
     native = native_labels(labels, tuple(original.shape[-2:]))
-    stem = path.stem
+    stem = file_stem(path)
     height, width = config.image_size
     summary = {
         "image": str(path), **settings, "radius": certificate.radius,
@@ -191,7 +293,7 @@ def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, cert
         "certified_input_size": [height, width],
         "image_file_size": [int(original.shape[-2]), int(original.shape[-1])],
         "about": (f"the certificate is about the {config.in_channels} x {height} x {width} tensor the model receives "
-                  "(the image file resized to the checkpoint's input size); the native-size maps are its labels "
+                  "(the image file mapped to [0, 1] as file_to_tensor says, resized to the model's input size); the native-size maps are its labels "
                   "resized by nearest neighbour, for viewing"),
         "abstain_fraction": float((labels == ABSTAIN).mean()),
         "certified_pixels": {name: int((labels == index).sum()) for index, name in enumerate(config.class_names)},
@@ -202,8 +304,54 @@ def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, cert
                                            output_dir / f"{stem}_labels_native.png")),
         "overlay_native_png": str(_save_png(overlay(original.numpy(), native), output_dir / f"{stem}_overlay_native.png")),
     }
+    summary["legend_png"] = str(_save_png(legend_figure(overlay(original.numpy(), native), summary, config.class_names),
+                                          output_dir / f"{stem}_legend.png"))
     write_json_atomically(summary, output_dir / f"{stem}_certificate.json")
     return summary
+
+
+LEGEND_WIDTH = 320  # pixels of the legend panel beside the overlay
+
+
+def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tuple[np.ndarray | None, str]]:
+    """The legend's rows, (swatch colour or None, text): title, what R means, one row per class, abstain."""
+    height, width = summary["certified_input_size"]
+    total = height * width
+    rows: list[tuple[np.ndarray | None, str]] = [
+        (None, f"certified segmentation, sigma = {summary['sigma']:g}"),
+        (None, f"radius R = {summary['radius']:.3f} (L2, [0, 1] scale)"),
+        (None, f"on the {summary['file_to_tensor']['tensor']} model input"),
+        (None, f"n = {summary['n']}, tau = {summary['tau']:g}, alpha = {summary['alpha']:g}"),
+        (None, "each coloured pixel keeps its class for"),
+        (None, "every perturbation of L2 norm <= R"),
+        (None, ""),
+    ]
+    for index, name in enumerate(class_names):
+        share = 100 * summary["certified_pixels"][name] / total
+        swatch = None if index == 0 else colour_labels(np.array([[index]]))[0, 0]
+        label = f"{name}: image shown as is" if index == 0 else name
+        rows.append((swatch, f"{label} ({share:.1f} % of pixels)"))
+    rows.append((ABSTAIN_COLOUR, f"abstain: no class certified ({100 * summary['abstain_fraction']:.1f} %)"))
+    return rows
+
+
+def legend_figure(overlay_rgb: np.ndarray, summary: dict[str, Any], class_names: Sequence[str]) -> np.ndarray:
+    """(H, W, 3) overlay -> (max(H, legend), W + LEGEND_WIDTH, 3) uint8 with the legend panel on its right."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = legend_lines(summary, class_names)
+    line = 18
+    height = max(overlay_rgb.shape[0], line * (len(rows) + 1))
+    canvas = Image.new("RGB", (overlay_rgb.shape[1] + LEGEND_WIDTH, height), (40, 40, 40))
+    canvas.paste(Image.fromarray(overlay_rgb), (0, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    left = overlay_rgb.shape[1] + 10
+    for row, (swatch, text) in enumerate(rows):
+        top = 8 + row * line
+        if swatch is not None:
+            draw.rectangle([left, top + 2, left + 12, top + 14], fill=tuple(int(v) for v in swatch), outline=(0, 0, 0))
+        draw.text((left + (18 if swatch is not None or row > 6 else 0), top), text, fill=(235, 235, 235), font=font)
+    return np.asarray(canvas)
 
 
 def label_dtype(num_classes: int) -> type:

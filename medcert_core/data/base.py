@@ -118,6 +118,36 @@ def check_same_shape(image_path: Path, image_shape: Sequence[int], mask_path: Pa
 # --------------------------------------------------------------------------- reading arrays
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(path: Path) -> bytes:
+    """The first 26 bytes of a PNG (signature + IHDR up to the colour type), b"" for other files."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    return head if head.startswith(PNG_SIGNATURE) and len(head) == 26 else b""
+
+
+def png_bit_depth(path: Path) -> int | None:
+    """A PNG's bit depth per sample (IHDR byte 24), None if ``path`` is not a PNG."""
+    head = _png_header(path)
+    return head[24] if head else None
+
+
+def png_colour_type(path: Path) -> int | None:
+    """A PNG's colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), None if not a PNG."""
+    head = _png_header(path)
+    return head[25] if head else None
+
+
+def read_png16_colour(path: Path) -> np.ndarray:
+    """A 16-bit RGB / RGBA PNG -> (H, W, 3 or 4) uint16 at full depth (pypng; PIL reads it as 8 bits)."""
+    import png
+
+    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+
+
 def _read_raw(path: Path, kind: str) -> np.ndarray:
     """Decode an image file to an array (H, W) or (H, W, C) of its stored dtype.
 
@@ -128,6 +158,8 @@ def _read_raw(path: Path, kind: str) -> np.ndarray:
     try:
         if path.suffix.lower() in TIFF_EXTENSIONS:
             array = np.asarray(tifffile.imread(path))
+        elif png_bit_depth(path) == 16 and png_colour_type(path) in (2, 6):
+            array = read_png16_colour(path)  # PIL would truncate 16-bit colour to 8 bits
         else:
             with Image.open(path) as im:
                 im.load()

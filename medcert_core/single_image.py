@@ -44,13 +44,11 @@ from tqdm import tqdm
 
 from medcert_core.certify import ABSTAIN, Certificate, smallest_certifiable_n
 from medcert_core.checks import check_parameter
-from medcert_core.data.base import resize_image
+from medcert_core.data.base import file_stem, file_suffix, resize_image
 from medcert_core.data.chest import read_jsrt_img
 from medcert_core.data.medical import (
     MEDICAL_SUFFIXES,
     Intensity,
-    file_stem,
-    file_suffix,
     parse_intensity,
     parse_slice,
     read_with_mapping,
@@ -91,7 +89,8 @@ def read_image_file(path: str | Path, intensity: Intensity = Intensity(), slice_
             raise ValueError(f"{path}: a JSRT .IMG file is read with its own 12-bit mapping; --intensity and "
                              f"--slice do not apply")
         array, mapping = read_jsrt_img(path), {"format": "jsrt img", "intensity": "auto",
-                                                "formula": "(4095 - min(v, 4095)) / 4095 (12-bit, high = dark)"}
+                                                "formula": "(4095 - min(v, 4095)) / 4095 (12-bit, high = dark)",
+                                                "unit_per_value": 1 / 4095}
     else:
         array, mapping = read_with_mapping(path, intensity, slice_spec)
     return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()), mapping
@@ -103,6 +102,45 @@ def channel_mapping(stored: int, channels: int) -> str:
         return "as stored"
     return "grey replicated to 3 channels" if stored == 1 else f"{stored} channels averaged to grey" + (
         f", replicated to {channels}" if channels > 1 else "")
+
+
+def channel_norm(stored: int, channels: int) -> float:
+    """The operator norm of :func:`model_input`'s channel step: replicate 1 -> C: sqrt(C); average C -> 1: 1/sqrt(C)."""
+    if stored == channels:
+        return 1.0
+    return float(np.sqrt(channels)) if stored == 1 else float(1 / np.sqrt(stored))
+
+
+def resize_norm_bound(native: tuple[int, int], size: tuple[int, int]) -> float:
+    """An upper bound on the L2 operator norm of :func:`resize_image` (bilinear, antialiased) from ``native``
+    to ``size``: sqrt(max column sum x max row sum) of its matrix (Schur's test; its weights are >= 0),
+    both sums read off by applying the map and its transpose to ones. 1 when nothing is resized."""
+    if tuple(native) == tuple(size):
+        return 1.0
+    ones = torch.ones(1, 1, *native, dtype=torch.float64, requires_grad=True)
+    out = F.interpolate(ones, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    (columns,) = torch.autograd.grad(out, ones, grad_outputs=torch.ones_like(out))
+    return float(np.sqrt(columns.max().item() * out.max().item()))
+
+
+def radius_on_the_file(radius: float, mapping: dict[str, Any], stored_shape: Sequence[int], channels: int,
+                       size: tuple[int, int]) -> dict[str, Any]:
+    """What the certificate's radius R (on the model's tensor) covers on the file itself.
+
+    Every step from the [0, 1] file image to the tensor is linear then clipped (the channel step, the
+    resize; clipping only shrinks differences), so a perturbation of L2 norm e of the [0, 1] file image
+    moves the tensor by at most channel_norm x resize_norm x e: R / (that product) is certified on it.
+    Through an affine intensity mapping (``unit_per_value`` x rescale slope), also in stored values.
+    """
+    factor = channel_norm(int(stored_shape[0]), channels) * resize_norm_bound(tuple(stored_shape[-2:]), size)
+    on_image = radius / factor
+    per_value = mapping.get("unit_per_value")
+    per_stored = None if per_value in (None, 0) else per_value * mapping.get("rescale", {}).get("slope", 1.0)
+    return {"unit_image": on_image,
+            "stored_values": None if per_stored is None else on_image / abs(per_stored),
+            "how": f"R / (channels {channel_norm(int(stored_shape[0]), channels):.4f} x resize "
+                   f"{resize_norm_bound(tuple(stored_shape[-2:]), size):.4f}) on the file's [0, 1] image"
+                   + ("" if per_stored is None else f"; / {abs(per_stored):.6g} per stored value")}
 
 
 def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -290,6 +328,8 @@ def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, cert
     summary = {
         "image": str(path), **settings, "radius": certificate.radius,
         "input_space": f"[0, 1]^({config.in_channels}x{height}x{width})",
+        "radius_on_the_file": radius_on_the_file(certificate.radius, settings["file_to_tensor"], original.shape,
+                                                 config.in_channels, config.image_size),
         "certified_input_size": [height, width],
         "image_file_size": [int(original.shape[-2]), int(original.shape[-1])],
         "about": (f"the certificate is about the {config.in_channels} x {height} x {width} tensor the model receives "
@@ -321,9 +361,11 @@ def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tu
         (None, f"certified segmentation, sigma = {summary['sigma']:g}"),
         (None, f"radius R = {summary['radius']:.3f} (L2, [0, 1] scale)"),
         (None, f"on the {summary['file_to_tensor']['tensor']} model input"),
+        (None, f"= {summary['radius_on_the_file']['unit_image']:.3f} on the file's own [0, 1] image"),
         (None, f"n = {summary['n']}, tau = {summary['tau']:g}, alpha = {summary['alpha']:g}"),
-        (None, "each coloured pixel keeps its class for"),
-        (None, "every perturbation of L2 norm <= R"),
+        (None, "every pixel not white keeps its class under"),
+        (None, "any perturbation of L2 norm <= R (all pixels"),
+        (None, "at once, with probability >= 1 - alpha)"),
         (None, ""),
     ]
     for index, name in enumerate(class_names):
@@ -350,7 +392,8 @@ def legend_figure(overlay_rgb: np.ndarray, summary: dict[str, Any], class_names:
         top = 8 + row * line
         if swatch is not None:
             draw.rectangle([left, top + 2, left + 12, top + 14], fill=tuple(int(v) for v in swatch), outline=(0, 0, 0))
-        draw.text((left + (18 if swatch is not None or row > 6 else 0), top), text, fill=(235, 235, 235), font=font)
+        indent = 18 if swatch is not None or row >= len(rows) - len(class_names) - 1 else 0
+        draw.text((left + indent, top), text, fill=(235, 235, 235), font=font)
     return np.asarray(canvas)
 
 

@@ -19,6 +19,7 @@ from medcert_core.__main__ import main
 from medcert_core.data.medical import parse_intensity, parse_slice, read_with_mapping
 from medcert_core.single_image import LEGEND_WIDTH, certify_image_file, read_image_file
 from medcert_core.smoothing import SmoothedSegmenter
+from medcert_core.testing.medical_files import write_dicom, write_nifti
 
 warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
 
@@ -27,46 +28,6 @@ CERTIFY = dict(denoiser="none", sigma=0.5, n0=5, n=60, alpha=0.01, seed=11, prog
 
 
 # --------------------------------------------------------------------------- files made here
-
-
-def write_dicom(path, array, *, photometric="MONOCHROME2", bits=12, signed=False, syntax=None, **elements):
-    """A minimal single-frame (or multi-frame, for a 3D ``array``) DICOM file of ``array`` (never downloaded)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    colour = array.ndim == 3 and array.shape[-1] == 3
-    dataset.Rows, dataset.Columns = array.shape[-3:-1] if colour else array.shape[-2:]
-    if array.ndim == 3 and not colour:
-        dataset.NumberOfFrames = array.shape[0]
-    dataset.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        dataset.PlanarConfiguration = 0
-    dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = 8 if bits <= 8 else 16
-    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = bits, bits - 1, int(signed)
-    for name, value in elements.items():
-        setattr(dataset, name, value)
-    dtype = (np.int16 if signed else np.uint16) if bits > 8 else np.uint8
-    raw = array.astype(dtype).tobytes()
-    if syntax is None:
-        dataset.PixelData = raw
-    else:  # a compressed syntax: the bytes encapsulated as one frame (no codec needed to write it)
-        from pydicom.encaps import encapsulate
-
-        dataset.PixelData = encapsulate([raw])
-        dataset["PixelData"].VR, dataset["PixelData"].is_undefined_length = "OB", True
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def ramp(height=24, width=20, top=4095):
@@ -120,15 +81,18 @@ def test_dicom_windows_follow_the_standard_linear_formula(tmp_path):
 
 
 def test_dicom_bad_input_names_the_file_and_the_way_out(tmp_path):
-    from pydicom.uid import JPEG2000Lossless
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
     corrupt = tmp_path / "corrupt.dcm"
     corrupt.write_bytes(b"DICM" * 10)
     with pytest.raises(ValueError, match=r"corrupt\.dcm.*not a DICOM file or corrupt"):
         read_with_mapping(corrupt)
-    compressed = write_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
-    with pytest.raises(ValueError, match=r"j2k\.dcm.*JPEG 2000.*decoder.*pylibjpeg.*gdcmconv"):
-        read_with_mapping(compressed)
+    no_decoder = write_dicom(tmp_path / "jpegls.dcm", ramp(), syntax=JPEGLSLossless)  # no JPEG-LS codec installed
+    with pytest.raises(ValueError, match=r"jpegls\.dcm.*JPEG-LS.*no decoder.*pylibjpeg.*gdcmconv"):
+        read_with_mapping(no_decoder)
+    broken = write_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)  # Pillow decodes J2K: bad bytes
+    with pytest.raises(ValueError, match=r"j2k\.dcm.*JPEG 2000.*does not decode \(truncated or corrupt\)"):
+        read_with_mapping(broken)
     frames = write_dicom(tmp_path / "cine.dcm", np.stack([ramp(), ramp() // 2]))
     with pytest.raises(ValueError, match=r"cine\.dcm.*2 frames.*--slice 0:FRAME"):
         read_with_mapping(frames)
@@ -153,16 +117,6 @@ def test_an_rgb_dicom_is_refused_by_a_one_channel_model(tmp_path):
 
 
 # --------------------------------------------------------------------------- NIfTI and 16-bit files
-
-
-def write_nifti(path, array, slope=None, inter=None):
-    import nibabel
-
-    image = nibabel.Nifti1Image(array, np.eye(4))
-    if slope is not None:
-        image.header.set_slope_inter(slope, inter)
-    nibabel.save(image, path)
-    return path
 
 
 def test_nifti_reads_a_2d_image_and_one_slice_of_a_volume_as_stored(tmp_path):
@@ -445,3 +399,54 @@ def test_certify_a_dicom_with_an_exported_model_from_the_command_line(tmp_path, 
     with pytest.raises(SystemExit):
         main(["certify", str(path), "--model", model, "--intensity", "window:1", "--sigma", "0.25"])
     assert "auto, minmax, voi, window:CENTER,WIDTH" in capsys.readouterr().err
+
+
+def test_the_folder_dataset_reads_dicom_images_and_nifti_masks(tmp_path):
+    from medcert_core.data import load_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for index in range(4):
+        stored = (ramp(24, 20) + 300 * index) % 4096
+        write_dicom(tmp_path / "images" / f"case{index}.dcm", stored, photometric="MONOCHROME1")
+        write_nifti(tmp_path / "masks" / f"case{index}.nii.gz", (stored > 2000).astype(np.uint8))
+    dataset = load_dataset("folder", tmp_path, "all", image_size=(24, 20))
+    assert len(dataset) == 4
+    image, mask = dataset[1]
+    stored = (ramp(24, 20) + 300) % 4096
+    np.testing.assert_allclose(image[0].numpy(), 1 - stored / 4095, atol=1e-6)
+    assert image.shape == (3, 24, 20), "grey replicated to the folder's default 3 channels"
+    np.testing.assert_array_equal(mask.numpy(), (stored > 2000).astype(np.int64))
+
+
+@pytest.mark.parametrize(("native", "size", "stored", "channels"),
+                         [((48, 40), (16, 16), 1, 3), ((512, 512), (128, 128), 1, 1), ((30, 36), (45, 54), 3, 1)])
+def test_the_radius_on_the_file_bounds_how_far_the_file_image_moves_the_tensor(native, size, stored, channels):
+    from medcert_core.single_image import channel_norm, model_input, radius_on_the_file, resize_norm_bound
+
+    factor = channel_norm(stored, channels) * resize_norm_bound(native, size)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(stored, *native, generator=generator, dtype=torch.float64) * 0.5 + 0.25  # no clipping here
+
+    def tensor(x):
+        return model_input(x, channels, size)
+
+    # the direction that moves the tensor most (power iteration on the whole linear map), and random ones
+    direction = torch.randn(stored, *native, generator=generator, dtype=torch.float64)
+    for _ in range(200):
+        direction.requires_grad_(True)
+        moved = tensor(direction)
+        (pulled,) = torch.autograd.grad(moved, direction, grad_outputs=moved)
+        direction = (pulled / pulled.norm()).detach()
+    largest = float(tensor(direction).norm())
+    assert largest <= factor * (1 + 1e-9), "the bound holds in the worst direction"
+    assert largest >= 0.85 * factor, "and is not loose by more than 15 %"
+    for _ in range(20):
+        delta = torch.randn(stored, *native, generator=generator, dtype=torch.float64) * 0.01
+        assert float((tensor(image + delta) - tensor(image)).norm()) <= factor * float(delta.norm()) + 1e-12
+
+    mapping = {"unit_per_value": 1 / 4095, "rescale": {"slope": 2.0}}
+    record = radius_on_the_file(0.3, mapping, (stored, *native), channels, size)
+    assert record["unit_image"] == pytest.approx(0.3 / factor)
+    assert record["stored_values"] == pytest.approx(0.3 / factor * 4095 / 2)
+    assert radius_on_the_file(0.3, {"unit_per_value": None}, (stored, *native), channels, size)["stored_values"] is None

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 import tifffile
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
@@ -57,6 +57,18 @@ def require_dir(path: str | Path | None, dataset: str, layout: str) -> Path:
     return path
 
 
+def file_suffix(path: str | Path) -> str:
+    """The lower-case suffix, ``.nii.gz`` as one: ``a.nii.gz`` -> ``.nii.gz``, ``A.PNG`` -> ``.png``."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def file_stem(path: str | Path) -> str:
+    """The name without its suffix, ``.nii.gz`` as one: ``ct.nii.gz`` -> ``ct``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
 def index_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, Path]:
     """Map file stem -> path for the files of ``folder`` with one of ``extensions`` (any case).
 
@@ -66,11 +78,12 @@ def index_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> d
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
-        if path.suffix.lower() not in extensions:
+        if file_suffix(path) not in extensions:
             continue
-        if path.stem in index:
-            raise ValueError(f"two files with the same stem: {index[path.stem]} and {path}")
-        index[path.stem] = path
+        stem = file_stem(path)
+        if stem in index:
+            raise ValueError(f"two files with the same stem: {index[stem]} and {path}")
+        index[stem] = path
     return index
 
 
@@ -148,7 +161,7 @@ def read_png16_colour(path: Path) -> np.ndarray:
     return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
 
 
-def _read_raw(path: Path, kind: str) -> np.ndarray:
+def read_raw(path: Path, kind: str) -> np.ndarray:
     """Decode an image file to an array (H, W) or (H, W, C) of its stored dtype.
 
     ``kind`` "image" turns palette images into RGB; "mask" keeps palette indices (label values).
@@ -210,7 +223,7 @@ def read_image(path: Path) -> np.ndarray:
 
     Float images must hold finite values in [0, 1] (see :func:`check_float_image`).
     """
-    array = to_unit(check_float_image(_read_raw(path, "image"), path))
+    array = to_unit(check_float_image(read_raw(path, "image"), path))
     if array.ndim == 3:
         array = array[..., 0] if array.shape[-1] < 3 else array[..., :3]
     return array
@@ -224,7 +237,7 @@ def read_gray(path: Path) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """Mask file -> integer array (H, W) of its stored values (colour: maximum over R, G, B)."""
-    array = _read_raw(path, "mask")
+    array = read_raw(path, "mask")
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1)
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
@@ -267,16 +280,19 @@ def files_per_case(images: Mapping[str, Path], masks: Mapping[str, Path | Mappin
 
 
 def paired_loader(images: dict[str, Path], masks: dict[str, Path],
-                  read: Callable[[Path], np.ndarray], to_labels: LabelFn) -> Loader:
+                  read: Callable[[Path], np.ndarray], to_labels: LabelFn,
+                  read_masks: Callable[[Path], np.ndarray] | None = None) -> Loader:
     """Loader of cases made of one image file and one mask file with the same (H, W).
 
     ``read`` decodes the image (e.g. :func:`read_image`, :func:`read_gray`); ``to_labels``
-    turns the stored mask values (and the mask path, for error messages) into class ids.
+    turns the stored mask values (and the mask path, for error messages) into class ids;
+    ``read_masks`` decodes a mask (default :func:`read_mask`).
     """
+    read_masks = read_masks or read_mask
 
     def load(case_id: str) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = images[case_id], masks[case_id]
-        image, mask = read(image_path), read_mask(mask_path)
+        image, mask = read(image_path), read_masks(mask_path)
         check_same_shape(image_path, image.shape, mask_path, mask.shape)
         return image, to_labels(mask, mask_path)
 

@@ -18,6 +18,10 @@ Intensity (``--intensity``):
 - ``voi``: the DICOM file's own window (WindowCenter / WindowWidth, first value) or VOI LUT; only
   when asked, never by default.
 
+Every mapping but a VOI LUT table is affine before its clipping (which only shrinks differences), so
+the record's ``unit_per_value`` (times the rescale slope) bounds how far a change of the stored values
+moves the [0, 1] image: ``certify`` turns it into the radius on the file (``radius_on_the_file``).
+
 MONOCHROME1 DICOM (white = low values) is inverted after the mapping, so that bone is bright as in
 MONOCHROME2 and every PNG radiograph. NIfTI arrays are used as stored: rows are the first remaining
 array axis, columns the second, no reorientation; a 3D volume needs a slice (``AXIS:INDEX``).
@@ -32,22 +36,19 @@ from typing import Any
 
 import numpy as np
 
+from medcert_core.data.base import (
+    check_float_image,
+    file_suffix,
+    read_image,
+    read_mask,
+    read_raw,
+)
+from medcert_core.io import error_gist
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MEDICAL_SUFFIXES = DICOM_SUFFIXES + NIFTI_SUFFIXES
 INTENSITY_FORMS = "auto, minmax, voi, window:CENTER,WIDTH"
-
-
-def file_suffix(path: str | Path) -> str:
-    """The lower-case suffix, ``.nii.gz`` as one: ``a.nii.gz`` -> ``.nii.gz``, ``A.PNG`` -> ``.png``."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def file_stem(path: str | Path) -> str:
-    """The name without its suffix, ``.nii.gz`` as one: ``ct.nii.gz`` -> ``ct``."""
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
+def _per_value(low: float, high: float) -> float:
+    """The slope of :func:`scale_to_unit`: [0, 1] units per stored unit (0 for a constant image)."""
+    return 1 / (high - low) if high > low else 0.0
+
+
 def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """(values - low) / (high - low) clipped to [0, 1]; a constant image (high == low) -> zeros."""
     if high <= low:
@@ -115,18 +121,19 @@ def map_intensity(values: np.ndarray, intensity: Intensity, natural_range: tuple
     low, high = float(values.min()), float(values.max())
     if intensity.mode == "window":
         unit = linear_window(values, intensity.center, intensity.width)
-        record = {"intensity": intensity.describe(), "formula": "clip((v - (center - 0.5)) / (width - 1) + 0.5, 0, 1)"}
+        record = {"intensity": intensity.describe(), "formula": "clip((v - (center - 0.5)) / (width - 1) + 0.5, 0, 1)",
+                  "unit_per_value": 1 / (intensity.width - 1)}
     elif intensity.mode == "minmax" or (natural_range is None and (low < 0 or high > 1)):
         unit = scale_to_unit(values, low, high)
         record = {"intensity": "minmax" if intensity.mode == "minmax" else "auto (minmax: values outside [0, 1])",
-                  "formula": f"(v - {low:g}) / ({high:g} - {low:g})"}
+                  "formula": f"(v - {low:g}) / ({high:g} - {low:g})", "unit_per_value": _per_value(low, high)}
     elif natural_range is None:
         unit = values
-        record = {"intensity": "auto (as stored: values within [0, 1])", "formula": "v"}
+        record = {"intensity": "auto (as stored: values within [0, 1])", "formula": "v", "unit_per_value": 1.0}
     else:
         unit = scale_to_unit(values, *natural_range)
         record = {"intensity": "auto", "formula": f"(v - {natural_range[0]:g}) / ({natural_range[1]:g} - "
-                                                  f"{natural_range[0]:g})"}
+                                                  f"{natural_range[0]:g})", "unit_per_value": _per_value(*natural_range)}
     return unit.astype(np.float32), record | {"stored_min": low, "stored_max": high}
 
 
@@ -154,11 +161,7 @@ def read_dicom(path: Path, intensity: Intensity = Intensity(), slice_spec: Slice
         stored = dataset.pixel_array
     except Exception as error:
         name = getattr(syntax, "name", str(syntax))
-        hint = ("it is compressed and no decoder for its transfer syntax is installed: install one "
-                "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or gdcm) or decompress it "
-                "first (gdcmconv --raw IN OUT, dcmdjpeg IN OUT)" if syntax is not None and syntax.is_compressed
-                else "its pixel data does not match its header")
-        raise _dicom_error(path, f"transfer syntax {name}: {hint} ({error})") from error
+        raise _dicom_error(path, f"transfer syntax {name}: {_decoding_hint(syntax)} ({error_gist(error)})") from error
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     samples = int(dataset.get("SamplesPerPixel", 1))
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -186,6 +189,23 @@ def read_dicom(path: Path, intensity: Intensity = Intensity(), slice_spec: Slice
     return _monochrome(unit, photometric, mapping | record)
 
 
+def _decoding_hint(syntax) -> str:
+    """Why pixel data would not decode: no decoder installed for a compressed syntax, or broken data."""
+    from pydicom.pixels import get_decoder
+
+    if syntax is None or not syntax.is_compressed:
+        return "its pixel data does not match its header (truncated or corrupt)"
+    try:
+        available = get_decoder(syntax).is_available
+    except Exception:  # pydicom knows no decoder for this syntax at all
+        available = False
+    if available:
+        return "its compressed pixel data does not decode (truncated or corrupt)"
+    return ("it is compressed and no decoder for its transfer syntax is installed: install one (pip install "
+            "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or gdcm) or decompress it first (gdcmconv --raw IN "
+            "OUT, dcmdjpeg IN OUT)")
+
+
 def _rescaled_range(dataset, slope: float, intercept: float) -> tuple[float, float]:
     """The (low, high) stored values can take (BitsStored, PixelRepresentation), after the rescale."""
     bits = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 16)))
@@ -204,7 +224,9 @@ def _dicom_voi(dataset, stored: np.ndarray, photometric: str, path: Path,
         center, width = (float(np.atleast_1d(dataset.WindowCenter)[0]), float(np.atleast_1d(dataset.WindowWidth)[0]))
         values = apply_rescale(stored, dataset)
         unit = linear_window(values.astype(np.float64), center, width).astype(np.float32)
-        record = {"intensity": "voi", "window_center": center, "window_width": width,
+        slope, intercept = float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
+        record = {"rescale": {"slope": slope, "intercept": intercept}, "intensity": "voi", "window_center": center,
+                  "window_width": width, "unit_per_value": 1 / (width - 1),
                   "formula": "clip((v - (center - 0.5)) / (width - 1) + 0.5, 0, 1) on the rescaled values"}
         return _monochrome(unit, photometric, mapping | record)
     if "VOILUTSequence" in dataset:
@@ -212,7 +234,8 @@ def _dicom_voi(dataset, stored: np.ndarray, photometric: str, path: Path,
         bits = int(item.LUTDescriptor[2])
         unit = scale_to_unit(apply_voi_lut(stored, dataset).astype(np.float64), 0, 2 ** bits - 1).astype(np.float32)
         return _monochrome(unit, photometric, mapping | {"intensity": "voi", "voi_lut_bits": bits,
-                                                         "formula": f"VOI LUT(v) / {2 ** bits - 1}"})
+                                                         "formula": f"VOI LUT(v) / {2 ** bits - 1}",
+                                                         "unit_per_value": None})  # a table: not linear
     raise _dicom_error(path, "--intensity voi asked, but the file has no WindowCenter / WindowWidth and no VOI LUT "
                              "Sequence; give the window yourself with --intensity window:CENTER,WIDTH")
 
@@ -293,14 +316,31 @@ def read_nifti_array(path: Path, slice_spec: SliceSpec | None = None) -> tuple[n
     return np.asarray(plane), mapping
 
 
+def read_nifti_mask(path: Path) -> np.ndarray:
+    """A 2D NIfTI label map -> int64 (H, W) of its class ids; ValueError naming the file for non-integers."""
+    values = read_nifti_array(path)[0]
+    if not np.array_equal(values, np.round(values)):
+        raise ValueError(f"mask file {path} holds non-integer values; a NIfTI mask must hold class ids")
+    return values.astype(np.int64)
+
+
+def read_medical_or_image(path: Path) -> np.ndarray:
+    """Any image file -> (H, W) or (H, W, 3) float32 in [0, 1]: DICOM and 2D NIfTI by the ``auto`` mapping,
+    the rest as :func:`medcert_core.data.base.read_image` reads it (the ``folder`` dataset's reader)."""
+    return read_with_mapping(path)[0] if file_suffix(path) in MEDICAL_SUFFIXES else read_image(path)
+
+
+def read_medical_or_mask(path: Path) -> np.ndarray:
+    """Any mask file -> int64 (H, W): a 2D NIfTI label map, or what :func:`medcert_core.data.base.read_mask` reads."""
+    return read_nifti_mask(path) if file_suffix(path) in NIFTI_SUFFIXES else read_mask(path)
+
+
 # --------------------------------------------------------------------------- any file
 
 
 def read_with_mapping(path: str | Path, intensity: Intensity = Intensity(), slice_spec: SliceSpec | None = None
                       ) -> tuple[np.ndarray, dict[str, Any]]:
     """Any supported image file -> ((H, W) or (H, W, 3) float32 in [0, 1], mapping); see the module doc."""
-    from medcert_core.data.base import _read_raw, check_float_image
-
     path = Path(path)
     suffix = file_suffix(path)
     if suffix in DICOM_SUFFIXES:
@@ -311,7 +351,7 @@ def read_with_mapping(path: str | Path, intensity: Intensity = Intensity(), slic
         raise ValueError(f"--slice applies to NIfTI volumes and multi-frame DICOM, not to {path}")
     if intensity.mode == "voi":
         raise ValueError(f"--intensity voi is a DICOM window; {path} is {suffix}: use auto, minmax or window:C,W")
-    raw = check_float_image(_read_raw(path, "image"), path) if intensity.mode == "auto" else _read_raw(path, "image")
+    raw = check_float_image(read_raw(path, "image"), path) if intensity.mode == "auto" else read_raw(path, "image")
     raw = _drop_alpha(raw)
     mapping = {"format": suffix.lstrip("."), "stored_dtype": str(raw.dtype)}
     if np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:

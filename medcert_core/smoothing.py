@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +210,18 @@ def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) ->
             "expected num_classes logits, or 1 logit for a binary segmenter with num_classes = 2"
         )
     return logits.argmax(1)
+
+
+def add_to_histograms(histograms: list[torch.Tensor], starts: list[int], ends: list[int], first: int,
+                      classes: torch.Tensor) -> None:
+    """Add a batch of class ids (b, H, W), draws first .. first + b - 1, to the (K, H * W) histograms of
+    the streams [start, end) it overlaps."""
+    flat = classes.reshape(classes.shape[0], -1)
+    last = first + flat.shape[0]
+    for histogram, start, end in zip(histograms, starts, ends):
+        lo, hi = max(start, first) - first, min(end, last) - first
+        if lo < hi:
+            histogram.scatter_add_(0, flat[lo:hi], torch.ones_like(flat[lo:hi]))
 
 
 class SmoothedSegmenter:
@@ -396,13 +408,18 @@ class SmoothedSegmenter:
         ends = torch.tensor(draws).cumsum(0).tolist()
         starts = [end - count for end, count in zip(ends, draws)]
         for first, classes in self.draw_batches(x, ends[-1], generator, progress, desc):
-            flat = classes.reshape(classes.shape[0], -1)
-            last = first + flat.shape[0]
-            for histogram, start, end in zip(histograms, starts, ends):
-                lo, hi = max(start, first) - first, min(end, last) - first
-                if lo < hi:
-                    histogram.scatter_add_(0, flat[lo:hi], torch.ones_like(flat[lo:hi]))
+            add_to_histograms(histograms, starts, ends, first, classes)
         return [histogram.reshape(self.num_classes, height, width) for histogram in histograms]
+
+    def segment_denoised(self, denoised: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        """Class ids (B, H, W) of the segmenter alone on an already denoised batch (the second half of
+        :meth:`base_classes`, for :func:`certify_segmenters`)."""
+        with autocast(self.device, self.precision):
+            logits = self.segmenter(denoised)
+        check_segmenter_output(logits, batch_shape, self.num_classes)
+        logits = logits.float()
+        self._all_finite &= torch.isfinite(logits).all()
+        return classes_from_logits(logits, self.num_classes)
 
     def _check_finite(self) -> None:
         """A NaN or inf logit would be counted as some class: refuse the certificate instead."""
@@ -497,3 +514,72 @@ class SmoothedSegmenter:
         top = histogram.topk(2, dim=0)
         self._check_finite()
         return predict_counts(top.indices[0], top.values[0], top.values[1], n, alpha=alpha, correction=correction)
+
+
+def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor, n0: int, n: int, *,
+                      num_classes: int, sigma: float, denoiser: torch.nn.Module | None = None,
+                      generator: torch.Generator | None = None, batch_size: int | str = SMOOTHER_BATCH,
+                      device: str | torch.device | None = "auto", precision: str = "fp32",
+                      progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The sampling half of :func:`certify_segmenters`: name -> (selected class, count), each (H, W) int64,
+    exactly what ``SmoothedSegmenter(segmenter, ..., denoiser).counts`` gives that segmenter alone with the
+    same generator and batch size. Each batch of draws is made and denoised once, then segmented by
+    every segmenter; only one batch of draws is held at a time."""
+    if not segmenters:
+        raise ValueError("segmenters must name at least one segmenter (a mapping name -> module)")
+    check_draws("n0", n0)
+    check_draws("n", n)
+    smoothers = {name: SmoothedSegmenter(module, num_classes, sigma, denoiser=denoiser, batch_size=batch_size,
+                                         device=device, precision=precision) for name, module in segmenters.items()}
+    lead = next(iter(smoothers.values()))
+    x, generator = lead._prepare(x, generator)
+    for smoother in smoothers.values():
+        smoother._prepare(x, generator)  # eval mode, finiteness flag; the generator is not consumed
+    if lead._working_batch is None:
+        lead._working_batch = lead._auto_batch(x, n0 + n)
+    height, width = x.shape[-2:]
+    histograms = {name: [torch.zeros((num_classes, height * width), dtype=torch.int64, device=lead.device)
+                         for _ in range(2)] for name in smoothers}
+    done, total = 0, n0 + n
+    with torch.inference_mode(), tqdm(total=total, desc="sampling", disable=not progress, leave=False) as bar:
+        while done < total:
+            size = min(lead._working_batch, total - done)
+            noise, generators = draw_noise(tuple(x.shape), size, generator, lead.device, lead.stochastic_denoiser,
+                                           x.dtype)
+            noisy = x.unsqueeze(0) + lead.sigma * noise
+            with autocast(lead.device, precision):
+                denoised = denoise(lead.denoiser, noisy, generators)
+            for name, smoother in smoothers.items():
+                classes = smoother.segment_denoised(denoised, tuple(noisy.shape))
+                add_to_histograms(histograms[name], [0, n0], [n0, total], done, classes)
+            done += size
+            bar.update(size)
+    results = {}
+    for name, smoother in smoothers.items():
+        smoother._check_finite()
+        selection, estimation = (histogram.reshape(num_classes, height, width) for histogram in histograms[name])
+        selected = selection.argmax(0)
+        results[name] = (selected, estimation.gather(0, selected.unsqueeze(0))[0])
+    return results
+
+
+def certify_segmenters(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor, n0: int, n: int, *,
+                       num_classes: int, sigma: float, denoiser: torch.nn.Module | None = None, tau: float = 0.75,
+                       alpha: float = 0.001, correction: Correction = "holm", generator: torch.Generator | None = None,
+                       batch_size: int | str = SMOOTHER_BATCH, device: str | torch.device | None = "auto",
+                       precision: str = "fp32", progress: bool = False) -> dict[str, Certificate]:
+    """Certify one image x (C, H, W) in [0, 1] with several segmenters (name -> module, same classes)
+    behind one denoiser, from one set of noisy and denoised draws: name -> Certificate, each identical
+    (labels, p-values, counts) to ``SmoothedSegmenter(segmenter, num_classes, sigma, denoiser,
+    batch_size).certify(x, n0, n, generator=<the same seed>)``. The denoiser runs once per batch
+    of draws instead of once per segmenter; memory holds one batch of draws at a time. Each certificate
+    holds at level alpha on its own (the segmenters share the draws, so their errors are not independent).
+    """
+    check_tau(tau)
+    check_alpha(alpha)
+    check_correction(correction)
+    counts = segmenters_counts(segmenters, x, n0, n, num_classes=num_classes, sigma=sigma, denoiser=denoiser,
+                               generator=generator, batch_size=batch_size, device=device, precision=precision,
+                               progress=progress)
+    return {name: certify_counts(selected, count, n, sigma=float(sigma), tau=tau, alpha=alpha, correction=correction,
+                                 n0=n0, num_classes=num_classes) for name, (selected, count) in counts.items()}

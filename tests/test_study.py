@@ -181,6 +181,36 @@ def test_certification_runs_are_stored_and_read_back(tiny_experiment, monkeypatc
     assert expected.is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:n = 60 draws cannot certify")
+def test_architectures_behind_one_denoiser_share_their_draws_and_get_their_own_numbers(tiny_experiment, tmp_path,
+                                                                                      monkeypatch):
+    """run_all certifies the missing runs of one (data, method, sigma) together (one set of denoised draws
+    per image); each stored run equals that run computed alone."""
+    from medcert_core.study.runs import run as runs
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    method = ours("unet:auto")
+    group = [tiny_experiment.certification_run(arch, method, 0.5) for arch in ("unet", "resunetpp")]
+    results = tmp_path / "results"
+    options = {"results_dir": results, "cache": tiny_experiment.cache_path, "device": "cpu", "progress": False}
+    computed_alone = []
+    real_compute = runs.compute
+    monkeypatch.setattr(runs, "compute", lambda run, *a, **k: computed_alone.append(run.arch) or real_compute(run, *a, **k))
+    together = runs.run_all(group, **options)
+    assert computed_alone == [], "computed together, not one by one"
+    hashes = [run.hash for run in group]
+    for run, run_hash in zip(group, hashes):
+        metadata = store.load_metadata(results, run_hash)
+        assert metadata["shared_draws_with"] == [other for other in hashes if other != run_hash]
+        alone = real_compute(run, tiny_experiment.cache_path, device="cpu", progress=False)
+        stored = store.load_rows(results, run_hash)
+        pd.testing.assert_frame_equal(stored.drop(columns="seconds"), alone.rows.drop(columns="seconds"),
+                                      check_dtype=False)
+        pd.testing.assert_frame_equal(store.load_curves(results, run_hash), alone.curves, check_dtype=False)
+    assert set(together["arch"]) == {"unet", "resunetpp"}
+
+
 @pytest.mark.filterwarnings("ignore:n = 60 draws cannot certify")
 def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment, monkeypatch):
     import torch

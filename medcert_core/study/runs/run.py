@@ -12,7 +12,9 @@ R = sigma Phi^-1(tau), one row per image x class x tau.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from medcert_core.smoothing import (
     check_precision,
     image_seed,
     resolve_device,
+    segmenters_counts,
 )
 from medcert_core.study.runs import assets, store
 from medcert_core.training import TrainConfig, predict_batch
@@ -235,35 +238,94 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
     else:
         model, config = assets.segmenter(cache, run.data, run.training, run.arch, run.method.train_noise, device)
     test_set = run.data.load("test")
-    count = len(test_set) if not run.test_images else min(run.test_images, len(test_set))
     result = ShardResult({}, {}, list(config.class_names))
-    columns = _tidy_columns(run)
     description = f"{run.method.label} {run.arch} sigma={run.sigma:g}"
-    taus = curve_taus(run.tau)
-    for index in tqdm(shard.indices(count), desc=description, disable=not progress, leave=False):
+    for index in tqdm(shard.indices(test_count(run, test_set)), desc=description, disable=not progress, leave=False):
         image, target = test_set[index]
         start = time.perf_counter()
         if smoothed is None:
-            labels = predict_batch(model, image[None].to(device))[0].cpu()
+            labels, certificates = predict_batch(model, image[None].to(device))[0].cpu(), None
         else:
             generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
-            selected, counts = smoothed.counts(image, run.n0, run.n, generator=generator)
-            warn_if_n_too_small(selected.numel(), run.n, run.tau, run.alpha, "holm", stacklevel=2)
-            # the same counts certified at every tau of the curve, the run's own tau among them
-            certificates = certify_counts_over_taus(selected, counts, run.n, sigma=run.sigma, taus=taus,
-                                                    alpha=run.alpha, n0=run.n0, num_classes=config.num_classes)
-            labels = certificates[taus.index(run.tau)].labels.cpu()  # on the model's device otherwise
-            result.curves[index] = curve_rows(certificates, taus, target, str(test_set.ids[index]),
-                                              config.class_names, columns)
-        seconds = time.perf_counter() - start
-        accumulator = MetricAccumulator(config.class_names)
-        accumulator.add(labels, target, image_id=str(test_set.ids[index]), seconds=seconds, **columns)
-        result.rows[index] = accumulator.rows
-        if index < MAP_IMAGES:
-            noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(index))
-            result.maps[index] = {"image": image.numpy(), "noisy": (image + run.sigma * noise).numpy(),
-                                  "target": target.numpy(), "labels": labels.numpy()}
+            labels, certificates = certified_labels(run, *smoothed.counts(image, run.n0, run.n, generator=generator),
+                                                    config.num_classes)
+        record_image(result, run, index, test_set, labels, certificates, time.perf_counter() - start)
     return result
+
+
+def test_count(run: CertificationRun, test_set) -> int:
+    """How many test images the run certifies: ``test_images`` or the whole split."""
+    return len(test_set) if not run.test_images else min(run.test_images, len(test_set))
+
+
+def certified_labels(run: CertificationRun, selected: torch.Tensor, counts: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, list[Certificate]]:
+    """The run's label map (H, W) at its tau, and the same counts certified at every tau of its curve."""
+    warn_if_n_too_small(selected.numel(), run.n, run.tau, run.alpha, "holm", stacklevel=3)
+    taus = curve_taus(run.tau)
+    certificates = certify_counts_over_taus(selected, counts, run.n, sigma=run.sigma, taus=taus, alpha=run.alpha,
+                                            n0=run.n0, num_classes=num_classes)
+    return certificates[taus.index(run.tau)].labels.cpu(), certificates
+
+
+def record_image(result: ShardResult, run: CertificationRun, index: int, test_set, labels: torch.Tensor,
+                 certificates: list[Certificate] | None, seconds: float) -> None:
+    """Add one test image's tidy rows, curve rows (smoothed runs) and, for the first images, maps."""
+    image, target = test_set[index]
+    columns, image_id = _tidy_columns(run), str(test_set.ids[index])
+    if certificates is not None:
+        result.curves[index] = curve_rows(certificates, curve_taus(run.tau), target, image_id, result.class_names,
+                                          columns)
+    accumulator = MetricAccumulator(result.class_names)
+    accumulator.add(labels, target, image_id=image_id, seconds=seconds, **columns)
+    result.rows[index] = accumulator.rows
+    if index < MAP_IMAGES:
+        noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(index))
+        result.maps[index] = {"image": image.numpy(), "noisy": (image + run.sigma * noise).numpy(),
+                              "target": target.numpy(), "labels": labels.numpy()}
+
+
+def draws_group(run: CertificationRun) -> str:
+    """Runs with the same group certify each test image from the same noisy and denoised draws: all but
+    the architecture agree (data, method, sigma > 0, n0, n, ...); "" for a run that shares nothing (sigma 0)."""
+    if run.sigma <= 0:
+        return ""
+    parameters = run.parameters()
+    parameters.pop("arch")
+    return json.dumps({**parameters, "data_root": str(run.data.data_root)}, sort_keys=True, default=str)
+
+
+def certify_images_together(runs: list[CertificationRun], cache: Path, *, device: str | torch.device = "auto",
+                            execution: Execution = Execution(), progress: bool = True) -> list[ShardResult]:
+    """:func:`certify_images` of runs of one :func:`draws_group` (one per architecture), each image's draws
+    made and denoised once for all of them (``segmenters_counts``): each run's numbers are those it gets
+    alone. An image's seconds are the shared time divided by the number of runs."""
+    device, first = resolve_device(device), runs[0]
+    segmenters, configs = {}, {}
+    for run in runs:
+        segmenters[run.arch], configs[run.arch] = assets.segmenter(cache, run.data, run.training, run.arch,
+                                                                   run.method.train_noise, device)
+    names = {tuple(config.class_names) for config in configs.values()}
+    if len(names) != 1:
+        raise ValueError(f"runs sharing draws must segment the same classes, got {sorted(names)}")
+    denoiser = assets.denoiser(first.method.denoiser, first.sigma, cache, first.data, first.training,
+                               steps=first.method.steps, device=device, flags=first.denoiser_flags)
+    test_set = first.data.load("test")
+    num_classes = len(next(iter(names)))
+    results = [ShardResult({}, {}, list(next(iter(names)))) for _ in runs]
+    description = f"{first.method.label} {'+'.join(segmenters)} sigma={first.sigma:g}"
+    for index in tqdm(range(test_count(first, test_set)), desc=description, disable=not progress, leave=False):
+        image, _ = test_set[index]
+        start = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(image_seed(first.data.seed, test_set.ids[index]))
+        counts = segmenters_counts(segmenters, image, first.n0, first.n, num_classes=num_classes, sigma=first.sigma,
+                                   denoiser=denoiser, generator=generator, batch_size=execution.batch_size,
+                                   device=device, precision=first.precision)
+        labelled = {arch: certified_labels(first, *counts[arch], num_classes) for arch in segmenters}
+        seconds = (time.perf_counter() - start) / len(runs)
+        for run, result in zip(runs, results):
+            record_image(result, run, index, test_set, *labelled[run.arch], seconds)
+    return results
 
 
 def _in_image_order(per_image: dict[int, list[dict[str, Any]]]) -> pd.DataFrame:
@@ -346,8 +408,43 @@ def run_sharded(run: CertificationRun, shard: Shard, *, results_dir: str | Path,
     return store.load_rows(results_dir, run_hash)
 
 
+def certify_shared_groups(runs: list[CertificationRun], *, results_dir: str | Path, cache: str | Path,
+                          device: str | torch.device = "auto", execution: Execution = Execution(),
+                          progress: bool = True) -> list[str]:
+    """Compute and store, from one set of draws per image, every group of two or more missing runs that
+    differ only in their architecture (:func:`draws_group`); returns the hashes computed. Skipped under
+    torchrun and with channels_last or torch.compile (those runs are computed one by one)."""
+    if distributed.current() is not None or execution.channels_last or execution.compile:
+        return []
+    groups: dict[str, list[tuple[CertificationRun, dict[str, Any]]]] = {}
+    for run in runs:
+        if draws_group(run):
+            key = run.key()
+            if not store.is_complete(results_dir, store.parameter_hash(key)):
+                groups.setdefault(draws_group(run), []).append((run, key))
+    computed = []
+    for keyed in (keyed for keyed in groups.values() if len(keyed) > 1):
+        group, keys = [run for run, _ in keyed], [key for _, key in keyed]
+        hashes = [store.parameter_hash(key) for key in keys]
+        with contextlib.ExitStack() as locks:
+            for run_hash in sorted(hashes):  # one order for every process: no deadlock
+                locks.enter_context(store.run_lock(results_dir, run_hash))
+            if any(store.is_complete(results_dir, run_hash) for run_hash in hashes):
+                continue  # another process is on (part of) it: the runs are computed one by one
+            start = time.perf_counter()
+            parts = certify_images_together(group, Path(cache), device=device, execution=execution, progress=progress)
+            seconds = (time.perf_counter() - start) / len(group)
+            for run, key, part, run_hash in zip(group, keys, parts, hashes):
+                _save(run, key, results_dir, assemble([part]), device=device, execution=execution,
+                      seconds=seconds, shared_draws_with=[other for other in hashes if other != run_hash])
+                computed.append(run_hash)
+    return computed
+
+
 def run_all(runs: list[CertificationRun], **options: Any) -> pd.DataFrame:
-    """Tidy rows of every run (each computed or read back), one progress bar over the runs."""
+    """Tidy rows of every run (each computed or read back), one progress bar over the runs. Missing runs
+    that differ only in their architecture are certified together first (:func:`certify_shared_groups`)."""
+    certify_shared_groups(runs, **options)
     frames = []
     bar = tqdm(runs, desc="certification runs", disable=not options.get("progress", True))
     for run in bar:

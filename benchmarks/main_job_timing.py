@@ -1,0 +1,106 @@
+"""The main job as a new user meets it: clone the repository, run the README's command (``./run.sh``),
+and write how long each phase took to ``benchmarks/results/main_job_timing.json``.
+
+Phases: the install (until run.sh's install stamp is written), each model trained (from the job's
+"[medcert] training" line to the model's completion marker in the clone's cache), each chapter of the
+quick grid (papermill's own start time and duration in the executed notebook), the grid as a whole and
+the website (the job's own lines). The load average before the start is recorded: timings taken while other work runs say little.
+
+    python benchmarks/main_job_timing.py                 # clones HEAD of this checkout into a temporary folder
+    python benchmarks/main_job_timing.py --keep DIR      # ... into DIR, kept afterwards
+
+The package cache of pip is whatever this machine has (a warm cache: about 2 minutes of install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "main_job_timing.json"
+TRAINED = re.compile(r"\[medcert\] training (\w[\w ]*?) (\S+) \(host")
+GRID_DONE = re.compile(r"\[medcert\] grid (\S+) done in (\d+) s")
+WEBSITE = re.compile(r"\[medcert\] website built in (\d+) s")
+
+
+def run_logged(command: list[str], cwd: Path, log: Path) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``command``; every output line with the seconds since the start. Returns (seconds, lines)."""
+    start = time.perf_counter()
+    lines = []
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process, open(log, "w") as handle:
+        for line in process.stdout:
+            elapsed = time.perf_counter() - start
+            handle.write(f"{elapsed:8.1f} {line}")
+            lines.append((elapsed, line.rstrip()))
+        process.wait()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}; see {log}")
+    return time.perf_counter() - start, lines
+
+
+def chapter_phases(book: Path) -> list[dict]:
+    """Per executed chapter: papermill's start time and duration, in the order they ran."""
+    chapters = []
+    for path in sorted(book.glob("*.ipynb")):
+        papermill = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+        if papermill.get("duration"):
+            chapters.append({"chapter": path.stem, "seconds": round(papermill["duration"], 1),
+                             "start": papermill.get("start_time")})
+    return sorted(chapters, key=lambda chapter: chapter["start"] or "")
+
+
+def model_phases(lines: list[tuple[float, str]], cache: Path, start_wall: float) -> list[dict]:
+    """Per model trained (its "[medcert] training" line): from that line to its ``.complete`` marker."""
+    models = []
+    for elapsed, line in lines:
+        for kind, name in TRAINED.findall(line):
+            markers = list(cache.glob(f"*/{name}.complete"))
+            end = markers[0].stat().st_mtime - start_wall if markers else None
+            models.append({"model": f"{kind} {name}", "seconds": None if end is None else round(end - elapsed, 1)})
+    return models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, default=None, help="clone into this folder and keep it")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="medcert_main_job_"))
+    clone = work / "medcert"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    start_wall = time.time()
+    seconds, lines = run_logged(["./run.sh"], clone, work / "main_job.log")
+    stamps = sorted((clone / ".venv").glob(".installed-*"))
+    install = stamps[0].stat().st_mtime - start_wall if stamps else None
+    grid = next((float(match.group(2)) for _, line in lines if (match := GRID_DONE.search(line))), None)
+    website = next((float(match.group(1)) for _, line in lines if (match := WEBSITE.search(line))), None)
+    result = {
+        "what": "./run.sh (the README's main job: the quick study on the embedded phantoms, ending in the website) "
+                "from a fresh clone, install included",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit.strip(),
+        "machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+        "load_average_before": [round(value, 2) for value in load_before],
+        "seconds": {"total": round(seconds, 1), "install": None if install is None else round(install, 1),
+                    "grid": grid, "website": website},
+        "models_trained": model_phases(lines, clone / "runs" / "cache", start_wall),
+        "chapters": chapter_phases(clone / "book"),
+        "log": "each output line with its time is in main_job.log next to the clone (not committed)",
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["seconds"]), f"-> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -309,7 +309,7 @@ def command_certify(args: argparse.Namespace) -> None:
         output_dir=args.output_dir, n0=args.n0, n=args.n,
         alpha=args.alpha, tau=args.tau, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        denoiser_flags=args.denoiser_flags,
+        denoiser_flags=args.denoiser_flags, sequential=args.sequential, stop_undecided=args.stop_undecided,
     )
     print(json.dumps(summary, indent=2))
 
@@ -443,6 +443,12 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                               "is fine to evaluate a fixed test set or to reproduce a recorded certificate (pass its "
                               "'seed'); never give one when certifying inputs someone else chose: who knows the noise "
                               "can craft an input that certifies a wrong class")
+    certify.add_argument("--sequential", action="store_true",
+                         help="anytime-valid sequential certification: --n becomes the most estimation draws, and "
+                              "sampling stops once every pixel is certified or provably cannot be (the JSON records "
+                              "the draws used); the guarantee is the same")
+    certify.add_argument("--stop-undecided", type=float, default=0.0, metavar="FRACTION",
+                         help="with --sequential, stop once at most this fraction of pixels is undecided (they abstain)")
     certify.add_argument("--batch-size", type=_batch_size, default=DEFAULTS["batch_size"],
                          help='noisy draws per forward pass, or "auto" (GPU: the largest that fits; halved on out-of-memory)')
     certify.add_argument("--precision", choices=list(PRECISIONS), default=DEFAULTS["precision"],

@@ -256,8 +256,8 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
                        tau: float = 0.75, steps: str | int = "single", seed: int | None = None,
                        batch_size: int | str = 32,
                        device: str = "auto", precision: str = "fp32", channels_last: bool = False,
-                       compile: bool | str = False, denoiser_flags: str = "",
-                       progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
+                       compile: bool | str = False, denoiser_flags: str = "", sequential: bool = False,
+                       stop_undecided: float = 0.0, progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
     """Certify an image file, or every image file of a folder; writes the label maps, overlays, legend and
     a JSON summary per image (and ``certificates.csv`` for a folder); returns the summary (or the list).
 
@@ -267,7 +267,9 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     Every check (parameters, files, stems, model, an n too small to certify any pixel) runs before the
     first draw. ``seed`` None (the default): drawn from the OS's entropy; each file's noise is seeded
     from (seed, sha256 of its bytes). The JSON records ``seed`` (pass it to reproduce), ``seed_source``,
-    ``image_sha256`` and ``noise_seed`` (the file's generator seed).
+    ``image_sha256`` and ``noise_seed`` (the file's generator seed). ``sequential``: n is the most
+    estimation draws, sampling stops once every pixel is decided (anytime-valid p-values,
+    :mod:`medcert_core.sequential`); the JSON records the draws used under ``sequential``.
     """
     for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
         check_parameter(name, value)
@@ -294,10 +296,17 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
         original, mapping = images[path]
         image = model_input(original, config.in_channels, config.image_size)
         noise_seed = image_seed(seed, digests[path])
-        certificate: Certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=progress,
-                                                    generator=torch.Generator(device=device).manual_seed(noise_seed))
+        generator = torch.Generator(device=device).manual_seed(noise_seed)
         extra = {"image_sha256": digests[path], "noise_seed": noise_seed,
                  "file_to_tensor": file_to_tensor(mapping, original.shape, config.in_channels, config.image_size)}
+        if sequential:
+            result = smoothed.certify_sequential(image, n0, n, tau=tau, alpha=alpha, stop_undecided=stop_undecided,
+                                                 generator=generator, progress=progress)
+            certificate = result.certificate
+            extra["sequential"] = {"n_max": n, "draws": result.draws, "stopped": result.stopped,
+                                   "stop_undecided": stop_undecided}
+        else:
+            certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=progress, generator=generator)
         summaries.append(_write_outputs(path, original, image, certificate, config, settings | extra,
                                         Path(output_dir)))
     if not image_path.is_dir():

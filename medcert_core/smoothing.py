@@ -29,10 +29,11 @@ import contextlib
 import dataclasses
 import hashlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
@@ -47,6 +48,7 @@ from medcert_core.certify import (
     certify_counts,
     predict_counts,
 )
+from medcert_core.sequential import SequentialCertificate, certify_sequentially, check_looks, default_looks
 
 SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -490,6 +492,38 @@ class SmoothedSegmenter:
         counts = estimation.gather(0, selected.unsqueeze(0))[0]
         self._check_finite()
         return selected, counts
+
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, *, tau: float = 0.75, alpha: float = 0.001,
+                           looks: Sequence[int] | None = None, stop_undecided: float = 0.0,
+                           generator: torch.Generator | None = None, progress: bool = False) -> SequentialCertificate:
+        """Certify x (C, H, W) drawing estimation draws only until every pixel is decided (or n_max):
+        anytime-valid p-values and Holm at the stopping time (:mod:`medcert_core.sequential`).
+
+        looks: the draw counts at which to test (default ``default_looks(n_max)``); stop_undecided:
+        stop once at most this fraction of pixels is neither certified nor provably uncertifiable.
+        The n0 selection draws come first, then the estimation draws, from the one generator.
+        """
+        check_draws("n0", n0)
+        check_draws("n_max", n_max)
+        looks = check_looks(default_looks(n_max) if looks is None else looks, n_max)
+        x, generator = self._prepare(x, generator)
+        (selection,) = self.class_histograms(x, [n0], generator, progress, "selection")
+        selected = selection.argmax(0)
+
+        def agreements() -> Iterator[np.ndarray]:
+            previous = 0
+            for look in looks:
+                (histogram,) = self.class_histograms(x, [look - previous], generator, progress, f"draws to {look}")
+                previous = look
+                yield histogram.gather(0, selected.unsqueeze(0))[0].cpu().numpy()
+
+        result = certify_sequentially(selected.cpu().numpy(), agreements(), looks, n_max=n_max, sigma=self.sigma,
+                                      tau=tau, alpha=alpha, n0=n0, stop_undecided=stop_undecided)
+        self._check_finite()
+        certificate = dataclasses.replace(result.certificate,  # on the device, as certify's
+                                          labels=torch.as_tensor(result.certificate.labels, device=self.device),
+                                          pvalues=torch.as_tensor(result.certificate.pvalues, device=self.device))
+        return dataclasses.replace(result, certificate=certificate)
 
     def predict(
         self,

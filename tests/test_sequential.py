@@ -1,0 +1,170 @@
+"""Sequential certification: the mixture e-process against a direct implementation, its supermartingale
+property by exact binomial sums, the family-wise error at every stopping rule (Monte-Carlo, alpha = 0.1),
+a planted optional-stopping bug that the same test catches, and the analytic oracle end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom
+
+from medcert_core import ABSTAIN
+from medcert_core.sequential import (
+    ALTERNATIVE_SHARES,
+    certify_sequentially,
+    default_looks,
+    holm_certified,
+    log_e_values,
+)
+
+TAU, ALPHA = 0.75, 0.1
+
+
+def direct_e_value(sequence: list[int], tau: float) -> float:
+    """The mixture likelihood ratio of a 0/1 sequence, draw by draw, in plain Python."""
+    total = 0.0
+    for share in ALTERNATIVE_SHARES:
+        q, ratio = 1 - (1 - tau) * share, 1.0
+        for outcome in sequence:
+            ratio *= q / tau if outcome else (1 - q) / (1 - tau)
+        total += ratio / len(ALTERNATIVE_SHARES)
+    return total
+
+
+def test_the_e_value_is_the_mixture_likelihood_ratio_draw_by_draw():
+    rng = np.random.default_rng(0)
+    for tau in (0.6, 0.75, 0.95):
+        for _ in range(20):
+            sequence = (rng.random(int(rng.integers(1, 60))) < rng.uniform(0.5, 1)).astype(int).tolist()
+            expected = direct_e_value(sequence, tau)
+            assert math.exp(float(log_e_values(sum(sequence), len(sequence), tau))) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("tau", [0.6, 0.75, 0.95])
+def test_the_e_value_has_mean_at_most_one_under_every_null(tau):
+    """E_p[E_t] = sum_k binom(k; t, p) E(k, t): 1 at p = tau, below it for p < tau, above for p > tau."""
+    for draws in (1, 10, 100):
+        k = np.arange(draws + 1)
+        e = np.exp(log_e_values(k, draws, tau))
+        for p in (tau - 0.3, tau - 0.05, tau):
+            assert float((binom.pmf(k, draws, p) * e).sum()) <= 1 + 1e-9
+        assert float((binom.pmf(k, draws, tau) * e).sum()) == pytest.approx(1.0, rel=1e-9)
+        assert float((binom.pmf(k, draws, min(0.999, tau + 0.1)) * e).sum()) > 1
+
+
+def simulate(rng, p, looks, *, stop_undecided=0.0, pvalue_rule=None):
+    """One image of pixels with agreement probabilities ``p`` (selected class fixed), through
+    certify_sequentially; ``pvalue_rule`` plants a bug (see the planted test)."""
+    def batches():
+        previous = 0
+        for look in looks:
+            yield rng.binomial(look - previous, p)
+            previous = look
+
+    if pvalue_rule is None:
+        return certify_sequentially(np.ones(p.shape, dtype=np.int64), batches(), looks, n_max=looks[-1], sigma=0.25,
+                                    tau=TAU, alpha=ALPHA, stop_undecided=stop_undecided)
+    successes = np.zeros(p.shape, dtype=np.int64)  # the planted procedure: a fixed-n p-value at every look
+    for look, new in zip(looks, batches()):
+        successes += new
+        certified = holm_certified(pvalue_rule(successes, look), ALPHA)
+        if certified.any():
+            return certified
+    return certified
+
+
+def upper_bound(trials: int) -> float:
+    return ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / trials)
+
+
+@pytest.mark.parametrize("stop_undecided", [0.0, 0.3, 0.9])
+def test_the_family_wise_error_stays_below_alpha_at_every_stopping_rule(stop_undecided):
+    """Pixels at p = tau exactly (the null at its edge, where errors are likeliest) mixed with clearly
+    certifiable ones; any certified null pixel is an error. Stopping early only stops sampling."""
+    rng = np.random.default_rng(1)
+    trials, errors, draws = 1500, 0, []
+    looks = default_looks(400, first=10)
+    for _ in range(trials):
+        p = np.where(rng.random(40) < 0.5, TAU, 0.995)
+        result = simulate(rng, p, looks, stop_undecided=stop_undecided)
+        errors += bool(((result.certificate.labels != ABSTAIN) & (p <= TAU)).any())
+        draws.append(result.draws)
+    assert errors / trials <= upper_bound(trials), f"family-wise error {errors / trials:.4f}"
+    if stop_undecided >= 0.3:
+        assert np.mean(draws) < 400, "the stopping rule stops before n_max"
+
+
+def test_a_planted_optional_stopping_bug_is_caught():
+    """Fixed-n binomial p-values looked at after every batch, stopping at the first certified pixel:
+    the same test measures a family-wise error far above alpha."""
+    rng = np.random.default_rng(2)
+    trials, errors = 1000, 0
+    looks = tuple(range(10, 401, 10))
+    for _ in range(trials):
+        p = np.full(40, TAU)
+        certified = simulate(rng, p, looks, pvalue_rule=lambda k, t: binom.sf(k - 1, t, TAU))
+        errors += bool(certified.any())
+    assert errors / trials > upper_bound(trials), f"the planted bug went unseen ({errors / trials:.4f})"
+
+
+def test_it_stops_when_all_pixels_are_decided_and_certifies_the_clear_ones():
+    rng = np.random.default_rng(3)
+    p = np.array([1.0] * 30 + [0.3] * 10)  # 30 always agree; 10 never can be certified
+    result = simulate(rng, p, default_looks(2000))
+    assert result.stopped == "all decided" and result.draws < 2000
+    labels = result.certificate.labels
+    assert (labels[:30] == 1).all() and (labels[30:] == ABSTAIN).all()
+    assert result.certificate.n == result.draws and result.looks[-1].undecided == 0.0
+
+
+def test_bad_looks_and_fractions_are_refused():
+    with pytest.raises(ValueError, match="strictly increasing positive draw counts ending at n_max = 100"):
+        certify_sequentially(np.ones(4), iter([]), (50, 40, 100), n_max=100, sigma=0.25)
+    with pytest.raises(ValueError, match="stop_undecided must be a fraction in"):
+        certify_sequentially(np.ones(4), iter([]), (100,), n_max=100, sigma=0.25, stop_undecided=1.0)
+
+
+@pytest.mark.slow
+def test_the_analytic_oracle_end_to_end_with_real_noise():
+    """The per-pixel linear base models of test_oracle.py through SmoothedSegmenter.certify_sequential:
+    no certified pixel whose exact smoothed probability is at most tau, over many images, within alpha."""
+    from test_oracle import make_oracle, mixed_targets  # the oracle's own construction
+
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    rng = np.random.default_rng(4)
+    trials, errors, draws = 150, 0, []
+    for trial in range(trials):
+        q = mixed_targets(rng, 4, 4)
+        oracle = make_oracle(rng, 1, 4, 4, q)
+        smoothed = SmoothedSegmenter(oracle.module(), 2, oracle.sigma, device="cpu", batch_size=64)
+        result = smoothed.certify_sequential(oracle.tensor(), 10, 400, tau=TAU, alpha=ALPHA,
+                                             generator=torch.Generator().manual_seed(trial))
+        labels = result.certificate.labels.numpy()
+        probability_of_label = np.where(labels == 1, oracle.p1, 1 - oracle.p1)
+        errors += bool(((labels != ABSTAIN) & (probability_of_label <= TAU)).any())
+        draws.append(result.draws)
+    assert errors / trials <= upper_bound(trials), f"family-wise error {errors / trials:.4f}"
+    assert set(draws) == {400}, "edge nulls stay undecided: the rule samples to n_max"
+
+
+def test_certify_sequential_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from medcert_core.__main__ import main
+    from test_own_model import grey_image, medcert_checkpoint
+
+    checkpoint, _ = medcert_checkpoint(tmp_path / "model.pt")
+    image = grey_image(tmp_path / "x.png")
+    main(["certify", str(image), "--checkpoint", str(checkpoint), "--sigma", "0.25", "--n", "400", "--sequential",
+          "--stop-undecided", "0.5", "--seed", "1", "--output-dir", str(tmp_path / "out")])
+    summary = json.loads(capsys.readouterr().out)
+    sequential = summary["sequential"]
+    assert sequential["n_max"] == 400 and 0 < sequential["draws"] <= 400 and summary["n"] == 400
+    labels = np.array(Image.open(tmp_path / "out" / "x_labels.png"))
+    assert summary["abstain_fraction"] == pytest.approx((labels == 255).mean())

@@ -416,7 +416,7 @@ class SmoothedSegmenter:
     def segment_denoised(self, denoised: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
         """Class ids (B, H, W) of the segmenter alone on an already denoised batch (the second half of
         :meth:`base_classes`, for :func:`certify_segmenters`)."""
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):  # denoised as the denoiser returned it, as in base_classes
             logits = self.segmenter(denoised)
         check_segmenter_output(logits, batch_shape, self.num_classes)
         logits = logits.float()
@@ -554,17 +554,19 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
                       num_classes: int, sigma: float, denoiser: torch.nn.Module | None = None,
                       generator: torch.Generator | None = None, batch_size: int | str = SMOOTHER_BATCH,
                       device: str | torch.device | None = "auto", precision: str = "fp32",
-                      progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                      channels_last: bool = False, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The sampling half of :func:`certify_segmenters`: name -> (selected class, count), each (H, W) int64,
     exactly what ``SmoothedSegmenter(segmenter, ..., denoiser).counts`` gives that segmenter alone with the
     same generator and batch size. Each batch of draws is made and denoised once, then segmented by
-    every segmenter; only one batch of draws is held at a time."""
+    every segmenter; only one batch of draws is held at a time (no torch.compile or out-of-memory retry
+    on this path)."""
     if not segmenters:
         raise ValueError("segmenters must name at least one segmenter (a mapping name -> module)")
     check_draws("n0", n0)
     check_draws("n", n)
     smoothers = {name: SmoothedSegmenter(module, num_classes, sigma, denoiser=denoiser, batch_size=batch_size,
-                                         device=device, precision=precision) for name, module in segmenters.items()}
+                                         device=device, precision=precision, channels_last=channels_last)
+                 for name, module in segmenters.items()}
     lead = next(iter(smoothers.values()))
     x, generator = lead._prepare(x, generator)
     for smoother in smoothers.values():
@@ -581,6 +583,8 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
             noise, generators = draw_noise(tuple(x.shape), size, generator, lead.device, lead.stochastic_denoiser,
                                            x.dtype)
             noisy = x.unsqueeze(0) + lead.sigma * noise
+            if channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
             with autocast(lead.device, precision):
                 denoised = denoise(lead.denoiser, noisy, generators)
             for name, smoother in smoothers.items():
@@ -601,7 +605,8 @@ def certify_segmenters(segmenters: Mapping[str, torch.nn.Module], x: torch.Tenso
                        num_classes: int, sigma: float, denoiser: torch.nn.Module | None = None, tau: float = 0.75,
                        alpha: float = 0.001, correction: Correction = "holm", generator: torch.Generator | None = None,
                        batch_size: int | str = SMOOTHER_BATCH, device: str | torch.device | None = "auto",
-                       precision: str = "fp32", progress: bool = False) -> dict[str, Certificate]:
+                       precision: str = "fp32", channels_last: bool = False,
+                       progress: bool = False) -> dict[str, Certificate]:
     """Certify one image x (C, H, W) in [0, 1] with several segmenters (name -> module, same classes)
     behind one denoiser, from one set of noisy and denoised draws: name -> Certificate, each identical
     (labels, p-values, counts) to ``SmoothedSegmenter(segmenter, num_classes, sigma, denoiser,
@@ -614,6 +619,6 @@ def certify_segmenters(segmenters: Mapping[str, torch.nn.Module], x: torch.Tenso
     check_correction(correction)
     counts = segmenters_counts(segmenters, x, n0, n, num_classes=num_classes, sigma=sigma, denoiser=denoiser,
                                generator=generator, batch_size=batch_size, device=device, precision=precision,
-                               progress=progress)
+                               channels_last=channels_last, progress=progress)
     return {name: certify_counts(selected, count, n, sigma=float(sigma), tau=tau, alpha=alpha, correction=correction,
                                  n0=n0, num_classes=num_classes) for name, (selected, count) in counts.items()}

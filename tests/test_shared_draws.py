@@ -44,22 +44,22 @@ class CountingDenoiser(torch.nn.Module):
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
-@pytest.mark.parametrize("batch_size", [7, 32])
-def test_each_certificate_is_the_one_its_segmenter_gets_alone(stochastic, batch_size):
+@pytest.mark.parametrize(("batch_size", "channels_last"), [(7, False), (32, False), (32, True)])
+def test_each_certificate_is_the_one_its_segmenter_gets_alone(stochastic, batch_size, channels_last):
     segmenters = {name: tied_segmenter(seed) for seed, name in enumerate(("unet", "resunetpp", "deeplabv2"))}
     image = torch.rand(1, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
     n0, n = 10, 90
     shared_denoiser = CountingDenoiser(stochastic)
     together = certify_segmenters(segmenters, image, n0, n, num_classes=CLASSES, sigma=SIGMA,
                                   denoiser=shared_denoiser, alpha=0.05, generator=torch.Generator().manual_seed(4),
-                                  batch_size=batch_size, device="cpu")
+                                  batch_size=batch_size, device="cpu", channels_last=channels_last)
     assert list(together) == list(segmenters)
     batches = -(-(n0 + n) // batch_size)
     assert (shared_denoiser.calls, shared_denoiser.draws) == (batches, n0 + n), "one denoiser pass per batch"
     for name, segmenter in segmenters.items():
         alone_denoiser = CountingDenoiser(stochastic)
         alone = SmoothedSegmenter(segmenter, CLASSES, SIGMA, denoiser=alone_denoiser, batch_size=batch_size,
-                                  device="cpu").certify(image, n0, n, alpha=0.05,
+                                  device="cpu", channels_last=channels_last).certify(image, n0, n, alpha=0.05,
                                                         generator=torch.Generator().manual_seed(4))
         np.testing.assert_array_equal(together[name].labels.numpy(), alone.labels.numpy())
         np.testing.assert_array_equal(together[name].pvalues.numpy(), alone.pvalues.numpy())

@@ -320,7 +320,7 @@ def certify_images_together(runs: list[CertificationRun], cache: Path, *, device
         generator = torch.Generator(device=device).manual_seed(image_seed(first.data.seed, test_set.ids[index]))
         counts = segmenters_counts(segmenters, image, first.n0, first.n, num_classes=num_classes, sigma=first.sigma,
                                    denoiser=denoiser, generator=generator, batch_size=execution.batch_size,
-                                   device=device, precision=first.precision)
+                                   device=device, precision=first.precision, channels_last=execution.channels_last)
         labelled = {arch: certified_labels(first, *counts[arch], num_classes) for arch in segmenters}
         seconds = (time.perf_counter() - start) / len(runs)
         for run, result in zip(runs, results):
@@ -413,8 +413,8 @@ def certify_shared_groups(runs: list[CertificationRun], *, results_dir: str | Pa
                           progress: bool = True) -> list[str]:
     """Compute and store, from one set of draws per image, every group of two or more missing runs that
     differ only in their architecture (:func:`draws_group`); returns the hashes computed. Skipped under
-    torchrun and with channels_last or torch.compile (those runs are computed one by one)."""
-    if distributed.current() is not None or execution.channels_last or execution.compile:
+    torchrun and with torch.compile (those runs are computed one by one)."""
+    if distributed.current() is not None or execution.compile:
         return []
     groups: dict[str, list[tuple[CertificationRun, dict[str, Any]]]] = {}
     for run in runs:

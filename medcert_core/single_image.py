@@ -273,6 +273,8 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     """
     for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
         check_parameter(name, value)
+    if stop_undecided and not sequential:
+        raise ValueError("--stop-undecided applies to --sequential certification only")
     reading = parse_intensity(intensity), (parse_slice(slice) if slice else None)
     image_path = Path(image_path)
     files = image_files(image_path) if image_path.is_dir() else [image_path]

@@ -49,12 +49,14 @@ def run_logged(command: list[str], cwd: Path, log: Path) -> tuple[float, list[tu
     return time.perf_counter() - start, lines
 
 
-def chapter_phases(book: Path) -> list[dict]:
-    """Per executed chapter: papermill's start time and duration, in the order they ran."""
+def chapter_phases(book: Path, since: float) -> list[dict]:
+    """Per chapter executed after ``since`` (epoch seconds; the clone also holds chapters executed
+    elsewhere, committed): papermill's start time and duration, in the order they ran."""
     chapters = []
     for path in sorted(book.glob("*.ipynb")):
         papermill = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
-        if papermill.get("duration"):
+        start = papermill.get("start_time")
+        if papermill.get("duration") and start and datetime.datetime.fromisoformat(start).timestamp() >= since:
             chapters.append({"chapter": path.stem, "seconds": round(papermill["duration"], 1),
                              "start": papermill.get("start_time")})
     return sorted(chapters, key=lambda chapter: chapter["start"] or "")
@@ -95,7 +97,7 @@ def main() -> None:
         "seconds": {"total": round(seconds, 1), "install": None if install is None else round(install, 1),
                     "grid": grid, "website": website},
         "models_trained": model_phases(lines, clone / "runs" / "cache", start_wall),
-        "chapters": chapter_phases(clone / "book"),
+        "chapters": chapter_phases(clone / "book", start_wall),
         "log": "each output line with its time is in main_job.log next to the clone (not committed)",
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -100,7 +100,7 @@ def channel_mapping(stored: int, channels: int) -> str:
     """How a file's ``stored`` channels become the model's ``channels`` (the rule of :func:`model_input`)."""
     if stored == channels:
         return "as stored"
-    return "grey replicated to 3 channels" if stored == 1 else f"{stored} channels averaged to grey" + (
+    return f"grey replicated to {channels} channels" if stored == 1 else f"{stored} channels averaged to grey" + (
         f", replicated to {channels}" if channels > 1 else "")
 
 
@@ -132,15 +132,14 @@ def radius_on_the_file(radius: float, mapping: dict[str, Any], stored_shape: Seq
     moves the tensor by at most channel_norm x resize_norm x e: R / (that product) is certified on it.
     Through an affine intensity mapping (``unit_per_value`` x rescale slope), also in stored values.
     """
-    factor = channel_norm(int(stored_shape[0]), channels) * resize_norm_bound(tuple(stored_shape[-2:]), size)
-    on_image = radius / factor
+    channel, resize = channel_norm(int(stored_shape[0]), channels), resize_norm_bound(tuple(stored_shape[-2:]), size)
+    on_image = radius / (channel * resize)
     per_value = mapping.get("unit_per_value")
-    per_stored = None if per_value in (None, 0) else per_value * mapping.get("rescale", {}).get("slope", 1.0)
+    per_stored = None if per_value in (None, 0) else abs(per_value * mapping.get("rescale", {}).get("slope", 1.0))
     return {"unit_image": on_image,
-            "stored_values": None if per_stored is None else on_image / abs(per_stored),
-            "how": f"R / (channels {channel_norm(int(stored_shape[0]), channels):.4f} x resize "
-                   f"{resize_norm_bound(tuple(stored_shape[-2:]), size):.4f}) on the file's [0, 1] image"
-                   + ("" if per_stored is None else f"; / {abs(per_stored):.6g} per stored value")}
+            "stored_values": None if per_stored is None else on_image / per_stored,
+            "how": f"R / (channels {channel:.4f} x resize {resize:.4f}) on the file's [0, 1] image"
+                   + ("" if per_stored is None else f"; / {per_stored:.6g} per stored value")}
 
 
 def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -334,6 +333,7 @@ def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, cert
     """Write one image's PNGs (input size and native size) and JSON; returns the JSON's content."""
     labels = certificate.labels.cpu().numpy()
     native = native_labels(labels, tuple(original.shape[-2:]))
+    native_overlay = overlay(original.numpy(), native)
     stem = file_stem(path)
     height, width = config.image_size
     summary = {
@@ -353,9 +353,9 @@ def _write_outputs(path: Path, original: torch.Tensor, image: torch.Tensor, cert
         "overlay_png": str(_save_png(overlay(image.numpy(), labels), output_dir / f"{stem}_overlay.png")),
         "labels_native_png": str(_save_png(_label_png(native, len(config.class_names)),
                                            output_dir / f"{stem}_labels_native.png")),
-        "overlay_native_png": str(_save_png(overlay(original.numpy(), native), output_dir / f"{stem}_overlay_native.png")),
+        "overlay_native_png": str(_save_png(native_overlay, output_dir / f"{stem}_overlay_native.png")),
     }
-    summary["legend_png"] = str(_save_png(legend_figure(overlay(original.numpy(), native), summary, config.class_names),
+    summary["legend_png"] = str(_save_png(legend_figure(native_overlay, summary, config.class_names),
                                           output_dir / f"{stem}_legend.png"))
     write_json_atomically(summary, output_dir / f"{stem}_certificate.json")
     return summary
@@ -399,12 +399,12 @@ def legend_figure(overlay_rgb: np.ndarray, summary: dict[str, Any], class_names:
     canvas.paste(Image.fromarray(overlay_rgb), (0, 0))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     left = overlay_rgb.shape[1] + 10
+    first_class_row = len(rows) - len(class_names) - 1  # the class rows and abstain, after the text
     for row, (swatch, text) in enumerate(rows):
         top = 8 + row * line
         if swatch is not None:
             draw.rectangle([left, top + 2, left + 12, top + 14], fill=tuple(int(v) for v in swatch), outline=(0, 0, 0))
-        indent = 18 if swatch is not None or row >= len(rows) - len(class_names) - 1 else 0
-        draw.text((left + indent, top), text, fill=(235, 235, 235), font=font)
+        draw.text((left + (18 if row >= first_class_row else 0), top), text, fill=(235, 235, 235), font=font)
     return np.asarray(canvas)
 
 

@@ -214,6 +214,13 @@ def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) ->
     return logits.argmax(1)
 
 
+def selected_and_count(selection: torch.Tensor, estimation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, H, W) selection and estimation histograms -> the selected class (mode of the selection draws)
+    and how many estimation draws give it, both (H, W) int64."""
+    selected = selection.argmax(0)
+    return selected, estimation.gather(0, selected.unsqueeze(0))[0]
+
+
 def add_to_histograms(histograms: list[torch.Tensor], starts: list[int], ends: list[int], first: int,
                       classes: torch.Tensor) -> None:
     """Add a batch of class ids (b, H, W), draws first .. first + b - 1, to the (K, H * W) histograms of
@@ -487,9 +494,7 @@ class SmoothedSegmenter:
         check_draws("n0", n0)
         check_draws("n", n)
         x, generator = self._prepare(x, generator)
-        selection, estimation = self.class_histograms(x, [n0, n], generator, progress)
-        selected = selection.argmax(0)
-        counts = estimation.gather(0, selected.unsqueeze(0))[0]
+        selected, counts = selected_and_count(*self.class_histograms(x, [n0, n], generator, progress))
         self._check_finite()
         return selected, counts
 
@@ -567,9 +572,9 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
     smoothers = {name: SmoothedSegmenter(module, num_classes, sigma, denoiser=denoiser, batch_size=batch_size,
                                          device=device, precision=precision, channels_last=channels_last)
                  for name, module in segmenters.items()}
-    lead = next(iter(smoothers.values()))
+    lead, *others = smoothers.values()
     x, generator = lead._prepare(x, generator)
-    for smoother in smoothers.values():
+    for smoother in others:
         smoother._prepare(x, generator)  # eval mode, finiteness flag; the generator is not consumed
     if lead._working_batch is None:
         lead._working_batch = lead._auto_batch(x, n0 + n)
@@ -595,9 +600,8 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
     results = {}
     for name, smoother in smoothers.items():
         smoother._check_finite()
-        selection, estimation = (histogram.reshape(num_classes, height, width) for histogram in histograms[name])
-        selected = selection.argmax(0)
-        results[name] = (selected, estimation.gather(0, selected.unsqueeze(0))[0])
+        results[name] = selected_and_count(*(histogram.reshape(num_classes, height, width)
+                                             for histogram in histograms[name]))
     return results
 
 

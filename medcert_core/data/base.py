@@ -193,14 +193,25 @@ def read_raw(path: Path, kind: str) -> np.ndarray:
     return array
 
 
+def integer_top(dtype: np.dtype) -> float:
+    """The stored value that maps to 1: 255 for 8-bit, 65535 for 16-bit (and int32), 1 for bool."""
+    return 1.0 if dtype == bool else (255.0 if np.dtype(dtype).itemsize == 1 else 65535.0)
+
+
 def to_unit(array: np.ndarray) -> np.ndarray:
     """Stored values -> float32 [0, 1]: 8-bit /255, 16-bit (and int32) /65535, floats as they are."""
     if array.dtype == bool:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.integer):
-        scale = 255.0 if array.dtype.itemsize == 1 else 65535.0
-        return np.clip(array.astype(np.float32) / scale, 0.0, 1.0)
+        return np.clip(array.astype(np.float32) / np.float32(integer_top(array.dtype)), 0.0, 1.0)
     return array.astype(np.float32)
+
+
+def drop_alpha(array: np.ndarray) -> np.ndarray:
+    """(H, W, 2|4) -> (H, W) grey or (H, W, 3) colour: the alpha channel dropped."""
+    if array.ndim == 3:
+        return array[..., 0] if array.shape[-1] < 3 else array[..., :3]
+    return array
 
 
 def check_float_image(array: np.ndarray, path: Path) -> np.ndarray:
@@ -223,10 +234,7 @@ def read_image(path: Path) -> np.ndarray:
 
     Float images must hold finite values in [0, 1] (see :func:`check_float_image`).
     """
-    array = to_unit(check_float_image(read_raw(path, "image"), path))
-    if array.ndim == 3:
-        array = array[..., 0] if array.shape[-1] < 3 else array[..., :3]
-    return array
+    return drop_alpha(to_unit(check_float_image(read_raw(path, "image"), path)))
 
 
 def read_gray(path: Path) -> np.ndarray:

@@ -38,7 +38,9 @@ import numpy as np
 
 from medcert_core.data.base import (
     check_float_image,
+    drop_alpha,
     file_suffix,
+    integer_top,
     read_image,
     read_mask,
     read_raw,
@@ -182,11 +184,14 @@ def read_dicom(path: Path, intensity: Intensity = Intensity(), slice_spec: Slice
                                  f"grey frame (H, W) or RGB")
     if intensity.mode == "voi":
         return _dicom_voi(dataset, stored, photometric, path, mapping)
-    values = apply_rescale(stored, dataset)
-    slope, intercept = float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
-    mapping["rescale"] = {"slope": slope, "intercept": intercept}
-    unit, record = map_intensity(values, intensity, _rescaled_range(dataset, slope, intercept), path)
-    return _monochrome(unit, photometric, mapping | record)
+    values, rescale = apply_rescale(stored, dataset), dicom_rescale(dataset)
+    unit, record = map_intensity(values, intensity, _rescaled_range(dataset, **rescale), path)
+    return _monochrome(unit, photometric, mapping | {"rescale": rescale} | record)
+
+
+def dicom_rescale(dataset) -> dict[str, float]:
+    """The modality rescale of a DICOM dataset: {"slope": RescaleSlope, "intercept": RescaleIntercept} (1, 0 if absent)."""
+    return {"slope": float(dataset.get("RescaleSlope", 1) or 1), "intercept": float(dataset.get("RescaleIntercept", 0) or 0)}
 
 
 def _decoding_hint(syntax) -> str:
@@ -224,8 +229,7 @@ def _dicom_voi(dataset, stored: np.ndarray, photometric: str, path: Path,
         center, width = (float(np.atleast_1d(dataset.WindowCenter)[0]), float(np.atleast_1d(dataset.WindowWidth)[0]))
         values = apply_rescale(stored, dataset)
         unit = linear_window(values.astype(np.float64), center, width).astype(np.float32)
-        slope, intercept = float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
-        record = {"rescale": {"slope": slope, "intercept": intercept}, "intensity": "voi", "window_center": center,
+        record = {"rescale": dicom_rescale(dataset), "intensity": "voi", "window_center": center,
                   "window_width": width, "unit_per_value": 1 / (width - 1),
                   "formula": "clip((v - (center - 0.5)) / (width - 1) + 0.5, 0, 1) on the rescaled values"}
         return _monochrome(unit, photometric, mapping | record)
@@ -352,19 +356,12 @@ def read_with_mapping(path: str | Path, intensity: Intensity = Intensity(), slic
     if intensity.mode == "voi":
         raise ValueError(f"--intensity voi is a DICOM window; {path} is {suffix}: use auto, minmax or window:C,W")
     raw = check_float_image(read_raw(path, "image"), path) if intensity.mode == "auto" else read_raw(path, "image")
-    raw = _drop_alpha(raw)
+    raw = drop_alpha(raw)
     mapping = {"format": suffix.lstrip("."), "stored_dtype": str(raw.dtype)}
     if np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:
-        top = 1 if raw.dtype == bool else (255 if raw.dtype.itemsize == 1 else 65535)
-        mapping["bits_stored"] = 1 if raw.dtype == bool else (8 if top == 255 else 16)
-        unit, record = map_intensity(raw, intensity, (0.0, float(top)), path)
+        top = integer_top(raw.dtype)
+        mapping["bits_stored"] = {1.0: 1, 255.0: 8}.get(top, 16)
+        unit, record = map_intensity(raw, intensity, (0.0, top), path)
     else:
         unit, record = map_intensity(raw, intensity, None, path)
     return unit, mapping | record
-
-
-def _drop_alpha(array: np.ndarray) -> np.ndarray:
-    """(H, W, 2|4) -> (H, W) grey or (H, W, 3) colour, as ``read_image`` does."""
-    if array.ndim == 3:
-        return array[..., 0] if array.shape[-1] < 3 else array[..., :3]
-    return array

@@ -175,8 +175,8 @@ def _load_torchscript(path: Path, device: str | torch.device) -> torch.nn.Module
     try:
         return torch.jit.load(str(path), map_location=device).eval()
     except Exception as error:
-        if zipfile.is_zipfile(path) and any(name.endswith("data.pkl") for name in zipfile.ZipFile(path).namelist()) \
-                and not any("/code/" in name for name in zipfile.ZipFile(path).namelist()):
+        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+        if any(name.endswith("data.pkl") for name in names) and not any("/code/" in name for name in names):
             raise ValueError(f"{path} is a torch.save file (a pickle), not a TorchScript or torch.export model: a "
                              f"pickled module can only be loaded by running code from the file, which medcert "
                              f"refuses. A medcert checkpoint goes to --checkpoint; otherwise export the model "

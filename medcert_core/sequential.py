@@ -145,3 +145,30 @@ def certify_sequentially(selected: np.ndarray, batches: Iterator[np.ndarray], lo
     draws = history[-1].draws
     certificate = Certificate(labels, pvalues, certified_radius(sigma, tau), n0, draws, tau, alpha, sigma, "holm")
     return SequentialCertificate(certificate, draws, n_max, stopped, tuple(history))
+
+
+def replay_sequential(selected: np.ndarray, checkpoints: Iterable[int], cumulative: np.ndarray, *, n_max: int,
+                      looks: Iterable[int] | None = None, **options) -> SequentialCertificate:
+    """The sequential certificate of recorded draws (``SmoothedSegmenter.agreement_path``): stopping as
+    :func:`certify_sequentially` does at ``looks`` (default ``default_looks(n_max)``), each of which must be
+    a checkpoint; ``cumulative`` (len(checkpoints), H, W) counts the first t estimation draws that gave
+    ``selected``. ``options``: sigma, tau, alpha, n0, stop_undecided."""
+    checkpoints = tuple(int(t) for t in checkpoints)
+    looks = check_looks(default_looks(n_max) if looks is None else looks, n_max)
+    missing = sorted(set(looks) - set(checkpoints))
+    if missing:
+        raise ValueError(f"looks {missing} are not among the recorded checkpoints {checkpoints}")
+    if np.shape(cumulative)[0] != len(checkpoints):
+        raise ValueError(f"cumulative has {np.shape(cumulative)[0]} rows for {len(checkpoints)} checkpoints")
+    at = {t: np.asarray(cumulative[i], dtype=np.int64) for i, t in enumerate(checkpoints)}
+    increments = (at[look] - (at[before] if before else 0) for before, look in zip((0, *looks), looks))
+    return certify_sequentially(selected, increments, looks, n_max=n_max, **options)
+
+
+def counts_at(checkpoints: Iterable[int], cumulative: np.ndarray, n: int) -> np.ndarray:
+    """The (H, W) agreement counts of the first ``n`` estimation draws, from recorded draws: the counts a
+    fixed-n certificate (``certify_counts``) uses; ``n`` must be a checkpoint."""
+    checkpoints = tuple(int(t) for t in checkpoints)
+    if n not in checkpoints:
+        raise ValueError(f"n = {n} is not among the recorded checkpoints {checkpoints}")
+    return np.asarray(cumulative[checkpoints.index(n)], dtype=np.int64)

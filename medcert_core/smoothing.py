@@ -512,23 +512,47 @@ class SmoothedSegmenter:
         check_draws("n_max", n_max)
         looks = check_looks(default_looks(n_max) if looks is None else looks, n_max)
         x, generator = self._prepare(x, generator)
-        (selection,) = self.class_histograms(x, [n0], generator, progress, "selection")
-        selected = selection.argmax(0)
-
-        def agreements() -> Iterator[np.ndarray]:
-            previous = 0
-            for look in looks:
-                (histogram,) = self.class_histograms(x, [look - previous], generator, progress, f"draws to {look}")
-                previous = look
-                yield histogram.gather(0, selected.unsqueeze(0))[0].cpu().numpy()
-
-        result = certify_sequentially(selected.cpu().numpy(), agreements(), looks, n_max=n_max, sigma=self.sigma,
-                                      tau=tau, alpha=alpha, n0=n0, stop_undecided=stop_undecided)
+        selected = self._selected(x, n0, generator, progress)
+        result = certify_sequentially(selected.cpu().numpy(), self._agreement_stream(x, selected, looks, generator,
+                                                                                     progress),
+                                      looks, n_max=n_max, sigma=self.sigma, tau=tau, alpha=alpha, n0=n0,
+                                      stop_undecided=stop_undecided)
         self._check_finite()
         certificate = dataclasses.replace(result.certificate,  # on the device, as certify's
                                           labels=torch.as_tensor(result.certificate.labels, device=self.device),
                                           pvalues=torch.as_tensor(result.certificate.pvalues, device=self.device))
         return dataclasses.replace(result, certificate=certificate)
+
+    def agreement_path(self, x: torch.Tensor, n0: int, checkpoints: Sequence[int], *,
+                       generator: torch.Generator | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The draws of :meth:`certify_sequential` taken to the last checkpoint, for studying stopping rules
+        offline: the selected class (H, W) and, per checkpoint t, how many of the first t estimation
+        draws gave it, (len(checkpoints), H, W) int64. ``sequential.replay_sequential`` and
+        ``certify_counts`` turn them into the sequential and fixed-n certificates of any n_max <= the last
+        checkpoint whose looks are among the checkpoints, each what a direct run with this seed gives."""
+        check_draws("n0", n0)
+        checkpoints = check_looks(checkpoints, int(checkpoints[-1]) if len(checkpoints) else 0)
+        x, generator = self._prepare(x, generator)
+        selected = self._selected(x, n0, generator, progress)
+        increments = list(self._agreement_stream(x, selected, checkpoints, generator, progress))
+        self._check_finite()
+        return selected.cpu().numpy(), np.cumsum(np.stack(increments), axis=0)
+
+    def _selected(self, x: torch.Tensor, n0: int, generator: torch.Generator, progress: bool) -> torch.Tensor:
+        """The class (H, W) most of n0 draws give: the selection of a sequential certificate."""
+        (selection,) = self.class_histograms(x, [n0], generator, progress, "selection")
+        return selection.argmax(0)
+
+    def _agreement_stream(self, x: torch.Tensor, selected: torch.Tensor, looks: Sequence[int],
+                          generator: torch.Generator, progress: bool) -> Iterator[np.ndarray]:
+        """Per look, the (H, W) number of the draws since the previous look that gave ``selected``:
+        drawn lazily, so a consumer that stops early draws no more."""
+        previous = 0
+        for look in looks:
+            (histogram,) = self.class_histograms(x, [look - previous], generator, progress, f"draws to {look}")
+            previous = look
+            yield histogram.gather(0, selected.unsqueeze(0))[0].cpu().numpy()
 
     def predict(
         self,

@@ -15,9 +15,11 @@ from medcert_core import ABSTAIN
 from medcert_core.sequential import (
     ALTERNATIVE_SHARES,
     certify_sequentially,
+    counts_at,
     default_looks,
     holm_certified,
     log_e_values,
+    replay_sequential,
 )
 
 TAU, ALPHA = 0.75, 0.1
@@ -125,6 +127,39 @@ def test_bad_looks_and_fractions_are_refused():
         certify_sequentially(np.ones(4), iter([]), (50, 40, 100), n_max=100, sigma=0.25)
     with pytest.raises(ValueError, match="stop_undecided must be a fraction in"):
         certify_sequentially(np.ones(4), iter([]), (100,), n_max=100, sigma=0.25, stop_undecided=1.0)
+
+
+def test_recorded_draws_replay_to_the_direct_sequential_and_fixed_n_certificates():
+    """agreement_path + replay_sequential / counts_at (how stopping rules are studied offline) give what
+    certify_sequential at two n_max and certify at a fixed n give with the same seed."""
+    from test_oracle import make_oracle, mixed_targets
+
+    from medcert_core.certify import certify_counts
+    from medcert_core.smoothing import SmoothedSegmenter
+
+    rng = np.random.default_rng(5)
+    oracle = make_oracle(rng, 1, 6, 6, mixed_targets(rng, 6, 6))
+    smoothed = SmoothedSegmenter(oracle.module(), 2, oracle.sigma, device="cpu", batch_size=16)
+    checkpoints = tuple(sorted(set(default_looks(60)) | set(default_looks(200))))
+    selected, cumulative = smoothed.agreement_path(oracle.tensor(), 10, checkpoints,
+                                                   generator=torch.Generator().manual_seed(7))
+    assert cumulative.shape == (len(checkpoints), 6, 6) and (np.diff(cumulative, axis=0) >= 0).all()
+    for n_max in (60, 200):
+        direct = smoothed.certify_sequential(oracle.tensor(), 10, n_max, tau=TAU, alpha=ALPHA,
+                                             generator=torch.Generator().manual_seed(7))
+        replayed = replay_sequential(selected, checkpoints, cumulative, n_max=n_max, sigma=oracle.sigma, tau=TAU,
+                                     alpha=ALPHA, n0=10)
+        assert replayed.draws == direct.draws and replayed.stopped == direct.stopped
+        np.testing.assert_array_equal(replayed.certificate.labels, direct.certificate.labels.numpy())
+        np.testing.assert_array_equal(replayed.certificate.pvalues, direct.certificate.pvalues.numpy())
+    fixed = smoothed.certify(oracle.tensor(), 10, 60, tau=TAU, alpha=ALPHA, generator=torch.Generator().manual_seed(7))
+    from_path = certify_counts(selected, counts_at(checkpoints, cumulative, 60), 60, sigma=oracle.sigma, tau=TAU,
+                               alpha=ALPHA, n0=10)
+    np.testing.assert_array_equal(from_path.labels, fixed.labels.numpy())
+    with pytest.raises(ValueError, match="not among the recorded checkpoints"):
+        replay_sequential(selected, checkpoints[:-1], cumulative[:-1], n_max=150, sigma=oracle.sigma)
+    with pytest.raises(ValueError, match="n = 61 is not among"):
+        counts_at(checkpoints, cumulative, 61)
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ from typing import Any
 from medcert_core.study.runs import store
 from medcert_core.study.report.book import build_book
 from medcert_core.study.experiment import project_root
-from medcert_core.study.grid.local import run_grid
+from medcert_core.study.grid.local import is_done, run_grid
 from medcert_core.study.grid.spec import GridEntry, load_grid
+from medcert_core.study.grid.warm import warm_before_grid
 from medcert_core.study.settings import training_spec
 
 DEFAULT_RESULTS = "runs/results"
@@ -109,6 +110,8 @@ def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: 
     entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
     results_dir = results_dir_of(entries, root)
     if executor == "local":
+        warm_before_grid([entry for entry in entries if force or not is_done(entry, root / book_dir, results_dir)],
+                         root / "notebooks")
         outputs = run_grid(entries, notebooks_dir=root / "notebooks", book_dir=root / book_dir,
                            results_dir=results_dir, cwd=root, force=force)
         store.aggregate(results_dir)

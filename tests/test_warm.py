@@ -1,0 +1,66 @@
+"""The grid's warm-up: which models it plans from the chapters' parameters, and that models trained in
+parallel processes are the cache entries the chapters then find (nothing trained twice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medcert_core.study.grid.spec import template_parameters
+from medcert_core.study.grid.warm import ModelJob, jobs_of_parameters, missing_models, warm_cache
+from medcert_core.study.runs import assets
+from medcert_core.study.settings import DataSpec, training_spec
+from medcert_core.study.workflow import prepare_entries
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chapter_parameters(grid: str, data_root: str | None = None) -> list[dict]:
+    entries = prepare_entries(ROOT / "grids" / grid, data_root=data_root, root=ROOT)
+    return [{**(template_parameters(ROOT / "notebooks" / f"{entry.notebook}.ipynb") or {}), **entry.parameters}
+            for entry in entries]
+
+
+def test_the_quick_grid_plans_exactly_the_six_models_its_chapters_train(tmp_path):
+    parameters = [{**p, "cache_dir": str(tmp_path)} for p in chapter_parameters("quick.yaml")]
+    data, training = DataSpec("phantom", None, 64), training_spec("quick")
+    expected = [  # longest first: the DDPM, the segmenters, the UNet denoisers
+        assets.ddpm_folder(tmp_path, data, training),
+        assets.segmenter_path(tmp_path, data, training, "unet", 0.0),
+        assets.segmenter_path(tmp_path, data, training, "unet", 0.25),
+        *(assets.unet_denoiser_folder(tmp_path, data, training, sigma) for sigma in (0.25, 0.5, 1.0)),
+    ]
+    assert [job.path for job in missing_models(parameters)] == expected
+
+
+def test_a_dataset_chapter_plans_baselines_for_every_architecture_only_when_asked(tmp_path):
+    base = {"profile": "smoke", "dataset": "phantom", "image_size": 32, "cache_dir": str(tmp_path),
+            "archs": ["unet", "resunetpp"], "denoiser": "ffdnet:weights.pth", "segcertify_noise": 0.5}
+    first = [(job.kind, job.arch, job.noise_sigma) for job in jobs_of_parameters({**base, "baselines_for": "first"})]
+    assert first == [("segmenter", "unet", 0.0), ("segmenter", "resunetpp", 0.0), ("segmenter", "unet", 0.5)]
+    every = [(job.arch, job.noise_sigma) for job in jobs_of_parameters({**base, "baselines_for": "all"})]
+    assert every[2:] == [("unet", 0.5), ("resunetpp", 0.5)]  # and no denoiser: ffdnet is a file, not trained
+
+
+@pytest.mark.slow
+def test_models_trained_in_parallel_are_the_cache_entries_the_chapters_find(tmp_path, capsys):
+    data, training = DataSpec("phantom", None, 32), training_spec("smoke")
+    jobs = [ModelJob("segmenter", data, training, tmp_path, arch="unet"),
+            ModelJob("unet", data, training, tmp_path, sigma=0.5)]
+    trained = warm_cache(jobs, workers=2)
+    assert sorted(name for name, _ in trained) == sorted(job.path.name for job in jobs)
+    assert all(job.complete for job in jobs) and missing_models([]) == []
+    capsys.readouterr()
+    assets.segmenter(tmp_path, data, training, "unet", 0.0, device="cpu")  # what a chapter calls: from the cache
+    assets.resolve_denoiser_spec("unet:auto", 0.5, tmp_path, data, training, "cpu")
+    assert "[medcert] training" not in capsys.readouterr().err
+    assert warm_cache([job for job in jobs if not job.complete], workers=2) == []  # nothing left to train
+
+
+def test_a_failed_training_names_the_model(tmp_path):
+    data = DataSpec("phantom", None, 32)
+    jobs = [ModelJob("segmenter", data, training_spec("smoke"), tmp_path, arch="no-such-arch"),
+            ModelJob("segmenter", data, training_spec("smoke"), tmp_path, arch="also-missing")]
+    with pytest.raises(RuntimeError, match="training segmenter phantom_32_no-such-arch.* failed"):
+        warm_cache(jobs, workers=2)

@@ -16,6 +16,9 @@ it stopped) and the summary is written atomically:
     python scripts/sequential_study.py --profile jsrt --dataset jsrt --data-root ../shared/data/jsrt \\
         --image-size 128 --arch resunetpp --sigmas 0.25 0.5 1.0 --images 25 --n-max 100 1000 \\
         --records runs/sequential/jsrt_128 --output results/jsrt_sequential.json
+
+Add ``--shard K/N`` to record the images of shard K in one of N processes at once; the command without
+it then summarizes from the records.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +159,10 @@ def main() -> None:
     parser.add_argument("--records", required=True, help="folder of per-image records (resumable)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shard", default="0/1", help="K/N: record only the images with index %% N == K (run N of "
+                        "them at once, then once without --shard to write the summary from the records)")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*draws cannot certify any pixel")  # the curve marks those taus
     if args.threads:
         torch.set_num_threads(args.threads)
     data, training, cache = DataSpec(args.dataset, args.data_root, args.image_size), training_spec(args.profile), \
@@ -163,12 +170,13 @@ def main() -> None:
     model, config = assets.segmenter(cache, data, training, args.arch, 0.0, device="cpu")
     test_set = data.load("test")
     n_maxes, checkpoints = sorted(args.n_max), checkpoints_for(args.n_max)
+    shard, shards = (int(part) for part in args.shard.split("/"))
     summary = {}
     for sigma in args.sigmas:
         denoiser = assets.denoiser(args.denoiser, sigma, cache, data, training, device="cpu")
         smoothed = SmoothedSegmenter(model, config.num_classes, sigma, denoiser=denoiser, device="cpu", batch_size=32)
         per_image, seconds = {}, []
-        for index in range(min(args.images, len(test_set))):
+        for index in range(shard, min(args.images, len(test_set)), shards):
             image, target = test_set[index]
             image_id = test_set.ids[index]
             record = record_image(smoothed, image, image_seed(data.seed, image_id), args.n0, checkpoints,
@@ -178,6 +186,8 @@ def main() -> None:
                                            n_maxes=n_maxes, stop_undecided=args.stop_undecided,
                                            num_classes=config.num_classes)
             print(f"sigma {sigma:g}: image {index + 1} ({image_id}) recorded", flush=True)
+        if shards > 1:
+            continue  # a shard only records; the run without --shard summarizes
         summary[f"{sigma:g}"] = summarize(per_image, list(config.class_names), n_maxes=n_maxes, tau=args.tau,
                                           num_pixels=int(np.prod(image.shape[-2:])), alpha=args.alpha)
         summary[f"{sigma:g}"]["sampling_seconds_per_image"] = float(np.median(seconds))

@@ -93,6 +93,37 @@ def test_split_ids_sizes_disjoint_and_deterministic() -> None:
     assert any(split_ids(ids, "train", seed=s) != parts["train"] for s in range(4, 8))
 
 
+def test_a_blocked_split_keeps_runs_of_consecutive_ids_together() -> None:
+    ids = [str(i) for i in range(1, 48)]  # "1".."47": string order is not the frames' order
+    parts = {s: split_ids(ids, s, seed=5, block=5) for s in ("train", "val", "test")}
+    assert sorted(sum(parts.values(), []), key=int) == sorted(ids, key=int)
+    # a direct construction: runs 1-5, 6-10, ..., 46-47, shuffled by the seed, filled to 33 then 38 ids
+    runs = [list(range(start, min(start + 5, 48))) for start in range(1, 48, 5)]
+    expected, taken = {"train": [], "val": [], "test": []}, 0
+    for index in np.random.default_rng(5).permutation(len(runs)):
+        expected["train" if taken < 33 else "val" if taken < 38 else "test"] += runs[index]
+        taken += len(runs[index])
+    assert {s: [int(i) for i in parts[s]] for s in parts} == {s: sorted(v) for s, v in expected.items()}
+    where = {i: s for s, members in parts.items() for i in members}
+    assert all(len({where[str(i)] for i in run}) == 1 for run in runs)  # no run is cut
+    assert split_ids(ids, "train", seed=5, block=0) == split_ids(ids, "train", seed=5)  # 0: the random split
+    with pytest.raises(ValueError, match="split block must be an integer >= 0"):
+        split_ids(ids, "train", seed=5, block=-1)
+
+
+def test_cvc_clinicdb_blocked_split_puts_no_neighbouring_frame_of_a_test_frame_in_train() -> None:
+    if not (CVC_ROOT / "Original").is_dir():
+        pytest.skip(f"CVC-ClinicDB not found at {CVC_ROOT}")
+    train = {int(i) for i in load_dataset("cvc_clinicdb", CVC_ROOT, "train", split_block=20).ids}
+    test = {int(i) for i in load_dataset("cvc_clinicdb", CVC_ROOT, "test", split_block=20).ids}
+    random_train = {int(i) for i in load_dataset("cvc_clinicdb", CVC_ROOT, "train").ids}
+    random_test = {int(i) for i in load_dataset("cvc_clinicdb", CVC_ROOT, "test").ids}
+    touching = sum(bool({i - 1, i + 1} & train) for i in test)
+    # only the frames at the edge of a run can touch train: at most 2 per run of 20 test frames
+    assert len(test) == 120 and touching <= 2 * len(test) / 20
+    assert sum(bool({i - 1, i + 1} & random_train) for i in random_test) > 0.8 * len(random_test)
+
+
 def test_names_and_default_sizes() -> None:
     assert DATASET_NAMES == ("jsrt", "montgomery", "shenzhen", "isic2018", "cvc_clinicdb",
                              "folder", "phantom")

@@ -74,6 +74,15 @@ def test_run_hash_ignores_the_data_root_but_not_the_settings():
         assert changed.hash != run.hash
 
 
+def test_a_split_block_is_in_the_key_only_when_set_so_existing_keys_stay_valid():
+    run = CertificationRun(TINY_DATA, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    assert "split_block" not in run.parameters()["data"] and TINY_DATA.tag == "phantom_32"
+    blocked_data = DataSpec("phantom", None, 32, 0, split_block=4)
+    blocked = CertificationRun(blocked_data, TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    assert blocked.parameters()["data"]["split_block"] == 4 and blocked_data.tag == "phantom_32_blocks4"
+    assert blocked.hash != run.hash
+
+
 def test_run_hash_covers_the_numbers_version_not_the_source(monkeypatch):
     import medcert_core
 

@@ -63,7 +63,7 @@ def default_image_size(name: str) -> Size | None:
 
 def load_dataset(name: str, root: str | Path | None, split: str, *,
                  image_size: int | Sequence[int] | None = None, seed: int = 0,
-                 channels: int | None = None, **options: Any) -> SegmentationDataset:
+                 channels: int | None = None, split_block: int = 0, **options: Any) -> SegmentationDataset:
     """One split of dataset ``name`` read from ``root``.
 
     Args:
@@ -73,6 +73,8 @@ def load_dataset(name: str, root: str | Path | None, split: str, *,
         image_size: output (H, W) or an int for a square; default :func:`default_image_size`.
         seed: seed of the split shuffle (and, for "phantom", of the generated images).
         channels: 1 or 3 (default 3: grayscale replicated; RGB with 1 -> mean of R, G, B).
+        split_block: 0 (a random split per case) or k: runs of k consecutive ids stay in one split
+            (:func:`split_ids`; video frames, CVC-ClinicDB).
         options: dataset-specific: jsrt ``layout`` ("auto", "png", "original"); folder
             ``class_names``; phantom ``variant`` ("chest", "lesion") and ``num_images``.
 
@@ -90,7 +92,7 @@ def load_dataset(name: str, root: str | Path | None, split: str, *,
     if name == "phantom":
         options = {"seed": seed, **options}
     source = _SOURCES[name](root, size, **options)
-    ids = split_ids(source.ids, split, seed)
+    ids = split_ids(source.ids, split, seed, split_block)
     if not ids:
         raise ValueError(f"{name}: split {split!r} of {len(source.ids)} cases is empty")
     return SegmentationDataset(name, ids, source.load, source.class_names, source.image_size,

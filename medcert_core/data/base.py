@@ -9,6 +9,8 @@ item in memory.
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import json
 import os
@@ -318,24 +320,50 @@ def paint_labels(layers: Sequence[np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------- splits and sizes
 
 
-def split_ids(ids: Sequence[str], split: str, seed: int) -> list[str]:
+def split_ids(ids: Sequence[str], split: str, seed: int, block: int = 0) -> list[str]:
     """The ``split`` ("train", "val", "test" or "all") of ``ids``, sorted.
 
-    The sorted ids are shuffled with ``numpy.random.default_rng(seed)``; the first
-    round(0.7 N) are train, the next round(0.1 N) val, the rest test.
+    ``block`` 0: the sorted ids are shuffled with ``numpy.random.default_rng(seed)``; the first
+    round(0.7 N) are train, the next round(0.1 N) val, the rest test. ``block`` k > 0 keeps runs of k
+    consecutive ids together (frames of one video are near-duplicates, CVC-ClinicDB): the ids in
+    natural order ("2" before "10") are cut into runs of k, the runs are shuffled with the same
+    generator and given whole to train until it holds at least round(0.7 N) ids, then to val until
+    train and val hold round(0.8 N), the rest to test.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 0:
+        raise ValueError(f"split block must be an integer >= 0 (0: a random split per case), got {block!r}")
     ordered = sorted(ids)
     if split == "all":
         return ordered
     n = len(ordered)
     n_train, n_val = (round(fraction * n) for fraction in SPLIT_FRACTIONS)
+    if block:
+        return sorted(_blocked_split(ordered, split, seed, block, (n_train, n_train + n_val)), key=natural_key)
     order = np.random.default_rng(seed).permutation(n)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
               "test": (n_train + n_val, n)}
     start, stop = bounds[split]
     return sorted(ordered[i] for i in order[start:stop])
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders the digit runs of ``text`` by value: "2" < "10", "frame9" < "frame10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _blocked_split(ordered: list[str], split: str, seed: int, block: int, ends: tuple[int, int]) -> list[str]:
+    """The ids of ``split`` when runs of ``block`` consecutive ids stay together (:func:`split_ids`)."""
+    natural = sorted(ordered, key=natural_key)
+    runs = [natural[start:start + block] for start in range(0, len(natural), block)]
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    taken = 0
+    for index in np.random.default_rng(seed).permutation(len(runs)):
+        part = "train" if taken < ends[0] else "val" if taken < ends[1] else "test"
+        parts[part] += runs[index]
+        taken += len(runs[index])
+    return parts[split]
 
 
 def as_size(image_size: int | Sequence[int]) -> Size:

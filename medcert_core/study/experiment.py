@@ -58,6 +58,7 @@ class Experiment:
     tau: float = DEFAULTS["tau"]
     test_images: int | None = DEFAULTS["test_images"]
     seed: int = DEFAULTS["seed"]
+    split_block: int = 0  # a chapter setting (CHAPTER_SETTINGS): only video datasets' templates have it
     device: str = DEFAULTS["device"]
     batch_size: int | str = DEFAULTS["batch_size"]
     precision: str = DEFAULTS["precision"]
@@ -88,7 +89,7 @@ class Experiment:
     @property
     def data(self) -> DataSpec:
         size = int(self.image_size) if isinstance(self.image_size, int) else tuple(int(s) for s in self.image_size)
-        return DataSpec(self.dataset, self.data_root, size, int(self.seed))
+        return DataSpec(self.dataset, self.data_root, size, int(self.seed), int(self.split_block))
 
     @property
     def training(self) -> TrainingSpec:

@@ -41,20 +41,24 @@ NONE = type(None)
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Which data a study reads: dataset name, its root (None for phantoms), input size, split seed."""
+    """Which data a study reads: dataset name, its root (None for phantoms), input size, split seed and
+    split block (0: a random split per case; k: runs of k consecutive ids stay together)."""
 
     dataset: str
     data_root: str | None
     image_size: int | tuple[int, int]
     seed: int = 0
+    split_block: int = 0
 
     def load(self, split: str):
-        return load_dataset(self.dataset, self.data_root, split, image_size=self.image_size, seed=self.seed)
+        return load_dataset(self.dataset, self.data_root, split, image_size=self.image_size, seed=self.seed,
+                            split_block=self.split_block)
 
     @property
     def tag(self) -> str:
         size = self.image_size if isinstance(self.image_size, int) else "x".join(map(str, self.image_size))
-        return f"{self.dataset}_{size}"
+        blocks = f"_blocks{self.split_block}" if self.split_block else ""  # named only when not the default
+        return f"{self.dataset}_{size}{blocks}"
 
     def digest(self, *splits: str) -> str:
         """sha256 (hex) of the data these splits read: each split's case ids and file bytes
@@ -186,6 +190,11 @@ def _ranged(name: str) -> Callable[[Any], Any]:
     return lambda value: check_parameter(name, value)
 
 
+def _check_split_block(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"split_block must be >= 0 (0: a random split per case), got {value}")
+
+
 def _check_denoiser_spec(spec: str) -> None:
     if spec == "none":
         return
@@ -263,6 +272,8 @@ CHAPTER_SETTINGS: dict[str, Setting] = {
     "denoise_steps": Setting("single", (str, int), 'DDPM calls from t* to 0: "single" (the paper\'s choice) or an int'),
     "segcertify_noise": Setting(0.25, (int, float), "training noise of the SegCertify baseline"),
     "multi_steps": Setting([4], (list,), "model calls of each multi-step variant"),
+    "split_block": Setting(0, (int,), "0: random split per case; k: runs of k consecutive ids in one split (video)",
+                           check=_check_split_block),
     "baselines_for": Setting("first", (str,), 'the clean rows and SegCertify for the "first" architecture or "all"',
                              choices=("first", "all")),
 }

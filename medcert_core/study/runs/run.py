@@ -130,6 +130,8 @@ class CertificationRun:
     def parameters(self) -> dict[str, Any]:
         parameters = dataclasses.asdict(self)
         parameters["data"].pop("data_root")
+        if not parameters["data"]["split_block"]:  # named only when not the default, so existing keys stay valid
+            parameters["data"].pop("split_block")
         parameters["method"].pop("note")
         return parameters
 

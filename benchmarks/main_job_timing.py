@@ -1,7 +1,8 @@
 """The main job as a new user meets it: clone the repository, run the README's command (``./run.sh``),
 and write how long each phase took to ``benchmarks/results/main_job_timing.json``.
 
-Phases: the install (until run.sh's install stamp is written), each model trained (from the job's
+Phases: the install (until run.sh's install stamp is written), the models trained before the chapters
+(``study.grid.warm``: its "models trained in" line, part of the grid), each model trained (from the job's
 "[medcert] training" line to the model's completion marker in the clone's cache), each chapter of the
 quick grid (papermill's own start time and duration in the executed notebook), the grid as a whole and
 the website (the job's own lines). The load average before the start is recorded: timings taken while other work runs say little.
@@ -31,6 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "main_job_timing.json"
 TRAINED = re.compile(r"\[medcert\] training (\w[\w ]*?) (\S+) \(host")
 GRID_DONE = re.compile(r"\[medcert\] grid (\S+) done in (\d+) s")
 WEBSITE = re.compile(r"\[medcert\] website built in (\d+) s")
+WARM_UP = re.compile(r"\[medcert\] (\d+) models trained in (\d+) s")
 
 
 def run_logged(command: list[str], cwd: Path, log: Path) -> tuple[float, list[tuple[float, str]]]:
@@ -88,6 +90,7 @@ def main() -> None:
     install = stamps[0].stat().st_mtime - start_wall if stamps else None
     grid = next((float(match.group(2)) for _, line in lines if (match := GRID_DONE.search(line))), None)
     website = next((float(match.group(1)) for _, line in lines if (match := WEBSITE.search(line))), None)
+    warm_up = next((float(match.group(2)) for _, line in lines if (match := WARM_UP.search(line))), None)
     result = {
         "what": "./run.sh (the README's main job: the quick study on the embedded phantoms, ending in the website) "
                 "from a fresh clone, install included",
@@ -95,7 +98,7 @@ def main() -> None:
         "machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "load_average_before": [round(value, 2) for value in load_before],
         "seconds": {"total": round(seconds, 1), "install": None if install is None else round(install, 1),
-                    "grid": grid, "website": website},
+                    "grid": grid, "of_which_models_trained_before_the_chapters": warm_up, "website": website},
         "models_trained": model_phases(lines, clone / "runs" / "cache", start_wall),
         "chapters": chapter_phases(clone / "book", start_wall),
         "log": "each output line with its time is in main_job.log next to the clone (not committed)",

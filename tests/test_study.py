@@ -259,6 +259,30 @@ def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment,
     assert (curves[~curves["reachable"]]["abstain"] == 1.0).all(), "an unreachable tau abstains everywhere"
 
 
+def test_paired_differences_between_architectures_against_a_direct_computation():
+    """between="arch": per method, sigma and class, the mean of (arch - reference arch) over images."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for image in range(10):
+        for arch, shift in (("unet", 0.0), ("resunetpp", -0.1), ("deeplabv2", 0.05)):
+            for class_id, name in ((0, "background"), (1, "lung")):
+                rows.append({"arch": arch, "sigma": 0.25, "method_label": "ours", "class_id": class_id,
+                             "class_name": name, "image_id": f"i{image}", "dice": rng.uniform(0.5, 0.9) + shift,
+                             "abstain": rng.uniform(0, 0.2)})
+    frame = pd.DataFrame(rows)
+    result = tables.paired_differences(frame, reference="unet", between="arch", resamples=2000)
+    assert set(result["arch"]) == {"resunetpp", "deeplabv2"} and set(result["method"]) == {"ours"}
+    assert set(result["reference"]) == {"unet"}
+    lung = frame[frame["class_name"] == "lung"].pivot_table(index="image_id", columns="arch", values="dice")
+    for arch in ("resunetpp", "deeplabv2"):
+        row = result[(result["arch"] == arch) & (result["class"] == "lung")].iloc[0]
+        assert abs(row["mean"] - (lung[arch] - lung["unet"]).mean()) < 1e-12 and row["images"] == 10
+    with pytest.raises(ValueError, match="reference 'vit' is not among the architectures"):
+        tables.paired_differences(frame, reference="vit", between="arch")
+    with pytest.raises(ValueError, match="between must be"):
+        tables.paired_differences(frame, reference="unet", between="sigma")
+
+
 def test_dice_against_radius_has_one_line_per_method_and_sigma():
     curves = pd.DataFrame([
         {"method_label": method, "arch": "unet", "class_name": name, "class_id": class_id, "sigma": sigma,

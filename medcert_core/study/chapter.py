@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from medcert_core.study.experiment import Experiment, clean_baselines
+from medcert_core.study.report.tables import paired_differences
 from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
 from medcert_core.study.settings import CHAPTER_SETTINGS
 
@@ -92,6 +93,21 @@ class DatasetChapter:
     def comparison(self) -> pd.DataFrame:
         """Tidy rows of the clean rows, SegCertify and ours for the baseline architectures."""
         return self.experiment.run(self.baseline_archs, self._comparison_methods())
+
+    def ours_against_segcertify(self) -> pd.DataFrame:
+        """Ours minus SegCertify per baseline architecture, σ and class, image by image, with 95 % paired
+        bootstrap intervals (``tables.paired_differences``; "ahead": the interval excludes 0)."""
+        frame = self.comparison()
+        smoothed = frame[frame["method_label"].isin([self.ours.label, self.segcertify.label])]
+        return paired_differences(smoothed, reference=self.segcertify.label)
+
+    def architectures_against_first(self) -> pd.DataFrame:
+        """Ours with each architecture minus ours with the first, image by image, with 95 % paired
+        intervals: whether the architecture ranking is more than the test images' spread (empty for one
+        architecture)."""
+        if len(self.archs) < 2:
+            return pd.DataFrame()
+        return paired_differences(self.per_arch(), reference=self.archs[0], between="arch")
 
     def curves(self) -> pd.DataFrame:
         """Radius-curve rows of SegCertify and ours for the first architecture."""

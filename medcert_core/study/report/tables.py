@@ -101,35 +101,42 @@ def radius_curve_table(curves: pd.DataFrame, metric: str = "dice") -> pd.DataFra
 
 
 def paired_differences(frame: pd.DataFrame, reference: str, metric: str = "dice", confidence: float = 0.95,
-                       resamples: int = 10_000) -> pd.DataFrame:
-    """Each method against ``reference`` (a method label), image by image: per arch, sigma (> 0),
-    method and foreground class, the mean over test images of (method - reference) in the certified
-    ``metric`` with its paired percentile bootstrap interval (``metrics.paired_bootstrap_interval``,
-    images resampled); class "all %⊘" is the difference in the abstained share of the whole image.
+                       resamples: int = 10_000, between: str = "method_label") -> pd.DataFrame:
+    """Each method (``between="arch"``: each architecture) against ``reference`` (a method label, or an
+    architecture), image by image: per arch (method), sigma (> 0), compared method (arch) and foreground
+    class, the mean over test images of (compared - reference) in the certified ``metric`` with its paired
+    percentile bootstrap interval (``metrics.paired_bootstrap_interval``, images resampled); class "all %⊘"
+    is the difference in the abstained share of the whole image.
 
     Images where either side has no value (a class absent from the image) are left out of that pair.
     Long format: columns arch, σ, method, class, mean, low, high, images, ahead ("yes": the interval
-    lies above 0, "no": below 0, "–": it holds 0).
+    lies above 0, "no": below 0, "–": it holds 0); with ``between="arch"`` also ``reference``.
     """
+    if between not in ("method_label", "arch"):
+        raise ValueError(f"between must be 'method_label' or 'arch', got {between!r}")
+    within = "arch" if between == "method_label" else "method_label"
     certified = frame[(frame["class_id"] > 0) & (frame["sigma"] > 0)]
-    if reference not in set(certified["method_label"]):
-        raise ValueError(f"reference {reference!r} is not among the methods {sorted(set(certified['method_label']))}")
-    per_class = certified.pivot_table(index=["arch", "sigma", "class_name", "image_id"], columns="method_label",
+    if reference not in set(certified[between]):
+        what = "methods" if between == "method_label" else "architectures"
+        raise ValueError(f"reference {reference!r} is not among the {what} {sorted(set(certified[between]))}")
+    per_class = certified.pivot_table(index=[within, "sigma", "class_name", "image_id"], columns=between,
                                       values=metric, aggfunc="first", dropna=False)
     image = certified.drop_duplicates(["arch", "sigma", "method_label", "image_id"]).assign(class_name="all %⊘")
-    per_image = image.pivot_table(index=["arch", "sigma", "class_name", "image_id"], columns="method_label",
+    per_image = image.pivot_table(index=[within, "sigma", "class_name", "image_id"], columns=between,
                                   values="abstain", aggfunc="first", dropna=False)
     rows = []
     for table in (per_class, per_image):
-        for (arch, sigma, class_name), group in table.groupby(level=[0, 1, 2], sort=False):
-            for method in [label for label in group.columns if label != reference]:
-                differences = (group[method] - group[reference]).dropna().to_numpy()
+        for (fixed, sigma, class_name), group in table.groupby(level=[0, 1, 2], sort=False):
+            for compared in [label for label in group.columns if label != reference]:
+                differences = (group[compared] - group[reference]).dropna().to_numpy()
                 if len(differences) < 2:
                     continue
                 interval = paired_bootstrap_interval(differences, confidence=confidence, resamples=resamples)
+                arch, method = (fixed, compared) if between == "method_label" else (compared, fixed)
                 rows.append({"arch": arch, "σ": sigma, "method": method, "class": class_name,
                              "mean": interval["mean"], "low": interval["low"], "high": interval["high"],
-                             "images": interval["images"], "ahead": _side_of_zero(interval)})
+                             "images": interval["images"], "ahead": _side_of_zero(interval),
+                             **({"reference": reference} if between == "arch" else {})})
     order = {**certified.groupby("class_name")["class_id"].first().to_dict(), "all %⊘": np.inf}
     result = pd.DataFrame(rows)
     if result.empty:

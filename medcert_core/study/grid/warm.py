@@ -88,11 +88,16 @@ def jobs_of_parameters(parameters: Mapping[str, Any]) -> list[ModelJob]:
 
 
 def missing_models(parameter_sets: Iterable[Mapping[str, Any]]) -> list[ModelJob]:
-    """The models of all these chapters that the cache lacks, each once, longest first."""
+    """The models of all these chapters that the cache lacks, each once, longest first (a chapter whose
+    data or settings cannot be read is left to report its own error)."""
     jobs: dict[Path, ModelJob] = {}
     for parameters in parameter_sets:
-        for job in jobs_of_parameters(parameters):
-            jobs.setdefault(job.path, job)
+        try:
+            planned = [(job.path, job) for job in jobs_of_parameters(parameters)]  # the paths read the data
+        except (OSError, ValueError):
+            continue  # unreadable data or a bad setting: the chapter itself reports it, as without the warm-up
+        for path, job in planned:
+            jobs.setdefault(path, job)
     return sorted((job for job in jobs.values() if not job.complete), key=lambda job: ORDER[job.kind])
 
 

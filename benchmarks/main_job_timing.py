@@ -2,7 +2,7 @@
 and write how long each phase took to ``benchmarks/results/main_job_timing.json``.
 
 Phases: the install (until run.sh's install stamp is written), the models trained before the chapters
-(``study.grid.warm``: its "models trained in" line, part of the grid), each model trained (from the job's
+(``study.warm``: its "models trained in" line, part of the grid), each model trained (from the job's
 "[medcert] training" line to the model's completion marker in the clone's cache), each chapter of the
 quick grid (papermill's own start time and duration in the executed notebook), the grid as a whole and
 the website (the job's own lines). The load average before the start is recorded: timings taken while other work runs say little.

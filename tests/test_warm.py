@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medcert_core.study.grid.spec import template_parameters
-from medcert_core.study.grid.warm import ModelJob, jobs_of_parameters, missing_models, warm_cache
+from medcert_core.study.warm import ModelJob, jobs_of_parameters, missing_models, warm_cache
 from medcert_core.study.runs import assets
 from medcert_core.study.settings import DataSpec, training_spec
 from medcert_core.study.workflow import prepare_entries

@@ -17,7 +17,7 @@ from medcert_core.study.report.book import build_book
 from medcert_core.study.experiment import project_root
 from medcert_core.study.grid.local import is_done, run_grid
 from medcert_core.study.grid.spec import GridEntry, load_grid
-from medcert_core.study.grid.warm import warm_before_grid
+from medcert_core.study.warm import warm_before_grid
 from medcert_core.study.settings import training_spec
 
 DEFAULT_RESULTS = "runs/results"

@@ -218,7 +218,12 @@ def selected_and_count(selection: torch.Tensor, estimation: torch.Tensor) -> tup
     """(K, H, W) selection and estimation histograms -> the selected class (mode of the selection draws)
     and how many estimation draws give it, both (H, W) int64."""
     selected = selection.argmax(0)
-    return selected, estimation.gather(0, selected.unsqueeze(0))[0]
+    return selected, agreement(estimation, selected)
+
+
+def agreement(histogram: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) class counts -> (H, W) how many of those draws gave ``selected`` (H, W)."""
+    return histogram.gather(0, selected.unsqueeze(0))[0]
 
 
 def add_to_histograms(histograms: list[torch.Tensor], starts: list[int], ends: list[int], first: int,
@@ -552,7 +557,7 @@ class SmoothedSegmenter:
         for look in looks:
             (histogram,) = self.class_histograms(x, [look - previous], generator, progress, f"draws to {look}")
             previous = look
-            yield histogram.gather(0, selected.unsqueeze(0))[0].cpu().numpy()
+            yield agreement(histogram, selected).cpu().numpy()
 
     def predict(
         self,

@@ -2,7 +2,7 @@
 
 A chapter trains the models it needs when the cache lacks them, one after another, in its own
 kernel; the small models of a CPU study use the cores poorly that way (a tiny network at 64 px
-barely gains from a second thread). Before a local grid runs, :func:`planned_models` reads from
+barely gains from a second thread). Before a local grid runs, :func:`missing_models` reads from
 every pending entry's parameters (the template's defaults, then the grid's values) which
 segmenters and in-project denoisers it will ask for, and :func:`warm_cache` trains the missing
 ones in parallel processes of one thread each, longest first.

@@ -119,3 +119,9 @@ def test_a_notebook_without_chapter_parameters_is_not_a_dataset_chapter():
     with pytest.raises(ValueError, match=r"not a dataset chapter: its parameters lack \['archs'"):
         DatasetChapter.from_parameters({"arch": "unet"})
     assert DataSpec("phantom", None, 64).tag == "phantom_64" and training_spec("quick").epochs == 40
+
+
+def test_the_settings_table_names_the_chapters_training_overrides():
+    assert Experiment(profile="jsrt").profile_description() == "jsrt"
+    experiment = Experiment(profile="jsrt", training_overrides={"preset": "tiny", "epochs": 5})
+    assert experiment.profile_description() == "jsrt (epochs 5, preset tiny)"

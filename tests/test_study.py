@@ -398,6 +398,20 @@ def test_next_to_paper_subtracts_the_papers_value():
         paper.paper_reference("table9")
 
 
+@pytest.mark.parametrize(("key", "arch", "sigma", "dice", "abstain"), [
+    ("montgomery_table1", "resunetpp", 0.25, 0.96, 2.0), ("shenzhen_table1", "deeplabv2", 0.5, 0.34, 15.0)])
+def test_next_to_paper_names_a_binary_sets_foreground_as_the_papers_lung(key, arch, sigma, dice, abstain):
+    rows = [{"method": "ours", "train_noise": 0.0, "arch": arch, "sigma": sigma, "image_id": "a", "class_id": class_id,
+             "class_name": name, "dice": 0.9, "iou": 0.8, "abstain": 0.05, "abstain_in_class": 0.0}
+            for class_id, name in enumerate(("background", "foreground"))]
+    table = paper.next_to_paper(pd.DataFrame(rows), key, classes={"foreground": "lung"})
+    row = table.loc[("ours", 0.0, arch, sigma)]
+    assert row[("lung", "Dice", "paper")] == pytest.approx(dice)  # Table 1's lung column of that set
+    assert row[("lung", "Dice", "here")] == pytest.approx(0.9) and row[("lung", "Dice", "Δ")] == pytest.approx(0.9 - dice)
+    assert row[("all", "%⊘", "paper")] == pytest.approx(abstain) and row[("all", "%⊘", "here")] == pytest.approx(5.0)
+    assert list(table.columns.get_level_values(0).unique()) == ["lung", "all"]
+
+
 def test_combine_keeps_each_runs_rows_once():
     a = pd.DataFrame({"run": ["x", "x"], "image_id": ["1", "1"], "class_id": [0, 1]})
     assert len(combine(a, a)) == 2

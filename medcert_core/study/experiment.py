@@ -155,6 +155,11 @@ class Experiment:
                                     **{method.label: self.maps(arch, method, sigma)["labels"] for method in methods}}
         return panels
 
+    def profile_description(self) -> str:
+        """The training profile, with the chapter's overrides of it, e.g. "jsrt (epochs 5)"."""
+        overrides = ", ".join(f"{name} {value}" for name, value in sorted((self.training_overrides or {}).items()))
+        return f"{self.profile} ({overrides})" if overrides else self.profile
+
     def settings_table(self) -> pd.DataFrame:
         """The settings a chapter states: data, input space, certificate parameters, profile, device."""
         test_set = self.data.load("test")
@@ -166,7 +171,7 @@ class Experiment:
         ], "value": [
             self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
             f"{shown} of {len(test_set)} (split seed {self.seed})", ", ".join(f"{s:g}" for s in self.sigmas),
-            f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile,
+            f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
             str(resolve_device(self.device)), self.precision,
         ]}).set_index("setting")
 

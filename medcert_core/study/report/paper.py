@@ -1,5 +1,6 @@
-"""The paper's published JSRT numbers (Laousy et al., MICCAI 2023, Tables 1 and 2), and this study's
-results next to them, with the differences in settings spelled out.
+"""The paper's published chest X-ray numbers (Laousy et al., MICCAI 2023: Table 1's JSRT, Montgomery
+and Shenzhen columns, Table 2), and this study's results next to them, with the differences in
+settings spelled out.
 
 Paper %⊘ is the abstained share of the image, shown with the clavicle columns; it is compared
 with this study's "all %⊘". Values are transcribed from the paper's text; in our copy the
@@ -9,6 +10,7 @@ left unknown (NaN) rather than guessed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,14 +22,16 @@ CLASSES = ("lung", "heart", "clavicle")
 _ROW = ("method", "train_noise", "arch", "sigma")
 
 
-def _rows(method: str, train_noise: float, arch: str, values: dict[float, tuple[float, ...]]) -> list[dict[str, Any]]:
-    """values: {sigma: (lung dice, iou, heart dice, iou, clavicle dice, iou, abstain)}."""
+def _rows(method: str, train_noise: float, arch: str, values: dict[float, tuple[float, ...]],
+          classes: tuple[str, ...] = CLASSES) -> list[dict[str, Any]]:
+    """values: {sigma: (dice, iou of each of ``classes`` in turn, then the image's abstain share)},
+    e.g. (lung dice, iou, heart dice, iou, clavicle dice, iou, abstain) for JSRT."""
     rows = []
     for sigma, numbers in values.items():
         row = dict(zip(_ROW, (method, train_noise, arch, sigma)))
-        for index, name in enumerate(CLASSES):
+        for index, name in enumerate(classes):
             row[(name, "Dice")], row[(name, "IoU")] = numbers[2 * index], numbers[2 * index + 1]
-        row[("all", "%⊘")] = numbers[6]
+        row[("all", "%⊘")] = numbers[2 * len(classes)]
         rows.append(row)
     return rows
 
@@ -55,6 +59,23 @@ PAPER_TABLES: dict[str, list[dict[str, Any]]] = {
 }
 
 
+def _lung_rows(arch: str, values: dict[float, tuple[float, float, float]]) -> list[dict[str, Any]]:
+    """Ours on a lung-only column of Table 1; values: {sigma: (lung dice, iou, abstain)}."""
+    return _rows("ours", 0.0, arch, values, classes=("lung",))
+
+
+PAPER_TABLES["montgomery_table1"] = [  # Table 1, Montgomery lung column (138 images, 512 px)
+    *_lung_rows("unet", {0.25: (.93, .89, .07), 0.5: (.89, .80, .07), 1.0: (.88, .80, .14)}),
+    *_lung_rows("resunetpp", {0.25: (.96, .93, .02), 0.5: (.94, .89, .03), 1.0: (.89, .83, .07)}),
+    *_lung_rows("deeplabv2", {0.25: (.93, .91, .07), 0.5: (.91, .87, .02), 1.0: (.85, .79, .17)}),
+]
+PAPER_TABLES["shenzhen_table1"] = [  # Table 1, Shenzhen lung column (662 images, 512 px)
+    *_lung_rows("unet", {0.25: (.95, .90, .05), 0.5: (.93, .90, .02), 1.0: (.89, .83, .10)}),
+    *_lung_rows("resunetpp", {0.25: (.95, .91, .01), 0.5: (.93, .90, .02), 1.0: (.90, .85, .06)}),
+    *_lung_rows("deeplabv2", {0.25: (.80, .71, .07), 0.5: (.34, .25, .15), 1.0: (.04, .02, .11)}),
+]
+
+
 def paper_reference(key: str) -> pd.DataFrame:
     """A paper table as a frame indexed by (method, train_noise, arch, sigma), columns (class, metric)."""
     if key not in PAPER_TABLES:
@@ -71,12 +92,15 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
     return table[[column for column in table.columns if column[1] != "%⊘" or column[0] == "all"]]
 
 
-def next_to_paper(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+def next_to_paper(frame: pd.DataFrame, key: str, classes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Rows of paper table ``key`` with this study's value, the paper's and Δ = here − paper per cell.
 
-    Rows the study did not run are left out; %⊘ in percent.
+    ``classes`` renames this study's classes to the paper's, e.g. {"foreground": "lung"} for a binary
+    lung set read as a ``folder``. Rows the study did not run are left out; %⊘ in percent.
     """
     reference = paper_reference(key)
+    if classes:
+        frame = frame.assign(class_name=frame["class_name"].replace(dict(classes)))
     here = measured(frame).reindex(reference.index).dropna(how="all")
     reference = reference.loc[here.index]
     columns = {}

@@ -120,7 +120,7 @@ def box_minus_bilinear(psnr: list[dict], sigmas: list[float]) -> dict[str, dict[
 
 def _noise_factor(way: str, size: int, data: DataSpec, training: TrainingSpec) -> float:
     model = assets.ddpm_image_size(data, training)
-    return resize_noise_factor((size, size), (model, model), way)
+    return resize_noise_factor((size, size), model, way)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,19 @@ def test_tiny_ddpm_on_phantoms_denoises_five_times_better_than_the_noisy_input(t
     assert denoised_mse * 5 <= noisy_mse, f"MSE {denoised_mse:.4f} vs noisy {noisy_mse:.4f}"
 
 
+def test_a_ddpm_trained_at_a_non_square_size_keeps_it_and_denoises_a_twice_larger_input(tmp_path):
+    """Colonoscopy frames are 4:3: the DDPM trains at (H, W), saves it and box-averages a 2x input to it."""
+    train = load_dataset("phantom", None, "train", image_size=(16, 24), num_images=4)
+    folder = train_ddpm(train, tmp_path / "ddpm", steps=2, batch_size=2, image_size=(16, 24), progress=False,
+                        device="cpu")
+    denoiser = load_denoiser(f"ddpm:{folder}", 0.5)
+    assert denoiser.image_size == (16, 24)
+    channels = train[0][0].shape[0]
+    noisy = torch.rand(2, channels, 32, 48)
+    assert denoiser(noisy).shape == noisy.shape
+    assert denoiser.effective_sigma(channels, (32, 48)) == pytest.approx(0.25)  # 2 x 2 box average: sigma / 2
+
+
 def test_an_oracle_denoiser_lets_smoothing_certify_everything_at_sigma_one():
     """The paper's point in miniature: plain smoothing abstains at sigma = 1, denoised smoothing does not."""
     from medcert_core import ABSTAIN

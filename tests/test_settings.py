@@ -125,3 +125,17 @@ def test_the_settings_table_names_the_chapters_training_overrides():
     assert Experiment(profile="jsrt").profile_description() == "jsrt"
     experiment = Experiment(profile="jsrt", training_overrides={"preset": "tiny", "epochs": 5})
     assert experiment.profile_description() == "jsrt (epochs 5, preset tiny)"
+
+
+@pytest.mark.parametrize(("input_size", "setting", "expected"), [
+    (128, 64, (64, 64)),           # JSRT: the 128 px input box-averaged by 2
+    ((144, 192), 72, (72, 96)),    # CVC-ClinicDB's 4:3 frames keep their aspect
+    ((144, 192), None, (144, 192)),
+    ((512, 512), None, (256, 256)),  # at most 256 high by default
+])
+def test_the_ddpms_resolution_keeps_the_inputs_aspect(input_size, setting, expected):
+    from medcert_core.study.runs.assets import ddpm_image_size
+    from medcert_core.study.settings import DataSpec, TrainingSpec
+
+    data = DataSpec("phantom", None, input_size, 0)
+    assert ddpm_image_size(data, TrainingSpec(ddpm_image_size=setting)) == expected

@@ -27,6 +27,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch.utils.data import Dataset
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
+from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
 from medcert_core.io import load_weights, save_torch_atomically
@@ -100,7 +101,7 @@ class _DDPMTraining:
             self.ema.load_state_dict(state["ema"])
 
 
-def _start_ddpm(size: int, channels: int, settings: dict[str, Any], lr: float, seed: int, ema_decay: float | None,
+def _start_ddpm(size: tuple[int, int], channels: int, settings: dict[str, Any], lr: float, seed: int, ema_decay: float | None,
                 device: torch.device) -> _DDPMTraining:
     """A fresh UNet2DModel of the preset's layout (torch's global seed set to ``seed`` first), AdamW, the
     optional EMA of its weights (with warm-up) and the run's generator seeded with ``seed``."""
@@ -142,7 +143,7 @@ def train_ddpm(
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -153,6 +154,7 @@ def train_ddpm(
 ) -> Path:
     """Train a DDPM on the images of ``dataset`` and save it in ``output_dir`` (DDPMPipeline layout).
 
+    image_size: the model's resolution, n (square) or (H, W); None: the preset's (square).
     max_sigma: draw training timesteps only up to t*(max_sigma) (all 1000 when None).
     focus_sigmas, focus_share: draw that share of the timesteps near the t* of these noise levels
         (in the model's [0, 1] noise scale, after any resize to its resolution).
@@ -162,14 +164,14 @@ def train_ddpm(
     if preset not in DDPM_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DDPM_PRESETS)}, got {preset!r}")
     settings = DDPM_PRESETS[preset]
-    size = image_size or settings["image_size"]
+    size = as_size(image_size or settings["image_size"])
     total_steps = steps or settings["steps"]
     batch_size = batch_size or settings["batch_size"]
     output_dir = Path(output_dir)
     if (output_dir / "model_index.json").is_file():
         return output_dir
     device = resolve_device(device)
-    images = _stacked_images(dataset, (size, size))
+    images = _stacked_images(dataset, size)
     scheduler = linear_scheduler()
     max_timestep = 1000 if max_sigma is None else timestep_for_sigma(scheduler.alphas_cumprod, max_sigma) + 1
     focus_timesteps = [timestep_for_sigma(scheduler.alphas_cumprod, sigma) for sigma in focus_sigmas]

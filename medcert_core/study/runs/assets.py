@@ -189,9 +189,12 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
             f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}{data.data_tag('train')}")
 
 
-def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> int:
-    """The in-project DDPM's (square) resolution: the profile's, else the input's height up to 256."""
-    return training.ddpm_image_size or min(as_size(data.image_size)[0], 256)
+def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> tuple[int, int]:
+    """The in-project DDPM's (H, W): its height is the profile's ``ddpm_image_size``, else the input's
+    height up to 256; its width keeps the input's aspect (a 144 x 192 input at 72: 72 x 96)."""
+    height, width = as_size(data.image_size)
+    model_height = training.ddpm_image_size or min(height, 256)
+    return model_height, max(1, round(model_height * width / height))
 
 
 def ddpm_focus_sigmas(data: DataSpec, training: TrainingSpec) -> tuple[float, ...]:
@@ -199,7 +202,7 @@ def ddpm_focus_sigmas(data: DataSpec, training: TrainingSpec) -> tuple[float, ..
     resolution (a box average by integer factors) lowers the noise std the model sees."""
     size = as_size(data.image_size)
     model = ddpm_image_size(data, training)
-    factor = resize_noise_factor(tuple(size), (model, model))
+    factor = resize_noise_factor(tuple(size), model)
     return tuple(float(sigma) * factor for sigma in training.ddpm_focus_sigmas)
 
 

@@ -64,7 +64,10 @@ def main() -> int:
     parser.add_argument("--profile", default="jsrt")
     parser.add_argument("--dataset", default="jsrt")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, nargs="+", default=[128], metavar="N",
+                        help="input size: N (square) or H W, e.g. 144 192")
+    parser.add_argument("--split-block", type=int, default=0,
+                        help="0: random split per case; k: runs of k consecutive ids in one split (video)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--multi-steps", type=int, default=10, help="model calls of the multi-step chain")
     parser.add_argument("--training", type=yaml.safe_load, default=None,
@@ -83,7 +86,10 @@ def main() -> int:
                         help="JSON table (default: results/<dataset>_denoiser_gate_<split>.json)")
     args = parser.parse_args()
 
-    data = DataSpec(args.dataset, args.data_root, args.image_size)
+    if len(args.image_size) not in (1, 2):
+        parser.error(f"--image-size takes N or H W, got {args.image_size}")
+    image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    data = DataSpec(args.dataset, args.data_root, image_size, split_block=args.split_block)
     training = training_spec(args.profile).with_overrides(args.training)
     start = time.perf_counter()
     ddpm = resolve_denoiser_spec("ddpm:auto", max(args.sigmas), args.cache, data, training, args.device)
@@ -113,7 +119,8 @@ def main() -> int:
         "gate": "PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma",
         "passed": not failures, "failures": failures, "rows": rows,
         "paired_against_single_step": paired_psnr_differences(rows, SINGLE),
-        "dataset": args.dataset, "split": args.split, "images": count, "image_size": args.image_size,
+        "dataset": args.dataset, "split": args.split, "images": count, "image_size": image_size,
+        "split_block": args.split_block,
         "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
         "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},
         "reported_not_gated": {"ffdnet": str(args.ffdnet) if args.ffdnet else None,

@@ -190,6 +190,34 @@ def test_certification_runs_are_stored_and_read_back(tiny_experiment, monkeypatc
     assert expected.is_file()
 
 
+def test_plain_dice_by_split_scores_a_model_of_each_split_on_its_own_whole_test_split(tiny_experiment, monkeypatch):
+    """The CVC chapter's leakage check: a blocked and a random split, each with its own segmenter and all of
+    its test images (not the chapter's first few), mean Dice per foreground class with its interval."""
+    import dataclasses
+
+    from medcert_core.data import split_ids
+    from medcert_core.study.chapter import DatasetChapter
+
+    monkeypatch.setattr("medcert_core.study.experiment.training_spec", lambda profile: TINY_TRAINING)
+    chapter = DatasetChapter(dataclasses.replace(tiny_experiment, split_block=3), ("unet",), "none")
+    table = chapter.plain_dice_by_split()
+    assert list(table.index.get_level_values("split").unique()) == ["blocked (3 ids)", "random"]
+    assert list(table.index.get_level_values("class").unique()) == ["lung", "heart", "clavicle"]
+    all_ids = tiny_experiment.data.load("all").ids
+    for (name, block), experiment in zip((("blocked (3 ids)", 3), ("random", 0)), chapter.split_experiments().values()):
+        assert experiment.split_block == block and experiment.test_images is None
+        assert list(experiment.data.load("test").ids) == split_ids(all_ids, "test", 0, block)
+        rows = experiment.run(["unet"], [plain(0.0)])
+        for class_name, group in rows[rows["class_id"] > 0].groupby("class_name"):
+            shown = table.loc[(name, class_name)]
+            assert shown["Dice"] == pytest.approx(group["dice"].mean())
+            assert shown["test images"] == group["dice"].notna().sum()
+            assert shown["low"] <= shown["Dice"] <= shown["high"]
+    assert set(split_ids(all_ids, "test", 0, 3)) != set(split_ids(all_ids, "test", 0, 0))
+    unblocked = DatasetChapter(tiny_experiment, ("unet",), "none")
+    assert list(unblocked.split_experiments()) == ["random"]
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:n = 60 draws cannot certify")
 def test_architectures_behind_one_denoiser_share_their_draws_and_get_their_own_numbers(tiny_experiment, tmp_path,
@@ -410,6 +438,23 @@ def test_next_to_paper_names_a_binary_sets_foreground_as_the_papers_lung(key, ar
     assert row[("lung", "Dice", "here")] == pytest.approx(0.9) and row[("lung", "Dice", "Δ")] == pytest.approx(0.9 - dice)
     assert row[("all", "%⊘", "paper")] == pytest.approx(abstain) and row[("all", "%⊘", "here")] == pytest.approx(5.0)
     assert list(table.columns.get_level_values(0).unique()) == ["lung", "all"]
+
+
+def test_next_to_paper_sets_a_row_of_unknown_sigma_beside_every_sigma_this_study_ran():
+    """Table 3's CVC column has no legible sigma: its one value per method stands beside each sigma run."""
+    rows = [{"method": method, "train_noise": noise, "arch": "resunetpp", "sigma": sigma, "image_id": "a",
+             "class_id": class_id, "class_name": name, "dice": dice, "iou": dice - 0.1, "abstain": 0.05,
+             "abstain_in_class": 0.0}
+            for method, noise, dice in (("ours", 0.0, 0.5), ("segcertify", 0.25, 0.2))
+            for sigma in (0.25, 1.0) for class_id, name in enumerate(("background", "polyp"))]
+    table = paper.next_to_paper(pd.DataFrame(rows), "cvc_table3")
+    assert sorted(table.index) == [("ours", 0.0, "resunetpp", 0.25), ("ours", 0.0, "resunetpp", 1.0),
+                                   ("segcertify", 0.25, "resunetpp", 0.25), ("segcertify", 0.25, "resunetpp", 1.0)]
+    paper_dice = table[("polyp", "Dice", "paper")]
+    assert [paper_dice.loc[(method, noise, "resunetpp", sigma)] for method, noise in (("ours", 0.0), ("segcertify", 0.25))
+            for sigma in (0.25, 1.0)] == pytest.approx([0.45, 0.45, 0.15, 0.15])
+    assert table.loc[("segcertify", 0.25, "resunetpp", 1.0), ("polyp", "Dice", "Δ")] == pytest.approx(0.05)
+    assert table.loc[("ours", 0.0, "resunetpp", 0.25), ("all", "%⊘", "paper")] == pytest.approx(7.0)
 
 
 def test_combine_keeps_each_runs_rows_once():

@@ -11,15 +11,17 @@ Rows (as the paper's Tables 1 and 2): ours for every architecture (``per_arch``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from medcert_core.metrics import paired_bootstrap_interval
 from medcert_core.study.experiment import Experiment, clean_baselines
 from medcert_core.study.report.tables import paired_differences
-from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
+from medcert_core.study.runs.run import CertificationRun, Method, ours, plain, segcertify
 from medcert_core.study.settings import CHAPTER_SETTINGS
 
 CHAPTER_PARAMETERS = ("archs", "denoiser", "denoise_steps", "segcertify_noise", "baselines_for")
@@ -112,3 +114,25 @@ class DatasetChapter:
     def curves(self) -> pd.DataFrame:
         """Radius-curve rows of SegCertify and ours for the first architecture."""
         return self.experiment.curves(self.archs[:1], self.compared)
+
+    def split_experiments(self) -> dict[str, Experiment]:
+        """The chapter's settings on its whole test split, once per split: "blocked" (its ``split_block``)
+        and "random" (the paper's split per case); only "random" when the chapter does not block."""
+        block = self.experiment.split_block
+        splits = {f"blocked ({block} ids)": block, "random": 0} if block else {"random": 0}
+        return {name: dataclasses.replace(self.experiment, split_block=value, test_images=None)
+                for name, value in splits.items()}
+
+    def plain_dice_by_split(self, confidence: float = 0.95) -> pd.DataFrame:
+        """Plain Dice (no noise, no certificate) of the first architecture, trained and tested on each of
+        :meth:`split_experiments`: per split and foreground class, the mean over the whole test split, its
+        bootstrap interval over test images and the image count. How much near-duplicate frames of one
+        video on both sides of a random split flatter the score."""
+        rows = []
+        for name, experiment in self.split_experiments().items():
+            frame = experiment.run(self.archs[:1], [plain(0.0)])
+            for class_name, group in frame[frame["class_id"] > 0].groupby("class_name", sort=False):
+                interval = paired_bootstrap_interval(group["dice"].dropna().to_numpy(), confidence=confidence)
+                rows.append({"split": name, "class": class_name, "Dice": interval["mean"],
+                             "low": interval["low"], "high": interval["high"], "test images": interval["images"]})
+        return pd.DataFrame(rows).set_index(["split", "class"])

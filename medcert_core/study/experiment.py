@@ -165,12 +165,13 @@ class Experiment:
         test_set = self.data.load("test")
         image, _ = test_set[0]
         shown = min(len(test_set), self.test_images or len(test_set))
+        split = f"split seed {self.seed}" + (f", runs of {self.split_block} consecutive ids" if self.split_block else "")
         return pd.DataFrame({"setting": [
             "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
             "precision",
         ], "value": [
             self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
-            f"{shown} of {len(test_set)} (split seed {self.seed})", ", ".join(f"{s:g}" for s in self.sigmas),
+            f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
             str(resolve_device(self.device)), self.precision,
         ]}).set_index("setting")

@@ -75,6 +75,13 @@ PAPER_TABLES["shenzhen_table1"] = [  # Table 1, Shenzhen lung column (662 images
     *_lung_rows("deeplabv2", {0.25: (.80, .71, .07), 0.5: (.34, .25, .15), 1.0: (.04, .02, .11)}),
 ]
 
+# Table 3, CVC-ClinicDB column (ResUNet++, 288 x 384 px): our copy keeps one (Dice, IoU, %⊘) per method and
+# no legible sigma (its sigma / R column is garbled), so sigma is NaN: next_to_paper sets it beside every sigma
+PAPER_TABLES["cvc_table3"] = [
+    *_rows("segcertify", 0.25, "resunetpp", {np.nan: (.15, .10, .01)}, classes=("polyp",)),
+    *_rows("ours", 0.0, "resunetpp", {np.nan: (.45, .39, .07)}, classes=("polyp",)),
+]
+
 
 def paper_reference(key: str) -> pd.DataFrame:
     """A paper table as a frame indexed by (method, train_noise, arch, sigma), columns (class, metric)."""
@@ -96,12 +103,16 @@ def next_to_paper(frame: pd.DataFrame, key: str, classes: Mapping[str, str] | No
     """Rows of paper table ``key`` with this study's value, the paper's and Δ = here − paper per cell.
 
     ``classes`` renames this study's classes to the paper's, e.g. {"foreground": "lung"} for a binary
-    lung set read as a ``folder``. Rows the study did not run are left out; %⊘ in percent.
+    lung set read as a ``folder``. A paper row of unknown sigma (NaN) is set beside each sigma this study
+    ran for its method and architecture (its paper column repeats). Rows the study did not run are
+    left out; %⊘ in percent.
     """
     reference = paper_reference(key)
     if classes:
         frame = frame.assign(class_name=frame["class_name"].replace(dict(classes)))
-    here = measured(frame).reindex(reference.index).dropna(how="all")
+    here = measured(frame)
+    reference = _beside_every_sigma(reference, here)
+    here = here.reindex(reference.index).dropna(how="all")
     reference = reference.loc[here.index]
     columns = {}
     for column in reference.columns:
@@ -115,6 +126,23 @@ def next_to_paper(frame: pd.DataFrame, key: str, classes: Mapping[str, str] | No
     return table
 
 
+def _beside_every_sigma(reference: pd.DataFrame, here: pd.DataFrame) -> pd.DataFrame:
+    """``reference`` with each row of NaN sigma repeated at every sigma ``here`` holds for its (method,
+    train_noise, arch); other rows unchanged."""
+    sigmas = reference.index.get_level_values("sigma")
+    unknown = reference[np.isnan(sigmas.to_numpy(dtype=float))]
+    if unknown.empty:
+        return reference
+    repeated = []
+    for (method, noise, arch, _), row in unknown.iterrows():
+        ran = [key for key in here.index if key[:3] == (method, noise, arch)]
+        repeated += [row.rename(key) for key in ran]
+    known = reference[~np.isnan(sigmas.to_numpy(dtype=float))]
+    if not repeated:
+        return known
+    return pd.concat([known, pd.DataFrame(repeated, columns=reference.columns)]).rename_axis(reference.index.names)
+
+
 def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:
     rows = table.xs(method, level="method")
     return float(rows[(name, "Dice", "Δ")].mean())
@@ -122,6 +150,7 @@ def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:
 
 def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, comparison: pd.DataFrame) -> str:
     """Markdown: one sentence per difference between this run and the paper's JSRT setting and numbers."""
+    from medcert_core.study.runs.assets import ddpm_image_size
     from medcert_core.study.settings import training_spec
 
     training = training_spec(experiment.profile)
@@ -136,7 +165,8 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
         steps = training.ddpm_steps or "the preset's"
         recipe = f"{training.ddpm_preset} preset, {steps} steps"
         if training.ddpm_image_size:
-            recipe += f", at {training.ddpm_image_size} × {training.ddpm_image_size} px"
+            height, width = ddpm_image_size(experiment.data, training)
+            recipe += f", at {height} × {width} px"
         if training.ddpm_ema_decay:
             recipe += f", EMA weights ({training.ddpm_ema_decay:g})"
         if training.ddpm_focus_share and training.ddpm_focus_sigmas:

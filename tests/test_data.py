@@ -109,6 +109,8 @@ def test_a_blocked_split_keeps_runs_of_consecutive_ids_together() -> None:
     assert split_ids(ids, "train", seed=5, block=0) == split_ids(ids, "train", seed=5)  # 0: the random split
     with pytest.raises(ValueError, match="split block must be an integer >= 0"):
         split_ids(ids, "train", seed=5, block=-1)
+    with pytest.raises(ValueError, match=r"runs of 20 consecutive ids leaves test empty: 6 ids make 1 runs"):
+        split_ids([str(i) for i in range(1, 7)], "test", seed=0, block=20)  # a clear error, not an empty chapter
 
 
 def test_cvc_clinicdb_blocked_split_puts_no_neighbouring_frame_of_a_test_frame_in_train() -> None:

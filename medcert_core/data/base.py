@@ -363,6 +363,10 @@ def _blocked_split(ordered: list[str], split: str, seed: int, block: int, ends: 
         part = "train" if taken < ends[0] else "val" if taken < ends[1] else "test"
         parts[part] += runs[index]
         taken += len(runs[index])
+    if not parts[split]:
+        sizes = ", ".join(f"{name} {len(ids)}" for name, ids in parts.items())
+        raise ValueError(f"a split in runs of {block} consecutive ids leaves {split} empty: {len(ordered)} ids make "
+                         f"{len(runs)} runs ({sizes}); use a smaller split_block (0: a random split per case)")
     return parts[split]
 
 

@@ -766,3 +766,19 @@ def test_a_missing_dataset_placeholder_says_where_to_get_it_how_to_run_it_and_wh
     assert (entry.notebook, entry.output, entry.parameters["dataset"]) == ("montgomery", "montgomery", "montgomery")
     assert entry.parameters["data_root"].endswith("data/montgomery"), "{data_root} is filled from --data-root"
     assert placeholder_text("JSRT", "jsrt", "jsrt").startswith("# JSRT\n\nThis chapter has not been run")
+
+
+def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
+    from medcert_core.study.grid.local import rerun_grid_sentence
+    from medcert_core.study.grid.spec import load_grid
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    (cvc,) = load_grid(repo / "grids" / "cvc_clinicdb.yaml", repo / "notebooks")
+    sentence = rerun_grid_sentence(cvc)
+    assert "`./run.sh grid grids/cvc_clinicdb.yaml`" in sentence, "relative to the project root"
+    assert "study" not in sentence, "the jsrt study does not run this grid"
+    jsrt = load_grid("grids/jsrt.yaml", "notebooks")[0]
+    assert "`./run.sh grid grids/jsrt.yaml`" in rerun_grid_sentence(jsrt)
+    assert "`./run.sh study --profile jsrt`" in rerun_grid_sentence(jsrt)
+    assert rerun_grid_sentence(GridEntry("phantom", "phantom", {"profile": "quick"})) == ""

@@ -61,13 +61,26 @@ all cells (`interactive = True` adds the live controls).
 ````"""
 
 
+def rerun_grid_sentence(entry: GridEntry) -> str:
+    """How the chapter runs with its grid: the grid file it came from (``./run.sh grid FILE``, and the
+    profile's study when that file is ``grids/<profile>.yaml``); "" for an entry built in code."""
+    if not entry.grid:
+        return ""
+    grid = Path(entry.grid)
+    if grid.is_absolute() and grid.is_relative_to(Path.cwd()):
+        grid = grid.relative_to(Path.cwd())
+    profile = entry.parameters.get("profile")
+    study = (f", and with the whole `{profile}` study by `./run.sh study --profile {profile}`"
+             if profile in PROFILES and grid.as_posix() == f"grids/{profile}.yaml" else "")
+    return (f"It is an entry of the grid `{grid.as_posix()}`: `./run.sh grid {grid.as_posix()}` runs it with the grid's "
+            f"other entries (add `--data-root DIR` where the data lives elsewhere){study}.\n")
+
+
 def rerun_cell(entry: GridEntry, template: str, output: str):
     """A closing markdown cell: how to run this chapter again (papermill call with its parameters)."""
     import nbformat
 
-    profile = entry.parameters.get("profile")
-    grid = (f"It is part of the `{profile}` study: `./run.sh study --profile {profile}` (`grids/{profile}.yaml`, "
-            "which adds `--data-root DIR` where the data lives elsewhere).\n" if profile in PROFILES else "")
+    grid = rerun_grid_sentence(entry)
     parameters = json.dumps(entry.parameters, ensure_ascii=False).replace("'", "'\\''")
     return nbformat.v4.new_markdown_cell(RERUN.format(template=template, output=output, parameters=parameters,
                                                       grid=grid))

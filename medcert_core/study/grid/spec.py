@@ -54,12 +54,14 @@ NOT_HASHED = ("device",)
 
 @dataclass(frozen=True)
 class GridEntry:
-    """One notebook execution: template name, output name, parameters, the template's digest."""
+    """One notebook execution: template name, output name, parameters, the template's digest and the
+    grid file it came from ("" when built in code; not hashed: moving a grid file re-runs nothing)."""
 
     notebook: str
     output: str
     parameters: dict[str, Any] = field(default_factory=dict)
     template_digest: str = ""
+    grid: str = ""
 
     @property
     def hash(self) -> str:
@@ -225,7 +227,7 @@ def parse_grid(spec: Mapping[str, Any], source: str | Path = "<grid>", notebooks
             _check_parameters(applied, defaults, source, f"--set, entry {number} ({template})")
             parameters.update(applied)
             entries.append(GridEntry(entry["notebook"], output, {**parameters, "interactive": False},
-                                     file_digest(template)))
+                                     file_digest(template), "" if str(source) == "<grid>" else str(source)))
     unused = sorted(set(overrides) - overridden)
     if unused:
         _fail(source, f"--set {unused[0]}: no notebook of this grid has a parameter {unused[0]!r}; "

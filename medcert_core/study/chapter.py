@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from medcert_core.metrics import paired_bootstrap_interval
@@ -126,13 +127,15 @@ class DatasetChapter:
     def plain_dice_by_split(self, confidence: float = 0.95) -> pd.DataFrame:
         """Plain Dice (no noise, no certificate) of the first architecture, trained and tested on each of
         :meth:`split_experiments`: per split and foreground class, the mean over the whole test split, its
-        bootstrap interval over test images and the image count. How much near-duplicate frames of one
+        bootstrap interval over test images (NaN below 2 images) and the image count. How much near-duplicate frames of one
         video on both sides of a random split flatter the score."""
         rows = []
         for name, experiment in self.split_experiments().items():
             frame = experiment.run(self.archs[:1], [plain(0.0)])
             for class_name, group in frame[frame["class_id"] > 0].groupby("class_name", sort=False):
-                interval = paired_bootstrap_interval(group["dice"].dropna().to_numpy(), confidence=confidence)
+                dice = group["dice"].dropna().to_numpy()
+                interval = (paired_bootstrap_interval(dice, confidence=confidence) if len(dice) >= 2 else
+                            {"mean": float(dice.mean()) if len(dice) else np.nan, "low": np.nan, "high": np.nan})
                 rows.append({"split": name, "class": class_name, "Dice": interval["mean"],
-                             "low": interval["low"], "high": interval["high"], "test images": interval["images"]})
+                             "low": interval["low"], "high": interval["high"], "test images": len(dice)})
         return pd.DataFrame(rows).set_index(["split", "class"])

@@ -134,8 +134,14 @@ class DatasetChapter:
             frame = experiment.run(self.archs[:1], [plain(0.0)])
             for class_name, group in frame[frame["class_id"] > 0].groupby("class_name", sort=False):
                 dice = group["dice"].dropna().to_numpy()
-                interval = (paired_bootstrap_interval(dice, confidence=confidence) if len(dice) >= 2 else
-                            {"mean": float(dice.mean()) if len(dice) else np.nan, "low": np.nan, "high": np.nan})
-                rows.append({"split": name, "class": class_name, "Dice": interval["mean"],
-                             "low": interval["low"], "high": interval["high"], "test images": len(dice)})
+                rows.append({"split": name, "class": class_name, **_mean_and_interval(dice, confidence),
+                             "test images": len(dice)})
         return pd.DataFrame(rows).set_index(["split", "class"])
+
+
+def _mean_and_interval(values: np.ndarray, confidence: float) -> dict[str, float]:
+    """{"Dice", "low", "high"}: the mean of ``values`` (N,) and its bootstrap interval (NaN below 2 values)."""
+    if len(values) < 2:
+        return {"Dice": float(values.mean()) if len(values) else np.nan, "low": np.nan, "high": np.nan}
+    interval = paired_bootstrap_interval(values, confidence=confidence)
+    return {"Dice": interval["mean"], "low": interval["low"], "high": interval["high"]}

@@ -129,18 +129,14 @@ def next_to_paper(frame: pd.DataFrame, key: str, classes: Mapping[str, str] | No
 def _beside_every_sigma(reference: pd.DataFrame, here: pd.DataFrame) -> pd.DataFrame:
     """``reference`` with each row of NaN sigma repeated at every sigma ``here`` holds for its (method,
     train_noise, arch); other rows unchanged."""
-    sigmas = reference.index.get_level_values("sigma")
-    unknown = reference[np.isnan(sigmas.to_numpy(dtype=float))]
-    if unknown.empty:
+    unknown = np.isnan(reference.index.get_level_values("sigma").to_numpy(dtype=float))
+    if not unknown.any():
         return reference
-    repeated = []
-    for (method, noise, arch, _), row in unknown.iterrows():
-        ran = [key for key in here.index if key[:3] == (method, noise, arch)]
-        repeated += [row.rename(key) for key in ran]
-    known = reference[~np.isnan(sigmas.to_numpy(dtype=float))]
-    if not repeated:
-        return known
-    return pd.concat([known, pd.DataFrame(repeated, columns=reference.columns)]).rename_axis(reference.index.names)
+    by_run = reference[unknown].droplevel("sigma")
+    placed = [row.rename(key) for run, row in by_run.iterrows() for key in here.index if key[:3] == run]
+    if not placed:
+        return reference[~unknown]
+    return pd.concat([reference[~unknown], pd.DataFrame(placed)]).rename_axis(reference.index.names)
 
 
 def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:

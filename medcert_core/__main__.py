@@ -230,7 +230,7 @@ def command_grid(args: argparse.Namespace) -> None:
     _not_under_torchrun("grid")
     report = grid_report(args.grid_file, data_root=args.data_root, device=args.device, force=args.force,
                          overrides=dict(args.overrides), executor=args.executor, slurm=_slurm_options(args),
-                         wait=not args.no_wait)
+                         wait=not args.no_wait, only=args.only)
     print("executed notebooks:\n  " + "\n  ".join(str(path) for path in report.outputs))
     if report.pending:
         print("pending (SLURM):\n  " + "\n  ".join(report.pending))
@@ -361,6 +361,8 @@ def _add_grid_command(commands: argparse._SubParsersAction) -> None:
     grid.add_argument("--force", action="store_true", help="re-execute notebooks even when already done")
     grid.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                       help=SET_HELP)
+    grid.add_argument("--only", action="append", default=None, metavar="OUTPUT",
+                      help="execute only the entry with this output name (repeatable), e.g. --only jsrt_256")
     _add_executor_arguments(grid)
     grid.set_defaults(run=command_grid)
 

@@ -692,6 +692,18 @@ def test_every_committed_grid_is_valid(grid_file):
     assert results_dir_of(entries, root) == root / "runs" / "results"
 
 
+def test_only_keeps_the_named_entries_in_grid_order_and_names_the_valid_outputs():
+    from medcert_core.study.workflow import only_entries, prepare_entries
+
+    root = Path(__file__).resolve().parents[1]
+    entries = prepare_entries(root / "grids" / "jsrt.yaml", data_root="/data", device="cpu", root=root)
+    assert only_entries(entries, None, "jsrt.yaml") == entries
+    kept = only_entries(entries, ["jsrt_256", "jsrt"], "jsrt.yaml")
+    assert [entry.output for entry in kept] == ["jsrt", "jsrt_256"]
+    with pytest.raises(ValueError, match=r"jsrt.yaml has no entry with output 'jsrt_512'.*jsrt, ablation_denoising"):
+        only_entries(entries, ["jsrt", "jsrt_512"], "jsrt.yaml")
+
+
 def test_live_controls_are_disabled_and_show_progress_while_certifying(tiny_experiment, monkeypatch):
     from medcert_core.study.report import live
 

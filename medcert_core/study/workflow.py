@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,19 @@ def prepare_entries(grid_file: str | Path, *, data_root: str | None = None, devi
     return prepared
 
 
+def only_entries(entries: list[GridEntry], outputs: Sequence[str] | None, source: str | Path) -> list[GridEntry]:
+    """The entries whose output is named in ``outputs`` (``--only``), in the grid's order; all of them for
+    None. A name the grid does not have is an error naming the ones it has."""
+    if not outputs:
+        return entries
+    known = [entry.output for entry in entries]
+    unknown = [name for name in outputs if name not in known]
+    if unknown:
+        raise ValueError(f"{source} has no entry with output {', '.join(map(repr, unknown))}; "
+                         f"its outputs are: {', '.join(known)}")
+    return [entry for entry in entries if entry.output in outputs]
+
+
 def results_dir_of(entries: list[GridEntry], root: Path) -> Path:
     """The results store the entries write to (their ``results_dir`` parameter, one for all)."""
     folders = {entry.parameters.get("results_dir", DEFAULT_RESULTS) for entry in entries}
@@ -71,16 +84,18 @@ def results_dir_of(entries: list[GridEntry], root: Path) -> Path:
 def run_grid_file(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
                   force: bool = False, book_dir: str | Path = "book",
                   overrides: Mapping[str, Any] | None = None, executor: str = "local",
-                  slurm: Mapping[str, Any] | None = None, wait: bool = True) -> list[Path]:
+                  slurm: Mapping[str, Any] | None = None, wait: bool = True,
+                  only: Sequence[str] | None = None) -> list[Path]:
     """Execute a grid file's notebooks into ``book_dir`` (under the project root); returns their paths
     (with ``executor="slurm"`` and ``wait=False``: those of the chapters already done).
 
     ``overrides``: parameter -> value set in every entry whose template has it (``--set KEY=VALUE``).
     ``executor``: "local" (here, one after another) or "slurm" (one job per entry, see
     ``medcert_core.study.grid.slurm``), with ``slurm`` options over the grid file's ``executor:`` section.
+    ``only``: the outputs of the entries to execute (``--only``; default: all).
     """
     return grid_report(grid_file, data_root=data_root, device=device, force=force, book_dir=book_dir,
-                       overrides=overrides, executor=executor, slurm=slurm, wait=wait).outputs
+                       overrides=overrides, executor=executor, slurm=slurm, wait=wait, only=only).outputs
 
 
 @dataclass
@@ -93,9 +108,11 @@ class GridReport:
 
 def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: str | None = None,
                 force: bool = False, book_dir: str | Path = "book", overrides: Mapping[str, Any] | None = None,
-                executor: str = "local", slurm: Mapping[str, Any] | None = None, wait: bool = True) -> GridReport:
+                executor: str = "local", slurm: Mapping[str, Any] | None = None, wait: bool = True,
+                only: Sequence[str] | None = None) -> GridReport:
     """:func:`run_grid_file`, also saying which chapters are still pending on SLURM. Failed SLURM jobs
-    raise ``NotebookFailed`` (each with its log) once every job has ended."""
+    raise ``NotebookFailed`` (each with its log) once every job has ended. ``only``: the outputs to run
+    (default: every entry)."""
     from medcert_core.study.grid import slurm as slurm_grid
     from medcert_core.study.grid.spec import EXECUTORS, grid_section, slurm_options
 
@@ -108,6 +125,7 @@ def grid_report(grid_file: str | Path, *, data_root: str | None = None, device: 
         raise ValueError("--no-wait needs --executor slurm (local notebooks run in this process)")
     root = project_root()
     entries = prepare_entries(grid_file, data_root=data_root, device=device, root=root, overrides=overrides)
+    entries = only_entries(entries, only, grid_file)
     results_dir = results_dir_of(entries, root)
     if executor == "local":
         warm_before_grid([entry for entry in entries if force or not is_done(entry, root / book_dir, results_dir)],

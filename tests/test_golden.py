@@ -27,8 +27,21 @@ def computed():
 
 @pytest.mark.slow
 def test_the_golden_numbers_have_not_moved(computed):
-    moved = golden.differences(golden.load_golden()["numbers"], computed)
+    moved = golden.golden_differences(golden.load_golden(), computed)
     assert not moved, f"{len(moved)} numbers moved ({REGENERATE}):\n" + "\n".join(moved[:20])
+
+
+def test_a_platform_pin_excuses_training_only():
+    """A further training pin lets training numbers match it; a moved statistic still fails, and a
+    training number matching neither pin fails."""
+    main = {"statistics": {"radius": 1.0}, "training_and_study": {"segmenter": [1.0, 2.0]}}
+    other_cpu = {"platform": "x86_64 AVX512 test", "numbers": {"segmenter": [1.5, 2.5]}}
+    pinned = {"numbers": main, "training_pins": [other_cpu]}
+    assert golden.golden_differences(pinned, {"statistics": {"radius": 1.0}, "training_and_study": {"segmenter": [1.5, 2.5]}}) == []
+    assert golden.golden_differences(pinned, main) == []
+    assert golden.golden_differences(pinned, {"statistics": {"radius": 1.0}, "training_and_study": {"segmenter": [1.5, 2.6]}})
+    moved = golden.golden_differences(pinned, {"statistics": {"radius": 1.1}, "training_and_study": {"segmenter": [1.5, 2.5]}})
+    assert moved == ["/statistics/radius: pinned 1.0, now 1.1"]
 
 
 def test_the_golden_file_was_written_under_this_numbers_version():

@@ -11,6 +11,14 @@ written again::
 
 Everything runs on the CPU with one thread (the same floating-point reductions on every run), with
 fixed seeds; integer arrays are pinned by their sha256, floats to a relative 1e-6.
+
+Training is the exception across machines: the same seeded training gives other weights on another
+CPU (seen: an AVX-512 Intel Xeon against the machine that wrote the file), while the statistics and
+smoothing numbers agree bit for bit. So ``training_and_study`` may carry further pins, one per CPU
+platform, in ``"training_pins"``; the computed numbers must match the main pin or one of them. On a
+new platform, with the version unchanged and every other number matching::
+
+    python -m medcert_core.testing.golden --add-platform   # appends this CPU's training pin
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import math
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -206,6 +215,51 @@ def differences(expected: Any, found: Any, where: str = "") -> list[str]:
     return [f"{where}: pinned {expected!r}, now {found!r}"]
 
 
+def platform_signature() -> str:
+    """The CPU a training pin was computed on: architecture, torch's vector ISA and the model name."""
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), "")
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {model}".strip()
+
+
+def golden_differences(golden: dict[str, Any], computed: dict[str, Any]) -> list[str]:
+    """Where computed numbers leave the golden file: statistics and smoothing against the main pin,
+    training_and_study against the main pin or any of the per-platform ``training_pins``."""
+    moved = differences(golden["numbers"], computed)
+    training = [problem for problem in moved if problem.startswith("/training_and_study")]
+    if not training:
+        return moved
+    for pin in golden.get("training_pins", []):
+        if not differences(pin["numbers"], computed["training_and_study"]):
+            return [problem for problem in moved if problem not in training]
+    return moved
+
+
+def add_platform_pin(path: Path = GOLDEN_FILE) -> str:
+    """Append this CPU's training_and_study numbers as a further pin. Refused (ValueError) when the
+    version changed or any statistics or smoothing number moved: only training may differ by CPU."""
+    from medcert_core import NUMBERS_VERSION
+    from medcert_core.io import write_json_atomically
+
+    stored = load_golden(path)
+    numbers = golden_numbers()
+    if stored["numbers_version"] != NUMBERS_VERSION:
+        raise ValueError(f"the file is for NUMBERS_VERSION {stored['numbers_version']}, not {NUMBERS_VERSION}: --write first")
+    moved = golden_differences(stored, numbers)
+    others = [problem for problem in moved if not problem.startswith("/training_and_study")]
+    if others:
+        raise ValueError(f"{len(others)} numbers other than training moved (first: {others[0]}): not a platform difference")
+    if not moved:
+        return "this platform's training numbers are already pinned"
+    signature = platform_signature()
+    stored.setdefault("training_pins", []).append({"platform": signature, "numbers": numbers["training_and_study"]})
+    write_json_atomically(stored, Path(path))
+    return f"added the training pin of {signature}"
+
+
 def load_golden(path: Path = GOLDEN_FILE) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -233,12 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="write tests/golden_numbers.json")
+    parser.add_argument("--add-platform", action="store_true", help="append this CPU's training pin")
     args = parser.parse_args(argv)
+    if args.add_platform:
+        print(add_platform_pin())
+        return 0
     if args.write:
         moved = write_golden()
         print(f"wrote {GOLDEN_FILE} ({len(moved)} numbers moved)")
         return 0
-    problems = differences(load_golden()["numbers"], golden_numbers())
+    problems = golden_differences(load_golden(), golden_numbers())
     print("\n".join(problems) or "golden numbers unchanged")
     return 1 if problems else 0
 

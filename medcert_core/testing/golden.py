@@ -40,6 +40,7 @@ import torch
 GOLDEN_FILE = Path(__file__).resolve().parents[2] / "tests" / "golden_numbers.json"
 RELATIVE_TOLERANCE = 1e-6
 IMAGE_SIZE = 32
+TRAINING = "training_and_study"  # the one part of the numbers that may differ by CPU
 TIMINGS = ("seconds",)  # columns of a run that measure time, not numbers
 DENOISERS_PER_SIGMA = {0.25: ("none", "unet", "ddpm_single"), 0.5: ("none", "ddpm_single", "ddpm_2step")}
 
@@ -193,7 +194,7 @@ def golden_numbers() -> dict[str, Any]:
     """Every pinned number, computed now (CPU, one thread; about half a minute)."""
     with one_thread():
         return {"statistics": statistics_numbers(), "smoothing": smoothing_numbers(),
-                "training_and_study": training_and_study_numbers()}
+                TRAINING: training_and_study_numbers()}
 
 
 def differences(expected: Any, found: Any, where: str = "") -> list[str]:
@@ -225,22 +226,24 @@ def platform_signature() -> str:
     return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {model}".strip()
 
 
+def without_training(numbers: dict[str, Any]) -> dict[str, Any]:
+    """The numbers that must agree bit for bit on every CPU: all but training_and_study."""
+    return {key: value for key, value in numbers.items() if key != TRAINING}
+
+
 def golden_differences(golden: dict[str, Any], computed: dict[str, Any]) -> list[str]:
     """Where computed numbers leave the golden file: statistics and smoothing against the main pin,
-    training_and_study against the main pin or any of the per-platform ``training_pins``."""
-    moved = differences(golden["numbers"], computed)
-    training = [problem for problem in moved if problem.startswith("/training_and_study")]
-    if not training:
-        return moved
-    for pin in golden.get("training_pins", []):
-        if not differences(pin["numbers"], computed["training_and_study"]):
-            return [problem for problem in moved if problem not in training]
+    training_and_study against the main pin unless one of the per-platform ``training_pins`` matches."""
+    moved = differences(without_training(golden["numbers"]), without_training(computed))
+    if not any(not differences(pin["numbers"], computed[TRAINING]) for pin in golden.get("training_pins", [])):
+        moved += differences(golden["numbers"][TRAINING], computed[TRAINING], f"/{TRAINING}")
     return moved
 
 
 def add_platform_pin(path: Path = GOLDEN_FILE) -> str:
     """Append this CPU's training_and_study numbers as a further pin. Refused (ValueError) when the
-    version changed or any statistics or smoothing number moved: only training may differ by CPU."""
+    version changed or any statistics or smoothing number moved: only training may differ by CPU.
+    ``--write`` after a version bump starts the file again with no further pins."""
     from medcert_core import NUMBERS_VERSION
     from medcert_core.io import write_json_atomically
 
@@ -248,14 +251,13 @@ def add_platform_pin(path: Path = GOLDEN_FILE) -> str:
     numbers = golden_numbers()
     if stored["numbers_version"] != NUMBERS_VERSION:
         raise ValueError(f"the file is for NUMBERS_VERSION {stored['numbers_version']}, not {NUMBERS_VERSION}: --write first")
-    moved = golden_differences(stored, numbers)
-    others = [problem for problem in moved if not problem.startswith("/training_and_study")]
+    others = differences(without_training(stored["numbers"]), without_training(numbers))
     if others:
         raise ValueError(f"{len(others)} numbers other than training moved (first: {others[0]}): not a platform difference")
-    if not moved:
+    if not golden_differences(stored, numbers):
         return "this platform's training numbers are already pinned"
     signature = platform_signature()
-    stored.setdefault("training_pins", []).append({"platform": signature, "numbers": numbers["training_and_study"]})
+    stored.setdefault("training_pins", []).append({"platform": signature, "numbers": numbers[TRAINING]})
     write_json_atomically(stored, Path(path))
     return f"added the training pin of {signature}"
 

@@ -5,6 +5,11 @@ case at its native size, the class names and the output size);
 :func:`medcert_core.data.load_dataset` picks the split and wraps the source in a
 :class:`SegmentationDataset`, which resizes, sets the channel count and caches every decoded
 item in memory.
+
+Every reader checks the image size its file's header declares against a pixel budget
+(:data:`MAX_PIXELS` elements: rows x columns x channels x frames) before it decodes any pixel data,
+since a small file can declare a huge image (a decompression bomb); PIL's own bomb limit gives way
+to that budget. Running out of memory while reading becomes :class:`ImageTooLarge` naming the file.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import re
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +40,8 @@ SPLITS = ("train", "val", "test", "all")
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; test is the rest
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+MAX_PIXELS = 2 ** 28  # the pixel budget: elements (rows x columns x channels x frames) a file may declare
+RAISE_MAX_PIXELS = "--max-pixels N (certify) or max_pixels=N (read_with_mapping, read_image_file, certify_image_file)"
 
 Size = tuple[int, int]
 Loader = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -130,6 +140,63 @@ def check_same_shape(image_path: Path, image_shape: Sequence[int], mask_path: Pa
     )
 
 
+# --------------------------------------------------------------------------- the pixel budget
+
+
+class ImageTooLarge(ValueError):
+    """An image file that declares more elements than the pixel budget, or that ran out of memory being read."""
+
+
+def pixel_budget(max_pixels: int | None = None) -> int:
+    """``max_pixels``, or :data:`MAX_PIXELS` when None; ValueError unless an integer >= 1."""
+    if max_pixels is None:
+        return MAX_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be an integer >= 1 (elements an image file may declare), got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def check_pixel_budget(path: Path, shape: Sequence[int], axes: str, max_pixels: int | None = None) -> None:
+    """:class:`ImageTooLarge` naming ``path``, the ``shape`` its header declares (``axes`` says what its numbers
+    are), the limit and how to raise it, when ``shape`` holds more than ``max_pixels`` elements (default
+    :data:`MAX_PIXELS`). Called before any pixel data is decoded."""
+    limit = pixel_budget(max_pixels)
+    elements = math.prod(int(length) for length in shape)
+    if elements > limit:
+        raise ImageTooLarge(
+            f"image file {path}: its header declares {' x '.join(str(int(n)) for n in shape)} ({axes}) = "
+            f"{elements:,} elements, more than the limit of {limit:,}; refused before decoding (a small file can "
+            f"declare a huge image). If the image is genuine and fits in memory, raise the limit: {RAISE_MAX_PIXELS}")
+
+
+@contextmanager
+def memory_error_names(path: Path) -> Iterator[None]:
+    """A MemoryError inside the block becomes :class:`ImageTooLarge` naming ``path`` (reading it, or mapping
+    its values to [0, 1], needed more memory than there is)."""
+    try:
+        yield
+    except MemoryError as error:
+        detail = f": {error}" if str(error) else ""
+        raise ImageTooLarge(f"image file {path}: out of memory while reading it and mapping its values to [0, 1] "
+                            f"(MemoryError{detail}); free memory, or refuse such files with a lower pixel "
+                            f"budget: {RAISE_MAX_PIXELS}") from error
+
+
+_PIL_LIMIT = threading.Lock()
+
+
+@contextmanager
+def pil_without_its_bomb_limit() -> Iterator[None]:
+    """PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) off inside the block, so that the pixel
+    budget, checked from the header, is the one limit (and ``max_pixels`` can raise it)."""
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 # --------------------------------------------------------------------------- reading arrays
 
 
@@ -155,36 +222,71 @@ def png_colour_type(path: Path) -> int | None:
     return head[25] if head else None
 
 
-def read_png16_colour(path: Path) -> np.ndarray:
-    """A 16-bit RGB / RGBA PNG -> (H, W, 3 or 4) uint16 at full depth (pypng; PIL reads it as 8 bits)."""
+def read_png16_colour(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """A 16-bit RGB / RGBA PNG -> (H, W, 3 or 4) uint16 at full depth (pypng; PIL reads it as 8 bits).
+
+    The size in its header (IHDR) is checked against the pixel budget before any row is decoded.
+    """
     import png
 
-    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
-    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+    with open(path, "rb") as handle:
+        reader = png.Reader(file=handle)
+        reader.preamble()
+        shape = (reader.height, reader.width, reader.planes)
+        check_pixel_budget(path, shape, "rows x columns x channels", max_pixels)
+        width, height, rows, info = reader.asDirect()
+        array = np.empty((height, width * info["planes"]), dtype=np.uint16)
+        for index, row in enumerate(rows):
+            array[index] = row
+    return array.reshape(height, width, info["planes"])
 
 
-def read_raw(path: Path, kind: str) -> np.ndarray:
+def read_tiff(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """A TIFF file's first series -> array of its stored dtype (what ``tifffile.imread`` reads), its shape
+    checked against the pixel budget before any strip or tile is decoded."""
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        check_pixel_budget(path, series.shape, f"TIFF axes {series.axes}", max_pixels)
+        return np.asarray(series.asarray())
+
+
+def read_pil(path: Path, kind: str, max_pixels: int | None = None) -> np.ndarray:
+    """PNG, JPEG, BMP, GIF (first frame) through PIL -> array; ``kind`` as in :func:`read_raw`. The size
+    and bands in the header are checked against the pixel budget before the pixel data is decoded."""
+    with pil_without_its_bomb_limit(), Image.open(path) as im:
+        to_rgb = (im.mode == "P" and kind == "image") or im.mode == "PA"
+        channels = 3 if to_rgb else len(im.getbands())
+        check_pixel_budget(path, (im.height, im.width, channels), "rows x columns x channels", max_pixels)
+        im.load()
+        if im.mode in ("1", "LA"):
+            im = im.convert("L")
+        elif to_rgb:
+            im = im.convert("RGB")
+        elif im.mode not in ("L", "P", "RGB", "I", "F") and not im.mode.startswith("I;16"):
+            im = im.convert("RGB")
+        if im.mode == "I" and png_bit_depth(path) == 16:  # older Pillow: a 16-bit grey PNG as int32
+            return np.array(im).astype(np.uint16)  # unsigned 16-bit, as stored (not the int32 range)
+        return np.array(im)
+
+
+def read_raw(path: Path, kind: str, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to an array (H, W) or (H, W, C) of its stored dtype.
 
     ``kind`` "image" turns palette images into RGB; "mask" keeps palette indices (label values).
-    TIFF goes through tifffile, everything else through PIL. Any decoding failure becomes a
-    ValueError naming the file.
+    TIFF goes through tifffile, 16-bit colour PNG through pypng, everything else through PIL. The
+    header's size is checked against ``max_pixels`` (default :data:`MAX_PIXELS`) first
+    (:class:`ImageTooLarge`); any decoding failure becomes a ValueError naming the file; a
+    MemoryError passes through (see :func:`memory_error_names`).
     """
     try:
         if path.suffix.lower() in TIFF_EXTENSIONS:
-            array = np.asarray(tifffile.imread(path))
+            array = read_tiff(path, max_pixels)
         elif png_bit_depth(path) == 16 and png_colour_type(path) in (2, 6):
-            array = read_png16_colour(path)  # PIL would truncate 16-bit colour to 8 bits
+            array = read_png16_colour(path, max_pixels)  # PIL would truncate 16-bit colour to 8 bits
         else:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("1", "LA"):
-                    im = im.convert("L")
-                elif (im.mode == "P" and kind == "image") or im.mode == "PA":
-                    im = im.convert("RGB")
-                elif im.mode not in ("L", "P", "RGB", "I", "F") and not im.mode.startswith("I;16"):
-                    im = im.convert("RGB")
-                array = np.array(im)
+            array = read_pil(path, kind, max_pixels)
+    except (ImageTooLarge, MemoryError):
+        raise
     except Exception as exc:  # PIL / tifffile raise many types for broken files
         raise ValueError(f"cannot read {kind} file {path}: {exc}; replace it with a complete "
                          f"PNG, JPEG, TIFF, BMP or GIF file") from exc
@@ -195,17 +297,32 @@ def read_raw(path: Path, kind: str) -> np.ndarray:
     return array
 
 
-def integer_top(dtype: np.dtype) -> float:
-    """The stored value that maps to 1: 255 for 8-bit, 65535 for 16-bit (and int32), 1 for bool."""
-    return 1.0 if dtype == bool else (255.0 if np.dtype(dtype).itemsize == 1 else 65535.0)
+def integer_range(dtype: np.dtype) -> tuple[float, float]:
+    """The stored values that map to 0 and 1: (0, 1) for bool, (0, 255) for 8-bit unsigned, (0, 65535) for
+    wider unsigned (16-bit PNG / TIFF), the dtype's own range for signed integers (int16: -32768, 32767)."""
+    dtype = np.dtype(dtype)
+    if dtype == bool:
+        return 0.0, 1.0
+    if np.issubdtype(dtype, np.signedinteger):
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return 0.0, 255.0 if dtype.itemsize == 1 else 65535.0
+
+
+def integer_bits(dtype: np.dtype) -> int:
+    """The bit depth :func:`integer_range` maps: 1 for bool, 8 / 16 for unsigned, the dtype's width for signed."""
+    low, high = integer_range(dtype)
+    return int(round(np.log2(high - low + 1)))
 
 
 def to_unit(array: np.ndarray) -> np.ndarray:
-    """Stored values -> float32 [0, 1]: 8-bit /255, 16-bit (and int32) /65535, floats as they are."""
-    if array.dtype == bool:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer):
-        return np.clip(array.astype(np.float32) / np.float32(integer_top(array.dtype)), 0.0, 1.0)
+    """Stored values -> float32 [0, 1]: integers by :func:`integer_range` (8-bit /255, 16-bit /65535, signed
+    integers from their dtype's minimum), floats as they are."""
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        low, high = integer_range(array.dtype)
+        if low == 0:  # in float32, as the study has always read its 8-bit files
+            return np.clip(array.astype(np.float32) / np.float32(high), 0.0, 1.0)
+        return ((array.astype(np.float64) - low) / (high - low)).astype(np.float32)
     return array.astype(np.float32)
 
 
@@ -231,12 +348,14 @@ def check_float_image(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Image file -> float32 (H, W) grayscale or (H, W, 3) RGB in [0, 1] (alpha dropped).
 
-    Float images must hold finite values in [0, 1] (see :func:`check_float_image`).
+    Float images must hold finite values in [0, 1] (see :func:`check_float_image`); the header's size must
+    be within ``max_pixels`` (:func:`check_pixel_budget`); running out of memory raises :class:`ImageTooLarge`.
     """
-    return drop_alpha(to_unit(check_float_image(read_raw(path, "image"), path)))
+    with memory_error_names(path):
+        return drop_alpha(to_unit(check_float_image(read_raw(path, "image", max_pixels=max_pixels), path)))
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -245,14 +364,15 @@ def read_gray(path: Path) -> np.ndarray:
     return array.mean(axis=-1) if array.ndim == 3 else array
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Mask file -> integer array (H, W) of its stored values (colour: maximum over R, G, B)."""
-    array = read_raw(path, "mask")
-    if array.ndim == 3:
-        array = array[..., :3].max(axis=-1)
-    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
-        array = np.rint(array * (255 if array.max() <= 1 else 1))
-    return array.astype(np.int64)
+    with memory_error_names(path):
+        array = read_raw(path, "mask", max_pixels=max_pixels)
+        if array.ndim == 3:
+            array = array[..., :3].max(axis=-1)
+        if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+            array = np.rint(array * (255 if array.max() <= 1 else 1))
+        return array.astype(np.int64)
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:

@@ -1,22 +1,29 @@
-"""Segmenters medcert did not train: a TorchScript file, a ``torch.export`` program (``.pt2``) or a
-Python entry point ``package.module:function`` returning an ``nn.Module``.
+"""Segmenters medcert did not train: a ``torch.export`` program (``.pt2``) or a Python entry point
+``package.module:function`` returning an ``nn.Module``.
 
 The base model f of the certificate is the module as loaded, with an optional per-channel
 normalisation ``(x - mean) / std`` in front of it (:class:`Normalized`): the noise is added to the
 [0, 1] image, then normalised, as DESIGN.md requires, so the radius is measured in the [0, 1] scale.
 
-What each form runs:
+What each form may do:
 
-- TorchScript (``torch.jit.save``): torch's own loader rebuilds a graph of torch operators; no Python
-  code of the file runs.
-- ``torch.export`` (``.pt2``): its tensors are checked to load with ``weights_only=True`` before
-  ``torch.export.load`` runs (that function falls back to a full pickle otherwise, which can run
-  code); a file that needs the fallback is refused. Its input shape is read from the program.
+- ``torch.export`` (``.pt2``): a file is data, so it is accepted only when what it can do is known
+  (:mod:`medcert_core.models.program_check`): its members are the kinds ``torch.export.save``
+  writes, read with torch's own reader, with no native code and no pickle beyond plain tensors; its
+  graph calls only pure tensor operators and writes to nothing but its own buffers. Both are checked
+  before ``torch.export.load`` runs (on the serialized graph) and after it (on the loaded graph),
+  before any call. Its input shape is read from the program.
 - ``package.module:function``: imports and calls your own code, with ``kwargs`` as keyword arguments.
-  Only give an entry point you trust, as with any Python import.
+  This is the one way user code runs: give only an entry point you trust, as with any Python import.
 
-A file saved with ``torch.save(model)`` (a pickled module) is refused: loading it needs a full
-pickle; export it (``torch.jit.trace`` / ``torch.jit.script`` / ``torch.export``) or give an entry point.
+Refused: a TorchScript file (a program for TorchScript's interpreter, whose operators include
+reading and writing files; export a ``.pt2`` instead, or load it in your own entry point) and a file
+saved with ``torch.save(model)`` (a pickled module, which only a full pickle can load).
+
+Every model, whatever its form, must treat the images of a batch independently
+(:func:`check_batch_independence`): a model whose output for one image depends on its batch-mates
+(BatchNorm in training mode baked into a graph) would break the independence of the draws that the
+certificate's binomial test needs.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ from typing import Any
 
 import torch
 
+from medcert_core.models.program_check import check_archive, check_graph, check_serialized_graph
+
 ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-MODEL_FORMS = "a TorchScript file (torch.jit.save), a torch.export program (.pt2) or package.module:function"
+MODEL_FORMS = "a torch.export program (.pt2, torch.export.save) or package.module:function"
+BATCH_TOLERANCE = 1e-3  # largest |model(batch)[i] - model(batch[i:i+1])|, relative to the logits' scale
 
 
 @dataclass
@@ -132,77 +142,59 @@ def load_model(spec: str, *, kwargs: dict[str, Any] | None = None, device: str |
     if path.is_file():
         if kwargs:
             raise ValueError(f"--model-kwargs applies to a Python entry point, not to the file {path}")
-        if _is_export_program(path):
+        members = _zip_members(path)
+        if any(name.endswith("/archive_format") for name in members):
             module, shape = _load_export_program(path, device)
             return module, "torch.export", shape
-        return _load_torchscript(path, device), "torchscript", None
+        _refuse_model_file(path, members)
     if ENTRY_POINT.fullmatch(spec):
         return _call_entry_point(spec, kwargs or {}).to(device).eval(), "entry point", None
     raise FileNotFoundError(f"--model {spec!r}: no such file, and not an entry point package.module:function; "
                             f"expected {MODEL_FORMS}")
 
 
-def _is_export_program(path: Path) -> bool:
-    """A zip written by ``torch.export.save`` (the pt2 archive, or the older format of torch 2.7)."""
+def _zip_members(path: Path) -> list[str]:
+    """The member names of a zip file ([] for any other file)."""
     if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith(("/archive_format", "serialized_exported_program.json")) or name == "archive_format"
-                   for name in archive.namelist())
-
-
-def _pickled_payloads(archive: zipfile.ZipFile) -> tuple[list[str], list[str]]:
-    """(members torch.export.load would unpickle, members it would unpickle as arbitrary objects).
-
-    The first list: ``.pt`` members (sample inputs, the older format's state) and the weights or
-    constants their configs mark ``use_pickle``; the second: custom and opaque object constants.
-    """
-    names = archive.namelist()
-    pickled = [name for name in names if name.endswith(".pt")]
-    objects = []
-    for config_name in (name for name in names if name.endswith("_config.json") and "/data/" in f"/{name}"):
-        folder = config_name.rsplit("/", 1)[0]
-        for entry in json.loads(archive.read(config_name)).get("config", {}).values():
-            member = f"{folder}/{entry.get('path_name', '')}"
-            if entry.get("path_name", "").startswith(("custom_obj", "opaque")):
-                objects.append(member)
-            elif entry.get("use_pickle"):
-                pickled.append(member)
-    return pickled, objects
-
-
-def _load_torchscript(path: Path, device: str | torch.device) -> torch.nn.Module:
+        return []
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
-    except Exception as error:
-        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
-        if any(name.endswith("data.pkl") for name in names) and not any("/code/" in name for name in names):
-            raise ValueError(f"{path} is a torch.save file (a pickle), not a TorchScript or torch.export model: a "
-                             f"pickled module can only be loaded by running code from the file, which medcert "
-                             f"refuses. A medcert checkpoint goes to --checkpoint; otherwise export the model "
-                             f"(torch.jit.trace / torch.jit.script + torch.jit.save, or torch.export.save) or "
-                             f"give --model package.module:function") from error
-        raise ValueError(f"cannot load {path} as a model: expected {MODEL_FORMS} ({error})") from error
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except zipfile.BadZipFile:
+        return []
+
+
+def _refuse_model_file(path: Path, members: list[str]) -> None:
+    """The ValueError for a model file that is not a torch.export program, saying what it is and what to do."""
+    if any("/code/" in f"/{name}" for name in members):
+        raise ValueError(f"{path} is a TorchScript file: a TorchScript file is a program (its operators can read and "
+                         f"write any file), so medcert does not run it. Export the network with torch.export "
+                         f"(torch.export.save(torch.export.export(model.eval(), (example,)), 'model.pt2')), or load "
+                         f"it in your own code and give --model package.module:function (the one way user code runs)")
+    if any(name.endswith("data.pkl") for name in members):
+        raise ValueError(f"{path} is a torch.save file (a pickle), not a torch.export model: a pickled module can "
+                         f"only be loaded by running code from the file, which medcert refuses. A medcert "
+                         f"checkpoint goes to --checkpoint; otherwise export the model (torch.export.save) or give "
+                         f"--model package.module:function")
+    if any(name.endswith("serialized_exported_program.json") for name in members):
+        raise ValueError(f"{path} is a torch.export file of torch 2.7 or older, which torch loads with a full "
+                         f"pickle; re-save it with torch.export.save of the installed torch ({torch.__version__})")
+    raise ValueError(f"cannot load {path} as a model: expected {MODEL_FORMS}")
 
 
 def _load_export_program(path: Path, device: str | torch.device) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
-    """Check every tensor payload with weights_only, then ``torch.export.load`` the same bytes."""
+    """Check the archive and its serialized graph, ``torch.export.load`` the same bytes, check the loaded graph."""
     content = path.read_bytes()  # one read: the bytes checked are the bytes loaded
-    with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        pickled, objects = _pickled_payloads(archive)
-        if objects:
-            raise ValueError(f"{path} holds Python objects as constants ({', '.join(objects)}): loading them would "
-                             f"run code from the file; medcert refuses it")
-        for name in pickled:
-            try:
-                torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise ValueError(f"{path}: its part {name} does not load as plain tensors (weights only), so "
-                                 f"loading it would run code from the file; medcert refuses it ({error})") from error
+    try:
+        members = check_archive(content, path)
+    except RuntimeError as error:  # torch's reader refuses the zip
+        raise ValueError(f"cannot read {path} as a torch.export archive ({error})") from error
+    check_serialized_graph(members, path)
     try:
         program = torch.export.load(io.BytesIO(content))
     except Exception as error:
         raise ValueError(f"cannot load {path} as a torch.export program ({error})") from error
+    check_graph(program, path)
     shapes = [tuple(node.meta["val"].shape) for node in program.graph.nodes
               if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
               and "val" in node.meta]
@@ -232,18 +224,58 @@ def _call_entry_point(spec: str, kwargs: dict[str, Any]) -> torch.nn.Module:
 
 def probe_num_classes(model: torch.nn.Module, in_channels: int, image_size: tuple[int, int],
                       device: str | torch.device) -> int:
-    """K read from one forward pass on a zero image (1, C, H, W); ValueError with the model's error."""
+    """K read from one forward pass on a zero image (1, C, H, W) (a fixed-batch program's batch of them);
+    ValueError with the model's error."""
+    batch = _fixed_batch(model)
     try:
         with torch.inference_mode():
-            logits = model(torch.zeros(1, in_channels, *image_size, device=device))
+            logits = model(torch.zeros(batch, in_channels, *image_size, device=device))
     except Exception as error:
-        raise ValueError(f"the model fails on an input of shape (1, {in_channels}, {image_size[0]}, {image_size[1]}) "
-                         f"({error}); check --in-channels and --image-size") from error
+        raise ValueError(f"the model fails on an input of shape ({batch}, {in_channels}, {image_size[0]}, "
+                         f"{image_size[1]}) ({error}); check --in-channels and --image-size") from error
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"the model returns {shape} for a (1, {in_channels}, {image_size[0]}, {image_size[1]}) "
-                         f"input; a segmenter must return logits (B, K, H, W)")
+        raise ValueError(f"the model returns {shape} for a ({batch}, {in_channels}, {image_size[0]}, "
+                         f"{image_size[1]}) input; a segmenter must return logits (B, K, H, W)")
     return int(logits.shape[1])
+
+
+def _fixed_batch(model: torch.nn.Module) -> int:
+    """The batch size a model must be called with: a fixed-batch torch.export program's, else 1 (any)."""
+    return next((module.batch for module in model.modules() if isinstance(module, ExportedModule) and module.batch), 1)
+
+
+def check_batch_independence(model: torch.nn.Module, in_channels: int, image_size: tuple[int, int], source: str,
+                             device: str | torch.device = "cpu", batch: int = 4) -> float:
+    """Refuse a model whose output for one image depends on the other images of its batch.
+
+    On random images in [0, 1], ``model(batch)[i]`` must equal ``model(batch[i:i+1])`` within
+    :data:`BATCH_TOLERANCE` of the logits' scale (for a program exported with a fixed batch b > 1:
+    item i with other batch-mates). Returns the largest difference; ValueError naming ``source`` and it.
+    """
+    unit = _fixed_batch(model)
+    size = unit if unit > 1 else batch
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(size, in_channels, *image_size, generator=generator).to(device)
+    with torch.inference_mode():
+        together = model(images).float()
+        if unit == 1:
+            apart = torch.cat([model(images[i:i + 1]).float() for i in range(size)])
+        else:  # item i kept, its batch-mates replaced
+            apart = together.clone()
+            for i in range(min(size, 2)):
+                mates = torch.rand(size, in_channels, *image_size, generator=generator).to(device)
+                mates[i] = images[i]
+                apart[i] = model(mates)[i].float()
+    difference = float((together - apart).abs().max())
+    scale = max(1.0, float(together.abs().max()))
+    if not difference <= BATCH_TOLERANCE * scale:
+        raise ValueError(f"{source}: the model's output for an image depends on the other images of its batch "
+                         f"(largest difference {difference:.3g} between model(batch)[i] and model(batch[i:i+1]) on "
+                         f"random images in [0, 1], logits up to {scale:.3g}), e.g. BatchNorm in training mode baked "
+                         f"into an exported graph (export after model.eval()) or layers that mix batch items; the "
+                         f"certificate's binomial test needs every draw segmented on its own; medcert refuses it")
+    return difference
 
 
 def external_segmenter(spec: str, *, kwargs: dict[str, Any] | None = None, num_classes: int | None = None,
@@ -272,6 +304,7 @@ def external_segmenter(spec: str, *, kwargs: dict[str, Any] | None = None, num_c
     names = tuple(class_names) if class_names else ("background", *(f"class_{k}" for k in range(1, found)))
     if len(names) != found:
         raise ValueError(f"--class-names names {len(names)} classes {names}, the model returns {found}")
+    check_batch_independence(model, int(in_channels), tuple(image_size), f"--model {spec}", device)
     info = ExternalSegmenter(spec, found, int(in_channels), tuple(image_size), names, form=form)
     if normalize:
         info.normalize = parse_normalize(normalize, info.in_channels)

@@ -7,7 +7,7 @@
                `torchrun --nproc-per-node N -m medcert_core certify-runs ...` each run's images are sharded
     book       build the website from book/
     certify    certify an image file or folder (PNG, TIFF, DICOM, NIfTI, ...) with a medcert checkpoint or any
-               exported segmenter (TorchScript, torch.export, package.module:function): label maps,
+               exported segmenter (torch.export .pt2, package.module:function): label maps,
                overlay with a legend, JSON summary
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
@@ -17,8 +17,9 @@ Files are data, never code: checkpoints and weights are read with torch.load(wei
 `certify --model package.module:function` is the one exception: it imports your own code.
 `certify` draws its noise seed from the OS's entropy unless --seed is given (see `certify --help`).
 
-Bad input (a missing file, a wrong layout, a parameter out of range) ends with
-``medcert: error: <message>`` on stderr and exit code 2; set MEDCERT_TRACEBACK=1 to see the traceback.
+Bad input (a missing file, a wrong layout, a parameter out of range, an image file larger than the pixel
+budget) ends with ``medcert: error: <message>`` on stderr and exit code 2, and so does running out of
+memory; set MEDCERT_TRACEBACK=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pandas as pd
 
 from medcert_core.checks import INTEGERS, check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
+from medcert_core.data.base import MAX_PIXELS
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
@@ -306,7 +308,7 @@ def command_certify(args: argparse.Namespace) -> None:
         args.image, args.checkpoint, args.denoiser, args.sigma, model=args.model, model_kwargs=args.model_kwargs,
         num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size,
         class_names=args.class_names, normalize=args.normalize, intensity=args.intensity, slice=args.slice,
-        output_dir=args.output_dir, n0=args.n0, n=args.n,
+        max_pixels=args.max_pixels, output_dir=args.output_dir, n0=args.n0, n=args.n,
         alpha=args.alpha, tau=args.tau, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         denoiser_flags=args.denoiser_flags, sequential=args.sequential, stop_undecided=args.stop_undecided,
@@ -402,10 +404,12 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
     model = certify.add_argument_group("the segmenter: --checkpoint or --model")
     model.add_argument("--checkpoint", default=None, help="segmenter checkpoint written by `medcert train`")
     model.add_argument("--model", default=None,
-                       help="any other segmenter returning logits (B, K, H, W): a TorchScript file (torch.jit.save), a "
-                            "torch.export program (.pt2, its tensors checked to load as weights only) or "
+                       help="any other segmenter returning logits (B, K, H, W): a torch.export program (.pt2; checked "
+                            "before it runs: only the members torch.export.save writes, no native code or pickled "
+                            "objects, only pure tensor operators, each image of a batch segmented on its own) or "
                             "package.module:function returning an nn.Module. An entry point imports and runs your own "
-                            "Python code: give only one you trust. A torch.save'd module (a pickle) is refused")
+                            "Python code: the one way user code runs, give only one you trust. A TorchScript file (a "
+                            "program) and a torch.save'd module (a pickle) are refused")
     model.add_argument("--model-kwargs", type=_json_object, default=None,
                        help='keyword arguments of the entry point, as JSON, e.g. \'{"in_channels": 1, "out_channels": 2}\'')
     model.add_argument("--num-classes", type=int, default=None,
@@ -427,6 +431,9 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                               "LUT); MONOCHROME1 is inverted; the JSON's file_to_tensor records every step")
     reading.add_argument("--slice", default=None, metavar="AXIS:INDEX",
                          help="one 2D slice of a 3D NIfTI volume (e.g. 2:40) or one frame of a multi-frame DICOM (0:FRAME)")
+    reading.add_argument("--max-pixels", type=_int_at_least(1), default=MAX_PIXELS, metavar="N",
+                         help=f"the pixel budget: a file whose header declares more elements (rows x columns x "
+                              f"channels x frames or slices) is refused before decoding (default {MAX_PIXELS} = 2**28)")
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder> | ffdnet:<file.pth> "
                               "(FFDNet, an off-the-shelf natural-image denoiser)")
@@ -485,6 +492,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("MEDCERT_TRACEBACK") == "1":
             raise
         print(f"medcert: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as error:
+        if os.environ.get("MEDCERT_TRACEBACK") == "1":
+            raise
+        print(f"medcert: error: out of memory (MemoryError{': ' + str(error) if str(error) else ''}); "
+              f"free memory, or use smaller inputs (certify: --max-pixels, --batch-size)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -103,6 +103,21 @@ class SequentialCertificate:
     looks: tuple[Look, ...]
 
 
+def smallest_certifiable_n_max(num_pixels: int, tau: float, alpha: float,
+                               shares: Iterable[float] = ALTERNATIVE_SHARES) -> int:
+    """The smallest n_max for which a pixel whose draws all agree can be certified sequentially: its E at
+    n_max (the largest it reaches) must reach num_pixels / alpha, Holm's smallest threshold's inverse.
+    Larger than the fixed-n minimum (the mixture pays for not knowing n)."""
+    threshold, n = np.log(num_pixels / alpha), 1
+    while log_e_values(n, n, tau, shares) < threshold:
+        n *= 2
+    low, high = n // 2, n  # E(n, n) grows with n: bisect between the last miss and the first hit
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if log_e_values(middle, middle, tau, shares) >= threshold else (middle, high)
+    return high
+
+
 def holm_certified(pvalues: np.ndarray, alpha: float) -> np.ndarray:
     """Holm over all pixels (any shape): which are rejected (certified)."""
     flat = pvalues.reshape(-1)

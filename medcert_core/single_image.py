@@ -1,6 +1,6 @@
 """Certify image files with a trained segmenter (and a denoiser): ``medcert certify IMAGE|FOLDER ...``.
 
-The segmenter is a medcert checkpoint (``checkpoint``) or any other model (``model``: TorchScript,
+The segmenter is a medcert checkpoint (``checkpoint``) or any other model (``model``: a
 ``torch.export`` program or ``package.module:function``, see :mod:`medcert_core.models.external`),
 with an optional normalisation inside the base model. Image files may be PNG, JPEG, TIFF (8 or
 16 bit, kept at full depth), BMP, JSRT .IMG, DICOM or NIfTI (:mod:`medcert_core.data.medical`).
@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from medcert_core.certify import ABSTAIN, Certificate, smallest_certifiable_n
 from medcert_core.checks import check_parameter
-from medcert_core.data.base import file_stem, file_suffix, resize_image
-from medcert_core.data.chest import read_jsrt_img
+from medcert_core.data.base import check_pixel_budget, file_stem, file_suffix, memory_error_names, resize_image
+from medcert_core.data.chest import JSRT_IMG_SHAPE, read_jsrt_img
 from medcert_core.data.medical import (
     MEDICAL_SUFFIXES,
     Intensity,
@@ -56,6 +56,7 @@ from medcert_core.data.medical import (
 from medcert_core.denoisers import load_denoiser
 from medcert_core.io import file_digest, write_atomically, write_json_atomically
 from medcert_core.render import ABSTAIN_COLOUR, colour_labels, grey_image
+from medcert_core.sequential import smallest_certifiable_n_max
 from medcert_core.smoothing import (
     SEED_RANGE,
     SmoothedSegmenter,
@@ -67,20 +68,28 @@ from medcert_core.training import load_segmenter
 ABSTAIN_VALUES = {np.uint8: 255, np.uint16: 65535}  # label PNG dtype -> the value of an abstained pixel
 
 
-def check_n_certifies(n: int, size: tuple[int, int], tau: float, alpha: float) -> None:
-    """ValueError when n draws cannot certify any pixel of a ``size`` image (Holm over all its pixels)."""
-    needed = smallest_certifiable_n(size[0] * size[1], tau, alpha, "holm")
+def check_n_certifies(n: int, size: tuple[int, int], tau: float, alpha: float, sequential: bool = False) -> None:
+    """ValueError when n draws (n_max under ``sequential``, whose anytime-valid test needs more) cannot
+    certify any pixel of a ``size`` image (Holm over all its pixels)."""
+    pixels = size[0] * size[1]
+    needed = (smallest_certifiable_n_max(pixels, tau, alpha) if sequential
+              else smallest_certifiable_n(pixels, tau, alpha, "holm"))
     if n < needed:
-        raise ValueError(f"n = {n} cannot certify any pixel of a {size[0]} x {size[1]} image at tau = {tau}, "
-                         f"alpha = {alpha} (Holm over {size[0] * size[1]} pixels); use n >= {needed}")
+        what = "sequential certification with n_max" if sequential else "n"
+        raise ValueError(f"{what} = {n} cannot certify any pixel of a {size[0]} x {size[1]} image at tau = {tau}, "
+                         f"alpha = {alpha} (Holm over {pixels} pixels); use n >= {needed}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img", *MEDICAL_SUFFIXES)
 
 
-def read_image_file(path: str | Path, intensity: Intensity = Intensity(), slice_spec=None
-                    ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """An image file at its own resolution -> ((1 or 3, H, W) float32 in [0, 1], how its values were mapped)."""
+def read_image_file(path: str | Path, intensity: Intensity = Intensity(), slice_spec=None, *,
+                    max_pixels: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """An image file at its own resolution -> ((1 or 3, H, W) float32 in [0, 1], how its values were mapped).
+
+    ``max_pixels``: the pixel budget checked from the file's header before decoding (default
+    :data:`medcert_core.data.base.MAX_PIXELS`); beyond it, or when memory runs out, ImageTooLarge (a ValueError).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
@@ -88,12 +97,15 @@ def read_image_file(path: str | Path, intensity: Intensity = Intensity(), slice_
         if intensity.mode != "auto" or slice_spec is not None:
             raise ValueError(f"{path}: a JSRT .IMG file is read with its own 12-bit mapping; --intensity and "
                              f"--slice do not apply")
-        array, mapping = read_jsrt_img(path), {"format": "jsrt img", "intensity": "auto",
-                                                "formula": "(4095 - min(v, 4095)) / 4095 (12-bit, high = dark)",
-                                                "unit_per_value": 1 / 4095}
+        check_pixel_budget(path, JSRT_IMG_SHAPE, "rows x columns of a JSRT .IMG", max_pixels)
+        with memory_error_names(path):
+            array = read_jsrt_img(path)
+        mapping = {"format": "jsrt img", "intensity": "auto", "unit_per_value": 1 / 4095, "image_dependent": False,
+                   "formula": "(4095 - min(v, 4095)) / 4095 (12-bit, high = dark)"}
     else:
-        array, mapping = read_with_mapping(path, intensity, slice_spec)
-    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()), mapping
+        array, mapping = read_with_mapping(path, intensity, slice_spec, max_pixels=max_pixels)
+    with memory_error_names(path):
+        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()), mapping
 
 
 def channel_mapping(stored: int, channels: int) -> str:
@@ -105,10 +117,12 @@ def channel_mapping(stored: int, channels: int) -> str:
 
 
 def channel_norm(stored: int, channels: int) -> float:
-    """The operator norm of :func:`model_input`'s channel step: replicate 1 -> C: sqrt(C); average C -> 1: 1/sqrt(C)."""
+    """The operator norm of :func:`model_input`'s channel step, sqrt(channels / stored) when they differ: the
+    average of ``stored`` channels (norm 1/sqrt(stored)), replicated to ``channels`` (norm sqrt(channels));
+    1 -> 3: sqrt(3), 3 -> 1: 1/sqrt(3), 3 -> 4: sqrt(4/3)."""
     if stored == channels:
         return 1.0
-    return float(np.sqrt(channels)) if stored == 1 else float(1 / np.sqrt(stored))
+    return float(np.sqrt(channels / stored))
 
 
 def resize_norm_bound(native: tuple[int, int], size: tuple[int, int]) -> float:
@@ -130,14 +144,27 @@ def radius_on_the_file(radius: float, mapping: dict[str, Any], stored_shape: Seq
     Every step from the [0, 1] file image to the tensor is linear then clipped (the channel step, the
     resize; clipping only shrinks differences), so a perturbation of L2 norm e of the [0, 1] file image
     moves the tensor by at most channel_norm x resize_norm x e: R / (that product) is certified on it.
-    Through an affine intensity mapping (``unit_per_value`` x rescale slope), also in stored values.
+    In stored values only through an affine intensity mapping (``unit_per_value`` x rescale slope) that does
+    not depend on the image: for one that does (``image_dependent``: minmax), changing one stored value can
+    move every pixel, so ``stored_values`` is None and ``stored_values_reason`` says why.
     """
     channel, resize = channel_norm(int(stored_shape[0]), channels), resize_norm_bound(tuple(stored_shape[-2:]), size)
     on_image = radius / (channel * resize)
     per_value = mapping.get("unit_per_value")
-    per_stored = None if per_value in (None, 0) else abs(per_value * mapping.get("rescale", {}).get("slope", 1.0))
+    per_stored, reason = None, None
+    if mapping.get("image_dependent", False):
+        reason = (f"the intensity mapping ({mapping.get('intensity')}) depends on the image itself (its minimum and "
+                  f"maximum): changing one stored value can move every pixel of the [0, 1] image, so no radius in "
+                  f"stored values holds; unit_image holds on the file's [0, 1] image")
+    elif per_value is None:
+        reason = "the intensity mapping is a table, not affine: no radius in stored values follows from it"
+    elif per_value == 0:
+        reason = "the intensity mapping sends every stored value to the same [0, 1] value"
+    else:
+        per_stored = abs(per_value * mapping.get("rescale", {}).get("slope", 1.0))
     return {"unit_image": on_image,
             "stored_values": None if per_stored is None else on_image / per_stored,
+            "stored_values_reason": reason,
             "how": f"R / (channels {channel:.4f} x resize {resize:.4f}) on the file's [0, 1] image"
                    + ("" if per_stored is None else f"; / {per_stored:.6g} per stored value")}
 
@@ -221,13 +248,14 @@ def load_base_model(checkpoint: str | Path | None, model: str | None, *, model_k
     from a medcert ``checkpoint`` or any other ``model``; returns (module, info, JSON record of the model)."""
     from medcert_core.models.external import (
         Normalized,
+        check_batch_independence,
         external_segmenter,
         parse_normalize,
     )
 
     if (checkpoint is None) == (model is None):
-        raise ValueError("give a segmenter: either --checkpoint (a medcert checkpoint) or --model (TorchScript, "
-                         "torch.export .pt2 or package.module:function), not both")
+        raise ValueError("give a segmenter: either --checkpoint (a medcert checkpoint) or --model (a torch.export "
+                         ".pt2 or package.module:function), not both")
     if model is not None:
         module, info = external_segmenter(model, kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
                                           image_size=image_size, class_names=class_names, normalize=normalize,
@@ -239,6 +267,7 @@ def load_base_model(checkpoint: str | Path | None, model: str | None, *, model_k
     if given:
         raise ValueError(f"{', '.join(given)} apply to --model; a medcert checkpoint records them itself")
     module, config = load_segmenter(checkpoint, num_classes=num_classes, device=device)
+    check_batch_independence(module, config.in_channels, tuple(config.image_size), f"--checkpoint {checkpoint}", device)
     record = {"checkpoint": str(checkpoint), "normalize": None}
     if normalize:
         mean, std = parse_normalize(normalize, config.in_channels)
@@ -251,6 +280,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
                        num_classes: int | None = None, in_channels: int | None = None,
                        image_size: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
                        normalize: str | None = None, intensity: str = "auto", slice: str | None = None,
+                       max_pixels: int | None = None,
                        output_dir: str | Path = ".", n0: int = 10, n: int = 100, alpha: float = 0.001,
                        tau: float = 0.75, steps: str | int = "single", seed: int | None = None,
                        batch_size: int | str = 32,
@@ -262,7 +292,8 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
 
     The segmenter: ``checkpoint`` (medcert) or ``model`` with its options (:func:`load_base_model`);
     ``normalize`` "MEAN,STD" runs inside the base model, after the noise. ``intensity`` and ``slice``:
-    how DICOM, NIfTI and 16-bit files map to [0, 1] (:mod:`medcert_core.data.medical`).
+    how DICOM, NIfTI and 16-bit files map to [0, 1] (:mod:`medcert_core.data.medical`); ``max_pixels``: the
+    pixel budget each file's header is checked against before decoding (default 2**28 elements).
     Every check (parameters, files, stems, model, an n too small to certify any pixel) runs before the
     first draw. ``seed`` None (the default): drawn from the OS's entropy; each file's noise is seeded
     from (seed, sha256 of its bytes). The JSON records ``seed`` (pass it to reproduce), ``seed_source``,
@@ -278,7 +309,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     image_path = Path(image_path)
     files = image_files(image_path) if image_path.is_dir() else [image_path]
     check_distinct_stems(files)
-    images = {path: read_image_file(path, *reading) for path in files}  # a bad file fails before any draw
+    images = {path: read_image_file(path, *reading, max_pixels=max_pixels) for path in files}  # fails before any draw
     digests = {path: file_digest(path) for path in files}
     seed, seed_source = run_seed(seed)
     device = resolve_device(device)
@@ -286,7 +317,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
         checkpoint, model, model_kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
         image_size=image_size, class_names=class_names, normalize=normalize, device=device)
     check_channels(images, config.in_channels)
-    check_n_certifies(n, config.image_size, tau, alpha)
+    check_n_certifies(n, config.image_size, tau, alpha, sequential)
     denoising = load_denoiser(denoiser, sigma, steps=steps, flags=denoiser_flags)
     smoothed = SmoothedSegmenter(base, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
                                  device=device, precision=precision, channels_last=channels_last, compile=compile)
@@ -304,6 +335,7 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
             result = smoothed.certify_sequential(image, n0, n, tau=tau, alpha=alpha, stop_undecided=stop_undecided,
                                                  generator=generator, progress=progress)
             certificate = result.certificate
+            extra["n"] = result.draws  # the estimation draws used; n_max under "sequential"
             extra["sequential"] = {"n_max": n, "draws": result.draws, "stopped": result.stopped,
                                    "stop_undecided": stop_undecided}
         else:
@@ -373,12 +405,18 @@ def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tu
         (None, f"radius R = {summary['radius']:.3f} (L2, [0, 1] scale)"),
         (None, f"on the {summary['file_to_tensor']['tensor']} model input"),
         (None, f"= {summary['radius_on_the_file']['unit_image']:.3f} on the file's own [0, 1] image"),
-        (None, f"n = {summary['n']}, tau = {summary['tau']:g}, alpha = {summary['alpha']:g}"),
-        (None, "every pixel not white keeps its class under"),
-        (None, "any perturbation of L2 norm <= R (all pixels"),
-        (None, "at once, with probability >= 1 - alpha)"),
-        (None, ""),
+        (None, f"n = {summary['n']}" + (f" of n_max {summary['sequential']['n_max']} (sequential)"
+                                         if "sequential" in summary else "")
+               + f", tau = {summary['tau']:g}, alpha = {summary['alpha']:g}"),
+        (None, "every certified pixel of the model input keeps"),
+        (None, "its class under any perturbation of L2 norm <= R"),
+        (None, "(all at once, with probability >= 1 - alpha)"),
     ]
+    if [height, width] != list(summary["image_file_size"]):
+        file_height, file_width = summary["image_file_size"]
+        rows += [(None, f"shown at the file's {file_height} x {file_width}: each pixel"),
+                 (None, f"copies its nearest of the {height} x {width} certified ones")]
+    rows.append((None, ""))
     for index, name in enumerate(class_names):
         share = 100 * summary["certified_pixels"][name] / total
         swatch = None if index == 0 else colour_labels(np.array([[index]]))[0, 0]

@@ -621,8 +621,9 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with autocast(lead.device, precision):
                 denoised = denoise(lead.denoiser, noisy, generators)
-            for name, smoother in smoothers.items():
-                classes = smoother.segment_denoised(denoised, tuple(noisy.shape))
+            for index, (name, smoother) in enumerate(smoothers.items()):  # each its own copy, but the last
+                mine = denoised if index == len(smoothers) - 1 else denoised.clone()  # (one may edit its input)
+                classes = smoother.segment_denoised(mine, tuple(noisy.shape))
                 add_to_histograms(histograms[name], [0, n0], [n0, total], done, classes)
             done += size
             bar.update(size)

@@ -200,6 +200,34 @@ def test_certify_sequential_from_the_command_line(tmp_path, capsys):
           "--stop-undecided", "0.5", "--seed", "1", "--output-dir", str(tmp_path / "out")])
     summary = json.loads(capsys.readouterr().out)
     sequential = summary["sequential"]
-    assert sequential["n_max"] == 400 and 0 < sequential["draws"] <= 400 and summary["n"] == 400
+    assert sequential["n_max"] == 400 and 0 < sequential["draws"] < 400 and summary["n"] == sequential["draws"]
     labels = np.array(Image.open(tmp_path / "out" / "x_labels.png"))
     assert summary["abstain_fraction"] == pytest.approx((labels == 255).mean())
+
+    from medcert_core.single_image import legend_lines
+
+    text = [line for _, line in legend_lines(summary, ("background", "lung"))]
+    assert f"n = {sequential['draws']} of n_max 400 (sequential), tau = 0.75, alpha = 0.001" in text
+
+    # an n_max the fixed-n test could use but the anytime-valid one cannot: refused before any draw
+    from medcert_core.certify import smallest_certifiable_n
+    from medcert_core.sequential import smallest_certifiable_n_max
+
+    fixed, anytime = smallest_certifiable_n(16 * 16, 0.75, 0.001, "holm"), smallest_certifiable_n_max(16 * 16, 0.75, 0.001)
+    assert fixed < anytime
+    with pytest.raises(SystemExit) as exit_info:
+        main(["certify", str(image), "--checkpoint", str(checkpoint), "--sigma", "0.25", "--n", str(anytime - 1),
+              "--sequential", "--output-dir", str(tmp_path / "too_few")])
+    assert exit_info.value.code == 2
+    assert (f"sequential certification with n_max = {anytime - 1} cannot certify any pixel of a 16 x 16 image at "
+            f"tau = 0.75, alpha = 0.001 (Holm over 256 pixels); use n >= {anytime}") in capsys.readouterr().err
+    assert not (tmp_path / "too_few").exists()
+
+
+@pytest.mark.parametrize("pixels, tau", [(1, 0.75), (256, 0.75), (128 * 128, 0.75), (128 * 128, 0.95), (10**6, 0.9)])
+def test_the_sequential_minimum_is_the_first_n_max_whose_unanimous_e_value_reaches_holms_threshold(pixels, tau):
+    from medcert_core.sequential import smallest_certifiable_n_max
+
+    n = smallest_certifiable_n_max(pixels, tau, 0.001)
+    reaches = [log_e_values(t, t, tau) >= np.log(pixels / 0.001) for t in range(1, n + 1)]
+    assert reaches[-1] and not any(reaches[:-1]), "a direct scan agrees"

@@ -114,3 +114,28 @@ def test_bad_segmenters_are_refused_before_any_draw():
         certify_segmenters({"ok": tied_segmenter(0), "wrong": two_classes}, image, 10, 90, num_classes=CLASSES,
                            sigma=SIGMA, denoiser=denoiser, device="cpu")
     assert denoiser.calls == 1, "it fails on the first batch, not after all draws"
+
+
+class Scribbler(torch.nn.Module):
+    """A segmenter that zeroes the batch it is given after segmenting it (it edits its input in place)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        logits = self.inner(batch)
+        batch.zero_()
+        return logits
+
+
+def test_a_segmenter_that_edits_its_input_does_not_change_what_the_next_one_sees():
+    image = torch.rand(1, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    scribbler, second = Scribbler(tied_segmenter(0)), tied_segmenter(1)
+    together = segmenters_counts({"scribbler": scribbler, "second": second}, image, 10, 90, num_classes=CLASSES,
+                                 sigma=SIGMA, denoiser=CountingDenoiser(), generator=torch.Generator().manual_seed(4),
+                                 batch_size=32, device="cpu")
+    alone = SmoothedSegmenter(second, CLASSES, SIGMA, denoiser=CountingDenoiser(), batch_size=32,
+                              device="cpu").counts(image, 10, 90, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(together["second"][0], alone[0]) and torch.equal(together["second"][1], alone[1])
+    assert int(alone[1].min()) < 60 < int(alone[1].max()), "counts that depend on the draws"

@@ -5,6 +5,8 @@
 #   ./run.sh lab [ARGS]    set up (first run only), register the kernel "medcert" and start JupyterLab
 #                          on notebooks/ at 127.0.0.1 (it prints the URL with its token)
 #   ./run.sh ARGS...       any `python -m medcert_core` command, e.g. ./run.sh certify --help
+# Trained models go to the model cache, outside the checkout: $MEDCERT_CACHE, else $XDG_CACHE_HOME/medcert,
+# else ~/.cache/medcert (a fresh clone reuses them; move it and set MEDCERT_CACHE, or rm -rf it to clear it).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${MEDCERT_VENV:-.venv}"
@@ -33,6 +35,7 @@ if [ "${1:-}" = "lab" ]; then
   exec "$VENV/bin/jupyter" lab --no-browser --ip 127.0.0.1 --notebook-dir notebooks "${AS_ROOT[@]}" "$@"
 fi
 if [ "$#" -eq 0 ]; then
+  echo "[medcert] model cache: ${MEDCERT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/medcert} (MEDCERT_CACHE moves it)"
   set -- study --profile quick
 fi
 exec "$VENV/bin/python" -m medcert_core "$@"

@@ -13,7 +13,7 @@ Configurations (``--config``):
            3 channels, 4 classes, n0 = 10, n = 100, sigma 0.5. ``--small`` shrinks it for a CPU:
            64 px input, the same layout as a 32 px diffusion model of width 32, n = 60.
     quick  the quick profile's models at 64 px: the tiny in-project DDPM and the tiny UNet,
-           loaded from runs/cache when there (else the same architectures with random weights).
+           loaded from the model cache (~/.cache/medcert) when there (else the same architectures with random weights).
 
 Per image (median of ``--images`` images after one warm-up image): seconds, the split between
 denoiser / segmenter / statistics (a separate instrumented pass that synchronises around each
@@ -56,7 +56,7 @@ from paper_reference import (  # noqa: E402
     synchronize,
 )
 
-from medcert_core.io import write_json_atomically  # noqa: E402
+from medcert_core.io import user_cache_dir, write_json_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -591,7 +591,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", choices=("auto", "cache", "random"), default="auto",
                         help="quick: load the cached trained models (auto: when present) or build random ones")
-    parser.add_argument("--cache", default=str(PROJECT / "runs" / "cache"), help="quick: the study's model cache")
+    parser.add_argument("--cache", default=str(user_cache_dir()), help="quick: the study's model cache")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on a CPU device, as bench_certify.py: on a shared machine "
                              "more threads than free cores make batch-1 calls many times slower; torch's own on CUDA)")
@@ -703,7 +703,7 @@ def summarize(result: dict[str, Any], reference: dict[str, Any], target: dict[st
 
 
 def main() -> None:
-    from medcert_core.smoothing import resolve_device
+    from medcert_core.devices import resolve_device
 
     args = parse_arguments()
     device = resolve_device(args.device)

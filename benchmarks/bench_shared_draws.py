@@ -2,7 +2,7 @@
 ``SmoothedSegmenter.certify`` per architecture, the denoiser run for each) against ``certify_segmenters``
 (one set of noisy and denoised draws for all three). Same machine, same images, one run, interleaved.
 
-The models are the jsrt profile's at 128 px: the in-project DDPM (from runs/cache: run the jsrt profile
+The models are the jsrt profile's at 128 px: the in-project DDPM (from the model cache, ~/.cache/medcert: run the jsrt profile
 first) and the tiny UNet, ResUNet++ and DeepLabV2 (random weights: the time does not depend on them), 3 channels, 4 classes, n0 = 10, n = 100, batch 32. It checks
 that both ways give the same certificates, then prints and writes seconds per image (median after one
 warm-up image) and the ratio:
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from medcert_core.denoisers import load_denoiser
-from medcert_core.io import write_json_atomically
+from medcert_core.io import user_cache_dir, write_json_atomically
+from medcert_core.devices import resolve_device
 from medcert_core.models import create_model
-from medcert_core.smoothing import SmoothedSegmenter, certify_segmenters, resolve_device
+from medcert_core.smoothing import SmoothedSegmenter, certify_segmenters
 from medcert_core.training import PRESETS
 
 ARCHS = ("unet", "resunetpp", "deeplabv2")
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=3, help="timed images (after one warm-up image)")
     parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--cache", type=Path, default=Path("runs/cache/denoisers"))
+    parser.add_argument("--cache", type=Path, default=user_cache_dir() / "denoisers")
     args = parser.parse_args()
     device = resolve_device(args.device)
     spec = denoiser_spec(args.cache)

@@ -3,7 +3,8 @@ and write how long each phase took to ``benchmarks/results/main_job_timing.json`
 
 Phases: the install (until run.sh's install stamp is written), the models trained before the chapters
 (``study.warm``: its "models trained in" line, part of the grid), each model trained (from the job's
-"[medcert] training" line to the model's completion marker in the clone's cache), each chapter of the
+"[medcert] training" line to the model's completion marker in the model cache, an empty folder given
+as $MEDCERT_CACHE), each chapter of the
 quick grid (papermill's own start time and duration in the executed notebook), the grid as a whole and
 the website (the job's own lines). The load average before the start is recorded: timings taken while other work runs say little.
 
@@ -35,12 +36,13 @@ WEBSITE = re.compile(r"\[medcert\] website built in (\d+) s")
 WARM_UP = re.compile(r"\[medcert\] (\d+) models trained in (\d+) s")
 
 
-def run_logged(command: list[str], cwd: Path, log: Path) -> tuple[float, list[tuple[float, str]]]:
-    """Run ``command``; every output line with the seconds since the start. Returns (seconds, lines)."""
+def run_logged(command: list[str], cwd: Path, log: Path, env: dict[str, str]) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``command`` with ``env`` added to the environment; every output line with the seconds since the
+    start. Returns (seconds, lines)."""
     start = time.perf_counter()
     lines = []
     with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process, open(log, "w") as handle:
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env}) as process, open(log, "w") as handle:
         for line in process.stdout:
             elapsed = time.perf_counter() - start
             handle.write(f"{elapsed:8.1f} {line}")
@@ -85,7 +87,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     start_wall = time.time()
-    seconds, lines = run_logged(["./run.sh"], clone, work / "main_job.log")
+    cache = work / "model_cache"  # empty, as on a fresh machine (the user's own cache is left alone)
+    seconds, lines = run_logged(["./run.sh"], clone, work / "main_job.log", {"MEDCERT_CACHE": str(cache)})
     stamps = sorted((clone / ".venv").glob(".installed-*"))
     install = stamps[0].stat().st_mtime - start_wall if stamps else None
     grid = next((float(match.group(2)) for _, line in lines if (match := GRID_DONE.search(line))), None)
@@ -99,7 +102,7 @@ def main() -> None:
         "load_average_before": [round(value, 2) for value in load_before],
         "seconds": {"total": round(seconds, 1), "install": None if install is None else round(install, 1),
                     "grid": grid, "of_which_models_trained_before_the_chapters": warm_up, "website": website},
-        "models_trained": model_phases(lines, clone / "runs" / "cache", start_wall),
+        "models_trained": model_phases(lines, cache, start_wall),
         "chapters": chapter_phases(clone / "book", start_wall),
         "log": "each output line with its time is in main_job.log next to the clone (not committed)",
     }

@@ -40,7 +40,8 @@ from medcert_core.data.base import MAX_PIXELS
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
-from medcert_core.smoothing import COMPILE_MODES, PRECISIONS, resolve_device
+from medcert_core.devices import PRECISION_CHOICES, resolve_device
+from medcert_core.smoothing import COMPILE_MODES
 from medcert_core.study.settings import DEFAULTS, PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter
 
@@ -460,8 +461,9 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                          help="with --sequential, stop once at most this fraction of pixels is undecided (they abstain)")
     certify.add_argument("--batch-size", type=_batch_size, default=DEFAULTS["batch_size"],
                          help='noisy draws per forward pass, or "auto" (GPU: the largest that fits; halved on out-of-memory)')
-    certify.add_argument("--precision", choices=list(PRECISIONS), default=DEFAULTS["precision"],
-                         help="autocast of the networks only; the noise and statistics stay fp32/fp64 (GPU: bf16)")
+    certify.add_argument("--precision", choices=list(PRECISION_CHOICES), default=DEFAULTS["precision"],
+                         help="autocast of the networks only; the noise and statistics stay fp32/fp64. auto: bf16 where the "
+                              "device runs it natively (a bf16 GPU, a CPU with AMX or AVX-512 BF16), else fp32")
     certify.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     certify.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, *COMPILE_MODES],
                          help="torch.compile the base model once (optionally a mode, e.g. max-autotune)")

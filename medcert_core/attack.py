@@ -50,9 +50,9 @@ from scipy.stats import beta, norm, t as student_t
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.certify import ABSTAIN, Certificate, binomial_pvalue_table
+from medcert_core.devices import autocast
 from medcert_core.smoothing import (
     SmoothedSegmenter,
-    autocast,
     check_segmenter_output,
     denoise,
     draw_noise,

@@ -1,6 +1,6 @@
 """Atomic writes: a crash leaves either the old file or the new one, never half of one; file locks
-for what several processes may write at once; and :func:`load_weights`, the one way medcert reads a
-``torch.save`` file (data, never code)."""
+for what several processes may write at once; :func:`load_weights`, the one way medcert reads a
+``torch.save`` file (data, never code); and :func:`user_cache_dir`, where trained models live."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+USER_CACHE = "user"  # the cache_dir setting that means :func:`user_cache_dir`
+CACHE_SUBSTITUTE = "{cache}"  # in a denoiser spec's path: the model cache in use
+
+
+def user_cache_dir() -> Path:
+    """Where trained models live unless told otherwise, outside any checkout (as torch's and Hugging
+    Face's caches): ``$MEDCERT_CACHE``, else ``$XDG_CACHE_HOME/medcert``, else ``~/.cache/medcert``."""
+    if os.environ.get("MEDCERT_CACHE"):
+        return Path(os.environ["MEDCERT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "medcert"
 
 
 def fsync_path(path: Path) -> None:

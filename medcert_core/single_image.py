@@ -57,11 +57,11 @@ from medcert_core.denoisers import load_denoiser
 from medcert_core.io import file_digest, write_atomically, write_json_atomically
 from medcert_core.render import ABSTAIN_COLOUR, colour_labels, grey_image
 from medcert_core.sequential import smallest_certifiable_n_max
+from medcert_core.devices import resolve_device
 from medcert_core.smoothing import (
     SEED_RANGE,
     SmoothedSegmenter,
     image_seed,
-    resolve_device,
 )
 from medcert_core.training import load_segmenter
 
@@ -322,7 +322,9 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     smoothed = SmoothedSegmenter(base, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
                                  device=device, precision=precision, channels_last=channels_last, compile=compile)
     settings = {**model_record, "denoiser": denoiser, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-                "tau": tau, "seed": seed, "seed_source": seed_source, "precision": precision, "device": str(device)}
+                "tau": tau, "seed": seed, "seed_source": seed_source, "precision": smoothed.precision, "device": str(device)}
+    if precision != smoothed.precision:  # auto, resolved for this device
+        settings["precision_asked"] = precision
     summaries = []
     for path in tqdm(files, desc="certify", disable=not progress or len(files) == 1):
         original, mapping = images[path]

@@ -10,7 +10,8 @@ after the noise, ``segmenter(denoiser(.))``, is one deterministic function, so t
 holds for any plugged-in models.
 
 How that function is computed is a choice of speed, never of soundness (see DESIGN.md): autocast
-``precision`` (fp32 | bf16 | fp16, lowering only the networks' matmul/conv-class operations),
+``precision`` (fp32 | bf16 | fp16 | auto, lowering only the networks' matmul/conv-class operations;
+``auto``: bf16 where the device runs it natively, see :mod:`medcert_core.devices`),
 ``channels_last``, ``torch.compile`` and the batch size ("auto": the largest that fits the free
 GPU memory; an out-of-memory error halves it and redoes that batch with the same noise). The
 noise, x + delta, the counts and the statistics stay in fp32 / int64 / fp64 outside autocast; a
@@ -25,7 +26,6 @@ certificate is identical at any batch size.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import warnings
@@ -48,10 +48,10 @@ from medcert_core.certify import (
     certify_counts,
     predict_counts,
 )
+from medcert_core.devices import autocast, check_precision, resolve_device, resolve_precision
 from medcert_core.sequential import SequentialCertificate, certify_sequentially, check_looks, default_looks
 
 SEED_RANGE = 2**62  # per-draw seeds for a stochastic denoiser are drawn in [0, SEED_RANGE)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DRAW_BATCH = 32  # noisy draws per forward pass: the batch size of a run (Execution), the scripts' default
 CPU_AUTO_BATCH = DRAW_BATCH  # batch size "auto" on a CPU: memory is rarely the limit there
@@ -98,19 +98,6 @@ def denoise(denoiser: torch.nn.Module | None, batch: torch.Tensor,
     return clean
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' or None -> CUDA when available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def check_precision(precision: str) -> None:
-    """precision must name an autocast setting of the networks: fp32 (none), bf16 or fp16."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-
-
 def check_batch_size(batch_size: int | str) -> None:
     """batch_size: an int >= 1 or "auto"."""
     if batch_size == "auto":
@@ -148,12 +135,6 @@ class Execution:
     def options(self) -> dict[str, Any]:
         """Keyword arguments of SmoothedSegmenter."""
         return dataclasses.asdict(self)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast of the networks at ``precision`` on ``device`` (nothing for fp32)."""
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def replay(generators: list[torch.Generator] | None) -> list[torch.Generator] | None:
@@ -287,7 +268,7 @@ class SmoothedSegmenter:
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
         self.batch_size = batch_size
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)  # auto -> what this device runs natively
         self.channels_last = bool(channels_last)
         self.compile = mode
         if self.channels_last:

@@ -28,7 +28,8 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.io import UnsafeFileError, error_gist, load_weights, save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import create_model
-from medcert_core.smoothing import classes_from_logits, resolve_device
+from medcert_core.devices import autocast, resolve_device, resolve_precision
+from medcert_core.smoothing import classes_from_logits
 
 PRESETS: dict[str, dict[str, Any]] = {
     # minutes on 2 CPU cores at 64 to 128 px: the embedded default
@@ -65,9 +66,18 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = ""
     split: str = "train"
+    precision: str = "fp32"  # autocast of the forward pass in training (fp32 master weights): fp32 | bf16 | fp16
 
     def build_model(self) -> torch.nn.Module:
         return create_model(self.arch, self.in_channels, self.num_classes, **self.model_kwargs)
+
+    def record(self) -> dict[str, Any]:
+        """The config as its checkpoint stores it; ``precision`` named only when not fp32, so checkpoints
+        written before it existed still resume and load."""
+        record = dataclasses.asdict(self)
+        if record["precision"] == "fp32":
+            record.pop("precision")
+        return record
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -189,10 +199,10 @@ def _start_training(config: TrainConfig, device: torch.device) -> _Training:
 def _resume(state: _Training, path: Path, config: TrainConfig, device: torch.device) -> None:
     """Load a checkpoint of the same config into ``state``; ValueError for one of another config."""
     saved = load_weights(path, map_location=device)
-    if saved["config"] != dataclasses.asdict(config):
+    if saved["config"] != config.record():
         raise ValueError(
             f"checkpoint {path} was trained with another config; remove it or choose another path.\n"
-            f"  saved:     {saved['config']}\n  requested: {dataclasses.asdict(config)}"
+            f"  saved:     {saved['config']}\n  requested: {config.record()}"
         )
     state.model.load_state_dict(saved["last_state_dict"])
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -207,7 +217,7 @@ def _checkpoint(state: _Training, config: TrainConfig) -> dict[str, Any]:
     """What a checkpoint holds after ``state.epoch`` epochs: the config, the best and the last weights,
     the optimizer, schedule and generator states, the history."""
     return {
-        "config": dataclasses.asdict(config),
+        "config": config.record(),
         "state_dict": state.best["state_dict"],
         "best_val_dice": state.best["dice"],
         "last_state_dict": state.model.state_dict(),
@@ -221,7 +231,8 @@ def _checkpoint(state: _Training, config: TrainConfig) -> dict[str, Any]:
 
 def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, device: torch.device) -> float:
     """One pass over train_set in a random order, in batches (B, C, H, W): augmentation, then noise
-    N(0, noise_sigma^2), then one Adam step on the Dice + cross-entropy loss; the schedule steps once.
+    N(0, noise_sigma^2), then one Adam step on the Dice + cross-entropy loss (the forward pass under
+    autocast at ``config.precision``, the loss and the weights in fp32); the schedule steps once.
     Returns the mean batch loss."""
     state.model.train()
     losses = []
@@ -234,7 +245,9 @@ def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, devi
             images, masks = augment_batch(images, masks, state.generator)
         if config.noise_sigma > 0:
             images = images + config.noise_sigma * torch.randn(images.shape, generator=state.generator)
-        loss = dice_ce_loss(state.model(images.to(device)), masks.to(device))
+        with autocast(device, config.precision):
+            logits = state.model(images.to(device))
+        loss = dice_ce_loss(logits.float(), masks.to(device))
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -258,9 +271,13 @@ def train_segmenter(
     model_kwargs: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
     progress: bool = True,
 ) -> tuple[torch.nn.Module, TrainConfig, pd.DataFrame]:
     """Train a segmenter; returns (model with the best validation weights, config, history).
+
+    ``precision``: autocast of the forward pass (fp32 | bf16 | fp16 | auto, resolved for the device and
+    recorded in the config); the weights, the optimizer and the loss stay fp32.
 
     train_set / val_set: datasets of (image (C,H,W) in [0,1], mask (H,W) int64) with
     ``.class_names``. With ``checkpoint``, the state is saved after every epoch and an existing
@@ -268,11 +285,11 @@ def train_segmenter(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    device = resolve_device(device)
     config = _config_from_dataset(
         train_set, arch, preset, noise_sigma=noise_sigma, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, augment=augment, model_kwargs=model_kwargs,
+        seed=seed, augment=augment, model_kwargs=model_kwargs, precision=resolve_precision(precision, device),
     )
-    device = resolve_device(device)
     state = _start_training(config, device)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
@@ -301,8 +318,9 @@ def load_segmenter(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, TrainConfig]:
-    """Rebuild a trained segmenter from its checkpoint; arch / num_classes, when given, must match it."""
-    path = Path(path)
+    """Rebuild a trained segmenter from its checkpoint (``~`` expanded); arch / num_classes, when given, must
+    match it."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no segmenter checkpoint at {path}")
     saved = _read_checkpoint(path, device)

@@ -7,7 +7,7 @@ undefended segmenter with the same PGD at the same radius. The sharp attack then
 certified pixels with the lowest agreement counts, a group at a time, pushes them towards their
 runner-up class with PGD at the same radius, and measures with fresh draws how far their smoothed
 probability falls against the Lipschitz bound Phi(Phi^-1(p_before) - eps / sigma). Trains the
-quick models if the cache (runs/cache, shared with the study) lacks them. Writes
+quick models if the cache (the study's: ~/.cache/medcert, see medcert_core.io.user_cache_dir) lacks them. Writes
 results/attack.json and a figure:
 
     python scripts/attack_certificates.py            # about 30 min on 1 CPU thread, models cached
@@ -35,7 +35,7 @@ from medcert_core.study.soundness import (
     summarize_attack,
     summarize_groups,
 )
-from medcert_core.io import write_atomically, write_json_atomically
+from medcert_core.io import user_cache_dir, write_atomically, write_json_atomically
 from medcert_core.study.settings import DataSpec
 from medcert_core.study.settings import training_spec
 from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
@@ -128,7 +128,7 @@ def parse_arguments() -> argparse.Namespace:
                         help="autocast of the networks, in certification and in every attack")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 holds up on a shared machine)")
     parser.add_argument("--batch-size", type=int, default=DRAW_BATCH)
-    parser.add_argument("--cache", type=Path, default=Path("runs") / "cache")
+    parser.add_argument("--cache", type=Path, default=user_cache_dir())
     parser.add_argument("--output", type=Path, default=Path("results") / "attack.json")
     parser.add_argument("--figure", type=Path, default=Path("book") / "figures" / "attack.png")
     return parser.parse_args()

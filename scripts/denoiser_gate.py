@@ -16,7 +16,7 @@ fails:
 Rows that are reported, not gated: ``--ffdnet FILE`` adds the off-the-shelf FFDNet
 (``ffdnet:<file.pth>``) with the shrink above 75/255 (box average to its trained range) and without it
 (full resolution, noise map at sigma); ``--other-ddpm NOTE=FOLDER`` (repeatable) adds a DDPM trained on
-another dataset, single-step, e.g. ``--other-ddpm "trained on jsrt=runs/cache/denoisers/ddpm_jsrt_..."``.
+another dataset, single-step, e.g. ``--other-ddpm "trained on jsrt=~/.cache/medcert/denoisers/ddpm_jsrt_..."``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import yaml
 
 from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.gate import mmse_gate_failures, paired_psnr_differences, psnr_row
-from medcert_core.io import write_json_atomically
+from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
 from medcert_core.study.settings import DataSpec, training_spec
 
@@ -81,7 +81,7 @@ def main() -> int:
                         help="report a DDPM trained on another dataset (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--cache", type=Path, default=user_cache_dir())
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON table (default: results/<dataset>_denoiser_gate_<split>.json)")
     args = parser.parse_args()

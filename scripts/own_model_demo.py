@@ -7,8 +7,8 @@
 3. ``python -m medcert_core certify patient.dcm --model model.pt2 --intensity voi ...``: label maps,
    the overlay with its legend and the JSON, written to ``book/figures/own_model/``.
 
-    python scripts/own_model_demo.py --checkpoint runs/cache/segmenters/jsrt_128_resunetpp_..._data<digest>.pt \\
-        --denoiser ddpm:runs/cache/denoisers/ddpm_jsrt_128_..._data<digest> --data-root ../shared/data/jsrt
+    python scripts/own_model_demo.py --checkpoint ~/.cache/medcert/segmenters/jsrt_128_resunetpp_..._data<digest>.pt \\
+        --denoiser ddpm:~/.cache/medcert/denoisers/ddpm_jsrt_128_..._data<digest> --data-root ../shared/data/jsrt
 
 The book page reads the committed outputs; rerun this script to refresh them.
 """

@@ -23,7 +23,7 @@ import torch
 from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.diffusion import SHRINKS, resize_noise_factor
 from medcert_core.denoisers.gate import psnr_row
-from medcert_core.io import write_json_atomically
+from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
 from medcert_core.smoothing import Execution, SmoothedSegmenter, image_seed
 from medcert_core.study.runs import assets
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--tau", type=float, default=0.75)
-    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--cache", type=Path, default=user_cache_dir())
     parser.add_argument("--output", type=Path, default=Path("results") / "jsrt_resize_ablation.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ Training keeps the weights of the epoch with the best validation Dice (mean fore
 validation split) and writes that history into each checkpoint; this script only reads it, so a
 recipe choice such as the number of epochs can be judged on the validation split, never the test one.
 
-    python scripts/segmenter_history.py runs/cache/segmenters/folder_128_*_e5_*.pt \\
+    python scripts/segmenter_history.py ~/.cache/medcert/segmenters/folder_128_*_e5_*.pt \\
         --out results/cxr_lungs_segmenters_val.json
 """
 

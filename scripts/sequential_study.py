@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from medcert_core.certify import TAU_GRID, certify_counts, smallest_certifiable_n
-from medcert_core.io import write_json_atomically
+from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.metrics import paired_bootstrap_interval, segmentation_scores
 from medcert_core.sequential import counts_at, default_looks, replay_sequential
 from medcert_core.smoothing import SmoothedSegmenter, image_seed
@@ -155,7 +155,7 @@ def main() -> None:
                         help="sequential rules: 0 stops when every pixel is decided, F > 0 at F undecided")
     parser.add_argument("--tau", type=float, default=0.75, help="the tau of the table (the curve covers TAU_GRID)")
     parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--cache", default="runs/cache")
+    parser.add_argument("--cache", default=str(user_cache_dir()))
     parser.add_argument("--records", required=True, help="folder of per-image records (resumable)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=None)

@@ -1,12 +1,18 @@
-"""Test-wide settings (nothing may reach a model hub) and shared fixtures."""
+"""Test-wide settings (nothing may reach a model hub; trained models go to a model cache of this test
+session, never to the user's) and shared fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["MEDCERT_CACHE"] = tempfile.mkdtemp(prefix="medcert-test-cache-")  # inherited by subprocesses
+atexit.register(shutil.rmtree, os.environ["MEDCERT_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

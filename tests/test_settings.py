@@ -62,7 +62,7 @@ def test_the_defaults_are_the_schemas_everywhere():
     ("n0", 0, "parameter 'n0': n0 must be an integer >= 1, got 0"),
     ("sigmas", [0.5, -1.0], "parameter 'sigmas': sigma must be"),
     ("n", True, "parameter 'n' must be int (its default is 100), got bool True"),
-    ("precision", "fp8", "parameter 'precision': unknown value 'fp8'; valid: ['fp32', 'bf16', 'fp16']"),
+    ("precision", "fp8", "parameter 'precision': unknown value 'fp8'; valid: ['fp32', 'bf16', 'fp16', 'auto']"),
     ("training", {"epoch": 1}, "parameter 'training': unknown training setting(s) ['epoch']"),
     ("sigma", 0.5, "unknown parameter 'sigma'; valid: ['alpha', 'batch_size',"),
 ])

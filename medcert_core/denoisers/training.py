@@ -31,7 +31,7 @@ from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
 from medcert_core.io import load_weights, save_torch_atomically
-from medcert_core.smoothing import resolve_device
+from medcert_core.devices import resolve_device
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores

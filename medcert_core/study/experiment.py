@@ -5,7 +5,9 @@
 
 Relative ``results_dir`` / ``cache_dir`` are taken from the project root (the folder holding
 ``_toc.yml`` or ``pyproject.toml`` above the working directory), so a notebook run in Jupyter
-from ``notebooks/`` and the same one run by the grid share one cache.
+from ``notebooks/`` and the same one run by the grid share one results store. ``cache_dir = "user"``
+(the default) is the user's cache folder (:func:`medcert_core.io.user_cache_dir`): trained models
+outlive the checkout. A ``{cache}`` in a denoiser spec's path is filled with the cache in use.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.smoothing import Execution, check_precision, resolve_device
+from medcert_core.devices import AUTO, check_precision, resolve_device, resolve_precision
+from medcert_core.io import CACHE_SUBSTITUTE, USER_CACHE, user_cache_dir
+from medcert_core.smoothing import Execution
 from medcert_core.study.runs import store
 from medcert_core.study.settings import DataSpec, TrainingSpec
 from medcert_core.study.settings import DEFAULTS, training_spec
@@ -107,13 +111,22 @@ class Experiment:
 
     @property
     def cache_path(self) -> Path:
-        return _under_project(self.cache_dir)
+        return user_cache_dir() if self.cache_dir == USER_CACHE else _under_project(self.cache_dir)
+
+    def in_cache(self, method: Method) -> Method:
+        """``method`` with a ``{cache}`` in its denoiser spec filled with :attr:`cache_path`."""
+        if CACHE_SUBSTITUTE not in method.denoiser:
+            return method
+        return dataclasses.replace(method, denoiser=method.denoiser.replace(CACHE_SUBSTITUTE, str(self.cache_path)))
 
     def certification_run(self, arch: str, method: Method, sigma: float) -> CertificationRun:
+        """One run of these settings; the precision resolved for the device, ``{cache}`` filled in."""
+        method = self.in_cache(method)
         return CertificationRun(
             data=self.data, training=self.training, arch=arch, method=method, sigma=float(sigma),
             n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), tau=float(self.tau),
-            test_images=int(self.test_images) if self.test_images else None, precision=self.precision,
+            test_images=int(self.test_images) if self.test_images else None,
+            precision=resolve_precision(self.precision, self.device),
             denoiser_flags=self.denoiser_flags if method.denoiser.startswith("guided-diffusion:") else "",
         )
 
@@ -173,7 +186,8 @@ class Experiment:
             self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
             f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
-            str(resolve_device(self.device)), self.precision,
+            str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
+            + (" (auto)" if self.precision == AUTO else ""),
         ]}).set_index("setting")
 
 

@@ -30,8 +30,10 @@ from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.data.base import dataset_digest
 from medcert_core.denoisers import DDPM_PRESETS, parse_spec
+from medcert_core.devices import PRECISION_CHOICES, PRECISIONS
+from medcert_core.io import USER_CACHE
 from medcert_core.models import ARCHITECTURES
-from medcert_core.smoothing import PRECISIONS, check_batch_size, compile_mode
+from medcert_core.smoothing import check_batch_size, compile_mode
 from medcert_core.training import PRESETS
 
 DIGEST_LENGTH = 12  # hex digits of the data digest in a cache name
@@ -80,7 +82,8 @@ class TrainingSpec:
     largest sigma it is trained for, the decay of its weights' moving average (None: none) and the
     share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
     (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps`` and
-    ``unet_denoiser_batch_size``. A profile fixes them (:data:`PROFILES`); a chapter's
+    ``unet_denoiser_batch_size``; ``segmenter_precision``: the autocast of the segmenters' training (fp32
+master weights; a cached segmenter's name says it when not fp32). A profile fixes them (:data:`PROFILES`); a chapter's
     ``training`` parameter overrides some (:meth:`with_overrides`).
     """
 
@@ -95,6 +98,7 @@ class TrainingSpec:
     ddpm_focus_sigmas: tuple[float, ...] = ()
     ddpm_focus_share: float = 0.0
     ddpm_image_size: int | None = None
+    segmenter_precision: str = "fp32"  # autocast of the segmenters' forward pass in training: fp32 | bf16 | fp16
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
         """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
@@ -112,7 +116,7 @@ class TrainingSpec:
 def _training_field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not valid for TrainingSpec field ``name``; None if it is (a helper of
     :func:`check_training_overrides`, which raises)."""
-    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS)}
+    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS), "segmenter_precision": list(PRECISIONS)}
     if name in choices:
         return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
     if name == "ddpm_ema_decay":
@@ -244,8 +248,9 @@ SETTINGS: dict[str, Setting] = {
     "device": Setting("auto", (str,), "auto | cpu | cuda | cuda:1 ..."),
     "batch_size": Setting(32, (int, str), 'noisy draws per forward pass, or "auto" (largest that fits the GPU)',
                           check=check_batch_size),
-    "precision": Setting("fp32", (str,), "fp32 | bf16 | fp16: autocast of the networks only (GPU: bf16)",
-                         choices=list(PRECISIONS)),
+    "precision": Setting("fp32", (str,), "fp32 | bf16 | fp16 | auto (bf16 where the device runs it natively): autocast "
+                         "of the networks only",
+                         choices=list(PRECISION_CHOICES)),
     "channels_last": Setting(False, (bool,), "channels_last memory format for the networks (GPU)"),
     "compile": Setting(False, (bool, str), "torch.compile the base model once per run (GPU; slow to compile)",
                        check=compile_mode),
@@ -256,7 +261,7 @@ SETTINGS: dict[str, Setting] = {
                         check=_check_training),
     # paths and display
     "results_dir": Setting("runs/results", (str,), "relative paths are taken from the project root"),
-    "cache_dir": Setting("runs/cache", (str,), "trained models (reused across chapters and runs)"),
+    "cache_dir": Setting(USER_CACHE, (str,), "trained models: \"user\" ($MEDCERT_CACHE, else ~/.cache/medcert) or a folder"),
     "interactive": Setting(True, (bool,), "False on the website: no live widgets"),
 }
 

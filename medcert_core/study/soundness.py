@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.attack import PGDConfig, SharpConfig, attack_image
-from medcert_core.smoothing import Execution, resolve_device
+from medcert_core.devices import resolve_device
+from medcert_core.smoothing import Execution
 from medcert_core.study.runs.run import CertificationRun, smoothed_segmenter
 
 

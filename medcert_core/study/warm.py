@@ -104,7 +104,7 @@ def missing_models(parameter_sets: Iterable[Mapping[str, Any]]) -> list[ModelJob
 def warm_before_grid(entries: list, notebooks_dir: Path) -> list[tuple[str, float]]:
     """:func:`warm_cache` for the models of these grid entries that the cache lacks, when they run on a
     CPU (``device`` auto without a GPU, or cpu); nothing otherwise."""
-    from medcert_core.smoothing import resolve_device
+    from medcert_core.devices import resolve_device
     from medcert_core.study.grid.spec import template_parameters
 
     parameter_sets = [{**(template_parameters(notebooks_dir / f"{entry.notebook}.ipynb") or {}), **entry.parameters}

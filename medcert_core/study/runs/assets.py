@@ -47,7 +47,7 @@ from medcert_core.io import (
     load_weights,
     write_json_atomically,
 )
-from medcert_core.smoothing import resolve_device
+from medcert_core.devices import resolve_device
 from medcert_core.study.runs.store import weight_files, weights_digest
 from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
 from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
@@ -60,8 +60,9 @@ FINISHED = {"ddpm": "model_index.json", "unet": "unet_denoiser.pt"}  # each trai
 
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:
     epochs = training.epochs if training.epochs is not None else "default"
+    precision = "" if training.segmenter_precision == "fp32" else f"_{training.segmenter_precision}"
     return (Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}"
-            f"_seed{data.seed}{data.data_tag('train', 'val')}.pt")
+            f"{precision}_seed{data.seed}{data.data_tag('train', 'val')}.pt")
 
 
 # --- completion markers ---------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingS
     announce_training("segmenter", path)
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
-        epochs=training.epochs, seed=data.seed, checkpoint=path, device=device,
+        epochs=training.epochs, seed=data.seed, checkpoint=path, device=device, precision=training.segmenter_precision,
     )
     mark_complete(path)
     return model, config

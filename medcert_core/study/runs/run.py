@@ -37,12 +37,11 @@ from medcert_core.certify import (
 )
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
+from medcert_core.devices import AUTO, check_precision, resolve_device
 from medcert_core.smoothing import (
     Execution,
     SmoothedSegmenter,
-    check_precision,
     image_seed,
-    resolve_device,
     segmenters_counts,
 )
 from medcert_core.study.runs import assets, store
@@ -108,7 +107,8 @@ class CertificationRun:
     channels_last, torch.compile: the draws are batch-size invariant, multi-step denoising
     included) and the device. The device does change the noise, since CPU and CUDA generators
     differ: it is recorded in the run's metadata, with a note, as is the execution. The precision
-    changes the base model f(D(.)) itself: it is hashed.
+    changes the base model f(D(.)) itself: it is hashed, resolved (``auto`` is resolved for the device
+    before a run is made, so an ``auto`` run and one that names its resolved precision share a key).
     """
 
     data: DataSpec
@@ -126,12 +126,17 @@ class CertificationRun:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.precision == AUTO:
+            raise ValueError("a run's precision is what the networks run at (fp32, bf16 or fp16): resolve 'auto' for "
+                             "the device first (medcert_core.devices.resolve_precision), so that the key says it")
 
     def parameters(self) -> dict[str, Any]:
         parameters = dataclasses.asdict(self)
         parameters["data"].pop("data_root")
         if not parameters["data"]["split_block"]:  # named only when not the default, so existing keys stay valid
             parameters["data"].pop("split_block")
+        if parameters["training"]["segmenter_precision"] == "fp32":  # likewise
+            parameters["training"].pop("segmenter_precision")
         parameters["method"].pop("note")
         return parameters
 

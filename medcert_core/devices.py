@@ -1,0 +1,71 @@
+"""Where the networks run and at what precision: the one low module that smoothing, the denoisers and
+training import (downward only).
+
+``precision`` is the autocast of the networks only (fp32 | bf16 | fp16 | auto): the noise, x + delta,
+the counts and the statistics stay in fp32 / int64 / fp64 outside it, so it never touches the
+guarantee, only which deterministic function f(D(.)) is certified. ``auto`` resolves, per device, to
+bf16 where the hardware runs it natively (a GPU that supports bf16; a CPU with AMX or AVX-512 BF16
+instructions) and to fp32 elsewhere; what it resolved to is what a run records and is keyed by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"
+PRECISION_CHOICES = (*PRECISIONS, AUTO)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 matmul / dot products
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' or None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_precision(precision: str) -> None:
+    """precision must name an autocast setting of the networks: fp32 (none), bf16, fp16 or auto."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of the first CPU listed in ``cpuinfo`` (empty where there is no such file)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this machine's CPU has AMX or AVX-512 BF16 (where bf16 autocast is faster than fp32)."""
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: str | torch.device | None) -> str:
+    """``auto`` -> bf16 on a GPU that supports it or a CPU with native bf16 (:func:`cpu_has_native_bf16`),
+    else fp32; fp32 / bf16 / fp16 as given. ValueError naming the valid values."""
+    check_precision(precision)
+    if precision != AUTO:
+        return precision
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast of the networks at ``precision`` (resolved: not ``auto``) on ``device`` (nothing for fp32)."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)

@@ -99,20 +99,23 @@ def test_a_cache_placeholder_in_a_denoiser_spec_is_filled_with_the_cache_in_use(
     assert keys[0] == keys[1], "the chapter's label does not depend on where the cache lies"
 
 
-def test_a_segmenter_trained_under_bf16_is_named_and_keyed_apart_and_fp32_keys_stay(tmp_path):
+def test_models_trained_under_bf16_are_named_and_keyed_apart_and_fp32_names_and_keys_stay(tmp_path):
     from medcert_core.study.runs import assets
     from medcert_core.study.runs.run import ours
     from medcert_core.study.settings import training_spec
 
-    experiment = Experiment(sigmas=[0.25], training_overrides={"segmenter_precision": "bf16"})
+    experiment = Experiment(sigmas=[0.25], training_overrides={"training_precision": "bf16"})
     plain_fp32 = Experiment(sigmas=[0.25])
-    names = [assets.segmenter_path(tmp_path, e.data, e.training, "unet", 0.0).name for e in (experiment, plain_fp32)]
-    assert "_bf16_seed0" in names[0] and "bf16" not in names[1] and names[0].replace("_bf16", "") == names[1]
+    for name in (lambda e: assets.segmenter_path(tmp_path, e.data, e.training, "unet", 0.0).name,
+                 lambda e: assets.ddpm_folder(tmp_path, e.data, e.training).name,
+                 lambda e: assets.unet_denoiser_folder(tmp_path, e.data, e.training, 0.25).name):
+        bf16, fp32 = name(experiment), name(plain_fp32)
+        assert "_bf16_seed0" in bf16 and "bf16" not in fp32 and bf16.replace("_bf16", "") == fp32
     runs = [e.certification_run("unet", ours("ddpm:auto"), 0.25) for e in (experiment, plain_fp32)]
     assert runs[0].hash != runs[1].hash
-    assert "segmenter_precision" not in runs[1].parameters()["training"], "fp32 runs keep the keys they had"
-    with pytest.raises(ValueError, match=r"training setting 'segmenter_precision' must be one of \['fp32', 'bf16', "):
-        training_spec("quick").with_overrides({"segmenter_precision": "auto"})
+    assert "training_precision" not in runs[1].parameters()["training"], "fp32 runs keep the keys they had"
+    with pytest.raises(ValueError, match=r"training setting 'training_precision' must be one of \['fp32', 'bf16', "):
+        training_spec("quick").with_overrides({"training_precision": "auto"})
 
 
 def test_training_under_bf16_autocast_keeps_fp32_weights_and_records_its_precision(monkeypatch):
@@ -126,3 +129,25 @@ def test_training_under_bf16_autocast_keeps_fp32_weights_and_records_its_precisi
     assert config.precision == "bf16" and config.record()["precision"] == "bf16"
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
     assert np.isfinite(history["loss"]).all()
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "unet"])
+def test_denoisers_train_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch, kind):
+    from medcert_core.data import load_dataset
+    from medcert_core.denoisers import load_denoiser
+    from medcert_core.denoisers.training import train_ddpm, train_unet_denoiser
+
+    train = load_dataset("phantom", None, "train", image_size=32)
+    calls = []
+    original = devices.autocast
+    monkeypatch.setattr("medcert_core.denoisers.training.autocast",
+                        lambda device, precision: calls.append(precision) or original(device, precision))
+    if kind == "ddpm":
+        folder = train_ddpm(train, tmp_path / kind, steps=2, batch_size=2, image_size=32, device="cpu",
+                            precision="bf16", progress=False)
+    else:
+        folder = train_unet_denoiser(train, 0.5, tmp_path / kind, steps=2, batch_size=2, device="cpu",
+                                     precision="bf16", progress=False)
+    assert calls == ["bf16", "bf16"], "each training step's forward pass runs under bf16 autocast"
+    denoiser = load_denoiser(f"{kind}:{folder}", 0.5)
+    assert all(parameter.dtype == torch.float32 for parameter in denoiser.parameters())

@@ -31,7 +31,7 @@ from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
 from medcert_core.io import load_weights, save_torch_atomically
-from medcert_core.devices import resolve_device
+from medcert_core.devices import autocast, resolve_device, resolve_precision
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores
@@ -117,15 +117,19 @@ def _start_ddpm(size: tuple[int, int], channels: int, settings: dict[str, Any], 
 
 
 def _ddpm_step(state: _DDPMTraining, images: torch.Tensor, batch_size: int, alphas_cumprod: torch.Tensor,
-               draw_timesteps: Callable[[torch.Generator], torch.Tensor], device: torch.device) -> float:
+               draw_timesteps: Callable[[torch.Generator], torch.Tensor], device: torch.device,
+               precision: str = "fp32") -> float:
     """One AdamW step (and EMA update) on the noise-prediction MSE of a random batch of ``images``
-    (N, C, H, W) in [0, 1], mapped to [-1, 1], noised at timesteps from ``draw_timesteps``; returns the loss."""
+    (N, C, H, W) in [0, 1], mapped to [-1, 1], noised at timesteps from ``draw_timesteps`` (the network
+    under autocast at ``precision``, the loss and the weights fp32); returns the loss."""
     clean = images[torch.randint(0, len(images), (batch_size,), generator=state.generator)] * 2 - 1
     noise = torch.randn(clean.shape, generator=state.generator)
     timesteps = draw_timesteps(state.generator)
     abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
     noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
-    loss = F.mse_loss(state.unet(noisy, timesteps.to(device)).sample, noise.to(device))
+    with autocast(device, precision):
+        predicted = state.unet(noisy, timesteps.to(device)).sample
+    loss = F.mse_loss(predicted.float(), noise.to(device))
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
@@ -151,6 +155,7 @@ def train_ddpm(
     ema_decay: float | None = None,
     focus_sigmas: Sequence[float] = (),
     focus_share: float = 0.0,
+    precision: str = "fp32",
 ) -> Path:
     """Train a DDPM on the images of ``dataset`` and save it in ``output_dir`` (DDPMPipeline layout).
 
@@ -159,6 +164,7 @@ def train_ddpm(
     focus_sigmas, focus_share: draw that share of the timesteps near the t* of these noise levels
         (in the model's [0, 1] noise scale, after any resize to its resolution).
     ema_decay: publish an exponential moving average of the weights with this decay (with warm-up).
+    precision: autocast of the network in training (fp32 | bf16 | fp16 | auto); the weights stay fp32.
     A finished folder is returned as is; an interrupted one resumes from ``training_state.pt``.
     """
     if preset not in DDPM_PRESETS:
@@ -171,6 +177,7 @@ def train_ddpm(
     if (output_dir / "model_index.json").is_file():
         return output_dir
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     images = _stacked_images(dataset, size)
     scheduler = linear_scheduler()
     max_timestep = 1000 if max_sigma is None else timestep_for_sigma(scheduler.alphas_cumprod, max_sigma) + 1
@@ -185,7 +192,7 @@ def train_ddpm(
     state.unet.train()
     bar = tqdm(range(state.step, total_steps), desc="train ddpm", disable=not progress)
     for step in bar:
-        state.losses.append(_ddpm_step(state, images, batch_size, alphas_cumprod, draw_timesteps, device))
+        state.losses.append(_ddpm_step(state, images, batch_size, alphas_cumprod, draw_timesteps, device, precision))
         bar.set_postfix(loss=f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.4f}")
         state.step = step + 1
         if state.step % checkpoint_every == 0 and state.step < total_steps:
@@ -227,8 +234,10 @@ def train_unet_denoiser(
     progress: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     checkpoint_every: int = 50,
+    precision: str = "fp32",
 ) -> Path:
-    """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``.
+    """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``
+    (the network under autocast at ``precision``, fp32 | bf16 | fp16 | auto; the weights stay fp32).
 
     An interrupted run resumes from ``output_dir/training_state.pt`` (weights, optimizer, learning
     rate schedule and generator state), so the resumed model is the one an uninterrupted run gives."""
@@ -236,6 +245,7 @@ def train_unet_denoiser(
     if (output_dir / "unet_denoiser.pt").is_file():
         return output_dir
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     first = dataset[0][0]
     size = (image_size, image_size) if image_size else tuple(first.shape[-2:])
     images = _stacked_images(dataset, size)
@@ -258,7 +268,9 @@ def train_unet_denoiser(
         clean = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
         noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
         noisy = noisy.to(device)
-        loss = F.mse_loss(denoiser.network(noisy), clean.to(device))  # unclamped: keeps gradients
+        with autocast(device, precision):
+            estimate = denoiser.network(noisy)
+        loss = F.mse_loss(estimate.float(), clean.to(device))  # unclamped: keeps gradients
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -82,8 +82,8 @@ class TrainingSpec:
     largest sigma it is trained for, the decay of its weights' moving average (None: none) and the
     share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
     (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps`` and
-    ``unet_denoiser_batch_size``; ``segmenter_precision``: the autocast of the segmenters' training (fp32
-master weights; a cached segmenter's name says it when not fp32). A profile fixes them (:data:`PROFILES`); a chapter's
+    ``unet_denoiser_batch_size``; ``training_precision``: the autocast of every model's training here
+(segmenters, DDPM, UNet denoisers; fp32 master weights; a cached model's name says it when not fp32). A profile fixes them (:data:`PROFILES`); a chapter's
     ``training`` parameter overrides some (:meth:`with_overrides`).
     """
 
@@ -98,7 +98,7 @@ master weights; a cached segmenter's name says it when not fp32). A profile fixe
     ddpm_focus_sigmas: tuple[float, ...] = ()
     ddpm_focus_share: float = 0.0
     ddpm_image_size: int | None = None
-    segmenter_precision: str = "fp32"  # autocast of the segmenters' forward pass in training: fp32 | bf16 | fp16
+    training_precision: str = "fp32"  # autocast of the forward passes in training: fp32 | bf16 | fp16
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
         """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
@@ -116,7 +116,7 @@ master weights; a cached segmenter's name says it when not fp32). A profile fixe
 def _training_field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not valid for TrainingSpec field ``name``; None if it is (a helper of
     :func:`check_training_overrides`, which raises)."""
-    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS), "segmenter_precision": list(PRECISIONS)}
+    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS), "training_precision": list(PRECISIONS)}
     if name in choices:
         return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
     if name == "ddpm_ema_decay":

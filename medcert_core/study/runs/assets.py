@@ -60,9 +60,14 @@ FINISHED = {"ddpm": "model_index.json", "unet": "unet_denoiser.pt"}  # each trai
 
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:
     epochs = training.epochs if training.epochs is not None else "default"
-    precision = "" if training.segmenter_precision == "fp32" else f"_{training.segmenter_precision}"
     return (Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}"
-            f"{precision}_seed{data.seed}{data.data_tag('train', 'val')}.pt")
+            f"{precision_tag(training)}_seed{data.seed}{data.data_tag('train', 'val')}.pt")
+
+
+def precision_tag(training: TrainingSpec) -> str:
+    """``_bf16`` (``_fp16``) in a cached model's name when it was trained under autocast; nothing for fp32,
+    so existing caches stay valid."""
+    return "" if training.training_precision == "fp32" else f"_{training.training_precision}"
 
 
 # --- completion markers ---------------------------------------------------------------------------
@@ -147,7 +152,7 @@ def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingS
     announce_training("segmenter", path)
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
-        epochs=training.epochs, seed=data.seed, checkpoint=path, device=device, precision=training.segmenter_precision,
+        epochs=training.epochs, seed=data.seed, checkpoint=path, device=device, precision=training.training_precision,
     )
     mark_complete(path)
     return model, config
@@ -186,6 +191,7 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
         recipe += f"_focus{training.ddpm_focus_share:g}-" + "-".join(f"{s:g}" for s in training.ddpm_focus_sigmas)
     if training.ddpm_image_size is not None:
         recipe += f"_at{training.ddpm_image_size}"
+    recipe += precision_tag(training)
     return (Path(cache) / "denoisers" / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}"
             f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}{data.data_tag('train')}")
 
@@ -211,7 +217,7 @@ def unet_denoiser_folder(cache: Path, data: DataSpec, training: TrainingSpec, si
     batch = training.unet_denoiser_batch_size  # named only when not the default, so existing caches stay valid
     batch_tag = "" if batch == UNET_DENOISER_BATCH else f"_b{batch}"
     return (Path(cache) / "denoisers" / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}{batch_tag}"
-            f"_seed{data.seed}{data.data_tag('train')}")
+            f"{precision_tag(training)}_seed{data.seed}{data.data_tag('train')}")
 
 
 def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec,
@@ -237,10 +243,12 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
             train_ddpm(train_set, folder, preset=training.ddpm_preset, steps=training.ddpm_steps,
                        image_size=ddpm_image_size(data, training), max_sigma=training.ddpm_max_sigma,
                        seed=data.seed, device=device, ema_decay=training.ddpm_ema_decay,
-                       focus_sigmas=ddpm_focus_sigmas(data, training), focus_share=training.ddpm_focus_share)
+                       focus_sigmas=ddpm_focus_sigmas(data, training), focus_share=training.ddpm_focus_share,
+                       precision=training.training_precision)
         else:
             train_unet_denoiser(train_set, sigma, folder, steps=training.unet_denoiser_steps,
-                                batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device)
+                                batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device,
+                                precision=training.training_precision)
         mark_complete(folder)
     return f"{kind}:{folder}"
 

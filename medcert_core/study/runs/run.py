@@ -135,8 +135,8 @@ class CertificationRun:
         parameters["data"].pop("data_root")
         if not parameters["data"]["split_block"]:  # named only when not the default, so existing keys stay valid
             parameters["data"].pop("split_block")
-        if parameters["training"]["segmenter_precision"] == "fp32":  # likewise
-            parameters["training"].pop("segmenter_precision")
+        if parameters["training"]["training_precision"] == "fp32":  # likewise
+            parameters["training"].pop("training_precision")
         parameters["method"].pop("note")
         return parameters
 

@@ -2,7 +2,8 @@
 
 The grid runs as ``python -m medcert_core grid grids/smoke.yaml`` in a copy of the project tree under
 tmp_path (notebooks/, grids/smoke.yaml, _config.yml, _toc.yml, book/*.md), so ``project_root()`` is
-that copy and book/, runs/results and runs/cache all land in it. It is killed
+that copy and book/ and runs/results land in it; its model cache is runs/cache in it too
+(``MEDCERT_CACHE``). It is killed
 
 1. in the middle of a certification run: at least one run is complete and a later run's image loop
    has started (its per-image progress bar, labelled with the run, is on stderr) but not finished;
@@ -61,7 +62,8 @@ class Grid:
     def __init__(self, root: Path, name: str):
         self.root = root
         self.log = root / f"{name}.stderr.txt"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "MEDCERT_CACHE": str(root / "runs" / "cache")}  # the copy's own model cache, checked below
         with open(self.log, "wb") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "medcert_core", "grid", GRID], cwd=root,
                                             stdout=subprocess.DEVNULL, stderr=stderr, env=env,
@@ -200,6 +202,7 @@ def test_the_smoke_grid_survives_sigkill_mid_run_and_mid_notebook(tmp_path):
         killed = grid.kill()
     before_second = complete_runs(results)
     models_second = finished_models(cache)
+    assert models_second, f"the chapters' models are in the copy's own cache {cache}"
     phantom_mtime = (book / "phantom.ipynb").stat().st_mtime_ns
     recomputed_first = recomputed(before_first, before_second)
     retrained_first = sorted(path for path, mtime in models_first.items() if models_second.get(path) != mtime)

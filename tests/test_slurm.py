@@ -158,9 +158,10 @@ def project_copy(root: Path, executor_section: dict | None = None) -> Path:
 
 
 def medcert(root: Path, *argv: str, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess, float]:
-    """``python -m medcert_core ARGV`` in ``root`` with one thread per process (as each 1-CPU job has)."""
+    """``python -m medcert_core ARGV`` in ``root`` with one thread per process (as each 1-CPU job has) and a
+    model cache of its own (``root/runs/cache``, passed on to its SLURM jobs): two project copies share nothing."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+           "MKL_NUM_THREADS": "1", "MEDCERT_CACHE": str(root / "runs" / "cache")}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "medcert_core", *argv], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -427,7 +427,8 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
     reading = certify.add_argument_group("reading the image file")
     reading.add_argument("--intensity", default="auto", type=_intensity,
                          help="how stored values map to [0, 1]: auto (integers by their bit depth, DICOM by "
-                              "BitsStored after the rescale, NIfTI by its range), minmax, window:CENTER,WIDTH (DICOM "
+                              "BitsStored after the rescale, integer NIfTI by its dtype's range after scl_slope / scl_inter, floats as "
+                              "stored within [0, 1], else by the image's own minimum to maximum), minmax, window:CENTER,WIDTH (DICOM "
                               "linear window in rescaled units, e.g. HU), voi (the DICOM file's own window or VOI "
                               "LUT); MONOCHROME1 is inverted; the JSON's file_to_tensor records every step")
     reading.add_argument("--slice", default=None, metavar="AXIS:INDEX",

@@ -48,7 +48,7 @@ from medcert_core.devices import BF16_CPU_FLAGS, autocast, cpu_flags
 from medcert_core.io import write_json_atomically
 from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
 from medcert_core.models import create_model
-from medcert_core.smoothing import SmoothedSegmenter, image_seed
+from medcert_core.smoothing import SmoothedSegmenter, classes_from_logits, image_seed
 from medcert_core.training import PRESETS, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def machine() -> dict[str, Any]:
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node()}
 
 
-def networks(sigma: float) -> dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-    """name -> (module, its call on a (B, 3, 128, 128) batch in [0, 1])."""
+def networks(sigma: float) -> dict[str, torch.nn.Module]:
+    """name -> the network in eval mode, called on a (B, 3, 128, 128) batch in [0, 1]."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def networks(sigma: float) -> dict[str, tuple[torch.nn.Module, Callable[[torch.T
     found["ffdnet"] = load_denoiser(f"ffdnet:{FFDNET}", sigma)
     found["unet denoiser"] = UNetDenoiser.build(CHANNELS, sigma, encoder_name="resnet18",
                                                decoder_channels=(128, 64, 32, 16, 8))
-    return {name: (module.eval(), module) for name, module in found.items()}
+    return {name: module.eval() for name, module in found.items()}
 
 
 def seconds_per_call(call: Callable[[], Any], repeats: int) -> float:
@@ -99,17 +99,17 @@ def throughput(sigma: float, repeats: int, compile: bool) -> dict[str, Any]:
     """Seconds per batch of 16 and the ratio to fp32, per network and setting."""
     batch = torch.rand(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     rows = {}
-    for name, (module, call) in networks(sigma).items():
+    for name, module in networks(sigma).items():
         row = {}
         for setting in SETTINGS if compile else SETTINGS[:3]:
             precision = "fp32" if setting == "fp32" else "bf16"
             layout = torch.channels_last if "cl" in setting else torch.contiguous_format
             module.to(memory_format=layout)
             x = batch.contiguous(memory_format=layout)
-            function = call
+            function = module
             compile_seconds = None
             if "compile" in setting:
-                function = torch.compile(call)
+                function = torch.compile(module)
                 start = time.perf_counter()
                 with torch.inference_mode(), autocast(torch.device("cpu"), precision):
                     function(x)
@@ -154,8 +154,9 @@ def training(data_root: Path, epochs: int, work: Path) -> tuple[dict[str, Any], 
 
 
 def classes(model: torch.nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """Class ids (B, H, W) of the plain segmenter at ``precision``."""
     with torch.inference_mode(), autocast(torch.device("cpu"), precision):
-        return model(images).float().argmax(1)
+        return classes_from_logits(model(images).float())
 
 
 def agreement(models: dict[str, torch.nn.Module], data_root: Path, sigma: float) -> dict[str, Any]:
@@ -164,20 +165,21 @@ def agreement(models: dict[str, torch.nn.Module], data_root: Path, sigma: float)
     images = torch.stack([test[i][0] for i in range(len(test))])
     noisy = images + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
     ffdnet = load_denoiser(f"ffdnet:{FFDNET}", sigma).eval()
+    inputs = {"clean": (images, images),  # what the segmenters see at fp32 and at bf16
+              f"ffdnet at sigma {sigma:g}": (denoised(ffdnet, noisy, "fp32"), denoised(ffdnet, noisy, "bf16"))}
     rows = {}
     for arch, model in models.items():
         model.eval()
         row = {}
-        for name, make in (("clean", lambda precision: images),
-                           (f"ffdnet at sigma {sigma:g}", lambda precision: classes_input(ffdnet, noisy, precision))):
-            fp32, bf16 = classes(model, make("fp32"), "fp32"), classes(model, make("bf16"), "bf16")
+        for name, (at_fp32, at_bf16) in inputs.items():
+            fp32, bf16 = classes(model, at_fp32, "fp32"), classes(model, at_bf16, "bf16")
             row[name] = round(float((fp32 == bf16).double().mean()), 5)
         rows[arch] = {"test_images": len(test), "pixel_agreement": row}
         print(f"agreement {arch:10s} {row}", flush=True)
     return rows
 
 
-def classes_input(denoiser: torch.nn.Module, noisy: torch.Tensor, precision: str) -> torch.Tensor:
+def denoised(denoiser: torch.nn.Module, noisy: torch.Tensor, precision: str) -> torch.Tensor:
     """The denoiser's output at ``precision`` (the segmenter's input), in batches of 16."""
     with torch.inference_mode(), autocast(torch.device("cpu"), precision):
         return torch.cat([denoiser(chunk).float() for chunk in noisy.split(BATCH)])

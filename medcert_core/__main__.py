@@ -37,10 +37,10 @@ import pandas as pd
 from medcert_core.checks import INTEGERS, check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.data.base import MAX_PIXELS
+from medcert_core.devices import PRECISION_CHOICES, resolve_device
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import write_json_atomically
 from medcert_core.models import ARCHITECTURES
-from medcert_core.devices import PRECISION_CHOICES, resolve_device
 from medcert_core.smoothing import COMPILE_MODES
 from medcert_core.study.settings import DEFAULTS, PROFILES
 from medcert_core.training import PRESETS, evaluate_segmenter, load_segmenter, train_segmenter

@@ -54,15 +54,11 @@ from medcert_core.data.medical import (
     read_with_mapping,
 )
 from medcert_core.denoisers import load_denoiser
+from medcert_core.devices import resolve_device
 from medcert_core.io import file_digest, write_atomically, write_json_atomically
 from medcert_core.render import ABSTAIN_COLOUR, colour_labels, grey_image
 from medcert_core.sequential import smallest_certifiable_n_max
-from medcert_core.devices import resolve_device
-from medcert_core.smoothing import (
-    SEED_RANGE,
-    SmoothedSegmenter,
-    image_seed,
-)
+from medcert_core.smoothing import SEED_RANGE, SmoothedSegmenter, image_seed
 from medcert_core.training import load_segmenter
 
 ABSTAIN_VALUES = {np.uint8: 255, np.uint16: 65535}  # label PNG dtype -> the value of an abstained pixel

@@ -602,8 +602,9 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with autocast(lead.device, precision):
                 denoised = denoise(lead.denoiser, noisy, generators)
-            for index, (name, smoother) in enumerate(smoothers.items()):  # each its own copy, but the last
-                mine = denoised if index == len(smoothers) - 1 else denoised.clone()  # (one may edit its input)
+            for index, (name, smoother) in enumerate(smoothers.items()):
+                # a segmenter may edit its input in place: each but the last segments its own copy
+                mine = denoised if index == len(smoothers) - 1 else denoised.clone()
                 classes = smoother.segment_denoised(mine, tuple(noisy.shape))
                 add_to_histograms(histograms[name], [0, n0], [n0, total], done, classes)
             done += size

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: no widget output in executed chapters
 
+from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.io import UnsafeFileError, error_gist, load_weights, save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
 from medcert_core.models import create_model
-from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.smoothing import classes_from_logits
 
 PRESETS: dict[str, dict[str, Any]] = {

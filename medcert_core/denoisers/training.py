@@ -30,8 +30,8 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
-from medcert_core.io import load_weights, save_torch_atomically
 from medcert_core.devices import autocast, resolve_device, resolve_precision
+from medcert_core.io import load_weights, save_torch_atomically
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores

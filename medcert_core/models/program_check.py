@@ -27,6 +27,8 @@ import io
 import json
 import operator
 import re
+import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,40 +89,37 @@ SIZE_FUNCTIONS |= {f"torch.{name}": getattr(torch, name) for name in (
 UNDECLARED_WRITES = {"batch_norm": (3, 4), "native_batch_norm": (3, 4), "instance_norm": (3, 4)}
 
 
-def archive_records(content: bytes, path: Path) -> tuple[str, list[str]]:
-    """(the archive's top folder, its member names relative to it, as ``torch.export.load`` reads them);
-    ValueError on duplicate, non-normalised or misplaced names."""
-    import zipfile
-
+def archive_records(content: bytes, reader: torch._C.PyTorchFileReader, path: Path) -> list[str]:
+    """The member names of the archive ``content`` relative to its top folder, as ``reader`` (torch's, which
+    ``torch.export.load`` uses) lists them; ValueError on duplicate, non-normalised or misplaced names, or
+    when Python's zipfile lists other members."""
     with zipfile.ZipFile(io.BytesIO(content)) as archive:
         names = [info.filename for info in archive.infolist()]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"{path}: the member {duplicates[0]} appears more than once; Python's zipfile and torch "
                          f"would read different copies of it (a way to hide a payload from a check); medcert "
                          f"refuses the file")
     for name in names:
-        parts = name.split("/")
-        if "\\" in name or name.startswith("/") or any(part in ("", ".", "..") for part in parts[:-1]) \
-                or parts[-1] in ("", ".", ".."):
+        if "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):  # also a leading "/"
             raise ValueError(f"{path}: the member name {name!r} is not a normalised relative path; medcert "
                              f"refuses the file")
     folders = {name.split("/", 1)[0] for name in names}
     if len(folders) != 1 or any("/" not in name for name in names):
         raise ValueError(f"{path}: a torch.export.save archive keeps every member in one top folder; this one has "
                          f"{sorted(folders)[:5]}; medcert refuses the file")
-    folder = folders.pop()
-    records = sorted(torch._C.PyTorchFileReader(io.BytesIO(content)).get_all_records())
+    records = sorted(reader.get_all_records())
     relative = sorted(name.split("/", 1)[1] for name in names)
     if records != relative:
         raise ValueError(f"{path}: torch's reader and Python's zipfile list different members "
                          f"({sorted(set(records) ^ set(relative))[:5]}); medcert refuses the file")
-    return folder, records
+    return records
 
 
 def check_archive(content: bytes, path: Path) -> dict[str, bytes]:
     """Check the members of a ``.pt2`` (see the module docstring) -> {member: bytes} as torch reads them."""
-    _, records = archive_records(content, path)
+    reader = torch._C.PyTorchFileReader(io.BytesIO(content))
+    records = archive_records(content, reader, path)
     for name in records:
         if name.startswith(NATIVE_PAYLOADS):
             raise ValueError(f"{path}: its member {name} is native code or a compiled artefact (AOTInductor, "
@@ -132,7 +131,6 @@ def check_archive(content: bytes, path: Path) -> dict[str, bytes]:
     if "archive_format" not in records or "archive_version" not in records:
         raise ValueError(f"{path}: not a torch.export.save archive (no archive_format / archive_version); re-save it "
                          f"with torch.export.save of torch >= 2.8")
-    reader = torch._C.PyTorchFileReader(io.BytesIO(content))
     members = {name: bytes(reader.get_record(name)) for name in records}
     _check_pickled_parts(members, path)
     return members

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from medcert_core.metrics import segmentation_scores
 from medcert_core.devices import resolve_device
+from medcert_core.metrics import segmentation_scores
 from medcert_core.smoothing import image_seed
 from medcert_core.study.experiment import Experiment
 from medcert_core.study.report.figures import abstention_maps, show

@@ -35,9 +35,9 @@ from medcert_core.certify import (
     smallest_certifiable_n,
     warn_if_n_too_small,
 )
+from medcert_core.devices import AUTO, check_precision, resolve_device
 from medcert_core.distributed import Shard
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.devices import AUTO, check_precision, resolve_device
 from medcert_core.smoothing import (
     Execution,
     SmoothedSegmenter,

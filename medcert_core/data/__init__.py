@@ -6,7 +6,7 @@ X-ray datasets are 3 channels (grayscale replicated) by default, as the paper re
 certified radius depends on this input space, so ``channels=1`` is a different experiment.
 
 Layouts and class conventions: :mod:`.chest` (jsrt, montgomery, shenzhen), :mod:`.rgb`
-(isic2018, cvc_clinicdb), :mod:`.folder` (users' own data), :mod:`.phantom` (embedded default).
+(isic2018, isic2017, cvc_clinicdb), :mod:`.folder` (users' own data), :mod:`.phantom` (embedded default).
 """
 
 from __future__ import annotations
@@ -24,25 +24,28 @@ from medcert_core.data.chest import (
 )
 from medcert_core.data.folder import folder_source
 from medcert_core.data.phantom import chest_phantom, lesion_phantom, phantom_source
-from medcert_core.data.rgb import cvc_clinicdb_source, isic2018_source
+from medcert_core.data.rgb import cvc_clinicdb_source, isic2017_source, isic2018_source
 
 _SOURCES: dict[str, Callable[..., Source]] = {
     "jsrt": jsrt_source,
     "montgomery": montgomery_source,
     "shenzhen": shenzhen_source,
     "isic2018": isic2018_source,
+    "isic2017": isic2017_source,
     "cvc_clinicdb": cvc_clinicdb_source,
     "folder": folder_source,
     "phantom": phantom_source,
 }
 DATASET_NAMES = tuple(_SOURCES)
 
-# The paper's input sizes (H, W); "folder" uses the native size of its first image.
+# The paper's input sizes (H, W); isic2017 (not in the paper) the native size of the shared copy's
+# files; "folder" uses the native size of its first image.
 _DEFAULT_SIZES: dict[str, Size | None] = {
     "jsrt": (512, 512),
     "montgomery": (512, 512),
     "shenzhen": (512, 512),
     "isic2018": (384, 512),
+    "isic2017": (256, 256),
     "cvc_clinicdb": (288, 384),
     "folder": None,
     "phantom": (128, 128),
@@ -75,7 +78,8 @@ def load_dataset(name: str, root: str | Path | None, split: str, *,
         channels: 1 or 3 (default 3: grayscale replicated; RGB with 1 -> mean of R, G, B).
         split_block: 0 (a random split per case) or k: runs of k consecutive ids stay in one split
             (:func:`split_ids`; video frames, CVC-ClinicDB).
-        options: dataset-specific: jsrt ``layout`` ("auto", "png", "original"); folder
+        options: dataset-specific: jsrt ``layout`` ("auto", "png", "original"); montgomery and
+            shenzhen ``layout`` ("auto", "merged", "original"); folder
             ``class_names``; phantom ``variant`` ("chest", "lesion") and ``num_images``.
 
     Returns:

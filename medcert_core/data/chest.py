@@ -20,6 +20,19 @@ JSRT is read from either layout, detected automatically (``layout="auto"``; forc
   (``heart``, ``left lung`` or ``left_lung``, ...) next to a ``heart`` folder anywhere below root
   (several such mask folders, e.g. SCR's fold1/fold2, are merged). The masks are painted at
   1024 x 1024 and resized to the image size by nearest neighbour.
+
+Montgomery and Shenzhen (class lung = both lungs) are read from either layout, detected the same way
+(``layout="auto"``: ``images/`` present -> merged, else ``CXR_png/`` -> original; force one with
+``layout="merged"`` or ``layout="original"``):
+
+- merged layout: ``images/<ID>.png`` + ``masks/<ID>.png``, one binary mask holding both lungs (the
+  Kaggle "Chest Xray Masks and Labels" release, and the copies in ``../shared/data``);
+- original distribution: Montgomery ``CXR_png/<ID>.png`` + ``ManualMask/leftMask/<ID>.png`` and
+  ``ManualMask/rightMask/<ID>.png`` (lung = their union); Shenzhen ``CXR_png/<ID>.png`` +
+  ``mask/<ID>_mask.png``.
+
+A Montgomery image without its mask(s) is an error naming the missing file; Shenzhen images without
+a mask are skipped with a warning, in either layout (96 of the 662 originals have none).
 """
 
 from __future__ import annotations
@@ -36,14 +49,12 @@ from medcert_core.data.base import (
     Loader,
     Size,
     Source,
-    binary_labels,
     files_per_case,
     binary_mask,
     check_same_shape,
     index_files,
     layout_error,
     paint_labels,
-    paired_loader,
     read_gray,
     read_mask,
     require_cases,
@@ -67,16 +78,25 @@ or the original distribution:
   .../<masks>/heart/<ID>.gif     SCR masks, 1024 x 1024 (also "left lung"/left_lung, "right lung",
                                  "left clavicle", "right clavicle")
 """
-MONTGOMERY_LAYOUT = """\
+LUNG_LAYOUTS = ("merged", "original")
+MERGED_LUNG_LAYOUT = """\
+<root>/                          merged layout: one mask holding both lungs
+  images/<ID>.png
+  masks/<ID>.png                 binary 0/255, the image's size
+"""
+MONTGOMERY_LAYOUT = MERGED_LUNG_LAYOUT + """\
+or the original distribution:
 <root>/
   CXR_png/<ID>.png
   ManualMask/leftMask/<ID>.png
   ManualMask/rightMask/<ID>.png
 """
-SHENZHEN_LAYOUT = """\
+SHENZHEN_LAYOUT = MERGED_LUNG_LAYOUT + """\
+or the original distribution:
 <root>/
   CXR_png/<ID>.png
-  mask/<ID>_mask.png             (images without a mask are skipped)
+  mask/<ID>_mask.png
+(in either layout, images without a mask are skipped)
 """
 
 
@@ -230,38 +250,77 @@ def jsrt_source(root: str | Path | None, image_size: Size, *, layout: str = "aut
     return Source(ids, load, CHEST_CLASSES, image_size, files)
 
 
-def montgomery_source(root: str | Path | None, image_size: Size) -> Source:
-    """Montgomery County CXR: lung = union of ``leftMask`` and ``rightMask``."""
-    root = require_dir(root, "montgomery", MONTGOMERY_LAYOUT)
-    image_dir = require_dir(root / "CXR_png", "montgomery", MONTGOMERY_LAYOUT)
-    sides = [require_dir(root / "ManualMask" / side, "montgomery", MONTGOMERY_LAYOUT)
-             for side in ("leftMask", "rightMask")]
-    images = index_files(image_dir, (".png",))
-    masks = {
-        case_id: {side.name: require_file(side / f"{case_id}.png", path) for side in sides}
-        for case_id, path in images.items()
-    }
-    ids = require_cases(sorted(images), "montgomery", image_dir, MONTGOMERY_LAYOUT)
+def lung_layout(root: Path, dataset: str, layout_text: str, layout: str = "auto") -> str:
+    """"merged" or "original": ``layout``, or with "auto" the one ``root`` is in (``images/`` -> merged,
+    else ``CXR_png/`` -> original); a root in neither raises FileNotFoundError naming it and showing both."""
+    if layout not in ("auto", *LUNG_LAYOUTS):
+        raise ValueError(f"unknown {dataset} layout {layout!r}; valid: auto, {', '.join(LUNG_LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    if (root / "images").is_dir():
+        return "merged"
+    if (root / "CXR_png").is_dir():
+        return "original"
+    raise FileNotFoundError(f"{dataset}: {root} is in neither layout: it holds no images/ folder (merged layout) "
+                            f"and no CXR_png/ folder (original distribution)\nExpected layout:\n{layout_text.rstrip()}")
+
+
+def _lung_images(root: Path, layout: str, dataset: str, layout_text: str) -> tuple[Path, dict[str, Path]]:
+    """The image folder of ``layout`` (``images/`` or ``CXR_png/``) and its PNGs (stem -> path)."""
+    image_dir = require_dir(root / ("images" if layout == "merged" else "CXR_png"), dataset, layout_text)
+    return image_dir, index_files(image_dir, (".png",))
+
+
+def _lung_loader(files: CaseFiles) -> Loader:
+    """Loader of cases ``[image, mask, ...]``: the image in grayscale, lung = union of its binary masks."""
 
     def load(case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        image = read_gray(images[case_id])
+        image_path, *mask_paths = files[case_id]
+        image = read_gray(image_path)
         lung = np.zeros(image.shape, dtype=bool)
-        for mask_path in masks[case_id].values():
+        for mask_path in mask_paths:
             mask = read_mask(mask_path)
-            check_same_shape(images[case_id], image.shape, mask_path, mask.shape)
+            check_same_shape(image_path, image.shape, mask_path, mask.shape)
             lung |= binary_mask(mask, mask_path)
         return image, paint_labels([lung])
 
-    return Source(ids, load, LUNG_CLASSES, image_size, files_per_case(images, masks))
+    return load
 
 
-def shenzhen_source(root: str | Path | None, image_size: Size) -> Source:
-    """Shenzhen CXR with lung masks ``mask/<ID>_mask.png``; images without one are skipped."""
+def _lung_source(dataset: str, image_dir: Path, images: dict[str, Path],
+                 masks: dict[str, Path] | dict[str, dict[str, Path]], layout_text: str,
+                 image_size: Size) -> Source:
+    """Source of lung cases (classes background, lung) from their image and mask file(s)."""
+    ids = require_cases(sorted(images), dataset, image_dir, layout_text)
+    files = files_per_case(images, masks)
+    return Source(ids, _lung_loader(files), LUNG_CLASSES, image_size, files)
+
+
+def montgomery_source(root: str | Path | None, image_size: Size, *, layout: str = "auto") -> Source:
+    """Montgomery County CXR, either layout (module docstring): lung = the merged mask, or the union
+    of ``leftMask`` and ``rightMask``; an image without its mask(s) raises naming the missing file."""
+    root = require_dir(root, "montgomery", MONTGOMERY_LAYOUT)
+    layout = lung_layout(root, "montgomery", MONTGOMERY_LAYOUT, layout)
+    image_dir, images = _lung_images(root, layout, "montgomery", MONTGOMERY_LAYOUT)
+    folders = ({"lung": root / "masks"} if layout == "merged"
+               else {side: root / "ManualMask" / side for side in ("leftMask", "rightMask")})
+    mask_dirs = {key: require_dir(folder, "montgomery", MONTGOMERY_LAYOUT) for key, folder in folders.items()}
+    masks = {
+        case_id: {key: require_file(folder / f"{case_id}.png", path) for key, folder in mask_dirs.items()}
+        for case_id, path in images.items()
+    }
+    return _lung_source("montgomery", image_dir, images, masks, MONTGOMERY_LAYOUT, image_size)
+
+
+def shenzhen_source(root: str | Path | None, image_size: Size, *, layout: str = "auto") -> Source:
+    """Shenzhen CXR, either layout (module docstring): ``masks/<ID>.png`` or ``mask/<ID>_mask.png``;
+    images without a mask are skipped with a warning."""
     root = require_dir(root, "shenzhen", SHENZHEN_LAYOUT)
-    image_dir = require_dir(root / "CXR_png", "shenzhen", SHENZHEN_LAYOUT)
-    mask_dir = require_dir(root / "mask", "shenzhen", SHENZHEN_LAYOUT)
-    all_images = index_files(image_dir, (".png",))
-    masks = {stem: mask_dir / f"{stem}_mask.png" for stem in all_images}
+    layout = lung_layout(root, "shenzhen", SHENZHEN_LAYOUT, layout)
+    image_dir, all_images = _lung_images(root, layout, "shenzhen", SHENZHEN_LAYOUT)
+    mask_dir = require_dir(root / ("masks" if layout == "merged" else "mask"), "shenzhen", SHENZHEN_LAYOUT)
+    suffix = "" if layout == "merged" else "_mask"
+    masks = {stem: mask_dir / f"{stem}{suffix}.png" for stem in all_images}
     images = {stem: path for stem, path in all_images.items() if masks[stem].is_file()}
     skipped = len(all_images) - len(images)
     if skipped:
@@ -269,7 +328,5 @@ def shenzhen_source(root: str | Path | None, image_size: Size) -> Source:
             f"shenzhen: skipped {skipped} of {len(all_images)} images without a mask in {mask_dir}",
             stacklevel=3,
         )
-    ids = require_cases(sorted(images), "shenzhen", image_dir, SHENZHEN_LAYOUT)
-    masks = {s: masks[s] for s in images}
-    return Source(ids, paired_loader(images, masks, read_gray, binary_labels), LUNG_CLASSES, image_size,
-                  files_per_case(images, masks))
+    masks = {stem: masks[stem] for stem in images}
+    return _lung_source("shenzhen", image_dir, images, masks, SHENZHEN_LAYOUT, image_size)

@@ -23,6 +23,8 @@ the commit: timings taken while other work runs say little.
 
     python benchmarks/bench_cpu_precision.py                       # about 25 minutes on 2 cores
     python benchmarks/bench_cpu_precision.py --epochs 1 --images 2 --repeats 2 --no-compile   # a smoke run
+    python benchmarks/bench_cpu_precision.py --archs resunetpp --epochs 20 --parts training,agreement,certification \
+        --output benchmarks/results/bench_cpu_precision_resunetpp_e20.json   # a converged ResUNet++ only
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_cpu_precision.json"
 ARCHS = ("unet", "resunetpp", "deeplabv2")
 SETTINGS = ("fp32", "bf16", "bf16+cl", "bf16+cl+compile")
+PARTS = ("throughput", "training", "agreement", "certification")
 FFDNET = ROOT.parent / "shared" / "weights" / "ffdnet" / "ffdnet_color.pth"
 SIZE, CHANNELS, CLASSES, BATCH = 128, 3, 4, 16
 
@@ -130,11 +133,11 @@ def throughput(sigma: float, repeats: int, compile: bool) -> dict[str, Any]:
     return rows
 
 
-def training(data_root: Path, epochs: int, work: Path) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
+def training(data_root: Path, epochs: int, archs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
     """Each segmenter trained at fp32 and under bf16 autocast: seconds per epoch, validation Dice per epoch."""
     train, val = (load_dataset("jsrt", data_root, split, image_size=SIZE) for split in ("train", "val"))
     rows, fp32_models = {}, {}
-    for arch in ARCHS:
+    for arch in archs:
         row = {}
         for precision in ("fp32", "bf16"):
             start = time.perf_counter()
@@ -229,19 +232,32 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per network and setting")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile setting")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="segmenters trained, compared and certified")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which of the four measurements to run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    archs, parts = tuple(args.archs.split(",")), tuple(args.parts.split(","))
+    for name, given, valid in (("--archs", archs, ARCHS), ("--parts", parts, PARTS)):
+        if not set(given) <= set(valid):
+            parser.error(f"{name} must be a comma-separated subset of {','.join(valid)}, got {','.join(given)}")
+    if {"agreement", "certification"} & set(parts) and "training" not in parts:
+        parser.error("agreement and certification use the models trained by the training part")
     if not any(flag in cpu_flags() for flag in BF16_CPU_FLAGS):
         print("this CPU has no AMX / AVX-512 BF16: bf16 runs emulated; the ratios say little about other machines")
     load_before = os.getloadavg()
     result: dict[str, Any] = {"what": __doc__.split("\n\n")[0], "machine": machine(),
                               "load_average_before": [round(v, 2) for v in load_before],
                               "settings": {"image_size": SIZE, "channels": CHANNELS, "batch": BATCH, "sigma": args.sigma,
-                                           "epochs": args.epochs, "images": args.images, "repeats": args.repeats}}
-    result["throughput"] = throughput(args.sigma, args.repeats, args.compile)
-    result["training"], models = training(args.data_root, args.epochs, args.output.parent)
-    result["agreement"] = agreement(models, args.data_root, args.sigma)
-    result["certification"] = certification(models, args.data_root, args.sigma, args.images)
+                                           "epochs": args.epochs, "images": args.images, "repeats": args.repeats,
+                                           "archs": list(archs), "parts": list(parts)}}
+    if "throughput" in parts:
+        result["throughput"] = throughput(args.sigma, args.repeats, args.compile)
+    if "training" in parts:
+        result["training"], models = training(args.data_root, args.epochs, archs)
+    if "agreement" in parts:
+        result["agreement"] = agreement(models, args.data_root, args.sigma)
+    if "certification" in parts:
+        result["certification"] = certification(models, args.data_root, args.sigma, args.images)
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     write_json_atomically(result, args.output)
     print(f"-> {args.output}")

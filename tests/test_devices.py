@@ -105,7 +105,7 @@ def test_models_trained_under_bf16_are_named_and_keyed_apart_and_fp32_names_and_
     from medcert_core.study.settings import training_spec
 
     experiment = Experiment(sigmas=[0.25], training_overrides={"training_precision": "bf16"})
-    plain_fp32 = Experiment(sigmas=[0.25])
+    plain_fp32 = Experiment(sigmas=[0.25], training_overrides={"training_precision": "fp32"})
     for name in (lambda e: assets.segmenter_path(tmp_path, e.data, e.training, "unet", 0.0).name,
                  lambda e: assets.ddpm_folder(tmp_path, e.data, e.training).name,
                  lambda e: assets.unet_denoiser_folder(tmp_path, e.data, e.training, 0.25).name):
@@ -114,8 +114,25 @@ def test_models_trained_under_bf16_are_named_and_keyed_apart_and_fp32_names_and_
     runs = [e.certification_run("unet", ours("ddpm:auto"), 0.25) for e in (experiment, plain_fp32)]
     assert runs[0].hash != runs[1].hash
     assert "training_precision" not in runs[1].parameters()["training"], "fp32 runs keep the keys they had"
-    with pytest.raises(ValueError, match=r"training setting 'training_precision' must be one of \['fp32', 'bf16', "):
-        training_spec("quick").with_overrides({"training_precision": "auto"})
+    with pytest.raises(ValueError, match=r"training setting 'training_precision' must be one of \['fp32', 'bf16', "
+                                         r"'fp16', 'auto'\], got 'fp64'"):
+        training_spec("quick").with_overrides({"training_precision": "fp64"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_profiles_train_at_auto_resolved_for_the_device_and_runs_refuse_it_unresolved(monkeypatch, native):
+    from medcert_core.study.settings import training_spec
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    for profile in ("quick", "jsrt"):
+        assert training_spec(profile).training_precision == "auto"
+        experiment = Experiment(profile=profile, device="cpu", sigmas=[0.25])
+        assert experiment.training.training_precision == ("bf16" if native else "fp32")
+        run = experiment.certification_run("unet", Method("SegCertify", train_noise=0.25), 0.25)
+        assert ("training_precision" in run.parameters()["training"]) == native, "fp32 keeps the keys it had"
+    assert Experiment(profile="paper", device="cpu").training.training_precision == "fp32", "the paper's stays"
+    with pytest.raises(ValueError, match="resolve 'auto' for the device first"):
+        CertificationRun(run.data, training_spec("quick"), "unet", run.method, 0.25, precision="fp32")
 
 
 def test_training_under_bf16_autocast_keeps_fp32_weights_and_records_its_precision(monkeypatch):

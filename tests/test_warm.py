@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from medcert_core.study.experiment import Experiment
 from medcert_core.study.grid.spec import template_parameters
 from medcert_core.study.warm import ModelJob, jobs_of_parameters, missing_models, warm_cache
 from medcert_core.study.runs import assets
@@ -24,7 +25,7 @@ def chapter_parameters(grid: str, data_root: str | None = None) -> list[dict]:
 
 def test_the_quick_grid_plans_exactly_the_six_models_its_chapters_train(tmp_path):
     parameters = [{**p, "cache_dir": str(tmp_path)} for p in chapter_parameters("quick.yaml")]
-    data, training = DataSpec("phantom", None, 64), training_spec("quick")
+    data, training = DataSpec("phantom", None, 64), Experiment(profile="quick").training  # precision resolved
     expected = [  # longest first: the DDPM, the segmenters, the UNet denoisers
         assets.ddpm_folder(tmp_path, data, training),
         assets.segmenter_path(tmp_path, data, training, "unet", 0.0),

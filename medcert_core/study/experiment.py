@@ -97,8 +97,10 @@ class Experiment:
 
     @property
     def training(self) -> TrainingSpec:
-        """The profile's TrainingSpec with ``training_overrides`` applied (e.g. {"epochs": 1})."""
-        return training_spec(self.profile).with_overrides(self.training_overrides)
+        """The profile's TrainingSpec with ``training_overrides`` applied (e.g. {"epochs": 1}), its
+        ``training_precision`` resolved for the device (``auto``: bf16 where it runs natively)."""
+        spec = training_spec(self.profile).with_overrides(self.training_overrides)
+        return dataclasses.replace(spec, training_precision=resolve_precision(spec.training_precision, self.device))
 
     @property
     def execution(self) -> Execution:
@@ -181,13 +183,13 @@ class Experiment:
         split = f"split seed {self.seed}" + (f", runs of {self.split_block} consecutive ids" if self.split_block else "")
         return pd.DataFrame({"setting": [
             "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
-            "precision",
+            "precision", "training precision",
         ], "value": [
             self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
             f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
             str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
-            + (" (auto)" if self.precision == AUTO else ""),
+            + (" (auto)" if self.precision == AUTO else ""), self.training.training_precision,
         ]}).set_index("setting")
 
 

@@ -47,7 +47,7 @@ from medcert_core.io import (
     load_weights,
     write_json_atomically,
 )
-from medcert_core.devices import resolve_device
+from medcert_core.devices import AUTO, resolve_device
 from medcert_core.study.runs.store import weight_files, weights_digest
 from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
 from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
@@ -66,7 +66,10 @@ def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: st
 
 def precision_tag(training: TrainingSpec) -> str:
     """``_bf16`` (``_fp16``) in a cached model's name when it was trained under autocast; nothing for fp32,
-    so existing caches stay valid."""
+    so existing caches stay valid. ValueError for ``auto``: a name says what the model was trained at."""
+    if training.training_precision == AUTO:
+        raise ValueError("training_precision 'auto' names no model: resolve it for the device first "
+                         "(Experiment.training does)")
     return "" if training.training_precision == "fp32" else f"_{training.training_precision}"
 
 

@@ -126,9 +126,10 @@ class CertificationRun:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.precision == AUTO:
-            raise ValueError("a run's precision is what the networks run at (fp32, bf16 or fp16): resolve 'auto' for "
-                             "the device first (medcert_core.devices.resolve_precision), so that the key says it")
+        if AUTO in (self.precision, self.training.training_precision):
+            raise ValueError("a run's precision and training_precision are what the networks run at (fp32, bf16 or "
+                             "fp16): resolve 'auto' for the device first (medcert_core.devices.resolve_precision, "
+                             "as Experiment does), so that the key and the cached models' names say it")
 
     def parameters(self) -> dict[str, Any]:
         parameters = dataclasses.asdict(self)

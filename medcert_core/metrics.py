@@ -134,3 +134,32 @@ def paired_bootstrap_interval(differences: Sequence[float], confidence: float = 
     low, high = np.percentile(means, [tail, 100 - tail])
     return {"mean": float(values.mean()), "low": float(low), "high": float(high), "confidence": confidence,
             "images": len(values)}
+
+
+def seeds_and_images_bootstrap_interval(differences: np.ndarray, confidence: float = 0.95, resamples: int = 10_000,
+                                        seed: int = 0) -> dict[str, float]:
+    """Mean of paired differences (S training seeds, N images) and its percentile bootstrap interval
+    resampling both levels: each resample draws S seeds and N images with replacement, independently
+    (every seed certifies the same images: a crossed design), and averages the differences of the drawn
+    seeds on the drawn images. With one seed, only images vary. Also returned: ``seed_spread``, the
+    standard deviation over seeds of each seed's mean difference (0 for one seed)."""
+    values = np.asarray(differences, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 2 or not np.isfinite(values).all():
+        raise ValueError(f"need finite paired differences of shape (seeds, images >= 2), got shape {values.shape}")
+    seeds, images = values.shape
+    rng = np.random.default_rng(seed)
+    seed_counts = _pick_counts(rng.integers(0, seeds, size=(resamples, seeds)), seeds)  # (R, S)
+    image_counts = _pick_counts(rng.integers(0, images, size=(resamples, images)), images)  # (R, N)
+    means = ((seed_counts @ values) * image_counts).sum(axis=1) / (seeds * images)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    per_seed = values.mean(axis=1)
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "confidence": confidence,
+            "images": images, "seeds": seeds, "seed_spread": float(per_seed.std(ddof=1)) if seeds > 1 else 0.0}
+
+
+def _pick_counts(picks: np.ndarray, size: int) -> np.ndarray:
+    """(R, k) indices in [0, size) -> (R, size) how often each index was drawn in each row."""
+    counts = np.zeros((picks.shape[0], size))
+    np.add.at(counts, (np.arange(picks.shape[0])[:, None], picks), 1)
+    return counts

@@ -28,7 +28,7 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.io import UnsafeFileError, error_gist, load_weights, save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.models import create_model
+from medcert_core.models import create_model, model_capacity
 from medcert_core.smoothing import classes_from_logits
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -38,6 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resunetpp": {"base_channels": 8},
         "deeplabv2": {"backbone": "resnet18"},
     }},
+    # the tiny widths at matched capacity (2.3-3.6 M weights, 0.9-2.2 GMACs per 128 px image; tiny's are
+    # 1.0-12.5 M): the ResNet-18 trunks without their last stage, ResUNet++ at 12 base channels
+    "matched": {"epochs": 30, "batch_size": 8, "lr": 2e-3, "model_kwargs": {
+        "unet": {"encoder_name": "resnet18", "encoder_depth": 4, "decoder_channels": (128, 64, 32, 16)},
+        "resunetpp": {"base_channels": 12},
+        "deeplabv2": {"backbone": "resnet18", "backbone_stages": 3},
+    }},
     # the paper's sizes, for a GPU
     "paper": {"epochs": 100, "batch_size": 8, "lr": 1e-4, "model_kwargs": {
         "unet": {"encoder_name": "resnet34"},
@@ -45,6 +52,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "deeplabv2": {"backbone": "resnet101"},
     }},
 }
+
+
+def preset_capacity(preset: str, arch: str, *, in_channels: int = 3, num_classes: int = 4,
+                    size: tuple[int, int] = (128, 128)) -> dict[str, int]:
+    """{"parameters", "macs"} of ``arch`` at ``preset``'s widths: its weights, and the multiply-accumulates of
+    one forward pass on one (in_channels, *size) image."""
+    model = create_model(arch, in_channels, num_classes, **PRESETS[preset]["model_kwargs"].get(arch, {}))
+    return model_capacity(model, (1, in_channels, *size))
 
 
 @dataclass
@@ -62,6 +77,8 @@ class TrainConfig:
     lr: float = 2e-3
     seed: int = 0
     augment: bool = True
+    flips: bool = False  # with augment: random left-right and up-down flips (not for anatomy with a side)
+    patience: int | None = None  # stop after this many epochs without a better validation Dice; None: all epochs
     preset: str = "tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = ""
@@ -72,11 +89,12 @@ class TrainConfig:
         return create_model(self.arch, self.in_channels, self.num_classes, **self.model_kwargs)
 
     def record(self) -> dict[str, Any]:
-        """The config as its checkpoint stores it; ``precision`` named only when not fp32, so checkpoints
-        written before it existed still resume and load."""
+        """The config as its checkpoint stores it; ``precision``, ``flips`` and ``patience`` named only when
+        not their defaults, so checkpoints written before they existed still resume and load."""
         record = dataclasses.asdict(self)
-        if record["precision"] == "fp32":
-            record.pop("precision")
+        for name, default in (("precision", "fp32"), ("flips", False), ("patience", None)):
+            if record[name] == default:
+                record.pop(name)
         return record
 
 
@@ -90,12 +108,17 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target) + 1 - soft_dice.mean()
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random scale (0.9-1.1), shift (+-6 %), rotation (+-8 degrees), contrast and brightness.
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+                  flips: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale (0.9-1.1), shift (+-6 %), rotation (+-8 degrees), contrast and brightness; with
+    ``flips`` also a left-right and an up-down flip, each with probability 1/2 (colonoscopy, skin; never
+    chest X-rays, whose left and right are anatomy).
 
     images (B,C,H,W), masks (B,H,W); the mask follows the same affine map (nearest).
     """
     batch = images.shape[0]
+    if flips:
+        images, masks = random_flips(images, masks, generator)
     uniform = lambda low, high: low + (high - low) * torch.rand(batch, generator=generator)  # noqa: E731
     angle = uniform(-8, 8) * torch.pi / 180
     scale = uniform(0.9, 1.1)
@@ -111,6 +134,24 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     mean = images.mean((1, 2, 3), keepdim=True)
     images = ((images - mean) * contrast + mean + brightness).clamp(0, 1)
     return images, masks[:, 0].long()
+
+
+def random_flips(images: torch.Tensor, masks: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image (B,C,H,W) and its mask (B,H,W) flipped left-right, and independently up-down, with
+    probability 1/2 each."""
+    for image_dim, draws in ((-1, torch.rand(images.shape[0], generator=generator) < 0.5),
+                             (-2, torch.rand(images.shape[0], generator=generator) < 0.5)):
+        images = torch.where(draws[:, None, None, None], images.flip(image_dim), images)
+        masks = torch.where(draws[:, None, None], masks.flip(image_dim), masks)
+    return images, masks
+
+
+def epochs_without_improvement(val_dice: Sequence[float]) -> int:
+    """Epochs since the best validation Dice (the first epoch that reached it): 0 when the last is the best."""
+    if not len(val_dice):
+        return 0
+    return len(val_dice) - 1 - int(np.argmax(val_dice))
 
 
 @torch.inference_mode()
@@ -242,7 +283,7 @@ def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, devi
         images = torch.stack([image for image, _ in items])
         masks = torch.stack([mask for _, mask in items])
         if config.augment:
-            images, masks = augment_batch(images, masks, state.generator)
+            images, masks = augment_batch(images, masks, state.generator, flips=config.flips)
         if config.noise_sigma > 0:
             images = images + config.noise_sigma * torch.randn(images.shape, generator=state.generator)
         with autocast(device, config.precision):
@@ -268,6 +309,8 @@ def train_segmenter(
     lr: float | None = None,
     seed: int = 0,
     augment: bool = True,
+    flips: bool = False,
+    patience: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "auto",
@@ -280,22 +323,30 @@ def train_segmenter(
     recorded in the config); the weights, the optimizer and the loss stay fp32.
 
     train_set / val_set: datasets of (image (C,H,W) in [0,1], mask (H,W) int64) with
-    ``.class_names``. With ``checkpoint``, the state is saved after every epoch and an existing
-    checkpoint of the same config is resumed (a finished one is simply loaded).
+    ``.class_names``. ``epochs`` is the most epochs (the cosine schedule's length); with ``patience``
+    training stops after that many epochs without a better validation Dice. The weights returned are
+    the best validation epoch's. With ``checkpoint``, the state is saved after every epoch and an
+    existing checkpoint of the same config is resumed (a finished one is simply loaded).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     device = resolve_device(device)
     config = _config_from_dataset(
         train_set, arch, preset, noise_sigma=noise_sigma, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, augment=augment, model_kwargs=model_kwargs, precision=resolve_precision(precision, device),
+        seed=seed, augment=augment, flips=flips, patience=patience, model_kwargs=model_kwargs,
+        precision=resolve_precision(precision, device),
     )
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be None (train every epoch) or >= 1 epochs, got {patience}")
     state = _start_training(config, device)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         _resume(state, path, config, device)
     epochs_bar = tqdm(range(state.epoch, config.epochs), desc=f"train {arch}", disable=not progress)
     for epoch in epochs_bar:
+        if config.patience is not None and epochs_without_improvement(
+                [row["val_dice"] for row in state.history]) >= config.patience:
+            break  # converged: no better validation Dice for ``patience`` epochs
         loss = _train_epoch(state, train_set, config, device)
         val_dice = mean_foreground_dice(
             evaluate_segmenter(state.model, val_set, config.class_names, noise_sigma=config.noise_sigma, device=device)

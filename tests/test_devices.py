@@ -99,6 +99,17 @@ def test_a_cache_placeholder_in_a_denoiser_spec_is_filled_with_the_cache_in_use(
     assert keys[0] == keys[1], "the chapter's label does not depend on where the cache lies"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_training_precision_placeholder_names_the_model_trained_at_this_chapters_precision(monkeypatch, native):
+    from medcert_core.study.runs.run import ours
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    experiment = Experiment(profile="jsrt", device="cpu", cache_dir="/models", sigmas=[0.25])
+    run = experiment.certification_run("unet", ours("ddpm:{cache}/denoisers/ddpm_x_at64{training_precision}_seed0"), 0.25)
+    assert run.method.denoiser == ("ddpm:/models/denoisers/ddpm_x_at64_bf16_seed0" if native
+                                   else "ddpm:/models/denoisers/ddpm_x_at64_seed0")
+
+
 def test_models_trained_under_bf16_are_named_and_keyed_apart_and_fp32_names_and_keys_stay(tmp_path):
     from medcert_core.study.runs import assets
     from medcert_core.study.runs.run import ours

@@ -122,3 +122,36 @@ def test_paired_bootstrap_interval_matches_the_normal_interval_on_a_large_sample
     assert paired_bootstrap_interval([1.0, 1.0, 1.0])["low"] == 1.0, "no spread: the interval is the point"
     with pytest.raises(ValueError, match="at least 2"):
         paired_bootstrap_interval([0.5])
+
+
+def test_the_two_level_bootstrap_equals_a_direct_loop_over_the_same_draws():
+    from medcert_core.metrics import seeds_and_images_bootstrap_interval
+
+    differences = np.random.default_rng(3).normal(0.02, 0.05, size=(3, 7))
+    interval = seeds_and_images_bootstrap_interval(differences, resamples=500, seed=4)
+    rng = np.random.default_rng(4)  # the same draws, averaged the straightforward way
+    seed_picks, image_picks = rng.integers(0, 3, size=(500, 3)), rng.integers(0, 7, size=(500, 7))
+    means = [differences[np.ix_(s, i)].mean() for s, i in zip(seed_picks, image_picks)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert interval["low"] == pytest.approx(low, abs=1e-12) and interval["high"] == pytest.approx(high, abs=1e-12)
+    assert interval["mean"] == pytest.approx(differences.mean())
+    assert interval["seed_spread"] == pytest.approx(differences.mean(axis=1).std(ddof=1))
+    assert (interval["seeds"], interval["images"]) == (3, 7)
+
+
+def test_the_two_level_bootstrap_widens_with_the_spread_between_trainings():
+    from medcert_core.metrics import paired_bootstrap_interval, seeds_and_images_bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    image_part = rng.normal(0.0, 0.02, size=40)
+    seed_part = np.array([-0.1, 0.0, 0.1])  # trainings that disagree far more than the images vary
+    differences = seed_part[:, None] + image_part[None, :]
+    both = seeds_and_images_bootstrap_interval(differences)
+    images_only = paired_bootstrap_interval(differences.mean(axis=0))
+    assert images_only["high"] - images_only["low"] < 0.02 < both["high"] - both["low"], \
+        "resampling images alone hides the training spread"
+    assert both["low"] < 0 < both["high"]
+    one_seed = seeds_and_images_bootstrap_interval(differences[:1])
+    assert one_seed["seeds"] == 1 and one_seed["seed_spread"] == 0.0
+    with pytest.raises(ValueError, match=r"shape \(seeds, images >= 2\)"):
+        seeds_and_images_bootstrap_interval(np.ones(5))

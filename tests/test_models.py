@@ -278,3 +278,53 @@ def test_same_seed_same_weights(arch: str) -> None:
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert not all(torch.equal(first[key], third[key]) for key in first)
+
+
+# ------------------------------------------------------------------------ capacity-matched widths
+
+
+def _every_weight_gets_a_gradient(model: nn.Module, shape: tuple[int, ...]) -> None:
+    model(torch.randn(shape)).sum().backward()
+    dead = [name for name, weight in model.named_parameters() if weight.grad is None]
+    assert not dead, f"weights the forward pass never uses: {dead[:3]}"
+
+
+def test_unet_with_a_shallower_encoder_keeps_no_dead_weights() -> None:
+    model = create_model("unet", 3, 2, encoder_name="resnet18", encoder_depth=4, decoder_channels=(32, 16, 16, 8))
+    assert model(torch.randn(1, 3, 48, 64)).shape == (1, 2, 48, 64), "multiples of 16 suffice at depth 4"
+    assert not hasattr(model.encoder, "layer4")
+    _every_weight_gets_a_gradient(model, (2, 3, 32, 32))
+    full = create_model("unet", 3, 2, encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8))
+    layer4 = sum(w.numel() for name, w in full.named_parameters() if name.startswith("encoder.layer4."))
+    encoder = lambda m: sum(w.numel() for name, w in m.named_parameters() if name.startswith("encoder."))  # noqa: E731
+    assert encoder(full) - encoder(model) == layer4
+    with pytest.raises(ValueError, match=r"decoder_channels needs 4 entries \(one per encoder stage\)"):
+        create_model("unet", 3, 2, encoder_name="resnet18", encoder_depth=4, decoder_channels=(32, 16, 16, 8, 8))
+
+
+def test_deeplabv2_on_three_backbone_stages_keeps_output_stride_8() -> None:
+    model = DeepLabV2(in_channels=3, num_classes=4, backbone="resnet18", backbone_stages=3).eval()
+    assert not hasattr(model.backbone, "layer4")
+    with torch.no_grad():
+        assert model.backbone(torch.randn(1, 3, 64, 96)).shape == (1, 256, 8, 12)
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 4, 64, 96)
+    _every_weight_gets_a_gradient(model.train(), (2, 3, 32, 32))
+    with pytest.raises(ValueError, match="3 or 4 residual stages"):
+        DeepLabV2(in_channels=3, num_classes=4, backbone="resnet18", backbone_stages=2)
+
+
+def test_multiply_accumulates_of_a_convolution_by_hand() -> None:
+    from medcert_core.models import multiply_accumulates
+
+    conv = nn.Conv2d(3, 5, kernel_size=3, padding=1)
+    assert multiply_accumulates(conv, (2, 3, 8, 10)) == 2 * 8 * 10 * 5 * 3 * 9  # per output value: C_in * k * k
+
+
+def test_the_matched_preset_puts_the_three_architectures_within_2x_in_weights_and_3x_in_compute() -> None:
+    from medcert_core.training import preset_capacity
+
+    matched = {arch: preset_capacity("matched", arch) for arch in ARCHITECTURES}
+    tiny = {arch: preset_capacity("tiny", arch) for arch in ARCHITECTURES}
+    spread = lambda table, key: max(row[key] for row in table.values()) / min(row[key] for row in table.values())  # noqa: E731
+    assert spread(matched, "parameters") <= 2 and spread(matched, "macs") <= 3
+    assert spread(tiny, "parameters") > 10, "the gap the matched preset closes"

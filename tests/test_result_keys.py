@@ -270,3 +270,33 @@ def test_a_missing_weight_file_is_named(tmp_path):
                            ours(f"guided-diffusion:{tmp_path / 'missing.pt'}"), 0.5)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         run.hash
+
+
+def test_a_segmenter_recipe_names_its_model_and_keys_its_runs_and_the_default_recipe_keeps_both():
+    data = DataSpec("phantom", None, 32)
+    default = TrainingSpec(preset="tiny", epochs=3)
+    recipes = {"patience": TrainingSpec(preset="tiny", epochs=3, patience=5),
+               "flips": TrainingSpec(preset="tiny", epochs=3, flips=True)}
+    default_name = assets.segmenter_path(Path("c"), data, default, "unet", 0.0).name
+    default_run = CertificationRun(data, default, "unet", plain(), 0.0)
+    assert "_p" not in default_name.split("_seed")[0] and "flips" not in default_name
+    assert {"patience", "flips"}.isdisjoint(default_run.parameters()["training"]), "existing keys stay valid"
+    for tag, spec in (("_p5_seed", recipes["patience"]), ("_flips_seed", recipes["flips"])):
+        name = assets.segmenter_path(Path("c"), data, spec, "unet", 0.0).name
+        assert tag in name and name.replace(tag, "_seed") == default_name
+        assert CertificationRun(data, spec, "unet", plain(), 0.0).hash != default_run.hash
+
+
+def test_a_training_seed_names_every_model_it_trains_and_none_keeps_the_split_seed(tmp_path):
+    data = DataSpec("phantom", None, 32, seed=0)
+    default, second = TrainingSpec(preset="tiny", epochs=3), TrainingSpec(preset="tiny", epochs=3, training_seed=1)
+    names = {
+        "segmenter": lambda t: assets.segmenter_path(tmp_path, data, t, "unet", 0.0).name,
+        "ddpm": lambda t: assets.ddpm_folder(tmp_path, data, t).name,
+        "unet denoiser": lambda t: assets.unet_denoiser_folder(tmp_path, data, t, 0.25).name,
+    }
+    for kind, name in names.items():
+        assert "_seed0" in name(default) and name(second) == name(default).replace("_seed0", "_seed1"), kind
+    assert assets.training_seed(data, default) == 0 and assets.training_seed(data, second) == 1
+    runs_of = [CertificationRun(data, spec, "unet", plain(), 0.0) for spec in (default, second)]
+    assert "training_seed" not in runs_of[0].parameters()["training"] and runs_of[0].hash != runs_of[1].hash

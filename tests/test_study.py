@@ -17,7 +17,7 @@ from medcert_core.study.report import figures, tables
 from medcert_core.study.report import paper
 from medcert_core.study.runs import store
 from medcert_core.study.runs.assets import segmenter_path
-from medcert_core.study.settings import DataSpec, TrainingSpec
+from medcert_core.study.settings import DataSpec, TrainingSpec, training_spec
 from medcert_core.study.experiment import Experiment, combine
 from medcert_core.io import file_digest
 from medcert_core.study.grid.local import is_done
@@ -285,6 +285,51 @@ def test_radius_curve_certifies_the_runs_own_draws_at_every_tau(tiny_experiment,
     assert curves.groupby("tau")["reachable"].all().to_dict() == expected
     assert not all(expected.values()) and any(expected.values()), "the tiny run's grid has both kinds"
     assert (curves[~curves["reachable"]]["abstain"] == 1.0).all(), "an unreachable tau abstains everywhere"
+
+
+def test_paired_differences_over_training_seeds_resample_seeds_and_images():
+    """With several training seeds the interval is the two-level bootstrap of the (seeds, images) matrix of
+    differences, and one seed gives exactly the images-only interval."""
+    from medcert_core.metrics import seeds_and_images_bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed, seed_shift in ((0, -0.1), (1, 0.05), (2, 0.1)):
+        for image in range(8):
+            for label, shift in (("ref", 0.0), ("other", seed_shift)):
+                dice = rng.uniform(0.4, 0.6) + shift
+                for class_id, name in ((0, "background"), (1, "lung")):
+                    rows.append({"arch": "unet", "sigma": 0.5, "method_label": label, "class_id": class_id,
+                                 "class_name": name, "image_id": f"i{image}", "training_seed": seed,
+                                 "dice": dice if class_id else np.nan, "abstain": 0.1})
+    frame = pd.DataFrame(rows)
+    row = tables.paired_differences(frame, reference="ref", resamples=500).query("`class` == 'lung'").iloc[0]
+    lung = frame[frame["class_name"] == "lung"].pivot_table(index=["training_seed", "image_id"],
+                                                            columns="method_label", values="dice")
+    matrix = (lung["other"] - lung["ref"]).unstack("image_id").to_numpy()
+    expected = seeds_and_images_bootstrap_interval(matrix, resamples=500)
+    assert (row["low"], row["high"], row["seeds"], row["images"]) == (expected["low"], expected["high"], 3, 8)
+    assert row["seed_spread"] == pytest.approx(expected["seed_spread"]) and row["seed_spread"] > 0.05
+    single = tables.paired_differences(frame[frame["training_seed"] == 1], reference="ref", resamples=500)
+    alone = tables.paired_differences(frame[frame["training_seed"] == 1].drop(columns="training_seed"),
+                                      reference="ref", resamples=500)
+    pd.testing.assert_frame_equal(single, alone)
+    assert "seeds" not in single
+
+
+def test_run_seeds_repeats_the_runs_with_models_of_each_training_seed(monkeypatch):
+    calls = []
+
+    def fake_run(experiment, archs, methods):
+        calls.append(experiment.training.training_seed)
+        return pd.DataFrame({"arch": list(archs), "dice": [0.5]})
+
+    monkeypatch.setattr(Experiment, "run", fake_run)
+    experiment = Experiment(sigmas=[0.25], seed=0, training_overrides={"epochs": 1})
+    frame = experiment.run_seeds(["unet"], [segcertify()], seeds=[0, 1, 2])
+    assert calls == [None, 1, 2], "the split's seed keeps its runs' keys (no training_seed named)"
+    assert list(frame["training_seed"]) == [0, 1, 2]
+    assert experiment.with_training_seed(2).training.epochs == 1, "the other overrides stay"
 
 
 def test_paired_differences_between_architectures_against_a_direct_computation():
@@ -607,6 +652,7 @@ def test_differences_from_paper_state_settings_and_numbers():
     frame = pd.DataFrame(rows)
     test_split = list(range(49))
     experiment = SimpleNamespace(profile="jsrt", image_size=128, dataset="jsrt", test_images=10, seed=0,
+                                 training=training_spec("jsrt"),
                                  data=SimpleNamespace(load=lambda split: test_split, image_size=128))
     text = paper.differences_from_paper(experiment, "ddpm:auto", frame[frame["method"] == "ours"], frame)
     assert "128 × 128 px instead of 512 × 512" in text

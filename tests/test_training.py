@@ -87,3 +87,57 @@ def test_noise_augmentation_is_recorded(phantoms, tmp_path):
     assert config.noise_sigma == 0.25
     _, loaded = load_segmenter(tmp_path / "noisy.pt")
     assert loaded.noise_sigma == 0.25 and loaded.arch == "resunetpp"
+
+
+def test_epochs_without_improvement_counts_from_the_first_best_epoch():
+    assert training.epochs_without_improvement([]) == 0
+    assert training.epochs_without_improvement([0.5, 0.7, 0.6, 0.7]) == 2, "a tie is no improvement"
+    assert training.epochs_without_improvement([0.1, 0.2, 0.3]) == 0
+
+
+def test_patience_stops_when_validation_plateaus_keeps_the_best_epoch_and_resumes_stopped(phantoms, tmp_path,
+                                                                                           monkeypatch):
+    train_set, val_set = phantoms
+    scores = iter([0.5, 0.6, 0.55, 0.6, 0.9, 0.95])  # best at epoch 2, then two epochs without a better one
+    weights_at_epoch = []
+
+    def scripted_dice(frame):
+        return next(scores)
+
+    def remember(model, *args, **kwargs):
+        weights_at_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    evaluate = training.evaluate_segmenter
+    monkeypatch.setattr(training, "mean_foreground_dice", scripted_dice)
+    monkeypatch.setattr(training, "evaluate_segmenter", remember)
+    settings = dict(arch="resunetpp", model_kwargs={"base_channels": 4}, epochs=6, patience=2, progress=False,
+                    device="cpu", checkpoint=tmp_path / "stopped.pt")
+    model, config, history = train_segmenter(train_set, val_set, **settings)
+    assert list(history["epoch"]) == [1, 2, 3, 4] and config.patience == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights_at_epoch[1][name]), f"{name}: not the best (second) epoch's weights"
+    again, _, history_again = train_segmenter(train_set, val_set, **settings)
+    assert len(history_again) == 4, "a stopped checkpoint is loaded, not trained further"
+    assert load_segmenter(tmp_path / "stopped.pt")[1].patience == 2
+    with pytest.raises(ValueError, match="patience must be None"):
+        train_segmenter(train_set, val_set, **{**settings, "patience": 0, "checkpoint": None})
+
+
+def test_random_flips_move_image_and_mask_together_and_only_when_asked():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 2, 5, 7, generator=generator)
+    masks = torch.randint(0, 3, (64, 5, 7), generator=generator)
+    flipped, flipped_masks = training.random_flips(images, masks, torch.Generator().manual_seed(1))
+    kinds = []
+    for image, mask, new_image, new_mask in zip(images, masks, flipped, flipped_masks):
+        matches = [dims for dims in ((), (-1,), (-2,), (-2, -1))
+                   if torch.equal(new_image, image.flip(dims) if dims else image)]
+        assert len(matches) == 1
+        dims = matches[0]
+        assert torch.equal(new_mask, mask.flip(dims) if dims else mask), "the mask flips with its image"
+        kinds.append(dims)
+    assert len(set(kinds)) == 4, "all four flip combinations occur in 64 draws"
+    plain, plain_masks = training.augment_batch(images, masks, torch.Generator().manual_seed(2))
+    again, again_masks = training.augment_batch(images, masks, torch.Generator().manual_seed(2), flips=False)
+    assert torch.equal(plain, again) and torch.equal(plain_masks, again_masks), "no flips by default"

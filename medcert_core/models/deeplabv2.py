@@ -45,14 +45,17 @@ def _dilate_basic_layer(layer: nn.Sequential, dilation: int, previous_dilation: 
             block.downsample[0].stride = (1, 1)
 
 
-def dilated_resnet(name: str, in_channels: int) -> tuple[nn.Sequential, int]:
-    """Randomly initialised ResNet trunk with output stride 8.
+def dilated_resnet(name: str, in_channels: int, stages: int = 4) -> tuple[nn.Sequential, int]:
+    """Randomly initialised ResNet trunk with output stride 8, of its first ``stages`` residual
+    stages (4: the whole ResNet; 3: without ``layer4``, a quarter of resnet18's weights).
 
     Returns the trunk, mapping (B, in_channels, H, W) -> (B, C, ceil(H/8), ceil(W/8)), and C
-    (512 for resnet18/34, 2048 for resnet50/101).
+    (512 for resnet18/34, 2048 for resnet50/101; half that with 3 stages).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if stages not in (3, 4):
+        raise ValueError(f"a DeepLabV2 backbone has 3 or 4 residual stages (output stride 8), got {stages}")
     if name in ("resnet18", "resnet34"):
         resnet = BACKBONES[name](weights=None)
         _dilate_basic_layer(resnet.layer3, dilation=2, previous_dilation=1)
@@ -65,10 +68,10 @@ def dilated_resnet(name: str, in_channels: int) -> tuple[nn.Sequential, int]:
     trunk = nn.Sequential(
         OrderedDict(
             (key, getattr(resnet, key))
-            for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+            for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")[:4 + stages]
         )
     )
-    return trunk, resnet.fc.in_features
+    return trunk, resnet.fc.in_features // (2 ** (4 - stages))
 
 
 class ASPP(nn.Module):
@@ -95,13 +98,15 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """DeepLabV2 mapping (B, in_channels, H, W) -> logits (B, num_classes, H, W).
 
-    ``backbone`` is one of :data:`BACKBONES`; ``self.backbone`` yields the stride-8 features and
-    ``self.aspp`` the stride-8 logits, upsampled bilinearly to the input size.
+    ``backbone`` is one of :data:`BACKBONES`, of its first ``backbone_stages`` residual stages (4:
+    the paper's; 3: the capacity-matched tiny preset's); ``self.backbone`` yields the stride-8 features
+    and ``self.aspp`` the stride-8 logits, upsampled bilinearly to the input size.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, backbone: str = "resnet101") -> None:
+    def __init__(self, *, in_channels: int, num_classes: int, backbone: str = "resnet101",
+                 backbone_stages: int = 4) -> None:
         super().__init__()
-        self.backbone, features = dilated_resnet(backbone, in_channels)
+        self.backbone, features = dilated_resnet(backbone, in_channels, backbone_stages)
         self.aspp = ASPP(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

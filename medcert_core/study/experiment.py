@@ -25,6 +25,7 @@ from medcert_core.devices import AUTO, check_precision, resolve_device, resolve_
 from medcert_core.io import CACHE_SUBSTITUTE, USER_CACHE, user_cache_dir
 from medcert_core.smoothing import Execution
 from medcert_core.study.runs import store
+from medcert_core.study.runs.assets import PRECISION_SUBSTITUTE, precision_tag
 from medcert_core.study.settings import DataSpec, TrainingSpec
 from medcert_core.study.settings import DEFAULTS, training_spec
 from medcert_core.study.runs.run import CertificationRun, Method, plain, run_all
@@ -116,10 +117,12 @@ class Experiment:
         return user_cache_dir() if self.cache_dir == USER_CACHE else _under_project(self.cache_dir)
 
     def in_cache(self, method: Method) -> Method:
-        """``method`` with a ``{cache}`` in its denoiser spec filled with :attr:`cache_path`."""
-        if CACHE_SUBSTITUTE not in method.denoiser:
-            return method
-        return dataclasses.replace(method, denoiser=method.denoiser.replace(CACHE_SUBSTITUTE, str(self.cache_path)))
+        """``method`` with a ``{cache}`` in its denoiser spec filled with :attr:`cache_path` and a
+        ``{training_precision}`` with the tag this experiment's trained models carry in their names (``_bf16``,
+        or nothing for fp32): a model another chapter trained with the same settings on this machine."""
+        filled = method.denoiser.replace(CACHE_SUBSTITUTE, str(self.cache_path))
+        filled = filled.replace(PRECISION_SUBSTITUTE, precision_tag(self.training))
+        return method if filled == method.denoiser else dataclasses.replace(method, denoiser=filled)
 
     def certification_run(self, arch: str, method: Method, sigma: float) -> CertificationRun:
         """One run of these settings; the precision resolved for the device, ``{cache}`` filled in."""
@@ -147,6 +150,18 @@ class Experiment:
                         device=self.device, execution=self.execution, progress=self.progress)
         store.aggregate(self.results_path)
         return frame
+
+    def with_training_seed(self, seed: int) -> "Experiment":
+        """These settings with every model trained from ``seed`` (the split and the noise unchanged); the
+        split's own seed keeps the runs' existing keys."""
+        overrides = {**(self.training_overrides or {}), "training_seed": None if seed == self.seed else int(seed)}
+        return dataclasses.replace(self, training_overrides=overrides)
+
+    def run_seeds(self, archs: Sequence[str], methods: Sequence[Method], seeds: Sequence[int]) -> pd.DataFrame:
+        """Tidy results of all runs once per training seed, with a ``training_seed`` column: what
+        ``tables.paired_differences`` resamples seeds and images over."""
+        return pd.concat([self.with_training_seed(seed).run(archs, methods).assign(training_seed=int(seed))
+                          for seed in seeds], ignore_index=True)
 
     def curves(self, archs: Sequence[str], methods: Sequence[Method]) -> pd.DataFrame:
         """Curve rows (image x class x tau) of every smoothed run, computed first if missing."""

@@ -77,15 +77,18 @@ class DataSpec:
 class TrainingSpec:
     """How models are trained when the cache lacks them (see ``medcert_core.training.PRESETS``).
 
-    Segmenters: ``preset`` (widths and defaults: "tiny" | "paper") and ``epochs`` (None: the
-    preset's); the in-project DDPM: ``ddpm_preset``, ``ddpm_steps`` (None: the preset's) and the
-    largest sigma it is trained for, the decay of its weights' moving average (None: none) and the
-    share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
-    (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps`` and
-    ``unet_denoiser_batch_size``; ``training_precision``: the autocast of every model's training here
-(segmenters, DDPM, UNet denoisers; fp32 master weights; a cached model's name says it when not fp32;
-``auto`` is resolved for the device by :attr:`Experiment.training`, like a run's ``precision``). A profile fixes them (:data:`PROFILES`); a chapter's
-    ``training`` parameter overrides some (:meth:`with_overrides`).
+    Segmenters: ``preset`` (widths and defaults: see ``PRESETS``), ``epochs`` (None: the preset's; with
+    ``patience``, the most epochs: training stops after ``patience`` epochs without a better validation
+    Dice, the best epoch's weights kept) and ``flips`` (random flips in the augmentation, for images
+    without a left and right); the in-project DDPM: ``ddpm_preset``, ``ddpm_steps`` (None: the preset's)
+    and the largest sigma it is trained for, the decay of its weights' moving average (None: none) and
+    the share of training timesteps drawn near the t* of ``ddpm_focus_sigmas``, its resolution
+    (``ddpm_image_size``; None: the input's, at most 256); the UNet denoisers: ``unet_denoiser_steps``
+    and ``unet_denoiser_batch_size``. For all of them: ``training_precision``, the autocast of training
+    (fp32 master weights; a cached model's name says it when not fp32; ``auto`` is resolved for the
+    device by :attr:`Experiment.training`, like a run's ``precision``), and ``training_seed`` (None: the
+    split's seed; repeated trainings of one setting differ only in it). A profile fixes them
+    (:data:`PROFILES`); a chapter's ``training`` parameter overrides some (:meth:`with_overrides`).
     """
 
     preset: str = "tiny"
@@ -100,6 +103,9 @@ class TrainingSpec:
     ddpm_focus_share: float = 0.0
     ddpm_image_size: int | None = None
     training_precision: str = "fp32"  # autocast of the forward passes in training: fp32 | bf16 | fp16 | auto
+    patience: int | None = None  # segmenters: stop after this many epochs without a better validation Dice
+    flips: bool = False  # segmenters: random flips in the augmentation (colonoscopy, skin; not chest X-rays)
+    training_seed: int | None = None  # seed of every model trained here; None: the split's seed
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "TrainingSpec":
         """This spec with some fields replaced, e.g. ``{"epochs": 1, "preset": "tiny"}`` (a chapter's
@@ -117,9 +123,18 @@ class TrainingSpec:
 def _training_field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not valid for TrainingSpec field ``name``; None if it is (a helper of
     :func:`check_training_overrides`, which raises)."""
-    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS), "training_precision": list(PRECISION_CHOICES)}
+    choices = {"preset": sorted(PRESETS), "ddpm_preset": sorted(DDPM_PRESETS),
+               "training_precision": list(PRECISION_CHOICES)}
     if name in choices:
         return None if value in choices[name] else f"must be one of {choices[name]}, got {value!r}"
+    if name == "patience":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        return None if ok else f"must be null or an integer >= 1 (epochs), got {value!r}"
+    if name == "training_seed":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        return None if ok else f"must be null or an integer >= 0, got {value!r}"
+    if name == "flips":
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if name == "ddpm_ema_decay":
         ok = value is None or (isinstance(value, float) and 0 < value < 1)
         return None if ok else f"must be null or a number in (0, 1), got {value!r}"

@@ -147,9 +147,9 @@ def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:
 def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, comparison: pd.DataFrame) -> str:
     """Markdown: one sentence per difference between this run and the paper's JSRT setting and numbers."""
     from medcert_core.study.runs.assets import ddpm_image_size
-    from medcert_core.study.settings import training_spec
+    from medcert_core.training import preset_capacity
 
-    training = training_spec(experiment.profile)
+    training = experiment.training
     test_count = len(experiment.data.load("test"))
     shown = min(test_count, experiment.test_images or test_count)
     lines = []
@@ -174,7 +174,8 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
                      "not available offline here.")
     if training.preset != "paper":
         archs = list(dict.fromkeys(per_arch["arch"])) if len(per_arch) else []
-        sizes = ", ".join(f"{arch} {segmenter_parameters(arch, training.preset, per_arch['class_id'].nunique()) / 1e6:.1f} M"
+        classes = per_arch["class_id"].nunique()
+        sizes = ", ".join(f"{arch} {preset_capacity(training.preset, arch, num_classes=classes)['parameters'] / 1e6:.1f} M"
                           for arch in archs)
         lines.append(f"**Segmenters.** The `{training.preset}` preset ({training.epochs} epochs; parameters: {sizes}) "
                      "replaces the paper's full-size models trained for longer on a GPU.")
@@ -231,14 +232,6 @@ def segcertify_against_ours(comparison: pd.DataFrame) -> list[str]:
                      f"tied (within {TIE:g}) on {len(tied)} and behind on {len(behind)} of {len(pairs)} "
                      f"(architecture, class) pairs" + (f" ({detail})." if detail else "."))
     return lines
-
-
-def segmenter_parameters(arch: str, preset: str, num_classes: int, in_channels: int = 3) -> int:
-    """Parameters of a segmenter of ``preset`` (built, not trained)."""
-    from medcert_core.models import count_parameters, create_model
-    from medcert_core.training import PRESETS
-
-    return count_parameters(create_model(arch, in_channels, num_classes, **PRESETS[preset]["model_kwargs"].get(arch, {})))
 
 
 def adm_parameters() -> int:

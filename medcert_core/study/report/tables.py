@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from medcert_core.metrics import paired_bootstrap_interval
+from medcert_core.metrics import paired_bootstrap_interval, seeds_and_images_bootstrap_interval
 
 METRICS = {"dice": "Dice", "iou": "IoU", "abstain_in_class": "%⊘"}
 ROW_KEYS = {"method_label": "method", "arch": "arch", "sigma": "σ", "radius": "R"}
@@ -108,9 +108,15 @@ def paired_differences(frame: pd.DataFrame, reference: str, metric: str = "dice"
     percentile bootstrap interval (``metrics.paired_bootstrap_interval``, images resampled); class "all %⊘"
     is the difference in the abstained share of the whole image.
 
-    Images where either side has no value (a class absent from the image) are left out of that pair.
-    Long format: columns arch, σ, method, class, mean, low, high, images, ahead ("yes": the interval
-    lies above 0, "no": below 0, "–": it holds 0); with ``between="arch"`` also ``reference``.
+    With a ``training_seed`` column holding several seeds (the same runs repeated with models trained
+    from other seeds, e.g. ``Experiment.run_seeds``), the interval resamples seeds as well as images
+    (``metrics.seeds_and_images_bootstrap_interval``) and the rows also give ``seeds`` and
+    ``seed_spread`` (the standard deviation over seeds of each seed's mean difference).
+
+    Images where either side has no value (a class absent from the image) are left out of that pair
+    (for every seed). Long format: columns arch, σ, method, class, mean, low, high, images, ahead
+    ("yes": the interval lies above 0, "no": below 0, "–": it holds 0); with ``between="arch"`` also
+    ``reference``.
     """
     if between not in ("method_label", "arch"):
         raise ValueError(f"between must be 'method_label' or 'arch', got {between!r}")
@@ -119,23 +125,29 @@ def paired_differences(frame: pd.DataFrame, reference: str, metric: str = "dice"
     if reference not in set(certified[between]):
         what = "methods" if between == "method_label" else "architectures"
         raise ValueError(f"reference {reference!r} is not among the {what} {sorted(set(certified[between]))}")
-    per_class = certified.pivot_table(index=[within, "sigma", "class_name", "image_id"], columns=between,
-                                      values=metric, aggfunc="first", dropna=False)
-    image = certified.drop_duplicates(["arch", "sigma", "method_label", "image_id"]).assign(class_name="all %⊘")
-    per_image = image.pivot_table(index=[within, "sigma", "class_name", "image_id"], columns=between,
-                                  values="abstain", aggfunc="first", dropna=False)
+    if "training_seed" not in certified:
+        certified = certified.assign(training_seed=0)
+    seeded = certified["training_seed"].nunique() > 1
+    index = [within, "sigma", "class_name", "training_seed", "image_id"]
+    per_class = certified.pivot_table(index=index, columns=between, values=metric, aggfunc="first", dropna=False)
+    image = certified.drop_duplicates(["arch", "sigma", "method_label", "training_seed", "image_id"])
+    per_image = image.assign(class_name="all %⊘").pivot_table(index=index, columns=between, values="abstain",
+                                                              aggfunc="first", dropna=False)
     rows = []
     for table in (per_class, per_image):
         for (fixed, sigma, class_name), group in table.groupby(level=[0, 1, 2], sort=False):
             for compared in [label for label in group.columns if label != reference]:
-                differences = (group[compared] - group[reference]).dropna().to_numpy()
-                if len(differences) < 2:
+                differences = (group[compared] - group[reference]).droplevel([0, 1, 2]).unstack("image_id")
+                differences = differences.dropna(axis=1).to_numpy()  # (seeds, images)
+                if differences.shape[1] < 2:
                     continue
-                interval = paired_bootstrap_interval(differences, confidence=confidence, resamples=resamples)
+                interval = (seeds_and_images_bootstrap_interval(differences, confidence, resamples) if seeded
+                            else paired_bootstrap_interval(differences[0], confidence=confidence, resamples=resamples))
                 arch, method = (fixed, compared) if between == "method_label" else (compared, fixed)
                 rows.append({"arch": arch, "σ": sigma, "method": method, "class": class_name,
                              "mean": interval["mean"], "low": interval["low"], "high": interval["high"],
                              "images": interval["images"], "ahead": _side_of_zero(interval),
+                             **({"seeds": interval["seeds"], "seed_spread": interval["seed_spread"]} if seeded else {}),
                              **({"reference": reference} if between == "arch" else {})})
     order = {**certified.groupby("class_name")["class_id"].first().to_dict(), "all %⊘": np.inf}
     result = pd.DataFrame(rows)

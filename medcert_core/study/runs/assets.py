@@ -61,7 +61,23 @@ FINISHED = {"ddpm": "model_index.json", "unet": "unet_denoiser.pt"}  # each trai
 def segmenter_path(cache: Path, data: DataSpec, training: TrainingSpec, arch: str, noise_sigma: float) -> Path:
     epochs = training.epochs if training.epochs is not None else "default"
     return (Path(cache) / "segmenters" / f"{data.tag}_{arch}_{training.preset}_e{epochs}_noise{noise_sigma}"
-            f"{precision_tag(training)}_seed{data.seed}{data.data_tag('train', 'val')}.pt")
+            f"{recipe_tag(training)}{precision_tag(training)}_seed{training_seed(data, training)}"
+            f"{data.data_tag('train', 'val')}.pt")
+
+
+def training_seed(data: DataSpec, training: TrainingSpec) -> int:
+    """The seed every model of a run is trained with: ``training.training_seed``, else the split's seed
+    (so a run without one names and trains its models as before)."""
+    return data.seed if training.training_seed is None else training.training_seed
+
+
+def recipe_tag(training: TrainingSpec) -> str:
+    """``_p<patience>`` and ``_flips`` in a segmenter's name when its recipe has them; nothing otherwise, so
+    existing caches stay valid."""
+    return (f"_p{training.patience}" if training.patience is not None else "") + ("_flips" if training.flips else "")
+
+
+PRECISION_SUBSTITUTE = "{training_precision}"  # in a denoiser spec's path: the precision tag of the run's training
 
 
 def precision_tag(training: TrainingSpec) -> str:
@@ -155,7 +171,9 @@ def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingS
     announce_training("segmenter", path)
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
-        epochs=training.epochs, seed=data.seed, checkpoint=path, device=device, precision=training.training_precision,
+        epochs=training.epochs, seed=training_seed(data, training), checkpoint=path, device=device,
+        precision=training.training_precision,
+        patience=training.patience, flips=training.flips,
     )
     mark_complete(path)
     return model, config
@@ -196,7 +214,7 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
         recipe += f"_at{training.ddpm_image_size}"
     recipe += precision_tag(training)
     return (Path(cache) / "denoisers" / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}"
-            f"_max{training.ddpm_max_sigma}{recipe}_seed{data.seed}{data.data_tag('train')}")
+            f"_max{training.ddpm_max_sigma}{recipe}_seed{training_seed(data, training)}{data.data_tag('train')}")
 
 
 def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> tuple[int, int]:
@@ -220,7 +238,7 @@ def unet_denoiser_folder(cache: Path, data: DataSpec, training: TrainingSpec, si
     batch = training.unet_denoiser_batch_size  # named only when not the default, so existing caches stay valid
     batch_tag = "" if batch == UNET_DENOISER_BATCH else f"_b{batch}"
     return (Path(cache) / "denoisers" / f"unet_{data.tag}_sigma{sigma}_s{training.unet_denoiser_steps}{batch_tag}"
-            f"{precision_tag(training)}_seed{data.seed}{data.data_tag('train')}")
+            f"{precision_tag(training)}_seed{training_seed(data, training)}{data.data_tag('train')}")
 
 
 def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, training: TrainingSpec,
@@ -245,12 +263,13 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
         if kind == "ddpm":
             train_ddpm(train_set, folder, preset=training.ddpm_preset, steps=training.ddpm_steps,
                        image_size=ddpm_image_size(data, training), max_sigma=training.ddpm_max_sigma,
-                       seed=data.seed, device=device, ema_decay=training.ddpm_ema_decay,
+                       seed=training_seed(data, training), device=device, ema_decay=training.ddpm_ema_decay,
                        focus_sigmas=ddpm_focus_sigmas(data, training), focus_share=training.ddpm_focus_share,
                        precision=training.training_precision)
         else:
             train_unet_denoiser(train_set, sigma, folder, steps=training.unet_denoiser_steps,
-                                batch_size=training.unet_denoiser_batch_size, seed=data.seed, device=device,
+                                batch_size=training.unet_denoiser_batch_size, seed=training_seed(data, training),
+                                device=device,
                                 precision=training.training_precision)
         mark_complete(folder)
     return f"{kind}:{folder}"

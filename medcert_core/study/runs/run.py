@@ -136,8 +136,10 @@ class CertificationRun:
         parameters["data"].pop("data_root")
         if not parameters["data"]["split_block"]:  # named only when not the default, so existing keys stay valid
             parameters["data"].pop("split_block")
-        if parameters["training"]["training_precision"] == "fp32":  # likewise
-            parameters["training"].pop("training_precision")
+        for name, default in (("training_precision", "fp32"), ("patience", None), ("flips", False),
+                              ("training_seed", None)):  # likewise
+            if parameters["training"][name] == default:
+                parameters["training"].pop(name)
         parameters["method"].pop("note")
         return parameters
 

@@ -1,0 +1,671 @@
+"""Every number the docs quote from a committed JSON must still be what that JSON says.
+
+Each claim below names a Markdown file, the sentence or table cells that quote the number (with
+``{}`` where each value goes), the committed JSON it comes from (an executed notebook is JSON too:
+its papermill metadata), and how to read and round each value. The test fills the values in from
+the JSON and asserts the filled-in text is in the Markdown, whitespace and line breaks ignored.
+So a JSON that is rewritten with other numbers, or a sentence edited away from its source, fails
+here. A claim that is reworded on purpose must be reworded here too.
+
+Rounding is Python's format spec, e.g. ``".2f"``; on an exact rounding tie (150.5) both the
+binary and the half-up rounding are accepted. ``signed2`` (``signed3``, ...) writes a leading ``+`` and
+the Unicode minus the tables use, with 2 (3, ...) decimals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import statistics
+import subprocess
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MINUS = "\u2212"
+
+
+# --- reading and formatting ------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def load(source: str) -> Any:
+    """A committed JSON: ``path`` in the work tree, or ``REV:path`` as committed in REV (``git show``)."""
+    if ":" in source:
+        return json.loads(subprocess.run(["git", "show", source], cwd=ROOT, capture_output=True, text=True,
+                                         check=True).stdout)
+    return json.loads((ROOT / source).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def markdown(path: str) -> str:
+    return " ".join((ROOT / path).read_text(encoding="utf-8").split())
+
+
+def get(data: Any, path: tuple) -> Any:
+    """Follow ``path``: a str or int indexes; a dict picks the one list element with those fields."""
+    for step in path:
+        if isinstance(step, dict):
+            matches = [item for item in data if all(item.get(key) == value for key, value in step.items())]
+            assert len(matches) == 1, f"{step} matches {len(matches)} elements, not one"
+            data = matches[0]
+        else:
+            data = data[step]
+    return data
+
+
+def fmt(value: float, spec: str) -> frozenset[str]:
+    """``value`` written with ``spec``: the ways a careful writer may have rounded it.
+
+    Python's ``format`` rounds the binary value (0.9355 -> 0.935); rounding its decimal repr half
+    up gives 150.5 -> 151. Where the two differ, either is accepted; elsewhere there is one text.
+    """
+    if spec.startswith("signed"):
+        return signed(value, int(spec[len("signed"):]))
+    written = {format(value, spec)}
+    fixed = re.fullmatch(r"([+,]*)\.(\d+)f", spec)
+    if fixed:
+        exact = Decimal(repr(value)).quantize(Decimal(1).scaleb(-int(fixed.group(2))), rounding=ROUND_HALF_UP)
+        written.add(format(exact, spec))
+    return frozenset(written)
+
+
+def signed(value: float, digits: int) -> frozenset[str]:
+    """``+0.28`` or ``−0.27``: a leading sign, with the Unicode minus the tables use."""
+    return frozenset(text.replace("-", MINUS) for text in fmt(value, f"+.{digits}f"))
+
+
+def fill(template: str, *values: frozenset[str]) -> frozenset[str]:
+    """``template`` with each ``{}`` filled by one of its value's texts, in every combination."""
+    return frozenset(template.format(*choice) for choice in itertools.product(*(sorted(v) for v in values)))
+
+
+Value = Callable[[Any], frozenset]
+
+
+def at(*path, spec: str = ".2f") -> Value:
+    """The number at ``path``, formatted with ``spec``."""
+    return lambda data: fmt(get(data, path), spec)
+
+
+def calc(function: Callable[[Any], float], spec: str = ".2f") -> Value:
+    """A number computed from the JSON (a difference, a mean), formatted with ``spec``."""
+    return lambda data: fmt(function(data), spec)
+
+
+@dataclass(frozen=True)
+class Claim:
+    markdown: str
+    text: str
+    source: str
+    values: tuple[Value, ...]
+
+    def expected(self, data: Any = None) -> frozenset[str]:
+        """Every acceptable text of the claim (one, unless a value sits on a rounding tie)."""
+        data = load(self.source) if data is None else data
+        return frozenset(" ".join(text.split()) for text in fill(self.text, *(value(data) for value in self.values)))
+
+    def stated_in(self, text: str, data: Any = None) -> bool:
+        return any(candidate in text for candidate in self.expected(data))
+
+    @property
+    def name(self) -> str:
+        return f"{self.markdown}: {' '.join(self.text.split())[:70]}"
+
+
+# --- helpers for the recurring shapes of the JSONs ---------------------------------------------
+
+def psnr(sigma: float, denoiser: str) -> Value:
+    return at("rows", {"sigma": sigma, "denoiser": denoiser}, "psnr_db")
+
+
+def psnr_gap(sigma: float, ahead: str, behind: str, spec: str = ".2f") -> Value:
+    return calc(lambda d: get(d, ("rows", {"sigma": sigma, "denoiser": ahead}, "psnr_db"))
+                - get(d, ("rows", {"sigma": sigma, "denoiser": behind}, "psnr_db")), spec)
+
+
+def paired_cell(sigma: float, denoiser: str) -> Value:
+    """``32.67 (+0.28 [−0.27, +0.87])``: the row's PSNR and its paired difference from single-step."""
+    def cell(data: Any) -> frozenset[str]:
+        mean = get(data, ("rows", {"sigma": sigma, "denoiser": denoiser}, "psnr_db"))
+        pair = get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": denoiser}))
+        return fill("{} ({} [{}, {}])", fmt(mean, ".2f"), signed(pair["mean_db"], 2), signed(pair["low_db"], 2),
+                    signed(pair["high_db"], 2))
+    return cell
+
+
+def lead(sigma: float, denoiser: str, spec: str) -> Value:
+    """How far single-step is ahead of ``denoiser``, with its paired interval, as ``0.94 [0.86, 1.02]``."""
+    def text(data: Any) -> frozenset[str]:
+        pair = get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": denoiser}))
+        return fill("{} [{}, {}]", fmt(-pair["mean_db"], spec), fmt(-pair["high_db"], spec), fmt(-pair["low_db"], spec))
+    return text
+
+
+def resize_certified(shrink: str, sigma: float) -> Value:
+    """Mean certified Dice of lung / heart / clavicle over the images, and the mean % abstained."""
+    def text(data: Any) -> frozenset[str]:
+        rows = [row for row in data["certify"]["rows"] if row["shrink"] == shrink and row["sigma"] == sigma]
+        dice = [statistics.fmean(row["dice"] for row in rows if row["class_name"] == name)
+                for name in ("lung", "heart", "clavicle")]
+        abstain = statistics.fmean({row["image_id"]: row["abstain"] for row in rows}.values())
+        return fill("{} / {} / {}, {} %", *(fmt(value, ".2f") for value in dice), fmt(100 * abstain, ".1f"))
+    return text
+
+
+def attack(method: str, sigma: float, key: str, spec: str = "d") -> Value:
+    return at("summary", {"method_label": method, "sigma": sigma}, key, spec=spec)
+
+
+def sharp(method: str, sigma: float, pixels: int, key: str, spec: str) -> Value:
+    return at("group_summary", {"method_label": method, "sigma": sigma, "group_pixels": pixels}, key, spec=spec)
+
+
+def sequential(sigma: str, n_max: str, rule: str, *path, spec: str) -> Value:
+    return at("sigmas", sigma, "at_tau", n_max, rule, *path, spec=spec)
+
+
+def pipeline(setting: str, key: str = "seconds_per_image", spec: str = ".2f") -> Value:
+    return at("medcert", setting, key, spec=spec)
+
+
+def pipeline_split(setting: str) -> Value:
+    def text(data: Any) -> frozenset[str]:
+        split = data["medcert"][setting]["split"]
+        return fill("{} / {} / {}", fmt(split["denoiser_seconds"], ".2f"), fmt(split["segmenter_seconds"], ".2f"),
+                    fmt(split["statistics_seconds"], ".3f"))
+    return text
+
+
+def load_range(data: Any) -> frozenset[str]:
+    """``1.3 to 2.2``: the lowest and highest load average the benchmark recorded, start and end."""
+    device = data["device"]
+    loads = [*device["load_average_at_start"], *device["load_average_at_end"]]
+    return fill("{} to {}", fmt(min(loads), ".1f"), fmt(max(loads), ".1f"))
+
+
+# --- executed notebooks: their output tables and text -------------------------------------------
+
+class _Tables(HTMLParser):
+    """The rows of every HTML table, as lists of cell texts, a rowspan's text repeated down its rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.spans: dict[int, list] = {}
+        self.row: list[str] | None = None
+        self.cell: list[str] | None = None
+        self.rowspan = 1
+
+    def fill_spans(self) -> None:
+        while len(self.row) in self.spans:
+            column = len(self.row)
+            text, left = self.spans[column]
+            self.row.append(text)
+            if left > 1:
+                self.spans[column] = [text, left - 1]
+            else:
+                del self.spans[column]
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.spans = {}
+        elif tag == "tr":
+            self.row = []
+        elif tag in ("td", "th") and self.row is not None:
+            self.fill_spans()
+            self.cell, self.rowspan = [], int(dict(attrs).get("rowspan") or 1)
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            text = " ".join("".join(self.cell).split())
+            if self.rowspan > 1:
+                self.spans[len(self.row)] = [text, self.rowspan - 1]
+            self.row.append(text)
+            self.cell = None
+        elif tag == "tr" and self.row is not None:
+            self.fill_spans()
+            self.rows.append(self.row)
+            self.row = None
+
+
+def _outputs(notebook: Any, kind: str, code: str = "") -> list[str]:
+    """The ``kind`` outputs of the code cells whose source contains ``code``."""
+    return ["".join(output["data"][kind]) for cell in notebook["cells"]
+            if cell["cell_type"] == "code" and code in "".join(cell["source"])
+            for output in cell.get("outputs", []) if kind in output.get("data", {})]
+
+
+def cell(*key: str, column: int, code: str, spec: str | None = None) -> Value:
+    """Column ``column`` of the row that starts with the cells ``key``, in the output table of the
+    code cell whose source contains ``code``: as printed, or re-rounded with ``spec`` (a printed
+    28.75 may be 28.7 or 28.8 at one decimal, so both are accepted), or with ``spec="minus"`` the
+    table's ASCII minus written as the Unicode one."""
+    def text(notebook: Any) -> frozenset[str]:
+        parser = _Tables()
+        for html in _outputs(notebook, "text/html", code):
+            parser.feed(html)
+        found = {tuple(row) for row in parser.rows if tuple(row[:len(key)]) == key}
+        assert len(found) == 1, f"{len(found)} different rows start with {key} in the output of {code!r}"
+        printed = next(iter(found))[column]
+        if spec == "minus":
+            return frozenset({printed.replace("-", MINUS)})
+        if spec is None:
+            return frozenset({printed})
+        half = 0.5 * 10.0 ** -len(printed.partition(".")[2])
+        value = float(printed)
+        return fmt(value - 0.999 * half, spec) | fmt(value, spec) | fmt(value + 0.999 * half, spec)
+    return text
+
+
+def reversed_difference(value: Value) -> Value:
+    """``-0.01 [-0.01, -0.00]`` (ours minus SegCertify) read the other way: ``0.01 [0.00, 0.01]``."""
+    def text(notebook: Any) -> frozenset[str]:
+        out = set()
+        for printed in value(notebook):
+            mean, low, high = re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", printed).groups()
+            flip = lambda number: number[1:] if number.startswith("-") else "-" + number.lstrip("+")
+            out.add(f"{flip(mean)} [{flip(high)}, {flip(low)}]")
+        return frozenset(out)
+    return text
+
+
+def said(pattern: str, group: int = 1) -> Value:
+    """The ``group`` of the first match of ``pattern`` in the notebook's Markdown outputs."""
+    def text(notebook: Any) -> frozenset[str]:
+        match = re.search(pattern, " ".join(_outputs(notebook, "text/markdown", "")))
+        assert match, f"no output matches {pattern!r}"
+        return frozenset({match.group(group)})
+    return text
+
+
+SIGMAS = ("0.25", "0.50", "1.00")  # as the chapters' tables print them
+
+
+def dice_row(method: str, arch: str) -> tuple[Value, ...]:
+    """A chapter's paper-layout row as ``lung / heart / clavicle, % abstain`` at each of the three σ."""
+    return tuple(value for sigma in SIGMAS for value in (
+        *(cell(method, arch, sigma, column=column, code="paper_table") for column in (4, 7, 10)),
+        cell(method, arch, sigma, column=13, spec=".1f", code="paper_table")))
+
+
+def ranked(sigma: str, method: str, column: int = 2, unsigned: bool = False) -> Value:
+    """A cell of the chapter's ranking table (2: mean certified Dice; 4: gap to the best)."""
+    value = cell(sigma, method, column=column, code="ranking_per_sigma")
+    return (lambda notebook: frozenset(text.lstrip("-") for text in value(notebook))) if unsigned else value
+
+
+OURS, SEGCERTIFY = "ours (ddpm, single-step)", "SegCertify"
+GATE, GATE_VAL = "results/jsrt_denoiser_gate.json", "results/jsrt_denoiser_gate_val.json"
+CXR_GATE, CVC_GATE = "results/cxr_lungs_denoiser_gate_val.json", "results/cvc_clinicdb_denoiser_gate_val.json"
+SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
+FFDNET_BOX, FFDNET_RAW = "ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"
+RESULTS, PERFORMANCE, REFERENCE = "results/README.md", "book/performance.md", "book/reference.md"
+README = "README.md"
+ATTACK, SEQUENTIAL = "results/attack.json", "results/jsrt_sequential.json"
+BENCH_CERTIFY = "benchmarks/results/bench_certify.json"
+QUICK, PAPER_SMALL = "benchmarks/results/bench_pipeline_quick_cpu.json", "benchmarks/results/bench_pipeline_paper-small_cpu.json"
+SHARED, CHAPTER_SHARED = "benchmarks/results/bench_shared_draws_cpu.json", "benchmarks/results/bench_chapter_shared_cpu.json"
+GRID_COST, MAIN_JOB = "benchmarks/results/paper_grid_cost.json", "benchmarks/results/main_job_timing.json"
+FP32_MAIN_JOB = "bac0672:benchmarks/results/main_job_timing.json"  # the main job before bf16, as committed then
+
+
+def three(value: Callable[[float], Value]) -> tuple[Value, ...]:
+    return tuple(value(sigma) for sigma in (0.25, 0.5, 1.0))
+
+
+CLAIMS: list[Claim] = [
+    # results/README.md: plain JSRT Dice per architecture
+    *[Claim(RESULTS, f"| {label} | {epochs} | {{}} | {{}} | {{}} |", "results/jsrt_segmenters.json",
+            tuple(at({"arch": arch}, "test_dice", name, spec=".3f") for name in ("lung", "heart", "clavicle")))
+      for label, epochs, arch in [("UNet (256 px, resnet18 encoder)", 40, "unet"),
+                                  ("ResUNet++ (128 px, base 8)", 30, "resunetpp"),
+                                  ("DeepLabV2 (128 px, resnet18 backbone)", 30, "deeplabv2")]],
+    # the DDPM's gate on the test split
+    Claim(RESULTS, "| DDPM single-step | **{}** | **{}** | **{}** |", GATE, three(lambda s: psnr(s, SINGLE))),
+    Claim(RESULTS, "| DDPM multi-step (10 calls) | {} | {} | {} |", GATE, three(lambda s: psnr(s, MULTI))),
+    Claim(RESULTS, "| UNet denoiser (one per sigma) | {} | {} | {} |", GATE, three(lambda s: psnr(s, UNET))),
+    Claim(RESULTS, "single-step is ahead of its own 10-step chain by {} / {} / {} dB and of the UNet denoisers "
+                   "by {} / {} / {} dB", GATE,
+          three(lambda s: psnr_gap(s, SINGLE, MULTI)) + three(lambda s: psnr_gap(s, SINGLE, UNET, ".1f"))),
+    Claim(REFERENCE, "single-step PSNR {} / {} / {} dB at sigma 0.25 / 0.5 / 1.0, ahead of its own 10-step chain "
+                     "({} / {} / {}) and of the UNet denoisers ({} / {} / {})",
+          GATE, three(lambda s: psnr(s, SINGLE)) + three(lambda s: psnr(s, MULTI)) + three(lambda s: psnr(s, UNET))),
+    # ... and on the validation split
+    Claim(RESULTS, "| DDPM single-step | **{}** | **{}** | **{}** |", GATE_VAL, three(lambda s: psnr(s, SINGLE))),
+    Claim(RESULTS, "| DDPM multi-step (10 calls) | {} | {} | {} |", GATE_VAL, three(lambda s: psnr(s, MULTI))),
+    Claim(RESULTS, "| UNet denoiser (one per sigma) | {} | {} | {} |", GATE_VAL, three(lambda s: psnr(s, UNET))),
+    Claim(RESULTS, "single-step ahead of its chain by {} / {} / {} dB and of the UNet denoisers by {} / {} / {} dB",
+          GATE_VAL, three(lambda s: lead(s, MULTI, ".2f")) + three(lambda s: lead(s, UNET, ".1f"))),
+    Claim(RESULTS, "| DDPM single-step, trained on JSRT | {} | {} | {} |", GATE_VAL, three(lambda s: psnr(s, SINGLE))),
+    Claim(RESULTS, "| FFDNet, box shrink above 75/255 | {} | {} | {} |", GATE_VAL,
+          three(lambda s: paired_cell(s, FFDNET_BOX))),
+    Claim(RESULTS, "| FFDNet, no shrink | {} (the same: σ 0.25 ≤ 75/255) | {} | {} |", GATE_VAL,
+          (at("rows", {"sigma": 0.25, "denoiser": FFDNET_RAW}, "psnr_db"),
+           paired_cell(0.5, FFDNET_RAW), paired_cell(1.0, FFDNET_RAW))),
+    Claim(RESULTS, "| DDPM single-step, trained on cxr_lungs | {} | {} | {} |", GATE_VAL,
+          three(lambda s: paired_cell(s, "ddpm single-step, trained on cxr_lungs"))),
+    Claim(RESULTS, "| UNet denoiser, trained on JSRT | {} | {} | {} |", GATE_VAL, three(lambda s: paired_cell(s, UNET))),
+    # the gate on cxr_lungs
+    Claim(RESULTS, "| DDPM single-step, trained on cxr_lungs | {} | {} | {} |", CXR_GATE, three(lambda s: psnr(s, SINGLE))),
+    Claim(RESULTS, "| its 10-step chain | {} | {} | {} |", CXR_GATE, three(lambda s: paired_cell(s, MULTI))),
+    Claim(RESULTS, "| FFDNet, box shrink above 75/255 | {} | {} | {} |", CXR_GATE,
+          three(lambda s: paired_cell(s, FFDNET_BOX))),
+    Claim(RESULTS, "| DDPM single-step, trained on JSRT | {} | {} | {} |", CXR_GATE,
+          three(lambda s: paired_cell(s, "ddpm single-step, trained on jsrt"))),
+    Claim(RESULTS, "| UNet denoiser, trained on cxr_lungs | {} | {} | {} |", CXR_GATE, three(lambda s: paired_cell(s, UNET))),
+    # the gate on CVC-ClinicDB
+    Claim(RESULTS, "single-step PSNR {} / {} / {} dB at sigma 0.25 / 0.5 / 1.0", CVC_GATE,
+          tuple(at("rows", {"sigma": s, "denoiser": SINGLE}, "psnr_db", spec=".1f") for s in (0.25, 0.5, 1.0))),
+    Claim(RESULTS, "FFDNet, which never saw colonoscopy, is {} [{}, {}] dB *ahead*", CVC_GATE,
+          tuple(at("paired_against_single_step", {"sigma": 0.25, "denoiser": FFDNET_BOX}, key)
+                for key in ("mean_db", "low_db", "high_db"))),
+    Claim(RESULTS, "behind at 0.5 ({}) and 1.0 ({})", CVC_GATE,
+          tuple(at("paired_against_single_step", {"sigma": s, "denoiser": FFDNET_BOX}, "mean_db", spec="signed2")
+                for s in (0.5, 1.0))),
+    # segmenters' validation Dice
+    Claim(RESULTS, "(best validation Dice: ResUNet++ {}, UNet {}, DeepLabV2 {}, noise-trained ResUNet++ {};",
+          "results/cvc_clinicdb_segmenters_val.json",
+          tuple(at("segmenters", {"model": f"cvc_clinicdb_144x192_blocks20_{name}_tiny_e10_noise{noise}_seed0_data7109ef1fa107.pt"},
+                   "best_val_dice", spec=".3f")
+                for name, noise in [("resunetpp", "0.0"), ("unet", "0.0"), ("deeplabv2", "0.0"), ("resunetpp", "0.25")])),
+    Claim(RESULTS, "(validation Dice {} to {} and still rising, `cxr_lungs_segmenters_val.json`)",
+          "results/cxr_lungs_segmenters_val.json",
+          (calc(lambda d: min(s["best_val_dice"] for s in d["segmenters"] if s["noise_sigma"] == 0), ".3f"),
+           calc(lambda d: max(s["best_val_dice"] for s in d["segmenters"] if s["noise_sigma"] == 0), ".3f"))),
+    # box against bilinear shrinking
+    Claim(RESULTS, "| box (medcert) | {} / {} / {} dB | {} | {} |", "results/jsrt_resize_ablation.json",
+          tuple(at("psnr", {"sigma": s, "shrink": "box"}, "psnr_db") for s in (0.25, 0.5, 1.0))
+          + (resize_certified("box", 0.5), resize_certified("box", 1.0))),
+    Claim(RESULTS, "| antialiased bilinear | {} / {} / {} dB | {} | {} |", "results/jsrt_resize_ablation.json",
+          tuple(at("psnr", {"sigma": s, "shrink": "bilinear"}, "psnr_db") for s in (0.25, 0.5, 1.0))
+          + (resize_certified("bilinear", 0.5), resize_certified("bilinear", 1.0))),
+    Claim(RESULTS, "box {} / {} / {} dB against bilinear {} / {} / {} dB at sigma 0.25 / 0.5 / 1.0; paired difference "
+                   "box - bilinear (same images, same noise) {} [{}, {}], {} [{}, {}], {} [{}, {}] dB",
+          "results/jsrt_resize_ablation_val.json",
+          tuple(at("psnr", {"sigma": s, "shrink": shrink}, "psnr_db") for shrink in ("box", "bilinear")
+                for s in (0.25, 0.5, 1.0))
+          + tuple(value for s in ("0.25", "0.5", "1") for value in (
+              at("psnr_box_minus_bilinear", s, "mean", spec="+.2f"), at("psnr_box_minus_bilinear", s, "low"),
+              at("psnr_box_minus_bilinear", s, "high")))),
+    # certify speed
+    Claim(RESULTS, "Baseline {} s; medcert {} ms with numpy (**{}x**) and {} ms with torch on the CPU ({}x).",
+          BENCH_CERTIFY, (at("seconds_baseline", spec=".1f"),
+                          calc(lambda d: 1000 * d["seconds_medcert_numpy"], ".1f"), at("speedup_numpy", spec=".0f"),
+                          calc(lambda d: 1000 * d["seconds_medcert_torch_cpu"], ".0f"),
+                          at("speedup_torch_cpu", spec=".0f"))),
+    # the JSRT chapter's certification cost
+    Claim(RESULTS, "at a load average of {} to {} before the run (recorded in the JSON), the chapter's 24 runs",
+          CHAPTER_SHARED, (calc(lambda d: min(d["load_average_before"]), ".1f"),
+                           calc(lambda d: max(d["load_average_before"]), ".1f"))),
+    Claim(RESULTS, "{} s against {} s one run after another", CHAPTER_SHARED,
+          (at("seconds_per_image", "shared_draws", spec=".1f"), at("seconds_per_image", "one_by_one", spec=".1f"))),
+    # the attack
+    Claim(RESULTS, "(1 CPU thread, {} s with other jobs on the machine", ATTACK, (at("parameters", "seconds", spec=",.0f"),)),
+    Claim(RESULTS, "| pixels attacked (certified at x) | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "pixels_attacked") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim(RESULTS, "| certified pixels flipped to another class | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "certified_flips") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim(RESULTS, "| undefended segmenter: pixels flipped by PGD | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "base_flips") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim(RESULTS, "| 1 pixel: p before -> after (point bound), share | {} -> {} ({}), {} | {} -> {} ({}), {} | "
+                   "{} -> {} ({}), {} | {} -> {} ({}), {} |", ATTACK,
+          tuple(sharp(m, s, 1, key, spec) for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5)
+                for key, spec in (("p_before", ".3f"), ("p_after", ".3f"), ("bound_point", ".3f"),
+                                  ("drop_fraction_median", ".2f")))),
+    Claim(RESULTS, "| 16 pixels: p before -> after, share | {} -> {}, {} | {} -> {}, {} | {} -> {}, {} | "
+                   "{} -> {}, {} |", ATTACK,
+          tuple(sharp(m, s, 16, key, spec) for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5)
+                for key, spec in (("p_before", ".3f"), ("p_after", ".3f"), ("drop_fraction_median", ".2f")))),
+    Claim(RESULTS, "| random direction of the same length: mean share, 1 pixel | {} | {} | {} | {} |", ATTACK,
+          tuple(sharp(m, s, 1, "random_drop_fraction", ".3f") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    # papermill's recorded durations of the chapters
+    Claim(RESULTS, "papermill: {} s (29 min) for the 128 px chapter and {} s (40 min) for the 256 px one",
+          "book/cxr_lungs.ipynb", (at("metadata", "papermill", "duration", spec=",.0f"),
+                                   lambda _: fmt(load("book/cxr_lungs_256.ipynb")["metadata"]["papermill"]["duration"],
+                                                 ",.0f"))),
+    Claim(RESULTS, "the chapter's execution took {} s (45 min) on 2 CPU cores", "book/cvc_clinicdb.ipynb",
+          (at("metadata", "papermill", "duration", spec=",.0f"),)),
+
+    # book/reference.md: measured results
+    Claim(REFERENCE, "per-pixel loop ({} s -> {} ms), identical labels", BENCH_CERTIFY,
+          (at("seconds_baseline", spec=".1f"), calc(lambda d: 1000 * d["seconds_medcert_numpy"], ".0f"))),
+    Claim(REFERENCE, "flipped **{}** of {} / {} certified pixels for ours at sigma 0.25 / 0.5 and {} of {} / {} for "
+                     "SegCertify", ATTACK,
+          (attack(OURS, 0.25, "certified_flips"), attack(OURS, 0.25, "pixels_attacked", ",d"),
+           attack(OURS, 0.5, "pixels_attacked", ",d"), attack(SEGCERTIFY, 0.25, "certified_flips"),
+           attack(SEGCERTIFY, 0.25, "pixels_attacked", ",d"), attack(SEGCERTIFY, 0.5, "pixels_attacked", ",d"))),
+    Claim(REFERENCE, "segmenter in all {} images of every setting: {} / {} pixels (ours' segmenter) and {} / {} "
+                     "(SegCertify's), against {} to {} for a random direction of the same length", ATTACK,
+          (calc(lambda d: min(s["base_images_flipped"] for s in d["summary"]), "d"),
+           attack(OURS, 0.25, "base_flips"), attack(OURS, 0.5, "base_flips"),
+           attack(SEGCERTIFY, 0.25, "base_flips"), attack(SEGCERTIFY, 0.5, "base_flips"),
+           calc(lambda d: min(s["base_random_flips"] for s in d["summary"]), "d"),
+           calc(lambda d: max(s["base_random_flips"] for s in d["summary"]), "d"))),
+    Claim(REFERENCE, "reference {} s per image; medcert fp32 {} s ({}x), fp32 + channels_last {} s ({}x), "
+                     "bf16 + channels_last {} s (**{}x**)", QUICK,
+          (at("reference", "seconds_per_image"), pipeline("fp32"), pipeline("fp32", "speedup_vs_reference", ".1f"),
+           pipeline("fp32+cl"), pipeline("fp32+cl", "speedup_vs_reference", ".1f"), pipeline("bf16+cl"),
+           pipeline("bf16+cl", "speedup_vs_reference", ".1f"))),
+    Claim(REFERENCE, "the per-pixel loop costs only {} s at 64 x 64", QUICK,
+          (at("reference", "split", "statistics_seconds"),)),
+    Claim(REFERENCE, "reference {} s per image; medcert fp32 {} s ({}x), bf16 + channels_last {} s ({}x; the best of "
+                     "the four settings, with random weights, at a load average of {} recorded in the JSON", PAPER_SMALL,
+          (at("reference", "seconds_per_image", spec=".1f"), pipeline("fp32"),
+           pipeline("fp32", "speedup_vs_reference", ".1f"), pipeline("bf16+cl"),
+           pipeline("bf16+cl", "speedup_vs_reference", ".1f"), load_range)),
+    Claim(REFERENCE, "the paper grid's {} certification runs ({} images' worth of diffusion calls over the whole test "
+                     "splits, plus {} images without the DDPM) would take at most 1.0 h", GRID_COST,
+          (at("runs", spec="d"), at("diffusion_image_equivalents", spec=",d"), at("images_without_diffusion", spec=",d"))),
+    Claim(REFERENCE, "{} s of install, {} s for the grid and {} s for the website. Of the grid, the six models took "
+                     "{} s, two at a time, trained under bf16 autocast (`training_precision: auto`; the DDPM {} s; the "
+                     "two segmenters {} and {} s; the three UNet denoisers {}, {} and {} s)", MAIN_JOB,
+          (at("seconds", "install", spec=".0f"), at("seconds", "grid", spec=".0f"), at("seconds", "website", spec=".0f"),
+           at("seconds", "of_which_models_trained_before_the_chapters", spec=".0f"),
+           *(at("models_trained", index, "seconds", spec=".0f") for index in range(6)))),
+    Claim(REFERENCE, "certifying at `precision: auto` (bf16), {}, {}, {} and {} s", MAIN_JOB,
+          tuple(at("chapters", index, "seconds", spec=".0f") for index in range(4))),
+    Claim(REFERENCE, "8 min 12 s, with {} s of install, {} s for the grid and {} s for the website; the six models "
+                     "took {} s (the DDPM {} s; the two segmenters {} and {} s) and the four chapters {}, {}, {} and {} s",
+          FP32_MAIN_JOB,
+          (at("seconds", "install", spec=".0f"), at("seconds", "grid", spec=".0f"), at("seconds", "website", spec=".0f"),
+           at("seconds", "of_which_models_trained_before_the_chapters", spec=".0f"),
+           *(at("models_trained", index, "seconds", spec=".0f") for index in range(3)),
+           *(at("chapters", index, "seconds", spec=".0f") for index in range(4)))),
+    Claim(README, "It took **5 min 50 s** on this project's 2-core machine from a fresh clone on 2026-12-05 at commit {}, "
+                  "install included ({} s install, {} s grid of which {} s training, {} s website", MAIN_JOB,
+          (lambda data: frozenset([data["commit"][:7]]), at("seconds", "install", spec=".0f"),
+           at("seconds", "grid", spec=".0f"), at("seconds", "of_which_models_trained_before_the_chapters", spec=".0f"),
+           at("seconds", "website", spec=".0f"))),
+    Claim(README, "It took **{}** on", MAIN_JOB,
+          (lambda data: frozenset([f"{int(round(data['seconds']['total'])) // 60} min "
+                                   f"{int(round(data['seconds']['total'])) % 60} s"]),)),
+    Claim(REFERENCE, "in their smallest form ({} s here, both steps exit 0:", "benchmarks/results/gpu_check_cpu_smallest.json",
+          (at("elapsed_s", spec="d"),)),
+
+    # book/performance.md
+    Claim(PERFORMANCE, "| paper-style per-pixel loop (baseline) | {} | 1× | | medcert `certify`, numpy arrays | {} | {}× "
+                       "faster | | medcert `certify`, torch tensors on the CPU | {} | {}× faster |", BENCH_CERTIFY,
+          (at("seconds_baseline"), at("seconds_medcert_numpy", spec=".4f"), at("speedup_numpy", spec=".0f"),
+           at("seconds_medcert_torch_cpu", spec=".4f"), at("speedup_torch_cpu", spec=".0f"))),
+    Claim(PERFORMANCE, "{} % of the pixels are certified", BENCH_CERTIFY,
+          (calc(lambda d: 100 * d["certified_fraction"], ".1f"),)),
+    Claim(PERFORMANCE, "| reference (batch 1, fp32, per-pixel loop) | {} | {} / {} / {} | 1× |", QUICK,
+          (at("reference", "seconds_per_image"), at("reference", "split", "denoiser_seconds"),
+           at("reference", "split", "segmenter_seconds"), at("reference", "split", "statistics_seconds"))),
+    *[Claim(PERFORMANCE, f"| {label} | {{}} | {{}} | {{}}× |", QUICK,
+            (pipeline(setting), pipeline_split(setting), pipeline(setting, "speedup_vs_reference", ".1f")))
+      for label, setting in [("medcert fp32", "fp32"), ("medcert fp32 + channels_last", "fp32+cl"),
+                             ("medcert bf16", "bf16"), ("medcert bf16 + channels_last", "bf16+cl")]],
+    Claim(PERFORMANCE, "| reference | {} | 1× |", PAPER_SMALL, (at("reference", "seconds_per_image"),)),
+    *[Claim(PERFORMANCE, f"| {label} | {{}} | {{}}× |", PAPER_SMALL,
+            (pipeline(setting), pipeline(setting, "speedup_vs_reference", ".1f")))
+      for label, setting in [("medcert fp32", "fp32"), ("medcert fp32 + channels_last", "fp32+cl"),
+                             ("medcert bf16", "bf16"), ("medcert bf16 + channels_last", "bf16+cl")]],
+    Claim(PERFORMANCE, "random weights on a shared machine (load average {} in the JSON), one run: the fp32 row's three "
+                       "images took {}, {} and {} s", PAPER_SMALL,
+          (load_range,) + tuple(at("medcert", "fp32", "seconds_all_images", i) for i in range(3))),
+    *[Claim(PERFORMANCE, "the JSONs record a load average of {} to {} at the start", source,
+            (calc(lambda d: min(d["device"]["load_average_at_start"]), ".1f"),
+             calc(lambda d: max(d["device"]["load_average_at_start"]), ".1f")))
+      for source in (QUICK, PAPER_SMALL)],
+    Claim(PERFORMANCE, "| one `certify` per architecture (the denoiser runs three times) | {} | "
+                       "| `certify_segmenters` (the denoiser runs once) | {} | | ratio | {} |", SHARED,
+          (at("seconds_per_image", "one_after_another", spec=".1f"), at("seconds_per_image", "shared_draws", spec=".1f"),
+           at("ratio"))),
+    Claim(PERFORMANCE, "The saving is the two denoiser passes skipped: {} − {} = {} s per image here, about {} s per "
+                       "skipped pass.", SHARED,
+          (at("seconds_per_image", "one_after_another", spec=".1f"), at("seconds_per_image", "shared_draws", spec=".1f"),
+           calc(lambda d: d["seconds_per_image"]["one_after_another"] - d["seconds_per_image"]["shared_draws"], ".1f"),
+           calc(lambda d: (d["seconds_per_image"]["one_after_another"] - d["seconds_per_image"]["shared_draws"]) / 2,
+                ".1f"))),
+    Claim(PERFORMANCE, "| one by one | {} | {} | | with shared draws | {} | {} | | ratio | {} | |", CHAPTER_SHARED,
+          (at("seconds", "one_by_one", spec=".0f"), at("seconds_per_image", "one_by_one", spec=".1f"),
+           at("seconds", "shared_draws", spec=".0f"), at("seconds_per_image", "shared_draws", spec=".1f"),
+           at("ratio"))),
+    Claim(PERFORMANCE, "3 images, at a load average of {} to {} before the run", CHAPTER_SHARED,
+          (calc(lambda d: min(d["load_average_before"]), ".1f"), calc(lambda d: max(d["load_average_before"]), ".1f"))),
+    Claim(PERFORMANCE, "{} distinct runs (SegCertify for every architecture of the JSRT chapter), {} images' worth of "
+                       "diffusion calls (the 10-step ablation counts 10 per image) and {} images certified without "
+                       "the DDPM", GRID_COST,
+          (at("runs", spec="d"), at("diffusion_image_equivalents", spec=",d"), at("images_without_diffusion", spec=",d"))),
+    Claim(PERFORMANCE, "(medcert's split: {} JSRT, {} Montgomery, {} Shenzhen, {} ISIC 2018, {} CVC-ClinicDB images)",
+          GRID_COST, tuple(at("test_images", name, spec="d")
+                           for name in ("jsrt", "montgomery", "shenzhen", "isic2018", "cvc_clinicdb"))),
+    Claim(PERFORMANCE, "| quick: the tiny UNet behind the tiny DDPM, 64 px, σ 0.5, fp32 | {} |", QUICK, (pipeline("fp32"),)),
+    Claim(PERFORMANCE, "| the same, the paper code's approach (batch 1, per-pixel loop) | {} |", QUICK,
+          (at("reference", "seconds_per_image"),)),
+    Claim(PERFORMANCE, "one `certify` each, σ 0.5 | {} |", SHARED, (at("seconds_per_image", "one_after_another", spec=".1f"),)),
+    Claim(PERFORMANCE, "(18 smoothed, 6 clean), one by one | {} |", CHAPTER_SHARED,
+          (at("seconds_per_image", "one_by_one", spec=".1f"),)),
+    Claim(PERFORMANCE, "1,010 draws, σ 0.25 / 0.5 / 1.0 | {} / {} / {} |", SEQUENTIAL,
+          tuple(at("sigmas", s, "sampling_seconds_per_image", spec=".1f") for s in ("0.25", "0.5", "1"))),
+
+    # book/method.md: sequential certification
+    Claim("book/method.md", "at n_max = 100, {} [{}, {}] / {} [{}, {}] / {} [{}, {}] at σ = 0.25 / 0.5 / 1.0; "
+                            "at n_max = 1,000, {} / {} / {}", SEQUENTIAL,
+          tuple(sequential(s, "100", "sequential", "minus_fixed", "mean_foreground_dice", key, spec="signed3")
+                for s in ("0.25", "0.5", "1") for key in ("mean", "low", "high"))
+          + tuple(sequential(s, "1000", "sequential", "minus_fixed", "mean_foreground_dice", "mean", spec="signed3")
+                  for s in ("0.25", "0.5", "1"))),
+    Claim("book/method.md", "Stopping at 1 % undecided saved {} / {} / {} % of the 1,000 draws", SEQUENTIAL,
+          tuple(sequential(s, "1000", "sequential, stop at 0.01 undecided", "draws_saved_percent", spec=".1f")
+                for s in ("0.25", "0.5", "1"))),
+    Claim("book/method.md", "over n = 100 from {} / {} / {} to {} / {} / {}", SEQUENTIAL,
+          tuple(sequential(s, n_max, "fixed", "mean_foreground_dice", spec=".2f")
+                for n_max in ("100", "1000") for s in ("0.25", "0.5", "1"))),
+    Claim("book/method.md", "at n_max = 100, τ = 0.95 and 0.99, which 100 draws cannot reach, stopped at the first look "
+                            "({} draws) on every image", SEQUENTIAL,
+          (calc(lambda d: get(d, ("sigmas", "1", "radius_curve", "100", {"tau": 0.99}, "sequential", "mean_draws")), ".0f"),)),
+
+    # book/scale.md
+    Claim("book/scale.md", "ran {}× faster than the paper code's approach in its best setting, bf16 + channels_last "
+                           "({} against {} s per image), and {}× at fp32, in one run at a load average of {}",
+          PAPER_SMALL, (pipeline("bf16+cl", "speedup_vs_reference", ".1f"), pipeline("bf16+cl"),
+                        at("reference", "seconds_per_image", spec=".1f"), pipeline("fp32", "speedup_vs_reference", ".1f"),
+                        load_range)),
+    Claim("book/scale.md", "{} distinct runs over the whole test splits ({} JSRT, {} Montgomery, {} Shenzhen, {} ISIC "
+                           "2018 and {} CVC-ClinicDB test images), {} images' worth of diffusion calls", GRID_COST,
+          (at("runs", spec="d"),) + tuple(at("test_images", name, spec="d") for name in
+                                          ("jsrt", "montgomery", "shenzhen", "isic2018", "cvc_clinicdb"))
+          + (at("diffusion_image_equivalents", spec=",d"),)),
+
+    # book/soundness.md
+    Claim("book/soundness.md", "| pixels attacked (certified at x) | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "pixels_attacked") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim("book/soundness.md", "| **undefended model: pixels flipped by PGD** | **{}** | **{}** | **{}** | **{}** |",
+          ATTACK, tuple(attack(m, s, "base_flips") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim("book/soundness.md", "| … flipped by a random direction of length ε | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "base_random_flips") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim("book/soundness.md", "| seconds (10 images; the sharp attack included) | {} | {} | {} | {} |", ATTACK,
+          tuple(attack(m, s, "seconds", ".1f") for m in (OURS, SEGCERTIFY) for s in (0.25, 0.5))),
+    Claim("book/soundness.md", "The whole experiment took {} s on one CPU thread", ATTACK,
+          (at("parameters", "seconds", spec=".0f"),)),
+
+    # numbers read from executed chapters' output tables (the notebooks are JSON too)
+    *[Claim(RESULTS, f"| {label} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % |",
+            "book/ablation_denoiser_jsrt.ipynb", dice_row(method, "resunetpp"))
+      for label, method in [("DDPM, single-step", "ours (ddpm, this dataset, single-step)"),
+                            ("UNet denoiser (one per sigma)", "ours (unet)"),
+                            ("none", "ours (no denoiser)"),
+                            ("FFDNet, natural images only", "ours (ffdnet, FFDNet, natural images only)"),
+                            ("DDPM trained on cxr_lungs", "ours (ddpm, trained on cxr_lungs, single-step)")]],
+    Claim(RESULTS, "(mean certified Dice over the classes {} / {} / {} against the UNet denoisers' {} / {} / {})",
+          "book/ablation_denoiser_jsrt.ipynb",
+          tuple(ranked(sigma, method) for method in ("ours (ddpm, this dataset, single-step)", "ours (unet)")
+                for sigma in SIGMAS)),
+    *[Claim(RESULTS, f"| {label} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % |",
+            "book/ablation_denoising_steps_jsrt.ipynb", dice_row(method, "resunetpp"))
+      for label, method in [("single-step", OURS), ("10-step DDPM posterior", "ours (ddpm, 10-step)")]],
+    Claim(RESULTS, "({} / {} / {} against {} / {} / {}; gaps {} / {} / {} in the chapter's ranking table)",
+          "book/ablation_denoising_steps_jsrt.ipynb",
+          tuple(ranked(sigma, method) for method in (OURS, "ours (ddpm, 10-step)") for sigma in SIGMAS)
+          + tuple(ranked(sigma, "ours (ddpm, 10-step)", column=4, unsigned=True) for sigma in SIGMAS)),
+    *[Claim(RESULTS, f"| ours − SegCertify, {label} | {sigma:g}{'.0' if sigma == 1 else ''} | {{}} | {{}} | {{}} | {{}} |",
+            "book/jsrt.ipynb", tuple(cell(arch, OURS, f"{sigma:.2f}", column=column, spec="minus",
+                                          code="ours_against_segcertify") for column in (3, 4, 5, 6)))
+      for label, arch in [("ResUNet++", "resunetpp"), ("UNet", "unet"), ("DeepLabV2", "deeplabv2")]
+      for sigma in (0.25, 0.5, 1.0)],
+    *[Claim(RESULTS, f"| {label} − ResUNet++ (ours) | {sigma:g}{'.0' if sigma == 1 else ''} | {{}} | {{}} | {{}} | {{}} |",
+            "book/jsrt.ipynb", tuple(cell(arch, OURS, f"{sigma:.2f}", column=column, spec="minus",
+                                          code="architectures_against_first") for column in (3, 4, 5, 6)))
+      for label, arch in [("UNet", "unet"), ("DeepLabV2", "deeplabv2")] for sigma in (0.25, 0.5, 1.0)],
+    Claim(RESULTS, "margin of the means instead and says {} ahead and {} tied", "book/jsrt.ipynb",
+          (said(r"σ = 0\.25\.\*\* Ours' certified Dice is ahead on (\d+), tied \(within 0\.01\) on (\d+)", 1),
+           said(r"σ = 0\.25\.\*\* Ours' certified Dice is ahead on (\d+), tied \(within 0\.01\) on (\d+)", 2))),
+    *[Claim(markdown, text, "book/jsrt.ipynb",
+            tuple(said(r"parameters: resunetpp ([\d.]+ M), unet ([\d.]+ M), deeplabv2 ([\d.]+ M)", group)
+                  for group in (1, 2, 3)))
+      for markdown, text in [
+          (RESULTS, "the `tiny` preset gives ResUNet++ {} parameters against UNet's {} and DeepLabV2's {} (the chapter's"),
+          (RESULTS, "the `tiny` preset gives ResUNet++ {} parameters against UNet's {} and DeepLabV2's {} (the JSRT"),
+          (RESULTS, "(ResUNet++ {} parameters, UNet {}, DeepLabV2 {})"),
+          (REFERENCE, "the `tiny` preset's ResUNet++ has {} parameters, UNet {}, DeepLabV2 {}"),
+          ("book/intro.md", "the `tiny` preset gives ResUNet++ {} parameters against UNet's {} and DeepLabV2's {}")]],
+    Claim("book/intro.md", "Ours with ResUNet++ certifies {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on 40 test frames, and "
+                           "the architecture with the highest means here, DeepLabV2, {} / {} / {}", "book/cvc_clinicdb.ipynb",
+          tuple(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)")
+                for arch in ("resunetpp", "deeplabv2") for sigma in SIGMAS)),
+    Claim("book/intro.md", "ResUNet++'s plain polyp Dice on the same clean frames is {}", "book/cvc_clinicdb.ipynb",
+          (cell("plain (noise 0)", "resunetpp", column=4, code="paper_table(comparison)"),)),
+    Claim("book/intro.md", "certified lung Dice {} against the paper's 0.94; at σ = 1.0 it abstains on {} % of the image "
+                           "against the paper's 12 % (UNet {} %, DeepLabV2 {} %", "book/jsrt.ipynb",
+          (cell(OURS, "resunetpp", "0.50", column=4, code="paper_table(per_arch)"),
+           *(cell(OURS, arch, "1.00", column=13, spec=".1f", code="paper_table(per_arch)")
+             for arch in ("resunetpp", "unet", "deeplabv2")))),
+    Claim("book/intro.md", "SegCertify is ahead, by {} lung Dice", "book/cxr_lungs_256.ipynb",
+          (reversed_difference(cell("unet", OURS, "0.25", column=3, code="ours_against_segcertify")),)),
+]
+
+
+def test_every_claim_names_an_existing_markdown_file_and_json():
+    for claim in CLAIMS:
+        assert (ROOT / claim.markdown).is_file(), claim.markdown
+        assert ":" in claim.source or (ROOT / claim.source).is_file(), claim.source
+        assert load(claim.source), claim.source
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=[claim.name for claim in CLAIMS])
+def test_the_markdown_states_what_its_json_says(claim: Claim):
+    assert claim.stated_in(markdown(claim.markdown)), (
+        f"{claim.markdown} no longer states what {claim.source} says; expected the text\n    "
+        + "\n or ".join(sorted(claim.expected())))
+
+
+def test_a_changed_json_value_fails_the_check():
+    """The guard can fail: the same claim read from a JSON with one number moved is not in the Markdown."""
+    claim = next(c for c in CLAIMS if c.source == ATTACK and "pixels attacked" in c.text and c.markdown == RESULTS)
+    data = json.loads(json.dumps(load(ATTACK)))
+    data["summary"][0]["pixels_attacked"] += 1
+    assert claim.stated_in(markdown(claim.markdown))
+    assert not claim.stated_in(markdown(claim.markdown), data)

@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from medcert_core.certify import certify_counts
@@ -86,7 +87,8 @@ def _chapter(template: str, **values) -> DatasetChapter:
 def test_a_dataset_chapter_computes_exactly_the_runs_its_notebook_reads(monkeypatch):
     chapter = _chapter("phantom")
     read = []
-    monkeypatch.setattr(Experiment, "run", lambda self, archs, methods: read.extend(self.runs(archs, methods)))
+    monkeypatch.setattr(Experiment, "run", lambda self, archs, methods: (read.extend(self.runs(archs, methods)),
+                                                                         pd.DataFrame({"x": [0]}))[1])
     monkeypatch.setattr(Experiment, "curves", lambda self, archs, methods: read.extend(
         run for run in self.runs(archs, methods) if run.sigma > 0))
     chapter.per_arch(), chapter.comparison(), chapter.curves()
@@ -139,3 +141,19 @@ def test_the_ddpms_resolution_keeps_the_inputs_aspect(input_size, setting, expec
 
     data = DataSpec("phantom", None, input_size, 0)
     assert ddpm_image_size(data, TrainingSpec(ddpm_image_size=setting)) == expected
+
+
+def test_a_chapter_over_training_seeds_reads_every_seeds_runs_and_only_them(monkeypatch):
+    chapter = _chapter("phantom", training_seeds=[0, 3])
+    read = []
+    monkeypatch.setattr(Experiment, "run", lambda self, archs, methods: (read.extend(self.runs(archs, methods)),
+                                                                         pd.DataFrame({"x": [0]}))[1])
+    monkeypatch.setattr(Experiment, "curves", lambda self, archs, methods: read.extend(
+        run for run in self.runs(archs, methods) if run.sigma > 0))
+    chapter.per_arch(), chapter.comparison(), chapter.curves()
+    assert set(read) == set(chapter.runs())
+    seeds = {run.training.training_seed for run in chapter.runs()}
+    assert seeds == {None, 3}, "seed 0 is the split's: its runs keep their keys"
+    assert len(chapter.runs()) == 2 * len(_chapter("phantom").runs())
+    with pytest.raises(ValueError, match="training_seeds must name at least one seed, each once"):
+        _chapter("phantom", training_seeds=[1, 1])

@@ -317,6 +317,16 @@ def test_paired_differences_over_training_seeds_resample_seeds_and_images():
     assert "seeds" not in single
 
 
+def test_the_seeds_table_gives_each_seeds_mean_and_their_spread():
+    rows = [{"arch": "unet", "sigma": 0.5, "method_label": "ours", "class_id": 1, "class_name": "lung",
+             "image_id": f"i{image}", "training_seed": seed, "dice": dice}
+            for seed, dices in ((0, (0.8, 0.6)), (4, (0.9, 0.9))) for image, dice in enumerate(dices)]
+    table = tables.seeds_table(pd.DataFrame(rows))
+    row = table.loc[("ours", "unet", 0.5)]
+    assert row[("lung", "seed 0")] == pytest.approx(0.7) and row[("lung", "seed 4")] == pytest.approx(0.9)
+    assert row[("lung", "mean")] == pytest.approx(0.8) and row[("lung", "sd")] == pytest.approx(np.std([0.7, 0.9], ddof=1))
+
+
 def test_run_seeds_repeats_the_runs_with_models_of_each_training_seed(monkeypatch):
     calls = []
 

@@ -65,3 +65,13 @@ def test_a_failed_training_names_the_model(tmp_path):
             ModelJob("segmenter", data, training_spec("smoke"), tmp_path, arch="also-missing")]
     with pytest.raises(RuntimeError, match="training segmenter phantom_32_no-such-arch.* failed"):
         warm_cache(jobs, workers=2)
+
+
+def test_a_chapter_over_training_seeds_plans_every_seeds_models(tmp_path):
+    base = {"profile": "smoke", "dataset": "phantom", "image_size": 32, "cache_dir": str(tmp_path),
+            "archs": ["unet"], "denoiser": "ddpm:auto", "segcertify_noise": 0.25, "baselines_for": "first"}
+    one = jobs_of_parameters(base)
+    three = jobs_of_parameters({**base, "training_seeds": [0, 1, 2]})
+    assert len(three) == 3 * len(one) and len({job.path for job in three}) == len(three)
+    assert [job.path for job in three[:len(one)]] == [job.path for job in one], "seed 0 is the split's: same models"
+    assert all("_seed2" in job.path.name for job in three[2 * len(one):])

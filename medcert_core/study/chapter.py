@@ -6,7 +6,9 @@ both build a :class:`DatasetChapter` from the same parameters and so compute the
 
 Rows (as the paper's Tables 1 and 2): ours for every architecture (``per_arch``); the clean rows
 (sigma = 0, trained without and with noise), SegCertify and ours for the first architecture or, with
-``baselines_for = "all"``, for every one (``comparison``). No figure code: the notebook draws.
+``baselines_for = "all"``, for every one (``comparison``). With several ``training_seeds`` every run
+is repeated with models trained from each seed (a ``training_seed`` column), and the paired intervals
+resample seeds as well as images. No figure code: the notebook draws.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ class DatasetChapter:
     denoise_steps: str | int = CHAPTER_SETTINGS["denoise_steps"].default
     segcertify_noise: float = CHAPTER_SETTINGS["segcertify_noise"].default
     baselines_for: str = CHAPTER_SETTINGS["baselines_for"].default
+    training_seeds: tuple[int, ...] = tuple(CHAPTER_SETTINGS["training_seeds"].default)
 
     def __post_init__(self) -> None:
         if not self.archs:
             raise ValueError("a dataset chapter needs at least one architecture in 'archs'")
+        if not self.training_seeds or len(set(self.training_seeds)) != len(self.training_seeds):
+            raise ValueError(f"training_seeds must name at least one seed, each once, got {list(self.training_seeds)}")
         if self.baselines_for not in BASELINES_FOR:
             raise ValueError(f"baselines_for must be one of {list(BASELINES_FOR)}, got {self.baselines_for!r}")
 
@@ -59,8 +64,9 @@ class DatasetChapter:
         if missing:
             raise ValueError(f"not a dataset chapter: its parameters lack {missing} (a dataset chapter names "
                              f"{list(CHAPTER_PARAMETERS)})")
+        seeds = tuple(namespace.get("training_seeds", CHAPTER_SETTINGS["training_seeds"].default))
         return cls(Experiment.from_parameters(namespace), tuple(namespace["archs"]), namespace["denoiser"],
-                   namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"])
+                   namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"], seeds)
 
     @property
     def ours(self) -> Method:
@@ -84,18 +90,19 @@ class DatasetChapter:
         return [*clean_baselines(self.segcertify_noise), self.segcertify, self.ours]
 
     def runs(self) -> list[CertificationRun]:
-        """Every run the chapter reads, each once (what ``certify-runs`` computes for it)."""
-        runs = [*self.experiment.runs(self.archs, [self.ours]),
-                *self.experiment.runs(self.baseline_archs, self._comparison_methods())]
+        """Every run the chapter reads, each once (what ``certify-runs`` computes for it), for every seed."""
+        runs = [run for seed in self.training_seeds for experiment in [self.experiment.with_training_seed(seed)]
+                for run in (*experiment.runs(self.archs, [self.ours]),
+                            *experiment.runs(self.baseline_archs, self._comparison_methods()))]
         return list(dict.fromkeys(runs))  # equal settings, equal run: each once, in order
 
     def per_arch(self) -> pd.DataFrame:
-        """Tidy rows of ours for every architecture (computed once, then read from the store)."""
-        return self.experiment.run(self.archs, [self.ours])
+        """Tidy rows of ours for every architecture and training seed (computed once, then read from the store)."""
+        return self.experiment.run_seeds(self.archs, [self.ours], self.training_seeds)
 
     def comparison(self) -> pd.DataFrame:
-        """Tidy rows of the clean rows, SegCertify and ours for the baseline architectures."""
-        return self.experiment.run(self.baseline_archs, self._comparison_methods())
+        """Tidy rows of the clean rows, SegCertify and ours for the baseline architectures, every training seed."""
+        return self.experiment.run_seeds(self.baseline_archs, self._comparison_methods(), self.training_seeds)
 
     def ours_against_segcertify(self) -> pd.DataFrame:
         """Ours minus SegCertify per baseline architecture, σ and class, image by image, with 95 % paired
@@ -113,8 +120,8 @@ class DatasetChapter:
         return paired_differences(self.per_arch(), reference=self.archs[0], between="arch")
 
     def curves(self) -> pd.DataFrame:
-        """Radius-curve rows of SegCertify and ours for the first architecture."""
-        return self.experiment.curves(self.archs[:1], self.compared)
+        """Radius-curve rows of SegCertify and ours for the first architecture (models of the first seed)."""
+        return self.experiment.with_training_seed(self.training_seeds[0]).curves(self.archs[:1], self.compared)
 
     def split_experiments(self) -> dict[str, Experiment]:
         """The chapter's settings on its whole test split, once per split: "blocked" (its ``split_block``)

@@ -244,6 +244,11 @@ def _check_model_flags(text: str) -> None:
         raise ValueError(str(error)) from error
 
 
+def _check_training_seed(seed: Any) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"a training seed is an integer >= 0, got {seed!r}")
+
+
 def _check_training(overrides: Any) -> None:
     if overrides is not None:
         check_training_overrides(overrides)
@@ -256,7 +261,7 @@ SETTINGS: dict[str, Setting] = {
     "data_root": Setting(None, None, "dataset folder (None for the embedded phantoms)"),
     "image_size": Setting(64, (int, list), "square input size in pixels, or [H, W]"),
     "test_images": Setting(3, (int, NONE), "first N test images (None: the whole test split)"),
-    "seed": Setting(0, (int,), "split, noise and training seed"),
+    "seed": Setting(0, (int,), "split, noise and training seed (training_seeds repeat the training)"),
     # the certificate
     "sigmas": Setting([0.25, 0.5, 1.0], (list,), "noise levels, in the [0, 1] input scale", check=_ranged("sigma")),
     "n0": Setting(10, (int,), "selection draws per image", check=_ranged("n0")),
@@ -300,6 +305,8 @@ CHAPTER_SETTINGS: dict[str, Setting] = {
                            check=_check_split_block),
     "baselines_for": Setting("first", (str,), 'the clean rows and SegCertify for the "first" architecture or "all"',
                              choices=("first", "all")),
+    "training_seeds": Setting([0], (list,), "every model trained once per seed: comparisons over seeds and images",
+                              check=_check_training_seed),
 }
 ALL_SETTINGS = {**SETTINGS, **CHAPTER_SETTINGS}
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}

@@ -68,10 +68,17 @@ class ModelJob:
 def jobs_of_parameters(parameters: Mapping[str, Any]) -> list[ModelJob]:
     """The models a chapter with these parameters (template defaults, then the grid's) asks for:
     each architecture's segmenter, the SegCertify baseline's noisy one, ``ddpm:auto`` and
-    ``unet:auto`` (one per sigma) wherever a denoiser parameter names them."""
+    ``unet:auto`` (one per sigma) wherever a denoiser parameter names them; for each of its
+    ``training_seeds``."""
     from medcert_core.study.experiment import Experiment
 
-    experiment = Experiment.from_parameters(parameters)
+    base = Experiment.from_parameters(parameters)
+    seeds = parameters.get("training_seeds") or [base.seed]
+    return [job for seed in seeds for job in _jobs_of_experiment(base.with_training_seed(seed), parameters)]
+
+
+def _jobs_of_experiment(experiment, parameters: Mapping[str, Any]) -> list[ModelJob]:
+    """:func:`jobs_of_parameters` for one experiment (one training seed)."""
     common = {"data": experiment.data, "training": experiment.training, "cache": experiment.cache_path}
     archs = list(parameters.get("archs") or ([parameters["arch"]] if parameters.get("arch") else []))
     jobs = [ModelJob("segmenter", arch=arch, **common) for arch in archs]

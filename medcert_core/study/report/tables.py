@@ -22,6 +22,7 @@ def paper_table(frame: pd.DataFrame, rows: Mapping[str, str] = ROW_KEYS) -> pd.D
     the ``rows`` columns (default method, arch, σ, R; renamed as given), columns (class, metric).
 
     %⊘ is the abstained share of the class's pixels; the last column, "all %⊘", of the whole image.
+    With a ``training_seed`` column the means are over seeds and images (:func:`seeds_table` gives the spread).
     """
     frame = frame[frame["class_id"] > 0]
     keys = list(rows)
@@ -30,11 +31,32 @@ def paper_table(frame: pd.DataFrame, rows: Mapping[str, str] = ROW_KEYS) -> pd.D
     per_class = per_class.swaplevel(0, 1, axis=1).reindex(
         columns=pd.MultiIndex.from_product([order, list(METRICS)]))
     per_class.columns = pd.MultiIndex.from_tuples([(name, METRICS[metric]) for name, metric in per_class.columns])
-    image_abstain = frame.drop_duplicates([*keys, "image_id"]).groupby(keys, sort=False)["abstain"].mean()
+    seeds = ["training_seed"] if "training_seed" in frame else []
+    image_abstain = frame.drop_duplicates([*keys, *seeds, "image_id"]).groupby(keys, sort=False)["abstain"].mean()
     per_class[("all", "%⊘")] = image_abstain
     per_class.index = per_class.index.set_names(list(rows.values()))
     per_class = per_class.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value)
     return per_class.sort_index()
+
+
+def seeds_table(frame: pd.DataFrame, metric: str = "dice", rows: Mapping[str, str] = ROW_KEYS) -> pd.DataFrame:
+    """The certified ``metric`` of each foreground class per training seed (mean over images), with the mean
+    over seeds and their standard deviation: how much repeating the training moves a row. One row per
+    value of the ``rows`` columns (renamed as given), columns (class, "seed <s>" ... "mean", "sd")."""
+    frame = frame[frame["class_id"] > 0]
+    if "training_seed" not in frame:
+        frame = frame.assign(training_seed=0)
+    keys = [key for key in rows if key in frame]
+    per_seed = frame.pivot_table(index=[*keys, "class_name"], columns="training_seed", values=metric,
+                                 aggfunc="mean", sort=False)
+    per_seed.columns = [f"seed {seed}" for seed in per_seed.columns]
+    per_seed["mean"] = per_seed.mean(axis=1)
+    per_seed["sd"] = per_seed.drop(columns="mean").std(axis=1, ddof=1)
+    order = frame.drop_duplicates("class_name").sort_values("class_id")["class_name"].tolist()
+    table = per_seed.unstack("class_name").swaplevel(0, 1, axis=1)
+    table = table.reindex(columns=pd.MultiIndex.from_product([order, list(per_seed.columns)]))
+    table.index = table.index.set_names([rows[key] for key in keys])
+    return table.rename(index=lambda value: round(value, 3) if isinstance(value, float) else value).sort_index()
 
 
 def table_html(table: pd.DataFrame, digits: int = 2) -> str:

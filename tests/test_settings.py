@@ -84,15 +84,21 @@ def _chapter(template: str, **values) -> DatasetChapter:
     return DatasetChapter.from_parameters({**template_parameters(REPO / "notebooks" / f"{template}.ipynb"), **values})
 
 
-def test_a_dataset_chapter_computes_exactly_the_runs_its_notebook_reads(monkeypatch):
-    chapter = _chapter("phantom")
+def _runs_read(chapter: DatasetChapter, monkeypatch) -> list:
+    """The runs a chapter's notebook reads (per_arch, comparison, curves), recorded instead of computed."""
     read = []
     monkeypatch.setattr(Experiment, "run", lambda self, archs, methods: (read.extend(self.runs(archs, methods)),
                                                                          pd.DataFrame({"x": [0]}))[1])
     monkeypatch.setattr(Experiment, "curves", lambda self, archs, methods: read.extend(
         run for run in self.runs(archs, methods) if run.sigma > 0))
     chapter.per_arch(), chapter.comparison(), chapter.curves()
-    assert set(read) == set(chapter.runs()) and len(chapter.runs()) == len(set(chapter.runs()))
+    return read
+
+
+def test_a_dataset_chapter_computes_exactly_the_runs_its_notebook_reads(monkeypatch):
+    chapter = _chapter("phantom")
+    assert set(_runs_read(chapter, monkeypatch)) == set(chapter.runs())
+    assert len(chapter.runs()) == len(set(chapter.runs()))
 
 
 def test_baselines_for_all_gives_every_architecture_segcertify_and_the_clean_rows():
@@ -145,13 +151,7 @@ def test_the_ddpms_resolution_keeps_the_inputs_aspect(input_size, setting, expec
 
 def test_a_chapter_over_training_seeds_reads_every_seeds_runs_and_only_them(monkeypatch):
     chapter = _chapter("phantom", training_seeds=[0, 3])
-    read = []
-    monkeypatch.setattr(Experiment, "run", lambda self, archs, methods: (read.extend(self.runs(archs, methods)),
-                                                                         pd.DataFrame({"x": [0]}))[1])
-    monkeypatch.setattr(Experiment, "curves", lambda self, archs, methods: read.extend(
-        run for run in self.runs(archs, methods) if run.sigma > 0))
-    chapter.per_arch(), chapter.comparison(), chapter.curves()
-    assert set(read) == set(chapter.runs())
+    assert set(_runs_read(chapter, monkeypatch)) == set(chapter.runs())
     seeds = {run.training.training_seed for run in chapter.runs()}
     assert seeds == {None, 3}, "seed 0 is the split's: its runs keep their keys"
     assert len(chapter.runs()) == 2 * len(_chapter("phantom").runs())

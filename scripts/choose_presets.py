@@ -5,7 +5,8 @@ the CPU runs it natively, ``--patience`` epochs without a better validation Dice
 ``--epochs``) and records its weights, its multiply-accumulates per image, the best validation Dice
 (mean over foreground classes of the per-image Dice), the epoch it was reached at, the curve and the
 seconds. The candidates stay within the budget of the ``matched`` preset (``medcert_core.training``):
-the three architectures within 2x of each other in weights. The test split is never read.
+the three architectures within 2x of each other in weights. The JSON also gives every preset's weights
+and multiply-accumulates per image at this input (``"presets"``). The test split is never read.
 
     python scripts/choose_presets.py --dataset jsrt --data-root ../shared/data/jsrt --image-size 128
     python scripts/choose_presets.py --dataset cvc_clinicdb --data-root ../shared/data/cvc_clinicdb \\
@@ -31,8 +32,8 @@ import torch
 from medcert_core.data import load_dataset
 from medcert_core.devices import cpu_flags, resolve_precision
 from medcert_core.io import write_json_atomically
-from medcert_core.models import create_model, model_capacity
-from medcert_core.training import train_segmenter
+from medcert_core.models import ARCHITECTURES, create_model, model_capacity
+from medcert_core.training import PRESETS, preset_capacity, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> arch and model_kwargs, all within 2.2-4.2 M weights: UNet on a ResNet-18 encoder without its last
@@ -80,6 +81,10 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "bf16_flags": sorted(
                         flag for flag in cpu_flags() if "bf16" in flag)},
     })
+    result["presets"] = {  # every preset's widths at this dataset's input, for the reference's table
+        preset: {arch: preset_capacity(preset, arch, in_channels=image.shape[0], num_classes=len(train.class_names),
+                                       size=size) for arch in ARCHITECTURES}
+        for preset in PRESETS}
     for name in names:
         if name in result["candidates"]:
             print(f"{name}: done before, kept")

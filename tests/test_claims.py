@@ -318,10 +318,32 @@ QUICK, PAPER_SMALL = "benchmarks/results/bench_pipeline_quick_cpu.json", "benchm
 SHARED, CHAPTER_SHARED = "benchmarks/results/bench_shared_draws_cpu.json", "benchmarks/results/bench_chapter_shared_cpu.json"
 GRID_COST, MAIN_JOB = "benchmarks/results/paper_grid_cost.json", "benchmarks/results/main_job_timing.json"
 FP32_MAIN_JOB = "bac0672:benchmarks/results/main_job_timing.json"  # the main job before bf16, as committed then
+PRESET_CHOICE = "results/preset_choice_jsrt_val.json"
 
 
 def three(value: Callable[[float], Value]) -> tuple[Value, ...]:
     return tuple(value(sigma) for sigma in (0.25, 0.5, 1.0))
+
+
+def in_millions(*path) -> Value:
+    return calc(lambda data: get(data, path) / 1e6)
+
+
+def in_billions(*path) -> Value:
+    return calc(lambda data: get(data, path) / 1e9)
+
+
+def preset_row(preset: str) -> tuple[Value, ...]:
+    """Weights (M) and MACs (G) of each architecture at ``preset``, as the reference's presets table has them."""
+    return tuple(value for arch in ("unet", "resunetpp", "deeplabv2")
+                 for value in (in_millions("presets", preset, arch, "parameters"),
+                               in_billions("presets", preset, arch, "macs")))
+
+
+def candidate_row(name: str) -> tuple[Value, ...]:
+    """A candidate width's weights, MACs, best validation Dice and its epoch."""
+    return (in_millions("candidates", name, "parameters"), in_billions("candidates", name, "macs"),
+            at("candidates", name, "best_val_dice", spec=".4f"), at("candidates", name, "best_epoch", spec="d"))
 
 
 CLAIMS: list[Claim] = [
@@ -490,6 +512,14 @@ CLAIMS: list[Claim] = [
     Claim(README, "It took **{}** on", MAIN_JOB,
           (lambda data: frozenset([f"{int(round(data['seconds']['total'])) // 60} min "
                                    f"{int(round(data['seconds']['total'])) % 60} s"]),)),
+    *(Claim(REFERENCE, f"| `{preset}` | {{}} M, {{}} G | {{}} M, {{}} G | {{}} M, {{}} G |", PRESET_CHOICE,
+            preset_row(preset)) for preset in ("tiny", "matched", "paper")),
+    *(Claim(REFERENCE, f"| {label} | {{}} M | {{}} G | {{}} ({{}}) |", PRESET_CHOICE, candidate_row(name))
+      for label, name in (("UNet, decoder 128-16 (chosen)", "unet-r18-d4-dec128"),
+                          ("UNet, decoder 192-24", "unet-r18-d4-dec192"),
+                          ("ResUNet++, 12 base channels (chosen)", "resunetpp-base12"),
+                          ("ResUNet++, 16 base channels", "resunetpp-base16"),
+                          ("DeepLabV2, 3 ResNet-18 stages (chosen)", "deeplabv2-r18-3stages"))),
     Claim(REFERENCE, "in their smallest form ({} s here, both steps exit 0:", "benchmarks/results/gpu_check_cpu_smallest.json",
           (at("elapsed_s", spec="d"),)),
 

@@ -250,7 +250,7 @@ def test_set_overrides_every_entry_whose_template_has_the_parameter(notebooks):
     ("test_images=one", r"parameter 'test_images' must be int or null"),
     ("archs=[vgg]", r"parameter 'archs': unknown value \['vgg'\]"),
     ("training={epoch: 1}", r"parameter 'training': unknown training setting\(s\) \['epoch'\]; valid: \['preset', 'epochs'"),
-    ("training={preset: huge}", r"training setting 'preset' must be one of \['paper', 'tiny'\]"),
+    ("training={preset: huge}", r"training setting 'preset' must be one of \['matched', 'paper', 'tiny'\]"),
     ("training=[1]", r"training overrides must be a mapping"),
     ("denoiser_flags=--num_chanels 32", r"parameter 'denoiser_flags': unknown guided-diffusion flag\(s\) \['--num_chanels'\]"),
     ("denoiser_flags=--num_channels 48", r"parameter 'denoiser_flags': .*cannot be split into heads"),

@@ -118,7 +118,8 @@ def test_certify_runs_builds_the_chapter_the_notebook_builds():
     from medcert_core.study.workflow import chapter_runs
 
     experiment, runs = chapter_runs(REPO / "grids" / "jsrt.yaml", data_root="/data", device="cpu", root=REPO)
-    notebook = _chapter("jsrt", data_root=experiment.data_root, test_images=25, device="cpu", interactive=False)
+    notebook = _chapter("jsrt", data_root=experiment.data_root, test_images=25, device="cpu", interactive=False,
+                        precision="auto")  # as the grid says
     assert runs == notebook.runs() and experiment.test_images == 25
     assert {run.arch for run in runs if run.method.name == "segcertify"} == {"resunetpp", "unet", "deeplabv2"}
 

@@ -680,7 +680,7 @@ def test_differences_from_paper_state_settings_and_numbers():
     assert ("σ = 1.** Ours' certified Dice is ahead on 1, tied (within 0.01) on 1 and behind on 1 of 3 "
             "(architecture, class) pairs (tied: resunetpp heart 0.50 vs 0.50; behind: resunetpp clavicle 0.20 vs 0.30)."
             ) in text
-    assert "parameters: resunetpp 1.0 M" in text and "(0.6 M parameters)" in text and "ADM checkpoint (552.8 M)" in text
+    assert "parameters: resunetpp 2.3 M" in text and "(0.6 M parameters)" in text and "ADM checkpoint (552.8 M)" in text
 
 
 def test_grid_hash_covers_the_template_bytes_and_the_source_but_not_the_device(notebooks, monkeypatch):

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from medcert_core.data import DATASET_NAMES, default_image_size, load_dataset
+from test_data import SIZE, gray_image, rgb_image, save  # the data tests' fixture images (H x W = SIZE)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLITS = ("train", "val", "test")
-SIZE = (24, 32)  # fixture images, H x W
 
 
 def shared_root(name: str, probe: str) -> Path:
@@ -24,25 +24,6 @@ def shared_root(name: str, probe: str) -> Path:
     if not (root / probe).is_dir():
         pytest.skip(f"shared {name} data not found at {root}")
     return root
-
-
-def save(path: Path, array: np.ndarray) -> Path:
-    """Write the uint8 ``array`` to ``path`` (format from the suffix), creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
-def gray_image(i: int) -> np.ndarray:
-    """Distinct 8-bit grayscale (H, W) fixture image number ``i``."""
-    yy, xx = np.mgrid[: SIZE[0], : SIZE[1]]
-    return ((xx * 5 + yy * 3 + 23 * i) % 256).astype(np.uint8)
-
-
-def rgb_image(i: int) -> np.ndarray:
-    """Smooth 8-bit RGB (H, W, 3) fixture image number ``i`` (smooth, so JPEG keeps it close)."""
-    yy, xx = np.mgrid[: SIZE[0], : SIZE[1]]
-    return np.stack([xx * 6 + i, yy * 7, np.full(SIZE, 90 + i)], axis=-1).astype(np.uint8)
 
 
 def box_mask(top: int, left: int, height: int, width: int) -> np.ndarray:

@@ -180,22 +180,6 @@ def test_montgomery_merged_layout(tmp_path: Path) -> None:
         load_dataset("montgomery", tmp_path, "all")
 
 
-def test_shenzhen_original_layout_skips_images_without_a_mask(tmp_path: Path) -> None:
-    for i in range(12):
-        stem = f"CHNCXR_{i:04d}_{i % 2}"
-        save(tmp_path / "CXR_png" / f"{stem}.png", np.repeat(gray_image(i)[..., None], 3, axis=-1))  # some are RGB
-        if i not in (2, 9):
-            save(tmp_path / "mask" / f"{stem}_mask.png", box_mask(i, 5, 8, 9))
-    with pytest.warns(UserWarning, match="skipped 2 of 12 images without a mask"):
-        dataset = load_dataset("shenzhen", tmp_path, "all", image_size=SIZE)
-    assert len(dataset) == 10 and "CHNCXR_0002_0" not in dataset.ids and dataset.class_names == ("background", "lung")
-    image, mask = dataset[dataset.ids.index("CHNCXR_0005_1")]
-    np.testing.assert_allclose(image[1].numpy(), gray_image(5) / 255.0, atol=1e-6)
-    assert torch.equal(mask, labels_of(box_mask(5, 5, 8, 9)))
-    assert dataset.files["CHNCXR_0005_1"][1] == tmp_path / "mask" / "CHNCXR_0005_1_mask.png"
-    assert split_sizes("shenzhen", tmp_path) == [7, 1, 2]
-
-
 def test_shenzhen_merged_layout_skips_images_without_a_mask(tmp_path: Path) -> None:
     write_merged(tmp_path, "CHNCXR", 11, without_mask=(7,))
     with pytest.warns(UserWarning, match="skipped 1 of 11"):

@@ -319,6 +319,7 @@ SHARED, CHAPTER_SHARED = "benchmarks/results/bench_shared_draws_cpu.json", "benc
 GRID_COST, MAIN_JOB = "benchmarks/results/paper_grid_cost.json", "benchmarks/results/main_job_timing.json"
 FP32_MAIN_JOB = "bac0672:benchmarks/results/main_job_timing.json"  # the main job before bf16, as committed then
 PRESET_CHOICE = "results/preset_choice_jsrt_val.json"
+CVC_CHOICE = "results/preset_choice_cvc_clinicdb_val.json"
 
 
 def three(value: Callable[[float], Value]) -> tuple[Value, ...]:
@@ -520,6 +521,14 @@ CLAIMS: list[Claim] = [
                           ("ResUNet++, 12 base channels (chosen)", "resunetpp-base12"),
                           ("ResUNet++, 16 base channels", "resunetpp-base16"),
                           ("DeepLabV2, 3 ResNet-18 stages (chosen)", "deeplabv2-r18-3stages"))),
+    Claim(REFERENCE, "best validation polyp Dice {} at epoch {}, stopped at epoch {} of {}", CVC_CHOICE,
+          (at("candidates", "resunetpp-base12", "best_val_dice", spec=".4f"),
+           at("candidates", "resunetpp-base12", "best_epoch", spec="d"),
+           at("candidates", "resunetpp-base12", "epochs_run", spec="d"), at("recipe", "max_epochs", spec="d"))),
+    Claim(REFERENCE, "Its {} validation frames come from a few videos, and their Dice swings between {} and {}", CVC_CHOICE,
+          (at("val_images", spec="d"),
+           calc(lambda data: min(data["candidates"]["resunetpp-base12"]["val_dice_per_epoch"][1:])),
+           calc(lambda data: max(data["candidates"]["resunetpp-base12"]["val_dice_per_epoch"])))),
     Claim(REFERENCE, "in their smallest form ({} s here, both steps exit 0:", "benchmarks/results/gpu_check_cpu_smallest.json",
           (at("elapsed_s", spec="d"),)),
 

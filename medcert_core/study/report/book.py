@@ -29,7 +29,7 @@ Run it with the dataset's folder, e.g.
 The template, with its parameters cell, is `notebooks/{name}.ipynb`.
 """
 
-MISSING_DATA = {  # the paper's datasets that are not on the machine that builds the site
+MISSING_DATA = {  # the paper's datasets whose chapters the site's build does not run (no data given to it)
     "montgomery": {
         "data": "the Montgomery County chest X-ray set (138 images with left and right lung masks)",
         "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
@@ -39,7 +39,7 @@ MISSING_DATA = {  # the paper's datasets that are not on the machine that builds
                  "0.94 0.89 0.03 / 0.89 0.83 0.07; DeepLabV2 0.93 0.91 0.07 / 0.91 0.87 0.02 / 0.85 0.79 0.17",
     },
     "shenzhen": {
-        "data": "the Shenzhen chest X-ray set (662 images; lung masks as `mask/<stem>_mask.png`)",
+        "data": "the Shenzhen chest X-ray set (662 radiographs, 566 of them with lung masks)",
         "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
                   "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets "
                   "(the lung masks are distributed separately; the layout is in the Datasets chapter)",
@@ -58,9 +58,9 @@ MISSING_DATA = {  # the paper's datasets that are not on the machine that builds
 }
 MISSING_DATA_PLACEHOLDER = """# {title}
 
-The data of this chapter, {data}, is not on the machine that built this site, so the chapter has
-not been run here. It can be had from {source}; the folder layout medcert reads is in the
-[Datasets](datasets.md) chapter.
+This chapter has not been run for this site: its data, {data}, was not part of the run that built
+it. It can be had from {source}; the folder layouts medcert reads are in the [Datasets](datasets.md)
+chapter.
 
 Once it is there, this executes the chapter on a CPU at the JSRT study's scale (128 px, the first
 25 test images) and rebuilds the site:

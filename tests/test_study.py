@@ -823,7 +823,7 @@ def test_a_missing_dataset_placeholder_says_where_to_get_it_how_to_run_it_and_wh
     from medcert_core.study.report.book import placeholder_text
 
     text = placeholder_text("Montgomery: lungs", "montgomery", "montgomery")
-    assert "was not part of the run that built it" in text and "lhncbc.nlm.nih.gov" in text
+    assert "was not part of the run that built\nit." in text and "lhncbc.nlm.nih.gov" in text
     assert "ResUNet++ 0.96 0.93 0.02 / 0.94 0.89 0.03 / 0.89 0.83 0.07" in text
     grid_text = re.search(r"<<'YAML'\n(.*?)YAML\n", text, re.S).group(1)
     (tmp_path / "g.yaml").write_text(grid_text)

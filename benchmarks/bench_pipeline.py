@@ -161,9 +161,9 @@ def build_quick(args: argparse.Namespace, device: torch.device) -> Workload:
     from medcert_core.training import PRESETS, load_segmenter
 
     from medcert_core.study.runs import assets
-    from medcert_core.study.settings import DataSpec, training_spec
+    from medcert_core.study.settings import DataSpec, resolved_training, training_spec
 
-    cache, data, training = Path(args.cache), DataSpec("phantom", None, 64), training_spec("quick")
+    cache, data, training = Path(args.cache), DataSpec("phantom", None, 64), resolved_training(training_spec("quick"), "cpu")
     segmenter_file = assets.segmenter_path(cache, data, training, "unet", 0.0)  # the quick study's cache names
     ddpm_folder = assets.ddpm_folder(cache, data, training)
     use_cache = args.weights in ("auto", "cache")

@@ -37,7 +37,7 @@ from medcert_core.study.soundness import (
 )
 from medcert_core.io import user_cache_dir, write_atomically, write_json_atomically
 from medcert_core.study.settings import DataSpec
-from medcert_core.study.settings import training_spec
+from medcert_core.study.settings import resolved_training, training_spec
 from medcert_core.study.runs.run import CertificationRun, Method, ours, segcertify
 
 PALETTE = np.array([[20, 20, 20], [70, 130, 220], [230, 160, 40], [90, 190, 90], [180, 90, 200], [60, 200, 200]],
@@ -202,7 +202,7 @@ def main() -> None:
     args = parse_arguments()
     torch.set_num_threads(args.threads)
     data = DataSpec("phantom", None, args.image_size, 0)
-    training = training_spec(args.profile)
+    training = resolved_training(training_spec(args.profile), args.device)
     methods = [ours("ddpm:auto"), segcertify()]
     runs = [CertificationRun(data=data, training=training, arch="unet", method=method, sigma=sigma, n0=args.n0,
                              n=args.n, alpha=args.alpha, tau=args.tau, precision=args.precision)

@@ -12,7 +12,8 @@ and multiply-accumulates per image at this input (``"presets"``). The test split
     python scripts/choose_presets.py --dataset cvc_clinicdb --data-root ../shared/data/cvc_clinicdb \\
         --image-size 144 192 --split-block 8 --flips --output results/preset_choice_cvc_clinicdb_val.json
 
-A finished candidate is kept in the output and skipped when the script runs again (resumable).
+A finished candidate is kept in the output and skipped when the script runs again with the same recipe
+and input (resumable); an output of another recipe is refused.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names of CANDIDATES")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if len(args.image_size) not in (1, 2):
+        parser.error(f"--image-size takes SIZE or H W, got {args.image_size}")
     size = tuple(args.image_size) if len(args.image_size) == 2 else (args.image_size[0],) * 2
     output = args.output or ROOT / "results" / f"preset_choice_{args.dataset}_val.json"
     names = args.candidates.split(",")
@@ -70,13 +73,18 @@ def main() -> None:
     options = {"image_size": size, "split_block": args.split_block}
     train, val = (load_dataset(args.dataset, args.data_root, split, **options) for split in ("train", "val"))
     image, _ = train[0]
+    recipe = {"preset": "matched", "max_epochs": args.epochs, "patience": args.patience, "flips": args.flips,
+              "precision": resolve_precision("auto", "cpu"), "seed": 0}
     result = json.loads(output.read_text()) if output.is_file() else {"candidates": {}}
+    if result["candidates"] and (result.get("recipe") != recipe or result.get("image_size") != list(size)
+                                 or result.get("split_block") != args.split_block):
+        parser.error(f"{output} holds candidates of another recipe or input ({result.get('recipe')}, "
+                     f"{result.get('image_size')}, split block {result.get('split_block')}): give another --output")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result.update({
         "what": __doc__.split("\n\n")[0], "dataset": args.dataset, "image_size": list(size),
         "split_block": args.split_block, "train_images": len(train), "val_images": len(val),
-        "recipe": {"preset": "matched", "max_epochs": args.epochs, "patience": args.patience, "flips": args.flips,
-                   "precision": resolve_precision("auto", "cpu"), "seed": 0},
+        "recipe": recipe,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "bf16_flags": sorted(
                         flag for flag in cpu_flags() if "bf16" in flag)},

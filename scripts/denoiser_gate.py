@@ -34,7 +34,7 @@ from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.gate import mmse_gate_failures, paired_psnr_differences, psnr_row
 from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
-from medcert_core.study.settings import DataSpec, training_spec
+from medcert_core.study.settings import DataSpec, resolved_training, training_spec
 
 SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
 FFDNET, FFDNET_FULL = "ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"
@@ -90,7 +90,7 @@ def main() -> int:
         parser.error(f"--image-size takes N or H W, got {args.image_size}")
     image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     data = DataSpec(args.dataset, args.data_root, image_size, split_block=args.split_block)
-    training = training_spec(args.profile).with_overrides(args.training)
+    training = resolved_training(training_spec(args.profile).with_overrides(args.training), args.device)
     start = time.perf_counter()
     ddpm = resolve_denoiser_spec("ddpm:auto", max(args.sigmas), args.cache, data, training, args.device)
     unets = {sigma: resolve_denoiser_spec("unet:auto", sigma, args.cache, data, training, args.device)

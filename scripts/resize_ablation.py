@@ -29,7 +29,7 @@ from medcert_core.smoothing import Execution, SmoothedSegmenter, image_seed
 from medcert_core.study.runs import assets
 from medcert_core.study.settings import DataSpec, TrainingSpec
 from medcert_core.study.runs.run import CertificationRun, ours
-from medcert_core.study.settings import training_spec
+from medcert_core.study.settings import resolved_training, training_spec
 
 
 def certified_rows(data: DataSpec, training: TrainingSpec, ddpm: str, arch: str, sigma: float,
@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     data = DataSpec("jsrt", args.data_root, args.image_size)
-    training = training_spec("jsrt")
+    training = resolved_training(training_spec("jsrt"), "cpu")
     folder = assets.ddpm_folder(args.cache, data, training)
     if not (folder / "model_index.json").is_file():
         raise SystemExit(f"the jsrt profile's DDPM is not cached at {folder}; run the jsrt study first")

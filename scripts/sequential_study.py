@@ -38,7 +38,7 @@ from medcert_core.metrics import paired_bootstrap_interval, segmentation_scores
 from medcert_core.sequential import counts_at, default_looks, replay_sequential
 from medcert_core.smoothing import SmoothedSegmenter, image_seed
 from medcert_core.study.runs import assets
-from medcert_core.study.settings import DataSpec, training_spec
+from medcert_core.study.settings import DataSpec, resolved_training, training_spec
 
 
 def checkpoints_for(n_maxes: list[int]) -> tuple[int, ...]:
@@ -165,8 +165,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*draws cannot certify any pixel")  # the curve marks those taus
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, training, cache = DataSpec(args.dataset, args.data_root, args.image_size), training_spec(args.profile), \
-        Path(args.cache)
+    data, cache = DataSpec(args.dataset, args.data_root, args.image_size), Path(args.cache)
+    training = resolved_training(training_spec(args.profile), "cpu")
     model, config = assets.segmenter(cache, data, training, args.arch, 0.0, device="cpu")
     test_set = data.load("test")
     n_maxes, checkpoints = sorted(args.n_max), checkpoints_for(args.n_max)

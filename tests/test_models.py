@@ -292,7 +292,7 @@ def _every_weight_gets_a_gradient(model: nn.Module, shape: tuple[int, ...]) -> N
 def test_unet_with_a_shallower_encoder_keeps_no_dead_weights() -> None:
     model = create_model("unet", 3, 2, encoder_name="resnet18", encoder_depth=4, decoder_channels=(32, 16, 16, 8))
     assert model(torch.randn(1, 3, 48, 64)).shape == (1, 2, 48, 64), "multiples of 16 suffice at depth 4"
-    assert not hasattr(model.encoder, "layer4")
+    assert isinstance(model.encoder.layer4, nn.Identity), "the unused last stage holds no weights"
     _every_weight_gets_a_gradient(model, (2, 3, 32, 32))
     full = create_model("unet", 3, 2, encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8))
     layer4 = sum(w.numel() for name, w in full.named_parameters() if name.startswith("encoder.layer4."))

@@ -298,5 +298,7 @@ def test_a_training_seed_names_every_model_it_trains_and_none_keeps_the_split_se
     for kind, name in names.items():
         assert "_seed0" in name(default) and name(second) == name(default).replace("_seed0", "_seed1"), kind
     assert assets.training_seed(data, default) == 0 and assets.training_seed(data, second) == 1
-    runs_of = [CertificationRun(data, spec, "unet", plain(), 0.0) for spec in (default, second)]
+    explicit_split_seed = TrainingSpec(preset="tiny", epochs=3, training_seed=0)
+    runs_of = [CertificationRun(data, spec, "unet", plain(), 0.0) for spec in (default, second, explicit_split_seed)]
     assert "training_seed" not in runs_of[0].parameters()["training"] and runs_of[0].hash != runs_of[1].hash
+    assert runs_of[2].hash == runs_of[0].hash, "the split's seed given explicitly trains the same models: one run"

@@ -158,3 +158,13 @@ def test_a_chapter_over_training_seeds_reads_every_seeds_runs_and_only_them(monk
     assert len(chapter.runs()) == 2 * len(_chapter("phantom").runs())
     with pytest.raises(ValueError, match="training_seeds must name at least one seed, each once"):
         _chapter("phantom", training_seeds=[1, 1])
+
+
+def test_without_training_seeds_a_chapter_trains_from_its_split_seed_or_its_explicit_training_seed(monkeypatch):
+    for values, seed in (({"seed": 1}, None), ({"seed": 0, "training": {"training_seed": 3}}, 3)):
+        chapter = _chapter("phantom", **values)
+        assert {run.training.training_seed for run in chapter.runs()} == {seed}
+        assert chapter.experiment.training.training_seed == seed, "the figures' experiment: the same models"
+    other = _chapter("phantom", seed=0, training_seeds=[2, 5])
+    assert other.experiment.training.training_seed == 2, "the figures use the first seed's models"
+    assert set(_runs_read(other, monkeypatch)) == set(other.runs())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import segmentation_models_pytorch as smp
+from torch import nn
 
 DEFAULT_DECODER_CHANNELS: tuple[int, ...] = (256, 128, 64, 32, 16)
 
@@ -41,6 +42,6 @@ def build_unet(
         classes=num_classes,
     )
     for stage in range(encoder_depth, 5):  # smp keeps a ResNet's unused last stages: their weights would be dead
-        if hasattr(model.encoder, f"layer{stage}"):
-            delattr(model.encoder, f"layer{stage}")
+        if hasattr(model.encoder, f"layer{stage}"):  # an Identity, not deleted: smp's stage lists may name it
+            setattr(model.encoder, f"layer{stage}", nn.Identity())
     return model

@@ -33,7 +33,8 @@ BASELINES_FOR = ("first", "all")
 
 @dataclass(frozen=True)
 class DatasetChapter:
-    """A dataset chapter: its shared settings (``experiment``) and its own parameters."""
+    """A dataset chapter: its shared settings (``experiment``, with the models of its first training seed:
+    what the figures and the live cells certify) and its own parameters."""
 
     experiment: Experiment
     archs: tuple[str, ...]
@@ -41,7 +42,7 @@ class DatasetChapter:
     denoise_steps: str | int = CHAPTER_SETTINGS["denoise_steps"].default
     segcertify_noise: float = CHAPTER_SETTINGS["segcertify_noise"].default
     baselines_for: str = CHAPTER_SETTINGS["baselines_for"].default
-    training_seeds: tuple[int, ...] = tuple(CHAPTER_SETTINGS["training_seeds"].default)
+    training_seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if not self.archs:
@@ -64,8 +65,9 @@ class DatasetChapter:
         if missing:
             raise ValueError(f"not a dataset chapter: its parameters lack {missing} (a dataset chapter names "
                              f"{list(CHAPTER_PARAMETERS)})")
-        seeds = tuple(namespace.get("training_seeds", CHAPTER_SETTINGS["training_seeds"].default))
-        return cls(Experiment.from_parameters(namespace), tuple(namespace["archs"]), namespace["denoiser"],
+        experiment = Experiment.from_parameters(namespace)
+        seeds = experiment.training_seeds(namespace.get("training_seeds"))
+        return cls(experiment.with_training_seed(seeds[0]), tuple(namespace["archs"]), namespace["denoiser"],
                    namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"], seeds)
 
     @property
@@ -121,7 +123,7 @@ class DatasetChapter:
 
     def curves(self) -> pd.DataFrame:
         """Radius-curve rows of SegCertify and ours for the first architecture (models of the first seed)."""
-        return self.experiment.with_training_seed(self.training_seeds[0]).curves(self.archs[:1], self.compared)
+        return self.experiment.curves(self.archs[:1], self.compared)
 
     def split_experiments(self) -> dict[str, Experiment]:
         """The chapter's settings on its whole test split, once per split: "blocked" (its ``split_block``)

@@ -27,7 +27,7 @@ from medcert_core.smoothing import Execution
 from medcert_core.study.runs import store
 from medcert_core.study.runs.assets import PRECISION_SUBSTITUTE, precision_tag
 from medcert_core.study.settings import DataSpec, TrainingSpec
-from medcert_core.study.settings import DEFAULTS, training_spec
+from medcert_core.study.settings import DEFAULTS, resolved_training, training_spec
 from medcert_core.study.runs.run import CertificationRun, Method, plain, run_all
 
 PROJECT_MARKERS = ("_toc.yml", "pyproject.toml")
@@ -100,8 +100,7 @@ class Experiment:
     def training(self) -> TrainingSpec:
         """The profile's TrainingSpec with ``training_overrides`` applied (e.g. {"epochs": 1}), its
         ``training_precision`` resolved for the device (``auto``: bf16 where it runs natively)."""
-        spec = training_spec(self.profile).with_overrides(self.training_overrides)
-        return dataclasses.replace(spec, training_precision=resolve_precision(spec.training_precision, self.device))
+        return resolved_training(training_spec(self.profile).with_overrides(self.training_overrides), self.device)
 
     @property
     def execution(self) -> Execution:
@@ -150,6 +149,14 @@ class Experiment:
                         device=self.device, execution=self.execution, progress=self.progress)
         store.aggregate(self.results_path)
         return frame
+
+    def training_seeds(self, seeds: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The seeds models are trained from: ``seeds``, else the one these settings train with (a
+        ``training_seed`` override, else the split's ``seed``)."""
+        if seeds is not None:
+            return tuple(int(seed) for seed in seeds)
+        explicit = self.training.training_seed
+        return (int(self.seed) if explicit is None else int(explicit),)
 
     def with_training_seed(self, seed: int) -> "Experiment":
         """These settings with every model trained from ``seed`` (the split and the noise unchanged); the

@@ -30,7 +30,7 @@ from medcert_core.checks import check_parameter
 from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.data.base import dataset_digest
 from medcert_core.denoisers import DDPM_PRESETS, parse_spec
-from medcert_core.devices import PRECISION_CHOICES
+from medcert_core.devices import PRECISION_CHOICES, resolve_precision
 from medcert_core.io import USER_CACHE
 from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import check_batch_size, compile_mode
@@ -189,10 +189,17 @@ PROFILES: dict[str, TrainingSpec] = {
 
 
 def training_spec(profile: str) -> TrainingSpec:
-    """The TrainingSpec of ``profile``; the error lists the valid names."""
+    """The TrainingSpec of ``profile``, as written (``training_precision`` may be ``auto``: see
+    :func:`resolved_training`); the error lists the valid names."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     return PROFILES[profile]
+
+
+def resolved_training(spec: TrainingSpec, device: str | None = "auto") -> TrainingSpec:
+    """``spec`` with its ``training_precision`` resolved for ``device`` (``auto``: bf16 where it runs
+    natively, else fp32): what names the models it trains and keys the runs that use them."""
+    return dataclasses.replace(spec, training_precision=resolve_precision(spec.training_precision, device))
 
 
 # --- the settings ------------------------------------------------------------------------------
@@ -308,8 +315,8 @@ CHAPTER_SETTINGS: dict[str, Setting] = {
                            check=_check_split_block),
     "baselines_for": Setting("first", (str,), 'the clean rows and SegCertify for the "first" architecture or "all"',
                              choices=("first", "all")),
-    "training_seeds": Setting([0], (list,), "every model trained once per seed: comparisons over seeds and images",
-                              check=_check_training_seed),
+    "training_seeds": Setting(None, (list, NONE), "every model trained once per seed, comparisons over seeds and "
+                              "images (None: once, from the training seed)", check=_check_training_seed),
 }
 ALL_SETTINGS = {**SETTINGS, **CHAPTER_SETTINGS}
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}

@@ -73,8 +73,8 @@ def jobs_of_parameters(parameters: Mapping[str, Any]) -> list[ModelJob]:
     from medcert_core.study.experiment import Experiment
 
     base = Experiment.from_parameters(parameters)
-    seeds = parameters.get("training_seeds") or [base.seed]
-    return [job for seed in seeds for job in _jobs_of_experiment(base.with_training_seed(seed), parameters)]
+    return [job for seed in base.training_seeds(parameters.get("training_seeds"))
+            for job in _jobs_of_experiment(base.with_training_seed(seed), parameters)]
 
 
 def _jobs_of_experiment(experiment, parameters: Mapping[str, Any]) -> list[ModelJob]:

@@ -136,9 +136,10 @@ class CertificationRun:
         parameters["data"].pop("data_root")
         if not parameters["data"]["split_block"]:  # named only when not the default, so existing keys stay valid
             parameters["data"].pop("split_block")
-        for name, default in (("training_precision", "fp32"), ("patience", None), ("flips", False),
-                              ("training_seed", None)):  # likewise
-            if parameters["training"][name] == default:
+        unnamed = {"training_precision": ("fp32",), "patience": (None,), "flips": (False,),
+                   "training_seed": (None, self.data.seed)}  # likewise; the split's seed trains the same models
+        for name, defaults in unnamed.items():
+            if parameters["training"][name] in defaults:
                 parameters["training"].pop(name)
         parameters["method"].pop("note")
         return parameters

@@ -168,3 +168,11 @@ def test_without_training_seeds_a_chapter_trains_from_its_split_seed_or_its_expl
     other = _chapter("phantom", seed=0, training_seeds=[2, 5])
     assert other.experiment.training.training_seed == 2, "the figures use the first seed's models"
     assert set(_runs_read(other, monkeypatch)) == set(other.runs())
+
+
+def test_a_grid_may_name_several_training_seeds_and_each_is_checked():
+    defaults = {**DEFAULTS, "training_seeds": None}
+    check_setting("training_seeds", [0, 1, 2], defaults)
+    check_setting("training_seeds", None, defaults)
+    with pytest.raises(ValueError, match="parameter 'training_seeds': each training seed must be null or an integer"):
+        check_setting("training_seeds", [0, -1], defaults)

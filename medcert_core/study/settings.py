@@ -254,9 +254,12 @@ def _check_model_flags(text: str) -> None:
         raise ValueError(str(error)) from error
 
 
-def _check_training_seed(seed: Any) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"a training seed is an integer >= 0, got {seed!r}")
+def _check_training_seeds(seeds: list | None) -> None:
+    """None, or a list of training seeds, each valid as the ``training_seed`` override."""
+    for seed in seeds or []:
+        problem = _training_field_problem("training_seed", seed) if seed is not None else "must not be null"
+        if problem:
+            raise ValueError(f"each training seed {problem}")
 
 
 def _check_training(overrides: Any) -> None:
@@ -316,7 +319,7 @@ CHAPTER_SETTINGS: dict[str, Setting] = {
     "baselines_for": Setting("first", (str,), 'the clean rows and SegCertify for the "first" architecture or "all"',
                              choices=("first", "all")),
     "training_seeds": Setting(None, (list, NONE), "every model trained once per seed, comparisons over seeds and "
-                              "images (None: once, from the training seed)", check=_check_training_seed),
+                              "images (None: once, from the training seed)", check=_check_training_seeds),
 }
 ALL_SETTINGS = {**SETTINGS, **CHAPTER_SETTINGS}
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}

@@ -58,8 +58,12 @@ def preset_capacity(preset: str, arch: str, *, in_channels: int = 3, num_classes
                     size: tuple[int, int] = (128, 128)) -> dict[str, int]:
     """{"parameters", "macs"} of ``arch`` at ``preset``'s widths: its weights, and the multiply-accumulates of
     one forward pass on one (in_channels, *size) image."""
-    model = create_model(arch, in_channels, num_classes, **PRESETS[preset]["model_kwargs"].get(arch, {}))
-    return model_capacity(model, (1, in_channels, *size))
+    return model_capacity(preset_model(preset, arch, in_channels, num_classes), (1, in_channels, *size))
+
+
+def preset_model(preset: str, arch: str, in_channels: int = 3, num_classes: int = 4) -> torch.nn.Module:
+    """An untrained ``arch`` at ``preset``'s widths."""
+    return create_model(arch, in_channels, num_classes, **PRESETS[preset]["model_kwargs"].get(arch, {}))
 
 
 @dataclass

@@ -147,7 +147,8 @@ def _mean_delta(table: pd.DataFrame, name: str, method: str) -> float:
 def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, comparison: pd.DataFrame) -> str:
     """Markdown: one sentence per difference between this run and the paper's JSRT setting and numbers."""
     from medcert_core.study.runs.assets import ddpm_image_size
-    from medcert_core.training import preset_capacity
+    from medcert_core.models import count_parameters
+    from medcert_core.training import preset_model
 
     training = experiment.training
     test_count = len(experiment.data.load("test"))
@@ -175,8 +176,8 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
     if training.preset != "paper":
         archs = list(dict.fromkeys(per_arch["arch"])) if len(per_arch) else []
         classes = per_arch["class_id"].nunique()
-        sizes = ", ".join(f"{arch} {preset_capacity(training.preset, arch, num_classes=classes)['parameters'] / 1e6:.1f} M"
-                          for arch in archs)
+        weights = {arch: count_parameters(preset_model(training.preset, arch, num_classes=classes)) for arch in archs}
+        sizes = ", ".join(f"{arch} {count / 1e6:.1f} M" for arch, count in weights.items())
         lines.append(f"**Segmenters.** The `{training.preset}` preset ({training.epochs} epochs; parameters: {sizes}) "
                      "replaces the paper's full-size models trained for longer on a GPU.")
     if shown < test_count:

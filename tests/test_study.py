@@ -816,26 +816,6 @@ def test_live_summary_averages_certified_dice_over_the_foreground_classes():
     assert line == "ours: 25.0 % abstain, certified Dice 0.833 (foreground)"  # (1 + 2/3) / 2, background not counted
 
 
-def test_a_missing_dataset_placeholder_says_where_to_get_it_how_to_run_it_and_what_the_paper_reports(tmp_path):
-    """The grid the placeholder prints is valid, and its numbers are the paper's Table 1 Montgomery column."""
-    import re
-
-    from medcert_core.study.report.book import placeholder_text
-
-    text = placeholder_text("Montgomery: lungs", "montgomery", "montgomery")
-    assert "was not part of the run that built\nit." in text and "lhncbc.nlm.nih.gov" in text
-    assert "ResUNet++ 0.96 0.93 0.02 / 0.94 0.89 0.03 / 0.89 0.83 0.07" in text
-    grid_text = re.search(r"<<'YAML'\n(.*?)YAML\n", text, re.S).group(1)
-    (tmp_path / "g.yaml").write_text(grid_text)
-    from medcert_core.study.workflow import prepare_entries
-
-    (entry,) = prepare_entries(tmp_path / "g.yaml", data_root="/data/montgomery", device="cpu",
-                               root=Path(__file__).resolve().parents[1])
-    assert (entry.notebook, entry.output, entry.parameters["dataset"]) == ("montgomery", "montgomery", "montgomery")
-    assert entry.parameters["data_root"].endswith("data/montgomery"), "{data_root} is filled from --data-root"
-    assert placeholder_text("JSRT", "jsrt", "jsrt").startswith("# JSRT\n\nThis chapter has not been run")
-
-
 def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
     from medcert_core.study.grid.local import rerun_grid_sentence
     from medcert_core.study.grid.spec import load_grid

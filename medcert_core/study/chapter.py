@@ -6,7 +6,8 @@ both build a :class:`DatasetChapter` from the same parameters and so compute the
 
 Rows (as the paper's Tables 1 and 2): ours for every architecture (``per_arch``); the clean rows
 (sigma = 0, trained without and with noise), SegCertify and ours for the first architecture or, with
-``baselines_for = "all"``, for every one (``comparison``). With several ``training_seeds`` every run
+``baselines_for = "all"``, for every one (``comparison``); ours with the first architecture behind each of
+``other_denoisers`` (``other_denoisers_rows``), where the chapter names some. With several ``training_seeds`` every run
 is repeated with models trained from each seed (a ``training_seed`` column), and the paired intervals
 resample seeds as well as images. No figure code: the notebook draws.
 """
@@ -43,6 +44,7 @@ class DatasetChapter:
     segcertify_noise: float = CHAPTER_SETTINGS["segcertify_noise"].default
     baselines_for: str = CHAPTER_SETTINGS["baselines_for"].default
     training_seeds: tuple[int, ...] = (0,)
+    other_denoisers: tuple[tuple[str, str], ...] = ()  # (note, denoiser spec): more rows of ours, first architecture
 
     def __post_init__(self) -> None:
         if not self.archs:
@@ -67,8 +69,10 @@ class DatasetChapter:
                              f"{list(CHAPTER_PARAMETERS)})")
         experiment = Experiment.from_parameters(namespace)
         seeds = experiment.training_seeds(namespace.get("training_seeds"))
+        others = tuple((str(note), str(spec)) for note, spec in (namespace.get("other_denoisers") or {}).items())
         return cls(experiment.with_training_seed(seeds[0]), tuple(namespace["archs"]), namespace["denoiser"],
-                   namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"], seeds)
+                   namespace["denoise_steps"], namespace["segcertify_noise"], namespace["baselines_for"], seeds,
+                   others)
 
     @property
     def ours(self) -> Method:
@@ -84,6 +88,11 @@ class DatasetChapter:
         return [self.segcertify, self.ours]
 
     @property
+    def other_denoiser_methods(self) -> list[Method]:
+        """Ours behind each of ``other_denoisers`` (single-step where the denoiser is a DDPM), its note in the label."""
+        return [ours(spec, self.denoise_steps, note=note) for note, spec in self.other_denoisers]
+
+    @property
     def baseline_archs(self) -> list[str]:
         """The architectures that also get the clean rows and SegCertify."""
         return list(self.archs if self.baselines_for == "all" else self.archs[:1])
@@ -95,7 +104,8 @@ class DatasetChapter:
         """Every run the chapter reads, each once (what ``certify-runs`` computes for it), for every seed."""
         runs = [run for seed in self.training_seeds for experiment in [self.experiment.with_training_seed(seed)]
                 for run in (*experiment.runs(self.archs, [self.ours]),
-                            *experiment.runs(self.baseline_archs, self._comparison_methods()))]
+                            *experiment.runs(self.baseline_archs, self._comparison_methods()),
+                            *experiment.runs(self.archs[:1], self.other_denoiser_methods))]
         return list(dict.fromkeys(runs))  # equal settings, equal run: each once, in order
 
     def per_arch(self) -> pd.DataFrame:
@@ -105,6 +115,20 @@ class DatasetChapter:
     def comparison(self) -> pd.DataFrame:
         """Tidy rows of the clean rows, SegCertify and ours for the baseline architectures, every training seed."""
         return self.experiment.run_seeds(self.baseline_archs, self._comparison_methods(), self.training_seeds)
+
+    def other_denoisers_rows(self) -> pd.DataFrame:
+        """Tidy rows of ours with the first architecture behind the chapter's denoiser and each of
+        ``other_denoisers``, every training seed (empty when the chapter names none)."""
+        if not self.other_denoisers:
+            return pd.DataFrame()
+        return self.experiment.run_seeds(self.archs[:1], [self.ours, *self.other_denoiser_methods], self.training_seeds)
+
+    def other_denoisers_against_ours(self) -> pd.DataFrame:
+        """Each other denoiser minus the chapter's, image by image, with 95 % paired intervals (empty without
+        ``other_denoisers``)."""
+        if not self.other_denoisers:
+            return pd.DataFrame()
+        return paired_differences(self.other_denoisers_rows(), reference=self.ours.label)
 
     def ours_against_segcertify(self) -> pd.DataFrame:
         """Ours minus SegCertify per baseline architecture, σ and class, image by image, with 95 % paired

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import file_lock, write_atomically, write_json_atomically
-from medcert_core.study.grid.spec import GridEntry
+from medcert_core.study.grid.spec import GridEntry, template_parameters
 from medcert_core.study.settings import PROFILES
 
 STATE = "grid_state.json"
@@ -44,6 +45,18 @@ def without_stderr(notebook):
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = [out for out in cell.outputs if not (out.output_type == "stream" and out.name == "stderr")]
+    return notebook
+
+
+def with_dataset_heading(notebook, template: Path, parameters: Mapping[str, Any]):
+    """The executed notebook with its first cell written from its dataset (``report.datasets``) where the
+    template asks for it (``metadata.medcert.heading = "dataset"``: the shared dataset template); else as is."""
+    from medcert_core.study.report.datasets import HEADING_FROM_DATASET, heading_markdown
+
+    if notebook.metadata.get("medcert", {}).get("heading") != HEADING_FROM_DATASET:
+        return notebook
+    dataset = parameters.get("dataset", (template_parameters(template) or {}).get("dataset"))
+    notebook.cells[0].source = heading_markdown(dataset)
     return notebook
 
 
@@ -122,7 +135,8 @@ def execute(entry: GridEntry, *, notebooks_dir: Path, book_dir: Path, results_di
         reason = f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}"
         raise NotebookFailed(f"notebook {entry.notebook} failed with {reason}\n  parameters: {entry.parameters}\n"
                              f"  the partly executed copy, with the traceback, is {temporary}") from error
-    notebook = without_stderr(nbformat.read(temporary, as_version=4))
+    notebook = with_dataset_heading(without_stderr(nbformat.read(temporary, as_version=4)),
+                                    notebooks_dir / f"{entry.notebook}.ipynb", entry.parameters)
     template, output_path = (os.path.relpath(notebooks_dir / f"{entry.notebook}.ipynb", cwd),
                              os.path.relpath(output, cwd))
     notebook.metadata["papermill"].update(  # paths as the project sees them, not as this machine does

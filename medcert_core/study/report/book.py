@@ -29,66 +29,9 @@ Run it with the dataset's folder, e.g.
 The template, with its parameters cell, is `notebooks/{name}.ipynb`.
 """
 
-MISSING_DATA = {  # the paper's datasets whose chapters the site's build does not run (no data given to it)
-    "montgomery": {
-        "data": "the Montgomery County chest X-ray set (138 images with left and right lung masks)",
-        "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
-                  "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets",
-        "paper": "Table 1, Montgomery lung, certified Dice / IoU / %⊘ at σ = 0.25 / 0.5 / 1.0 (512 px): "
-                 "UNet 0.93 0.89 0.07 / 0.89 0.80 0.07 / 0.88 0.80 0.14; ResUNet++ 0.96 0.93 0.02 / "
-                 "0.94 0.89 0.03 / 0.89 0.83 0.07; DeepLabV2 0.93 0.91 0.07 / 0.91 0.87 0.02 / 0.85 0.79 0.17",
-    },
-    "shenzhen": {
-        "data": "the Shenzhen chest X-ray set (662 radiographs, 566 of them with lung masks)",
-        "source": "the U.S. National Library of Medicine's tuberculosis image data sets, "
-                  "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets "
-                  "(the lung masks are distributed separately; the layout is in the Datasets chapter)",
-        "paper": "Table 1, Shenzhen lung, certified Dice / IoU / %⊘ at σ = 0.25 / 0.5 / 1.0 (512 px): "
-                 "UNet 0.95 0.90 0.05 / 0.93 0.90 0.02 / 0.89 0.83 0.10; ResUNet++ 0.95 0.91 0.01 / "
-                 "0.93 0.90 0.02 / 0.90 0.85 0.06; DeepLabV2 0.80 0.71 0.07 / 0.34 0.25 0.15 / 0.04 0.02 0.11",
-    },
-    "isic2018": {
-        "data": "the ISIC 2018 Task 1 training set (2,594 dermatoscopy images with lesion masks)",
-        "source": "the ISIC challenge's data page, https://challenge.isic-archive.com/data/#2018",
-        "paper": "Table 3, skin lesions, ResUNet++, certified Dice / IoU / %⊘: SegCertify 0.79 0.68 0.07 / "
-                 "0.41 0.27 0.06 / 0.00 0.00 0.01, ours 0.85 0.77 0.03 / 0.83 0.76 0.04 / 0.77 0.69 0.06, in "
-                 "the order of the table's three rows (our copy of the paper garbles their σ and R columns: "
-                 "presumably σ = 0.25 / 0.5 / 1.0)",
-    },
-}
-MISSING_DATA_PLACEHOLDER = """# {title}
-
-This chapter has not been run for this site: its data, {data}, was not part of the run that built
-it. It can be had from {source}; the folder layouts medcert reads are in the [Datasets](datasets.md)
-chapter.
-
-Once it is there, this executes the chapter on a CPU at the JSRT study's scale (128 px, the first
-25 test images) and rebuilds the site:
-
-```bash
-cat > grids/{output}.yaml <<'YAML'
-parameters: {{profile: jsrt, dataset: {dataset}, data_root: "{{data_root}}", image_size: 128, test_images: 25}}
-runs:
-  - notebook: {name}
-    output: {output}
-YAML
-./run.sh grid grids/{output}.yaml --data-root DIR && ./run.sh book
-```
-
-(`DIR`: the dataset's folder.) `./run.sh study --profile paper --data-root DATA_DIR --device cuda`
-runs it at the paper's settings on a GPU, with every other chapter.
-
-What the paper reports for it: {paper}.
-"""
-
-
 def placeholder_text(title: str, template: str, output: str) -> str:
-    """The markdown of a chapter not run here: dataset-specific where its data is known to be missing."""
-    dataset = next((name for name in MISSING_DATA if template == name), None)
-    if dataset is None:
-        return PLACEHOLDER.format(title=title, name=template, output=output)
-    return MISSING_DATA_PLACEHOLDER.format(title=title, name=template, output=output, dataset=dataset,
-                                           **MISSING_DATA[dataset])
+    """The markdown of a chapter not run here."""
+    return PLACEHOLDER.format(title=title, name=template, output=output)
 
 
 def toc_files(root: str | Path) -> list[str]:
@@ -110,10 +53,14 @@ def toc_files(root: str | Path) -> list[str]:
 
 def template_of(chapter: str, notebooks_dir: str | Path) -> Path | None:
     """The template a chapter is executed from: ``<chapter>.ipynb``, else the longest template name
-    the chapter's name extends with "_..." (a grid entry's ``output:``, e.g. jsrt_256 from jsrt)."""
+    the chapter's name extends with "_..." (a grid entry's ``output:``, e.g. jsrt_256 from jsrt), else the
+    shared dataset template for a dataset it has a text for (``report.datasets``: montgomery, isic2017...)."""
+    from medcert_core.study.report.datasets import DATASET_CHAPTERS, DATASET_TEMPLATE
+
     candidates = [Path(notebooks_dir) / f"{chapter}.ipynb"] + sorted(
         (path for path in Path(notebooks_dir).glob("*.ipynb") if chapter.startswith(f"{path.stem}_")),
         key=lambda path: -len(path.stem))
+    candidates += [Path(notebooks_dir) / f"{DATASET_TEMPLATE}.ipynb"] if chapter in DATASET_CHAPTERS else []
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -129,13 +76,24 @@ def write_placeholders(root: str | Path, notebooks_dir: str | Path = "notebooks"
         template = template_of(name, notebooks_dir)
         if exists or template is None:
             continue
-        title = nbformat.read(template, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
+        title = title_of(name, template)
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
             placeholder_text(title, template.stem, name))])
         notebook.metadata["medcert"] = {"placeholder": True}
         path = root / f"{file}.ipynb"
         written.append(write_atomically(path, lambda temporary: nbformat.write(notebook, str(temporary))))
     return written
+
+
+def title_of(chapter: str, template: Path) -> str:
+    """A chapter's title: its dataset's for the shared dataset template, else the template's heading."""
+    from medcert_core.study.report.datasets import DATASET_TEMPLATE, chapter_text
+
+    if template.stem == DATASET_TEMPLATE:
+        return chapter_text(chapter).title
+    import nbformat
+
+    return nbformat.read(template, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
 
 
 def copy_offline_assets(root: str | Path) -> Path:

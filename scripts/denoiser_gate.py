@@ -17,6 +17,9 @@ Rows that are reported, not gated: ``--ffdnet FILE`` adds the off-the-shelf FFDN
 (``ffdnet:<file.pth>``) with the shrink above 75/255 (box average to its trained range) and without it
 (full resolution, noise map at sigma); ``--other-ddpm NOTE=FOLDER`` (repeatable) adds a DDPM trained on
 another dataset, single-step, e.g. ``--other-ddpm "trained on jsrt=~/.cache/medcert/denoisers/ddpm_jsrt_..."``.
+The JSON's ``best_per_sigma`` names, per sigma, the denoiser a chapter could certify with (the own DDPM's
+single step and the reported rows) of highest validation PSNR: the chapter's choice. ``--no-unet-rival``
+leaves the UNet denoisers (three trainings) out; the gate then compares single- and multi-step only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import yaml
 
 from medcert_core.denoisers import load_denoiser
-from medcert_core.denoisers.gate import mmse_gate_failures, paired_psnr_differences, psnr_row
+from medcert_core.denoisers.gate import best_per_sigma, mmse_gate_failures, paired_psnr_differences, psnr_row
 from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.study.runs.assets import ddpm_image_size, resolve_denoiser_spec
 from medcert_core.study.settings import DataSpec, resolved_training, training_spec
@@ -79,6 +82,8 @@ def main() -> int:
     parser.add_argument("--ffdnet", type=Path, default=None, help="report FFDNet rows from this ffdnet_color.pth")
     parser.add_argument("--other-ddpm", type=other_ddpm, action="append", default=[], metavar="NOTE=FOLDER",
                         help="report a DDPM trained on another dataset (repeatable)")
+    parser.add_argument("--no-unet-rival", action="store_true",
+                        help="leave the UNet denoisers out (no training): the gate compares single- and multi-step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", type=Path, default=user_cache_dir())
@@ -93,8 +98,8 @@ def main() -> int:
     training = resolved_training(training_spec(args.profile).with_overrides(args.training), args.device)
     start = time.perf_counter()
     ddpm = resolve_denoiser_spec("ddpm:auto", max(args.sigmas), args.cache, data, training, args.device)
-    unets = {sigma: resolve_denoiser_spec("unet:auto", sigma, args.cache, data, training, args.device)
-             for sigma in args.sigmas}
+    unets = {} if args.no_unet_rival else {
+        sigma: resolve_denoiser_spec("unet:auto", sigma, args.cache, data, training, args.device) for sigma in args.sigmas}
     training_seconds = time.perf_counter() - start
 
     images = data.load(args.split)
@@ -107,16 +112,19 @@ def main() -> int:
             "noisy input": None,
             SINGLE: load_denoiser(ddpm, sigma),
             MULTI: load_denoiser(ddpm, sigma, steps=args.multi_steps, generator=torch.Generator().manual_seed(1)),
-            UNET: load_denoiser(unets[sigma], sigma),
+            **({UNET: load_denoiser(unets[sigma], sigma)} if unets else {}),
             **reported_denoisers(args, sigma),
         }
         for name, denoiser in denoisers.items():
             rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size))
             print(f"sigma {sigma:4}  {name:18} PSNR {rows[-1]['psnr_db']:6.2f} dB", flush=True)
     failures = mmse_gate_failures({(row["sigma"], row["denoiser"]): row["psnr_db"] for row in rows},
-                                  args.sigmas, single=SINGLE, rivals=(MULTI, UNET))
+                                  args.sigmas, single=SINGLE, rivals=(MULTI, UNET) if unets else (MULTI,))
+    candidates = [SINGLE, *reported_denoisers(args, args.sigmas[0])]
     result = {
-        "gate": "PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma",
+        "gate": ("PSNR(single-step) >= PSNR(multi-step) and >= PSNR(UNet denoiser) at every sigma" if unets else
+                 "PSNR(single-step) >= PSNR(multi-step) at every sigma (no UNet rival: --no-unet-rival)"),
+        "best_per_sigma": {str(sigma): name for sigma, name in best_per_sigma(rows, candidates).items()},
         "passed": not failures, "failures": failures, "rows": rows,
         "paired_against_single_step": paired_psnr_differences(rows, SINGLE),
         "dataset": args.dataset, "split": args.split, "images": count, "image_size": image_size,

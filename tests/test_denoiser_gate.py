@@ -24,6 +24,17 @@ def test_the_gate_fails_exactly_where_single_step_loses():
         mmse_gate_failures(table, [0.25], single="single", rivals=("multi",))
 
 
+def test_the_best_denoiser_per_sigma_is_the_candidate_of_highest_psnr():
+    from medcert_core.denoisers.gate import best_per_sigma
+
+    rows = [{"sigma": sigma, "denoiser": name, "psnr_db": value} for sigma, name, value in (
+        (0.5, "noisy input", 40.0), (0.5, "single", 27.0), (0.5, "ffdnet", 27.5), (0.5, "other", 26.0),
+        (1.0, "single", 24.0), (1.0, "ffdnet", 21.0), (1.0, "multi", 30.0))]
+    assert best_per_sigma(rows, ["single", "ffdnet", "other"]) == {0.5: "ffdnet", 1.0: "single"}, \
+        "rows that are not candidates (the noisy input, the gate's rivals) are never chosen"
+    assert best_per_sigma(rows, ["other"]) == {0.5: "other"}
+
+
 def test_paired_psnr_differences_are_image_by_image():
     from medcert_core.denoisers.gate import paired_psnr_differences
 
@@ -63,3 +74,11 @@ def test_the_gate_script_measures_the_profiles_own_models(tmp_path):
     assert "_ema0.9" in result["ddpm"]["folder"]
     assert {row["denoiser"] for row in result["paired_against_single_step"]} == \
         {"ddpm multi-step", "unet denoiser", *reported}
+    candidates = {"ddpm single-step", *reported}
+    assert result["best_per_sigma"]["0.5"] == max(candidates, key=lambda name: table[(0.5, name)])
+
+    without_unet = subprocess.run(command + ["--no-unet-rival", "--output", str(tmp_path / "no_unet.json")],
+                                  capture_output=True, text=True, timeout=600)
+    assert without_unet.returncode in (0, 1), without_unet.stderr
+    rows = json.loads((tmp_path / "no_unet.json").read_text())["rows"]
+    assert "unet denoiser" not in {row["denoiser"] for row in rows} and "ddpm multi-step" in {row["denoiser"] for row in rows}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from medcert_core.metrics import paired_bootstrap_interval, psnr
@@ -26,6 +27,16 @@ def mmse_gate_failures(psnr_db: Mapping[tuple[float, str], float], sigmas: Seque
             if mine < theirs:
                 failures.append(f"sigma {sigma:g}: {single} {mine:.2f} dB < {rival} {theirs:.2f} dB")
     return failures
+
+
+def best_per_sigma(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> dict[float, str]:
+    """Per sigma, the candidate denoiser of highest mean PSNR among ``rows`` (each with "sigma", "denoiser",
+    "psnr_db"); a candidate without a row at some sigma is not considered there."""
+    best: dict[float, tuple[float, str]] = {}
+    for row in rows:
+        if row["denoiser"] in candidates and row["psnr_db"] > best.get(row["sigma"], (-np.inf, ""))[0]:
+            best[row["sigma"]] = (row["psnr_db"], row["denoiser"])
+    return {sigma: name for sigma, (_, name) in best.items()}
 
 
 def psnr_row(denoiser: torch.nn.Module | None, noisy: torch.Tensor, clean: torch.Tensor, *, sigma: float, name: str,

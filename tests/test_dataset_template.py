@@ -14,7 +14,7 @@ from medcert_core.study.chapter import DatasetChapter
 from medcert_core.study.grid.local import with_dataset_heading
 from medcert_core.study.report import paper
 from medcert_core.study.report.book import template_of, write_placeholders
-from medcert_core.study.report.datasets import DATASET_CHAPTERS, chapter_text, heading_markdown
+from medcert_core.study.dataset_texts import DATASET_CHAPTERS, chapter_text, heading_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "notebooks" / "dataset.ipynb"

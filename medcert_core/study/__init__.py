@@ -10,7 +10,7 @@ from medcert_core.study.chapter import DatasetChapter
 from medcert_core.study.experiment import Experiment, clean_baselines, combine, project_root
 from medcert_core.study.report.figures import (abstention_figure, abstention_maps, dice_against_radius,
                                               dice_against_sigma, show, show_markdown)
-from medcert_core.study.report.datasets import chapter_text
+from medcert_core.study.dataset_texts import chapter_text
 from medcert_core.study.report.paper import differences_from_paper, next_to_paper
 from medcert_core.study.report.tables import (paired_differences, paired_table, paper_table, radius_curve_table,
                                              ranking_per_sigma, seeds_table)

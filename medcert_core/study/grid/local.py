@@ -49,9 +49,9 @@ def without_stderr(notebook):
 
 
 def with_dataset_heading(notebook, template: Path, parameters: Mapping[str, Any]):
-    """The executed notebook with its first cell written from its dataset (``report.datasets``) where the
+    """The executed notebook with its first cell written from its dataset (``study.dataset_texts``) where the
     template asks for it (``metadata.medcert.heading = "dataset"``: the shared dataset template); else as is."""
-    from medcert_core.study.report.datasets import HEADING_FROM_DATASET, heading_markdown
+    from medcert_core.study.dataset_texts import HEADING_FROM_DATASET, heading_markdown
 
     if notebook.metadata.get("medcert", {}).get("heading") != HEADING_FROM_DATASET:
         return notebook

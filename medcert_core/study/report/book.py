@@ -54,8 +54,8 @@ def toc_files(root: str | Path) -> list[str]:
 def template_of(chapter: str, notebooks_dir: str | Path) -> Path | None:
     """The template a chapter is executed from: ``<chapter>.ipynb``, else the longest template name
     the chapter's name extends with "_..." (a grid entry's ``output:``, e.g. jsrt_256 from jsrt), else the
-    shared dataset template for a dataset it has a text for (``report.datasets``: montgomery, isic2017...)."""
-    from medcert_core.study.report.datasets import DATASET_CHAPTERS, DATASET_TEMPLATE
+    shared dataset template for a dataset it has a text for (``study.dataset_texts``: montgomery, isic2017...)."""
+    from medcert_core.study.dataset_texts import DATASET_CHAPTERS, DATASET_TEMPLATE
 
     candidates = [Path(notebooks_dir) / f"{chapter}.ipynb"] + sorted(
         (path for path in Path(notebooks_dir).glob("*.ipynb") if chapter.startswith(f"{path.stem}_")),
@@ -87,7 +87,7 @@ def write_placeholders(root: str | Path, notebooks_dir: str | Path = "notebooks"
 
 def title_of(chapter: str, template: Path) -> str:
     """A chapter's title: its dataset's for the shared dataset template, else the template's heading."""
-    from medcert_core.study.report.datasets import DATASET_TEMPLATE, chapter_text
+    from medcert_core.study.dataset_texts import DATASET_TEMPLATE, chapter_text
 
     if template.stem == DATASET_TEMPLATE:
         return chapter_text(chapter).title

@@ -352,9 +352,9 @@ def test_predict_and_shared_draws_on_a_volume():
     far = (x[0] - thresholds).abs() > 0.35  # p_1 beyond Phi(1.4) = 0.92: the top class passes with certainty
     assert far.sum() > 20
     assert torch.equal(prediction[far], (x[0] > thresholds)[far].long())
-    shared = certify_segmenters({"a": fixed_conv3d(0.2).double(), "b": fixed_conv3d().double()}, x, 8, 80, num_classes=3, sigma=0.25,
-                                tau=TAU, alpha=ALPHA, generator=torch.Generator().manual_seed(6), batch_size=32,
-                                device="cpu")
+    shared = certify_segmenters({"a": fixed_conv3d(0.2).double(), "b": fixed_conv3d().double()}, x, 8, 80,
+                                num_classes=3, sigma=0.25, tau=TAU, alpha=ALPHA, batch_size=32, device="cpu",
+                                generator=torch.Generator().manual_seed(6))
     alone = SmoothedSegmenter(fixed_conv3d().double(), 3, 0.25, batch_size=32, device="cpu").certify(
         x, 8, 80, tau=TAU, alpha=ALPHA, generator=torch.Generator().manual_seed(6))
     assert torch.equal(shared["b"].labels, alone.labels)
@@ -387,7 +387,8 @@ class SwapsHeightAndWidth(torch.nn.Module):
 @pytest.mark.parametrize(("segmenter", "shape", "message"), [
     (CollapsesDepth(), (1, 6, 8, 8), "the segmenter returns shape (16, 2, 8, 8) for an input batch of shape "
                                      "(16, 1, 6, 8, 8); expected logits (B, K, D, H, W) = (16, 2 (or 1), 6, 8, 8)"),
-    (SwapsHeightAndWidth(), (1, 3, 4, 6), "height and width swapped: return (B, K, D, H, W), not (B, K, D, W, H)"),
+    (SwapsHeightAndWidth(), (1, 3, 4, 6),
+     "height and width swapped: return (B, K, D, H, W), not (B, K, D, W, H)"),
 ])
 def test_a_segmenter_output_of_another_shape_names_the_volume_layout(segmenter, shape, message):
     smoother = SmoothedSegmenter(segmenter, 2, 0.1, batch_size=16, device="cpu")

@@ -17,6 +17,9 @@ Fischer et al. 2021).
 A p-value depends only on the integer count k in 0..n, so the corrections work on the n + 1
 possible values and their histogram rather than on a sort of all H*W pixels; ties and p-values
 equal to a threshold are decided exactly as ``statsmodels.stats.multitest.multipletests`` does.
+
+Spatial dimensions are generic: every function taking (H, W) arrays takes (D, H, W) volumes alike,
+one family of tests over all of their voxels.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from scipy.stats import binom, norm
 ABSTAIN: int = -1
 CORRECTIONS: tuple[str, ...] = ("holm", "bonferroni", "none")
 MAX_INFERRED_CLASSES = 65536  # without num_classes, a larger id is more likely a bug than a class
+SPATIAL_DIMS = (2, 3)  # an image (H, W) or a volume (D, H, W)
 
 Array = Union[np.ndarray, torch.Tensor]
 Correction = Literal["holm", "bonferroni", "none"]
@@ -40,10 +44,10 @@ Correction = Literal["holm", "bonferroni", "none"]
 
 @dataclass(frozen=True, eq=False)
 class Certificate:
-    """A per-pixel certificate.
+    """A per-pixel (per-voxel) certificate.
 
-    labels: (H, W) int64, the certified class id or ABSTAIN.
-    pvalues: (H, W) float64, the raw (uncorrected) p-value of every pixel.
+    labels: (H, W) int64 for an image, (D, H, W) for a volume: the certified class id or ABSTAIN.
+    pvalues: the labels' shape, float64, the raw (uncorrected) p-value of every pixel.
     radius: L2 radius, in the input's [0, 1] scale, within which certified pixels are stable.
 
     Compared by identity (``eq=False``): element-wise array equality has no single truth value.
@@ -61,9 +65,8 @@ class Certificate:
 
     @property
     def abstain_fraction(self) -> float:
-        """Fraction of pixels that abstain."""
-        height, width = self.labels.shape
-        return float((self.labels == ABSTAIN).sum()) / (height * width)
+        """Fraction of pixels (voxels) that abstain."""
+        return float((self.labels == ABSTAIN).sum()) / math.prod(self.labels.shape)
 
 
 def certified_radius(sigma: float, tau: float) -> float:
@@ -226,9 +229,9 @@ def certify_counts(
 ) -> Certificate:
     """Certify from accumulated counts.
 
-    selected: (H, W) integer class ids chosen from the selection draws (in 0..num_classes - 1
-    when num_classes is given).
-    counts: (H, W) integers in 0..n, how many of the n estimation draws gave ``selected``.
+    selected: (H, W) (or (D, H, W) for a volume) integer class ids chosen from the selection draws
+    (in 0..num_classes - 1 when num_classes is given).
+    counts: the same shape, integers in 0..n, how many of the n estimation draws gave ``selected``.
     Returns a Certificate whose arrays are of the input's family (torch on its device, or numpy).
     """
     _validate_parameters(n, tau, alpha, sigma, correction)
@@ -240,9 +243,9 @@ def certify_counts(
 
 def _checked_count_histogram(selected: Array, counts: Array, n: int, num_classes: int | None) -> np.ndarray:
     """Check selected and counts (shapes, dtypes, ranges, class ids); returns the (n + 1,) histogram of counts."""
-    if tuple(selected.shape) != tuple(counts.shape) or len(selected.shape) != 2:
+    if tuple(selected.shape) != tuple(counts.shape) or len(selected.shape) not in SPATIAL_DIMS:
         raise ValueError(
-            f"selected and counts must both have shape (H, W); got {tuple(selected.shape)} and "
+            f"selected and counts must both have shape (H, W) or (D, H, W); got {tuple(selected.shape)} and "
             f"{tuple(counts.shape)}"
         )
     if not (_is_integer_dtype(selected) and _is_integer_dtype(counts)):
@@ -315,7 +318,7 @@ def certify_counts_over_taus(
 
 
 def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> Array:
-    """Per pixel, how many of the draws (n, H, W) equal ``selected`` (H, W): counts (H, W) int64.
+    """Per pixel, how many of the draws (n, *spatial) equal ``selected`` (*spatial): counts (*spatial) int64.
 
     On numpy it walks tiles of pixels through all n draws so that each tile stays in cache
     (the certificate is memory-bound: one read of the int64 samples).
@@ -342,8 +345,8 @@ def count_agreement(estimation: Array, selected: Array, tile: int = 32768) -> Ar
 def select_and_count(samples: Array, n0: int, num_classes: int | None = None) -> tuple[Array, Array]:
     """Selected class (mode of the first n0 draws; ties -> smallest id) and its count in the rest.
 
-    samples: (n0 + n, H, W) class ids in 0..num_classes - 1 (checked first; without num_classes,
-    ids >= 0 and below MAX_INFERRED_CLASSES). Returns selected (H, W) int64 and counts (H, W) int64.
+    samples: (n0 + n, *spatial) class ids in 0..num_classes - 1 (checked first; without num_classes,
+    ids >= 0 and below MAX_INFERRED_CLASSES). Returns selected and counts, (*spatial) int64.
     """
     check_class_ids(samples, num_classes, "class ids in samples")
     selection = samples[:n0]
@@ -366,14 +369,14 @@ def certify(
 ) -> Certificate:
     """Certify every pixel from sampled class ids.
 
-    samples: (n0 + n, H, W) integer class ids of the base segmenter on n0 + n independent noisy
-    copies of one image; the first n0 select, the other n estimate. Ids must lie in
+    samples: (n0 + n, H, W) (or (n0 + n, D, H, W) for a volume) integer class ids of the base segmenter
+    on n0 + n independent noisy copies of one image; the first n0 select, the other n estimate. Ids must lie in
     0..num_classes - 1 when num_classes is given (checked before anything is counted).
     """
     if not isinstance(samples, (torch.Tensor, np.ndarray)):
         raise TypeError(f"samples must be a torch.Tensor or numpy.ndarray, got {type(samples).__name__}")
-    if len(samples.shape) != 3:
-        raise ValueError(f"samples must have shape (n0 + n, H, W), got {tuple(samples.shape)}")
+    if len(samples.shape) - 1 not in SPATIAL_DIMS:
+        raise ValueError(f"samples must have shape (n0 + n, H, W) or (n0 + n, D, H, W), got {tuple(samples.shape)}")
     if not _is_integer_dtype(samples):
         raise TypeError(f"samples must hold integer class ids, got dtype {samples.dtype}")
     check_draws("n0 (the number of selection draws)", n0)
@@ -423,7 +426,7 @@ def predict_counts(
 ) -> Array:
     """Smoothed prediction without certificate (Cohen et al.'s PREDICT, per pixel, corrected).
 
-    top_class, top_count, runner_up_count: (H, W) integers from n draws. A pixel keeps its top
+    top_class, top_count, runner_up_count: (H, W) (or (D, H, W)) integers from n draws. A pixel keeps its top
     class when the two-sided binomial test of top_count against top_count + runner_up_count at
     1/2 is rejected by ``correction`` at level ``alpha`` over all pixels; otherwise ABSTAIN.
     Only the (top, runner-up) count pairs that occur get a p-value (at most H * W of them, not

@@ -8,6 +8,10 @@ FN = pixels of c labelled anything else or ABSTAIN. Dice = 2TP / (2TP + FP + FN)
 IoU = TP / (TP + FP + FN); both are NaN for a class absent from both the target and the
 prediction (it is then skipped by the per-class means). The same functions score uncertified
 predictions (they simply contain no ABSTAIN).
+
+Spatial dimensions are generic: labels and target are (H, W) images or (D, H, W) volumes. ``valid``
+(a bool array of their shape) restricts the scores to the real pixels or voxels, e.g. leaving out
+the padding of a volume padded to a common shape.
 """
 
 from __future__ import annotations
@@ -28,14 +32,21 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def confusion_matrix(labels: Any, target: Any, num_classes: int) -> np.ndarray:
+def confusion_matrix(labels: Any, target: Any, num_classes: int, valid: Any | None = None) -> np.ndarray:
     """Counts (K, K + 1): row = ground-truth class, column = predicted class, last column ABSTAIN.
 
-    labels: (H, W) class ids in 0..K-1 or ABSTAIN; target: (H, W) class ids in 0..K-1.
+    labels: (H, W) or (D, H, W) class ids in 0..K-1 or ABSTAIN; target: the same shape, class ids in
+    0..K-1; valid: optional bool mask of the same shape, only its True elements are counted.
     """
     labels, target = _to_numpy(labels).astype(np.int64), _to_numpy(target).astype(np.int64)
     if labels.shape != target.shape:
         raise ValueError(f"labels and target must have the same shape, got {labels.shape} and {target.shape}")
+    if valid is not None:
+        valid = _to_numpy(valid)
+        if valid.shape != labels.shape or valid.dtype != bool:
+            raise ValueError(f"valid must be a bool mask of the labels' shape {labels.shape}, got {valid.dtype} "
+                             f"{valid.shape}")
+        labels, target = labels[valid], target[valid]
     if target.size and (target.min() < 0 or target.max() >= num_classes):
         raise ValueError(f"target class ids must lie in 0..{num_classes - 1}, got {target.min()}..{target.max()}")
     valid = (labels == ABSTAIN) | ((labels >= 0) & (labels < num_classes))
@@ -60,9 +71,10 @@ def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"dice": dice, "iou": iou, "abstain_in_class": abstain_in_class}
 
 
-def segmentation_scores(labels: Any, target: Any, num_classes: int) -> dict[str, np.ndarray]:
-    """Per-class Dice, IoU and abstain-in-class of one image, plus ``abstain`` (image fraction, scalar)."""
-    confusion = confusion_matrix(labels, target, num_classes)
+def segmentation_scores(labels: Any, target: Any, num_classes: int, valid: Any | None = None) -> dict[str, np.ndarray]:
+    """Per-class Dice, IoU and abstain-in-class of one image or volume, plus ``abstain`` (fraction, scalar),
+    over the ``valid`` pixels (voxels) when given, else all."""
+    confusion = confusion_matrix(labels, target, num_classes, valid)
     scores = scores_from_confusion(confusion)
     scores["abstain"] = np.float64(confusion[:, num_classes].sum() / max(confusion.sum(), 1))
     return scores
@@ -81,9 +93,11 @@ class MetricAccumulator:
         self.class_names = tuple(class_names)
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, labels: Any, target: Any, image_id: str | int, **columns: Any) -> dict[str, np.ndarray]:
-        """Score one image (labels, target: (H, W)) and keep one row per class; returns its scores."""
-        scores = segmentation_scores(labels, target, len(self.class_names))
+    def add(self, labels: Any, target: Any, image_id: str | int, valid: Any | None = None,
+            **columns: Any) -> dict[str, np.ndarray]:
+        """Score one image or volume (labels, target: (H, W) or (D, H, W); ``valid``: its real pixels, default
+        all) and keep one row per class; returns its scores."""
+        scores = segmentation_scores(labels, target, len(self.class_names), valid)
         for class_id, class_name in enumerate(self.class_names):
             self.rows.append(
                 {

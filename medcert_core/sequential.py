@@ -129,8 +129,9 @@ def certify_sequentially(selected: np.ndarray, batches: Iterator[np.ndarray], lo
                          stop_undecided: float = 0.0) -> SequentialCertificate:
     """The sequential certificate from a stream of agreement counts.
 
-    selected: (H, W) the class selected from the n0 selection draws (independent of the stream).
-    batches: yields, per look, the (H, W) number of new estimation draws that gave ``selected``
+    selected: (H, W), or (D, H, W) for a volume, the class selected from the n0 selection draws (independent
+        of the stream).
+    batches: yields, per look, the selected shape's number of new estimation draws that gave ``selected``
         since the previous look (``looks[i] - looks[i - 1]`` draws); it is not advanced past the stop.
     """
     check_tau(tau)

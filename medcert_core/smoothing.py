@@ -5,7 +5,9 @@ draw, so the draws do not depend on the batch size), passes each noisy copy thro
 denoiser and the segmenter under ``torch.inference_mode``, and accumulates on the device the class
 histograms of the n0 selection draws and of the n estimation draws (the agreement count of a pixel
 is the estimation histogram at its selected class). The full (n0 + n, H, W) sample tensor is never
-kept, and nothing is read back to the host until an image's draws are all counted. Everything
+kept, and nothing is read back to the host until an image's draws are all counted. Spatial dimensions
+are generic: a volume (C, D, H, W) with logits (B, K, D, H, W) goes through the same sampling,
+counting and Holm step as an image (C, H, W) with logits (B, K, H, W), noise i.i.d. over every voxel. Everything
 after the noise, ``segmenter(denoiser(.))``, is one deterministic function, so the certificate
 holds for any plugged-in models.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +60,7 @@ DRAW_BATCH = 32  # noisy draws per forward pass: the batch size of a run (Execut
 CPU_AUTO_BATCH = DRAW_BATCH  # batch size "auto" on a CPU: memory is rarely the limit there
 SMOOTHER_BATCH = 16  # SmoothedSegmenter's own default (not DRAW_BATCH: test_smoothing pins a 16-draw first batch)
 AUTO_MEMORY_SHARE = 0.8  # batch size "auto" on a GPU plans for this share of the free memory
+INPUT_DIMS = (3, 4)  # x: an image (C, H, W) or a volume (C, D, H, W); every step after this check is generic
 
 
 def image_seed(seed: int, *keys: object) -> int:
@@ -89,7 +93,7 @@ def is_stochastic(denoiser: torch.nn.Module | None) -> bool:
 
 def denoise(denoiser: torch.nn.Module | None, batch: torch.Tensor,
             generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """D(batch) for a (B, C, H, W) batch (the batch itself without a denoiser); a stochastic denoiser
+    """D(batch) for a (B, C, *spatial) batch (the batch itself without a denoiser); a stochastic denoiser
     gets its per-draw generators."""
     if denoiser is None:
         return batch
@@ -144,22 +148,48 @@ def replay(generators: list[torch.Generator] | None) -> list[torch.Generator] | 
     return [torch.Generator(device=g.device).manual_seed(g.initial_seed()) for g in generators]
 
 
+def spatial_names(count: int) -> tuple[str, ...]:
+    """Names of ``count`` spatial dimensions for messages: 2 -> (H, W), 3 -> (D, H, W)."""
+    return ("D", "H", "W")[3 - count:] if count <= 3 else (*(f"S{axis}" for axis in range(count - 2)), "H", "W")
+
+
+def layout(*leading: str, spatial: int) -> str:
+    """A tensor layout for messages: layout("B", "K", spatial=3) -> "(B, K, D, H, W)"."""
+    return f"({', '.join((*leading, *spatial_names(spatial)))})"
+
+
+def channels_last_format(dims: int) -> torch.memory_format:
+    """The channels-last memory format of a tensor with ``dims`` dimensions: 4 (B, C, H, W) or 5 (B, C, D, H, W)."""
+    return torch.channels_last_3d if dims == 5 else torch.channels_last
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """Put a module's 4-D and 5-D parameters and buffers (2D and 3D convolutions) in channels-last format, in place."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.dim() in (4, 5):
+            tensor.data = tensor.data.contiguous(memory_format=channels_last_format(tensor.dim()))
+
+
 def check_segmenter_output(logits: Any, batch_shape: tuple[int, ...], num_classes: int | None) -> None:
-    """Refuse a segmenter output that is not logits (B, K, H, W) for an input batch (B, C, H, W): K the
-    declared number of classes (or 1 for a binary segmenter with num_classes 2), (H, W) the input's.
-    A head at another resolution would otherwise be counted against the wrong pixels."""
-    batch, height, width = batch_shape[0], batch_shape[-2], batch_shape[-1]
+    """Refuse a segmenter output that is not logits (B, K, *spatial) for an input batch (B, C, *spatial), e.g.
+    (B, K, H, W) for images and (B, K, D, H, W) for volumes: K the declared number of classes (or 1 for a
+    binary segmenter with num_classes 2), the spatial size the input's. A head at another resolution would
+    otherwise be counted against the wrong pixels."""
+    batch, spatial = batch_shape[0], tuple(batch_shape[2:])
+    expected = layout("B", "K", spatial=len(spatial))
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the segmenter must return a logits tensor (B, K, H, W), got {type(logits).__name__}; "
+        raise TypeError(f"the segmenter must return a logits tensor {expected}, got {type(logits).__name__}; "
                         "wrap a model that returns a dict or tuple so that it returns the logits")
     shape = tuple(logits.shape)
     expected_k = "K" if num_classes is None else (f"{num_classes}" if num_classes != 2 else "2 (or 1)")
-    wanted = f"(B, K, H, W) = ({batch}, {expected_k}, {height}, {width})"
-    if logits.dim() != 4 or shape[0] != batch:
+    wanted = f"{expected} = ({', '.join(map(str, (batch, expected_k, *spatial)))})"
+    if logits.dim() != len(batch_shape) or shape[0] != batch:
         raise ValueError(f"the segmenter returns shape {shape} for an input batch of shape {tuple(batch_shape)}; "
                          f"expected logits {wanted}")
-    if shape[2:] != (height, width):
-        hint = ("height and width swapped: return (B, K, H, W), not (B, K, W, H)" if shape[2:] == (width, height)
+    if shape[2:] != spatial:
+        swapped = (*spatial[:-2], spatial[-1], spatial[-2])
+        transposed = layout("B", "K", *spatial_names(len(spatial))[:-2], "W", "H", spatial=0)
+        hint = (f"height and width swapped: return {expected}, not {transposed}" if shape[2:] == swapped
                 else "upsample the logits to the input's size inside the model (e.g. F.interpolate at the end "
                      "of forward)")
         raise ValueError(f"the segmenter returns logits of shape {shape} for an input batch of shape "
@@ -174,7 +204,7 @@ def check_segmenter_output(logits: Any, batch_shape: tuple[int, ...], num_classe
 
 
 def check_denoiser_output(clean: Any, noisy_shape: tuple[int, ...]) -> None:
-    """Refuse a denoiser output whose shape is not its input's (B, C, H, W)."""
+    """Refuse a denoiser output whose shape is not its input's (B, C, *spatial)."""
     if not isinstance(clean, torch.Tensor) or tuple(clean.shape) != tuple(noisy_shape):
         shape = tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__
         raise ValueError(f"the denoiser returns {shape} for a noisy batch of shape {tuple(noisy_shape)}; a denoiser "
@@ -182,8 +212,8 @@ def check_denoiser_output(clean: Any, noisy_shape: tuple[int, ...]) -> None:
 
 
 def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Class ids (B, H, W) int64 from logits (B, K, H, W), or from one binary logit (B, 1, H, W);
-    with ``num_classes``, K must equal it (or be 1 for num_classes 2)."""
+    """Class ids (B, *spatial) int64 from logits (B, K, *spatial), e.g. (B, K, H, W) or (B, K, D, H, W), or from
+    one binary logit (B, 1, *spatial); with ``num_classes``, K must equal it (or be 1 for num_classes 2)."""
     channels = logits.shape[1]
     if channels == 1 and num_classes in (None, 2):
         return (logits[:, 0] > 0).long()
@@ -196,21 +226,21 @@ def classes_from_logits(logits: torch.Tensor, num_classes: int | None = None) ->
 
 
 def selected_and_count(selection: torch.Tensor, estimation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, H, W) selection and estimation histograms -> the selected class (mode of the selection draws)
-    and how many estimation draws give it, both (H, W) int64."""
+    """(K, *spatial) selection and estimation histograms -> the selected class (mode of the selection draws)
+    and how many estimation draws give it, both (*spatial) int64 ((H, W) for an image, (D, H, W) for a volume)."""
     selected = selection.argmax(0)
     return selected, agreement(estimation, selected)
 
 
 def agreement(histogram: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) class counts -> (H, W) how many of those draws gave ``selected`` (H, W)."""
+    """(K, *spatial) class counts -> (*spatial) how many of those draws gave ``selected`` (*spatial)."""
     return histogram.gather(0, selected.unsqueeze(0))[0]
 
 
 def add_to_histograms(histograms: list[torch.Tensor], starts: list[int], ends: list[int], first: int,
                       classes: torch.Tensor) -> None:
-    """Add a batch of class ids (b, H, W), draws first .. first + b - 1, to the (K, H * W) histograms of
-    the streams [start, end) it overlaps."""
+    """Add a batch of class ids (b, *spatial), draws first .. first + b - 1, to the (K, number of pixels or
+    voxels) histograms of the streams [start, end) it overlaps."""
     flat = classes.reshape(classes.shape[0], -1)
     last = first + flat.shape[0]
     for histogram, start, end in zip(histograms, starts, ends):
@@ -223,8 +253,9 @@ class SmoothedSegmenter:
     """A segmenter smoothed with N(0, sigma^2 I) noise on its [0, 1]-scaled input.
 
     segmenter: module mapping (B, C, H, W) to logits (B, K, H, W) with K = num_classes, or to
-        (B, 1, H, W) for a binary segmenter (class 1 where sigmoid(logit) > 0.5) with num_classes 2.
-    denoiser: optional module mapping a noisy (B, C, H, W) batch to its clean estimate.
+        (B, 1, H, W) for a binary segmenter (class 1 where sigmoid(logit) > 0.5) with num_classes 2;
+        for volumes (B, C, D, H, W) to (B, K, D, H, W) (a 2D model applied slice by slice is one).
+    denoiser: optional module mapping a noisy (B, C, *spatial) batch to its clean estimate.
     batch_size: noisy draws per forward pass (default SMOOTHER_BATCH), or "auto" (on a GPU the largest
         that fits the free memory, on a CPU CPU_AUTO_BATCH); on a GPU out-of-memory error the batch is
         halved and redone with the same noise, so no draw is lost and a seeded certificate does not change.
@@ -273,7 +304,7 @@ class SmoothedSegmenter:
         self.compile = mode
         if self.channels_last:
             for module in self._modules():
-                module.to(memory_format=torch.channels_last)
+                to_channels_last(module)
         self._forward: Callable[..., torch.Tensor] = (
             self._logits if mode is None else torch.compile(self._logits, mode=mode)
         )
@@ -312,12 +343,12 @@ class SmoothedSegmenter:
         return logits.float()
 
     def base_classes(self, batch: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Class ids (B, H, W) int64 of the base model f(D(batch)) for a (B, C, H, W) batch.
+        """Class ids (B, *spatial) int64 of the base model f(D(batch)) for a (B, C, *spatial) batch.
 
         generators: one per draw, for a stochastic denoiser.
         """
         if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=channels_last_format(batch.dim()))
         logits = self._forward(batch, generators)
         self._all_finite &= torch.isfinite(logits).all()  # on the device: checked once per image, no sync here
         return classes_from_logits(logits, self.num_classes)
@@ -334,7 +365,7 @@ class SmoothedSegmenter:
         return self.base_classes(noisy, generators)[:size]
 
     def _classes_of_draws(self, noisy: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-        """Class ids (B, H, W) of noisy draws (B, C, H, W), in batches of the working size; an
+        """Class ids (B, *spatial) of noisy draws (B, C, *spatial), in batches of the working size; an
         out-of-memory error halves it and redoes the failed batch with the same noise."""
         done, chunks, retried = 0, [], False
         while done < noisy.shape[0]:
@@ -379,8 +410,9 @@ class SmoothedSegmenter:
 
     def draw_batches(self, x: torch.Tensor, total: int, generator: torch.Generator, progress: bool = False,
                      desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (index of its first draw, class ids (b, H, W)) for ``total`` independent noisy copies of x
-        (C, H, W) on the device: the one sampling path of certificates, predictions and attacks."""
+        """Yield (index of its first draw, class ids (b, *spatial)) for ``total`` independent noisy copies of x
+        (C, *spatial) on the device: the one sampling path of certificates, predictions and attacks, for
+        images (C, H, W) and volumes (C, D, H, W) alike."""
         if self._working_batch is None:
             self._working_batch = self._auto_batch(x, total)
         done = 0
@@ -395,19 +427,19 @@ class SmoothedSegmenter:
 
     def class_histograms(self, x: torch.Tensor, draws: list[int], generator: torch.Generator, progress: bool = False,
                          desc: str = "sampling") -> list[torch.Tensor]:
-        """Per-pixel class counts (K, H, W) int64 of consecutive streams of draws, e.g. [n0, n] ->
-        [selection histogram, estimation histogram]; one stream of batches across them."""
-        height, width = x.shape[-2:]
-        histograms = [torch.zeros((self.num_classes, height * width), dtype=torch.int64, device=self.device)
+        """Per-pixel (per-voxel) class counts (K, *spatial) int64 of consecutive streams of draws, e.g. [n0, n]
+        -> [selection histogram, estimation histogram]; one stream of batches across them."""
+        spatial = tuple(x.shape[1:])
+        histograms = [torch.zeros((self.num_classes, math.prod(spatial)), dtype=torch.int64, device=self.device)
                       for _ in draws]
         ends = torch.tensor(draws).cumsum(0).tolist()
         starts = [end - count for end, count in zip(ends, draws)]
         for first, classes in self.draw_batches(x, ends[-1], generator, progress, desc):
             add_to_histograms(histograms, starts, ends, first, classes)
-        return [histogram.reshape(self.num_classes, height, width) for histogram in histograms]
+        return [histogram.reshape(self.num_classes, *spatial) for histogram in histograms]
 
     def segment_denoised(self, denoised: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
-        """Class ids (B, H, W) of the segmenter alone on an already denoised batch (the second half of
+        """Class ids (B, *spatial) of the segmenter alone on an already denoised batch (the second half of
         :meth:`base_classes`, for :func:`certify_segmenters`)."""
         with autocast(self.device, self.precision):  # denoised as the denoiser returned it, as in base_classes
             logits = self.segmenter(denoised)
@@ -427,9 +459,10 @@ class SmoothedSegmenter:
 
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Generator]:
         """Check x, put the modules in eval mode, let the denoiser check the input it will see."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
+        if not isinstance(x, torch.Tensor) or x.dim() not in INPUT_DIMS or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise ValueError(f"x must be a float tensor of shape (C, H, W) in [0, 1], got {shape}")
+            raise ValueError(f"x must be a float tensor of shape (C, H, W) (an image) or (C, D, H, W) (a volume) "
+                             f"in [0, 1], got {shape}")
         low, high = float(x.min()), float(x.max())
         if not (0.0 <= low and high <= 1.0):  # also refuses NaN
             raise ValueError(f"x must lie in [0, 1] (sigma and the radius are in that scale), got values in "
@@ -458,7 +491,8 @@ class SmoothedSegmenter:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Certificate:
-        """Certify every pixel of one image x (C, H, W) in [0, 1] from n0 selection and n estimation draws.
+        """Certify every pixel of one image x (C, H, W), or every voxel of one volume x (C, D, H, W), in [0, 1]
+        from n0 selection and n estimation draws (Holm over all of its pixels or voxels).
 
         Pass a seeded ``torch.Generator`` (ideally on ``self.device``) for a reproducible run;
         without one, a fresh random seed is used.
@@ -475,7 +509,7 @@ class SmoothedSegmenter:
     def counts(self, x: torch.Tensor, n0: int, n: int, *, generator: torch.Generator | None = None,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampling half of ``certify``: the selected class (mode of n0 draws) and how many of n
-        further draws give it, both (H, W) int64 on the device. ``certify_counts`` (or
+        further draws give it, both (*spatial) int64 on the device. ``certify_counts`` (or
         ``certify_counts_over_taus``) turns them into certificates."""
         check_draws("n0", n0)
         check_draws("n", n)
@@ -487,7 +521,7 @@ class SmoothedSegmenter:
     def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, *, tau: float = 0.75, alpha: float = 0.001,
                            looks: Sequence[int] | None = None, stop_undecided: float = 0.0,
                            generator: torch.Generator | None = None, progress: bool = False) -> SequentialCertificate:
-        """Certify x (C, H, W) drawing estimation draws only until every pixel is decided (or n_max):
+        """Certify x (C, *spatial) drawing estimation draws only until every pixel is decided (or n_max):
         anytime-valid p-values and Holm at the stopping time (:mod:`medcert_core.sequential`).
 
         looks: the draw counts at which to test (default ``default_looks(n_max)``); stop_undecided:
@@ -513,8 +547,8 @@ class SmoothedSegmenter:
                        generator: torch.Generator | None = None,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The draws of :meth:`certify_sequential` taken to the last checkpoint, for studying stopping rules
-        offline: the selected class (H, W) and, per checkpoint t, how many of the first t estimation
-        draws gave it, (len(checkpoints), H, W) int64. ``sequential.replay_sequential`` and
+        offline: the selected class (*spatial) and, per checkpoint t, how many of the first t estimation
+        draws gave it, (len(checkpoints), *spatial) int64. ``sequential.replay_sequential`` and
         ``certify_counts`` turn them into the sequential and fixed-n certificates of any n_max <= the last
         checkpoint whose looks are among the checkpoints, each what a direct run with this seed gives."""
         check_draws("n0", n0)
@@ -526,13 +560,13 @@ class SmoothedSegmenter:
         return selected.cpu().numpy(), np.cumsum(np.stack(increments), axis=0)
 
     def _selected(self, x: torch.Tensor, n0: int, generator: torch.Generator, progress: bool) -> torch.Tensor:
-        """The class (H, W) most of n0 draws give: the selection of a sequential certificate."""
+        """The class (*spatial) most of n0 draws give: the selection of a sequential certificate."""
         (selection,) = self.class_histograms(x, [n0], generator, progress, "selection")
         return selection.argmax(0)
 
     def _agreement_stream(self, x: torch.Tensor, selected: torch.Tensor, looks: Sequence[int],
                           generator: torch.Generator, progress: bool) -> Iterator[np.ndarray]:
-        """Per look, the (H, W) number of the draws since the previous look that gave ``selected``:
+        """Per look, the (*spatial) number of the draws since the previous look that gave ``selected``:
         drawn lazily, so a consumer that stops early draws no more."""
         previous = 0
         for look in looks:
@@ -550,7 +584,7 @@ class SmoothedSegmenter:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Smoothed prediction (H, W) int64 of x (C, H, W): top class per pixel or ABSTAIN.
+        """Smoothed prediction (*spatial) int64 of x (C, *spatial): top class per pixel (voxel) or ABSTAIN.
 
         A pixel keeps its most frequent class of n draws when a two-sided binomial test of its
         count against the runner-up's is significant after ``correction`` over all pixels.
@@ -570,7 +604,7 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
                       generator: torch.Generator | None = None, batch_size: int | str = SMOOTHER_BATCH,
                       device: str | torch.device | None = "auto", precision: str = "fp32",
                       channels_last: bool = False, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The sampling half of :func:`certify_segmenters`: name -> (selected class, count), each (H, W) int64,
+    """The sampling half of :func:`certify_segmenters`: name -> (selected class, count), each (*spatial) int64,
     exactly what ``SmoothedSegmenter(segmenter, ..., denoiser).counts`` gives that segmenter alone with the
     same generator and batch size. Each batch of draws is made and denoised once, then segmented by
     every segmenter; only one batch of draws is held at a time (no torch.compile or out-of-memory retry
@@ -588,8 +622,8 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
         smoother._prepare(x, generator)  # eval mode, finiteness flag; the generator is not consumed
     if lead._working_batch is None:
         lead._working_batch = lead._auto_batch(x, n0 + n)
-    height, width = x.shape[-2:]
-    histograms = {name: [torch.zeros((num_classes, height * width), dtype=torch.int64, device=lead.device)
+    spatial = tuple(x.shape[1:])
+    histograms = {name: [torch.zeros((num_classes, math.prod(spatial)), dtype=torch.int64, device=lead.device)
                          for _ in range(2)] for name in smoothers}
     done, total = 0, n0 + n
     with torch.inference_mode(), tqdm(total=total, desc="sampling", disable=not progress, leave=False) as bar:
@@ -599,7 +633,7 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
                                            x.dtype)
             noisy = x.unsqueeze(0) + lead.sigma * noise
             if channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
+                noisy = noisy.contiguous(memory_format=channels_last_format(noisy.dim()))
             with autocast(lead.device, precision):
                 denoised = denoise(lead.denoiser, noisy, generators)
             for index, (name, smoother) in enumerate(smoothers.items()):
@@ -612,7 +646,7 @@ def segmenters_counts(segmenters: Mapping[str, torch.nn.Module], x: torch.Tensor
     results = {}
     for name, smoother in smoothers.items():
         smoother._check_finite()
-        results[name] = selected_and_count(*(histogram.reshape(num_classes, height, width)
+        results[name] = selected_and_count(*(histogram.reshape(num_classes, *spatial)
                                              for histogram in histograms[name]))
     return results
 
@@ -623,7 +657,8 @@ def certify_segmenters(segmenters: Mapping[str, torch.nn.Module], x: torch.Tenso
                        batch_size: int | str = SMOOTHER_BATCH, device: str | torch.device | None = "auto",
                        precision: str = "fp32", channels_last: bool = False,
                        progress: bool = False) -> dict[str, Certificate]:
-    """Certify one image x (C, H, W) in [0, 1] with several segmenters (name -> module, same classes)
+    """Certify one image x (C, H, W) or volume x (C, D, H, W) in [0, 1] with several segmenters (name -> module,
+    same classes)
     behind one denoiser, from one set of noisy and denoised draws: name -> Certificate, each identical
     (labels, p-values, counts) to ``SmoothedSegmenter(segmenter, num_classes, sigma, denoiser,
     batch_size).certify(x, n0, n, generator=<the same seed>)``. The denoiser runs once per batch

@@ -128,7 +128,7 @@ def test_cvc_clinicdb_blocked_split_puts_no_neighbouring_frame_of_a_test_frame_i
 
 def test_names_and_default_sizes() -> None:
     assert DATASET_NAMES == ("jsrt", "montgomery", "shenzhen", "isic2018", "isic2017", "cvc_clinicdb",
-                             "folder", "phantom")
+                             "folder", "phantom", "hippocampus")
     assert default_image_size("jsrt") == (512, 512)
     assert default_image_size("shenzhen") == (512, 512)
     assert default_image_size("isic2018") == (384, 512)
@@ -136,6 +136,7 @@ def test_names_and_default_sizes() -> None:
     assert default_image_size("cvc_clinicdb") == (288, 384)
     assert default_image_size("phantom") == (128, 128)
     assert default_image_size("folder") is None
+    assert default_image_size("hippocampus") is None  # volumes: padded to the largest extent of each axis
 
 
 def test_unknown_name_and_bad_split_list_valid_values() -> None:

@@ -145,8 +145,9 @@ def test_clear_errors():
         SmoothedSegmenter(lambda_module(3), 2, sigma=0.1, device="cpu").certify(
             torch.zeros(1, 4, 4), 1, 10, generator=torch.Generator().manual_seed(0)
         )
-    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
-        SmoothedSegmenter(ThresholdSegmenter(0), 2, sigma=0.1, device="cpu").certify(torch.zeros(1, 1, 4, 4), 1, 10)
+    for wrong_rank in (torch.zeros(4, 4), torch.zeros(1, 1, 1, 4, 4)):  # (C, D, H, W) is a volume, not an error
+        with pytest.raises(ValueError, match=r"\(C, H, W\) \(an image\) or \(C, D, H, W\) \(a volume\)"):
+            SmoothedSegmenter(ThresholdSegmenter(0), 2, sigma=0.1, device="cpu").certify(wrong_rank, 1, 10)
     with pytest.raises(ValueError, match="sigma"):
         SmoothedSegmenter(ThresholdSegmenter(0), 2, sigma=0.0)
 

@@ -40,6 +40,8 @@ at most :data:`DEFLATED_HEADER_BYTES` for its header, then what its pixel data n
 MONOCHROME1 DICOM (white = low values) is inverted after the mapping, so that bone is bright as in
 MONOCHROME2 and every PNG radiograph. NIfTI arrays are used as stored: rows are the first remaining
 array axis, columns the second, no reorientation; a 3D volume needs a slice (``AXIS:INDEX``).
+Whole volumes (the Decathlon datasets, :mod:`medcert_core.data.decathlon`) are read by
+:func:`read_nifti_volume` through the same checks (:func:`open_nifti`: the pixel budget on the header).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ MEDICAL_SUFFIXES = DICOM_SUFFIXES + NIFTI_SUFFIXES
 INTENSITY_FORMS = "auto, minmax, voi, window:CENTER,WIDTH"
 DEFLATED_HEADER_BYTES = 16 * 2 ** 20  # inflated bytes read for a Deflated DICOM's header (and allowed after its pixels)
 DICOM_AXES = "frames x rows x columns x channels"
+LABEL_ROUNDING = 0.01  # a label volume stored as floats: values within this of an integer are that class id
 
 
 @dataclass(frozen=True)
@@ -457,17 +460,7 @@ def read_nifti_array(path: Path, slice_spec: SliceSpec | None = None, *, max_pix
     The shape in the header is checked against ``max_pixels`` (the whole array) before any data is read; of a
     volume only the slice asked is read.
     """
-    import nibabel
-
-    try:
-        image = nibabel.load(path)
-        stored_dtype = str(image.get_data_dtype())
-        shape = tuple(int(length) for length in image.header.get_data_shape())
-    except MemoryError:
-        raise
-    except Exception as error:
-        raise ValueError(f"cannot read NIfTI file {path}: {error}") from error
-    check_pixel_budget(path, shape, "the NIfTI array's dimensions", max_pixels)
+    image, stored_dtype, shape = open_nifti(path, max_pixels)
     squeezed = tuple(axis for axis, length in enumerate(shape) if length > 1)
     mapping: dict[str, Any] = {"format": "nifti", "stored_dtype": stored_dtype, "array_shape": list(shape)}
     if len(squeezed) <= 2 and slice_spec is None:
@@ -492,10 +485,58 @@ def read_nifti_array(path: Path, slice_spec: SliceSpec | None = None, *, max_pix
     else:
         raise ValueError(f"NIfTI file {path} has shape {shape}: --slice takes one slice of a 3D volume, not of "
                          f"{len(shape)}D data")
-    slope, intercept = image.dataobj.slope, image.dataobj.inter
-    mapping["rescale"] = {"slope": float(slope) if np.isfinite(slope) else 1.0,
-                          "intercept": float(intercept) if np.isfinite(intercept) else 0.0}
+    mapping["rescale"] = nifti_rescale(image)
     return plane, mapping
+
+
+def open_nifti(path: Path, max_pixels: int | None = None) -> tuple[Any, str, tuple[int, ...]]:
+    """A NIfTI file's nibabel image (no data read yet), stored dtype and shape; the shape in the header is
+    checked against the pixel budget (``max_pixels``, default MAX_PIXELS) before any data is read."""
+    import nibabel
+
+    try:
+        image = nibabel.load(path)
+        stored_dtype = str(image.get_data_dtype())
+        shape = tuple(int(length) for length in image.header.get_data_shape())
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot read NIfTI file {path}: {error}") from error
+    check_pixel_budget(path, shape, "the NIfTI array's dimensions", max_pixels)
+    return image, stored_dtype, shape
+
+
+def nifti_rescale(image) -> dict[str, float]:
+    """The scl_slope / scl_inter nibabel applies to a NIfTI image's stored values (1 and 0 when unset)."""
+    slope, intercept = image.dataobj.slope, image.dataobj.inter
+    return {"slope": float(slope) if np.isfinite(slope) else 1.0,
+            "intercept": float(intercept) if np.isfinite(intercept) else 0.0}
+
+
+def read_nifti_volume(path: Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 3D NIfTI volume -> its (D, H, W) array (scl_slope / scl_inter applied; D, H, W the array axes 0, 1, 2
+    as stored, no reorientation) and the record of how it was read; the pixel budget is checked on the
+    header first (:func:`open_nifti`). ValueError naming the file when it is not 3D or cannot be read."""
+    with memory_error_names(path):
+        image, stored_dtype, shape = open_nifti(path, max_pixels)
+        if len(shape) != 3:
+            raise ValueError(f"NIfTI file {path} has shape {shape}: expected a 3D volume (D, H, W)")
+        values = _nifti_data(image, path)
+    return values, {"format": "nifti", "stored_dtype": stored_dtype, "array_shape": list(shape),
+                    "rescale": nifti_rescale(image),
+                    "axes": "D, H, W = array axes 0, 1, 2 (as stored, no reorientation)"}
+
+
+def read_nifti_labels(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """A 3D NIfTI label volume -> int64 (D, H, W) class ids; labels stored as floats are rounded, and
+    ValueError names the file when a value is negative or more than LABEL_ROUNDING from an integer."""
+    values = read_nifti_volume(path, max_pixels=max_pixels)[0]
+    labels = np.rint(values)
+    if not np.isfinite(values).all() or (values.size and (np.abs(values - labels).max() > LABEL_ROUNDING
+                                                         or labels.min() < 0)):
+        raise ValueError(f"label file {path} holds values that are not class ids (non-negative integers): "
+                         f"{float(values.min()):g}..{float(values.max()):g}")
+    return labels.astype(np.int64)
 
 
 def _nifti_data(image, path: Path, index: tuple | None = None) -> np.ndarray:

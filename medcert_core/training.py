@@ -301,6 +301,15 @@ def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, devi
     return float(np.mean(losses))
 
 
+def check_images(dataset: Dataset) -> None:
+    """Refuse a dataset of volumes: the segmenters trained here are 2D, (C, H, W) images to (H, W) masks."""
+    image = dataset[0][0]
+    if image.dim() != 3:
+        raise ValueError(f"2D segmenters train on images (C, H, W); this dataset gives {tuple(image.shape)} volumes "
+                         "(C, D, H, W). Volumes are certified with SmoothedSegmenter and a 3D model of your own; "
+                         "medcert does not train 3D segmenters yet")
+
+
 def train_segmenter(
     train_set: Dataset,
     val_set: Dataset,
@@ -332,6 +341,7 @@ def train_segmenter(
     the best validation epoch's. With ``checkpoint``, the state is saved after every epoch and an
     existing checkpoint of the same config is resumed (a finished one is simply loaded).
     """
+    check_images(train_set)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     device = resolve_device(device)

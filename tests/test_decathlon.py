@@ -199,3 +199,15 @@ def test_hippocampus_float_labels_are_rounded(hippocampus):
     for case in ("hippocampus_003", "hippocampus_243"):
         labels = every[every.ids.index(case)][1]
         assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == {0, 1, 2}
+
+
+def test_the_2d_training_and_the_study_refuse_volumes_with_a_clear_error(tmp_path):
+    from medcert_core.study.settings import check_setting
+    from medcert_core.training import train_segmenter
+
+    volumes = load_decathlon("task", small_task(tmp_path / "task"), "train")
+    with pytest.raises(ValueError, match=r"2D segmenters train on images \(C, H, W\); this dataset gives \(1, 5, 5, 5\) "
+                                         r"volumes \(C, D, H, W\)"):
+        train_segmenter(volumes, volumes, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="parameter 'dataset': unknown value 'hippocampus'"):
+        check_setting("dataset", "hippocampus")

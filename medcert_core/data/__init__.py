@@ -43,6 +43,7 @@ _SOURCES: dict[str, Callable[..., Source]] = {
 }
 _VOLUME_DATASETS = ("hippocampus",)  # Decathlon tasks: load_decathlon
 DATASET_NAMES = (*_SOURCES, *_VOLUME_DATASETS)
+IMAGE_DATASET_NAMES = tuple(_SOURCES)  # the 2D sets: what the study's chapters and 2D training take
 
 # The paper's input sizes (H, W); isic2017 (not in the paper) the native size of the shared copy's
 # files; "folder" uses the native size of its first image.
@@ -121,6 +122,7 @@ def load_dataset(name: str, root: str | Path | None, split: str, *,
 
 __all__ = [
     "DATASET_NAMES",
+    "IMAGE_DATASET_NAMES",
     "SPLITS",
     "SegmentationDataset",
     "VolumeDataset",

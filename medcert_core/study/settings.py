@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medcert_core.checks import check_parameter
-from medcert_core.data import DATASET_NAMES, load_dataset
+from medcert_core.data import IMAGE_DATASET_NAMES, load_dataset
 from medcert_core.data.base import dataset_digest
 from medcert_core.denoisers import DDPM_PRESETS, parse_spec
 from medcert_core.devices import PRECISION_CHOICES, resolve_precision
@@ -270,7 +270,7 @@ def _check_training(overrides: Any) -> None:
 SETTINGS: dict[str, Setting] = {
     # data
     "profile": Setting("quick", (str,), "training budget: quick | jsrt | smoke | paper", choices=sorted(PROFILES)),
-    "dataset": Setting("phantom", (str,), "dataset name", choices=DATASET_NAMES),
+    "dataset": Setting("phantom", (str,), "dataset name", choices=IMAGE_DATASET_NAMES),
     "data_root": Setting(None, None, "dataset folder (None for the embedded phantoms)"),
     "image_size": Setting(64, (int, list), "square input size in pixels, or [H, W]"),
     "test_images": Setting(3, (int, NONE), "first N test images (None: the whole test split)"),

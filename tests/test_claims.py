@@ -311,6 +311,14 @@ CXR_GATE, CVC_GATE = "results/cxr_lungs_denoiser_gate_val.json", "results/cvc_cl
 SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
 FFDNET_BOX, FFDNET_RAW = "ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"
 RESULTS, PERFORMANCE, REFERENCE = "results/README.md", "book/performance.md", "book/reference.md"
+MONTGOMERY = "book/montgomery.ipynb"
+MONTGOMERY_GATE = "results/montgomery_denoiser_gate_val.json"
+FFDNET_SHRINK = "ffdnet (box shrink above 75/255)"
+
+
+def pair_of(sigma: float, denoiser: str, key: str, sign: int = 1) -> Value:
+    """A gate JSON's paired PSNR difference (``denoiser`` minus single-step) at ``sigma``, times ``sign``."""
+    return calc(lambda data: sign * get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": denoiser}, key)))
 README = "README.md"
 ATTACK, SEQUENTIAL = "results/attack.json", "results/jsrt_sequential.json"
 BENCH_CERTIFY = "benchmarks/results/bench_certify.json"
@@ -682,6 +690,42 @@ CLAIMS: list[Claim] = [
           (cell(OURS, "resunetpp", "0.50", column=4, code="paper_table(per_arch)"),
            *(cell(OURS, arch, "1.00", column=13, spec=".1f", code="paper_table(per_arch)")
              for arch in ("resunetpp", "unet", "deeplabv2")))),
+    # Montgomery, from the shared dataset template: certified lung Dice and the image's abstention per sigma
+    *[Claim(RESULTS, f"| {label} | {{}}, {{}} % [0.96] | {{}}, {{}} % [0.94] | {{}}, {{}} % [0.89] |"
+                     if arch == "resunetpp" and method == OURS else
+                     f"| {label} | {{}}, {{}} % | {{}}, {{}} % | {{}}, {{}} % |" if method != OURS else
+                     f"| {label} | {{}}, {{}} % [{paper[0]}] | {{}}, {{}} % [{paper[1]}] | {{}}, {{}} % [{paper[2]}] |",
+            MONTGOMERY, tuple(value for sigma in SIGMAS for value in (
+                cell(method, arch, sigma, column=4, code=code), cell(method, arch, sigma, column=7, spec=".1f", code=code))))
+      for label, method, arch, code, paper in [
+          ("ours, ResUNet++", OURS, "resunetpp", "paper_table(per_arch)", None),
+          ("ours, UNet", OURS, "unet", "paper_table(per_arch)", ("0.93", "0.89", "0.88")),
+          ("ours, DeepLabV2", OURS, "deeplabv2", "paper_table(per_arch)", ("0.93", "0.91", "0.85")),
+          ("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", None)]],
+    Claim(RESULTS, "| ours − SegCertify, ResUNet++, lung Dice | {} | {} | {} |", MONTGOMERY,
+          tuple(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
+                for sigma in SIGMAS)),
+    Claim(RESULTS, "| the same, abstention (points) | {} | {} | {} |", MONTGOMERY,
+          tuple(cell("resunetpp", OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
+                for sigma in SIGMAS)),
+    *[Claim(RESULTS, f"| {label} − ResUNet++ (ours), lung Dice | {{}} | {{}} | {{}} |", MONTGOMERY,
+            tuple(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
+                  for sigma in SIGMAS))
+      for label, arch in [("UNet", "unet"), ("DeepLabV2", "deeplabv2")]],
+    Claim("book/intro.md", "with ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
+          MONTGOMERY, tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+    Claim(RESULTS, "has the higher PSNR at sigma 0.25 (+{} dB [+{}, +{}]; the DDPM works at 64 px", MONTGOMERY_GATE,
+          tuple(pair_of(0.25, FFDNET_SHRINK, key) for key in ("mean_db", "low_db", "high_db"))),
+    Claim(RESULTS, "and trails by {} dB at 1.0; Shenzhen's DDPM", MONTGOMERY_GATE,
+          (pair_of(1.0, FFDNET_SHRINK, "mean_db", sign=-1),)),
+    Claim(RESULTS, "trails the set's own by {} / {} / {} dB", MONTGOMERY_GATE,
+          tuple(pair_of(sigma, "ddpm single-step, trained on shenzhen", "mean_db", sign=-1) for sigma in (0.25, 0.5, 1.0))),
+    Claim(RESULTS, "FFDNet has the higher PSNR at sigma 0.25 by {} dB [{}, {}] and trails", "results/shenzhen_denoiser_gate_val.json",
+          tuple(pair_of(0.25, FFDNET_SHRINK, key) for key in ("mean_db", "low_db", "high_db"))),
+    Claim("book/intro.md", "than each set's own DDPM at σ = 0.25 (+{} and +{} dB", MONTGOMERY_GATE,
+          (pair_of(0.25, FFDNET_SHRINK, "mean_db"),
+           lambda _: fmt(get(load("results/shenzhen_denoiser_gate_val.json"),
+                             ("paired_against_single_step", {"sigma": 0.25, "denoiser": FFDNET_SHRINK}, "mean_db")), ".2f"))),
     Claim("book/intro.md", "SegCertify is ahead, by {} lung Dice", "book/cxr_lungs_256.ipynb",
           (reversed_difference(cell("unet", OURS, "0.25", column=3, code="ours_against_segcertify")),)),
 ]

@@ -18,8 +18,8 @@ from medcert_core.io import write_atomically
 
 PLACEHOLDER = """# {title}
 
-This chapter has not been run on the machine that built this site (its data is not there).
-Run it with the dataset's folder, e.g.
+This chapter has not been executed for this site: its data was not on the machine that built it,
+or its run did not fit there yet. Run it with the dataset's folder, e.g.
 
 ```bash
 ./run.sh study --profile paper --data-root DATA_DIR        # every chapter, on a GPU

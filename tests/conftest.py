@@ -15,6 +15,18 @@ os.environ["MEDCERT_CACHE"] = tempfile.mkdtemp(prefix="medcert-test-cache-")  # 
 atexit.register(shutil.rmtree, os.environ["MEDCERT_CACHE"], ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(...)``):
+    more threads only add overhead on 2 shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def crash_on_second_save(monkeypatch):
     """Patch ``module.save_torch_atomically`` to save once, then raise KeyboardInterrupt (a crash).

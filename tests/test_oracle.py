@@ -43,13 +43,7 @@ ALPHA = 0.1
 NULL_EDGE = 1e-6  # nulls sit at p = tau - NULL_EDGE: certifying one is a real error (R > exact radius)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: intra-op threads only add overhead (4x here on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 
 class LinearSegmenter(torch.nn.Module):

@@ -89,13 +89,7 @@ smoothing_module = importlib.import_module("medcert_core.smoothing")
 Verdict = tuple[bool, str]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: intra-op threads only add overhead on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -34,12 +34,7 @@ Verdict = tuple[bool, str]
 SHAPE = (1, 6, 8, 8)  # (C, D, H, W)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 
 # --------------------------------------------------------------------------------------------- models

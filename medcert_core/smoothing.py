@@ -170,31 +170,35 @@ def to_channels_last(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.contiguous(memory_format=channels_last_format(tensor.dim()))
 
 
+def _wanted_logits(batch: int, spatial: tuple[int, ...], num_classes: int | None) -> str:
+    """The logits shape a batch asks for, for messages: "(B, K, H, W) = (16, 2 (or 1), 64, 64)"."""
+    expected_k = "K" if num_classes is None else (f"{num_classes}" if num_classes != 2 else "2 (or 1)")
+    return f"{layout('B', 'K', spatial=len(spatial))} = ({', '.join(map(str, (batch, expected_k, *spatial)))})"
+
+
 def check_segmenter_output(logits: Any, batch_shape: tuple[int, ...], num_classes: int | None) -> None:
     """Refuse a segmenter output that is not logits (B, K, *spatial) for an input batch (B, C, *spatial), e.g.
     (B, K, H, W) for images and (B, K, D, H, W) for volumes: K the declared number of classes (or 1 for a
     binary segmenter with num_classes 2), the spatial size the input's. A head at another resolution would
     otherwise be counted against the wrong pixels."""
     batch, spatial = batch_shape[0], tuple(batch_shape[2:])
-    expected = layout("B", "K", spatial=len(spatial))
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the segmenter must return a logits tensor {expected}, got {type(logits).__name__}; "
-                        "wrap a model that returns a dict or tuple so that it returns the logits")
+        raise TypeError(f"the segmenter must return a logits tensor {layout('B', 'K', spatial=len(spatial))}, got "
+                        f"{type(logits).__name__}; wrap a model that returns a dict or tuple so that it returns the logits")
     shape = tuple(logits.shape)
-    expected_k = "K" if num_classes is None else (f"{num_classes}" if num_classes != 2 else "2 (or 1)")
-    wanted = f"{expected} = ({', '.join(map(str, (batch, expected_k, *spatial)))})"
     if logits.dim() != len(batch_shape) or shape[0] != batch:
         raise ValueError(f"the segmenter returns shape {shape} for an input batch of shape {tuple(batch_shape)}; "
-                         f"expected logits {wanted}")
+                         f"expected logits {_wanted_logits(batch, spatial, num_classes)}")
     if shape[2:] != spatial:
+        expected = layout("B", "K", spatial=len(spatial))
         swapped = (*spatial[:-2], spatial[-1], spatial[-2])
         transposed = layout("B", "K", *spatial_names(len(spatial))[:-2], "W", "H", spatial=0)
         hint = (f"height and width swapped: return {expected}, not {transposed}" if shape[2:] == swapped
                 else "upsample the logits to the input's size inside the model (e.g. F.interpolate at the end "
                      "of forward)")
         raise ValueError(f"the segmenter returns logits of shape {shape} for an input batch of shape "
-                         f"{tuple(batch_shape)}: expected {wanted}; {hint}. Certifying them would report "
-                         "the output cells as the wrong pixels")
+                         f"{tuple(batch_shape)}: expected {_wanted_logits(batch, spatial, num_classes)}; {hint}. "
+                         "Certifying them would report the output cells as the wrong pixels")
     channels = shape[1]
     if num_classes is not None and channels != num_classes and not (channels == 1 and num_classes == 2):
         raise ValueError(

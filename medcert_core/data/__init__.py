@@ -10,7 +10,7 @@ Layouts and class conventions: :mod:`.chest` (jsrt, montgomery, shenzhen), :mod:
 
 Volumes: "hippocampus" (the Decathlon's Task04, :mod:`.decathlon`, any task of that layout) gives
 ``(image float32 (1, D, H, W) in [0, 1], mask int64 (D, H, W))``, split by case the same way, every
-volume mapped by one intensity window chosen on the training split and padded to one shape.
+volume mapped by its intensity group's window (groups chosen on the training split) and padded to one shape.
 """
 
 from __future__ import annotations

@@ -766,3 +766,11 @@ def test_a_changed_json_value_fails_the_check():
     data["summary"][0]["pixels_attacked"] += 1
     assert claim.stated_in(markdown(claim.markdown))
     assert not claim.stated_in(markdown(claim.markdown), data)
+
+
+def test_the_results_page_is_a_chapter_of_the_book():
+    """results/README.md's comparisons with the paper are in the book: a toc chapter that includes the file."""
+    from medcert_core.study.report.book import toc_files
+
+    assert "book/results" in toc_files(ROOT)
+    assert re.fullmatch(r"```\{include\} \.\./results/README\.md\s*```\s*", (ROOT / "book" / "results.md").read_text())

@@ -53,6 +53,8 @@ def project_copy(root: Path) -> Path:
     (root / "book").mkdir()
     for page in (REPO / "book").glob("*.md"):
         shutil.copy(page, root / "book" / page.name)
+    (root / "results").mkdir()
+    shutil.copy(REPO / "results" / "README.md", root / "results" / "README.md")  # book/results.md includes it
     return root
 
 

@@ -85,6 +85,8 @@ def project_copy(root: Path) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("*.ipynb", ".*"))
+    (root / "results").mkdir()
+    shutil.copy(REPO / "results" / "README.md", root / "results" / "README.md")  # book/results.md includes it
     return root
 
 

@@ -416,3 +416,33 @@ def test_metrics_on_a_volume_count_only_the_real_voxels():
     assert everything["dice"][1] == pytest.approx(4 / 7)  # the padding's wrong labels count without valid
     with pytest.raises(ValueError, match="valid must be a bool mask"):
         segmentation_scores(labels, target, 3, valid[0])
+
+
+def test_a_study_run_scores_a_padded_volume_on_its_own_voxels_only():
+    """record_image (every certification run's rows) scores a volume dataset's items on ``real_voxels``:
+    wrong labels on the padding change nothing."""
+    from medcert_core.study.runs.run import CertificationRun, ShardResult, plain, record_image, scored_pixels
+    from medcert_core.study.settings import DataSpec, TrainingSpec
+
+    target = torch.zeros(4, 5, 6, dtype=torch.int64)
+    target[1:3, 1:3, 1:3] = 1
+    real = torch.zeros(4, 5, 6, dtype=torch.bool)
+    real[:3, :4, :5] = True
+
+    class Padded:
+        ids = ["case"]
+
+        def __getitem__(self, index):
+            return torch.zeros(1, 4, 5, 6), target
+
+        def real_voxels(self, index):
+            return real
+
+    labels = target.clone()
+    labels[~real] = 1  # every padding voxel labelled as the class
+    run = CertificationRun(DataSpec("hippocampus", None, (4, 5, 6)), TrainingSpec(), "unet", plain(), 0.0)
+    result = ShardResult({}, {}, ["background", "organ"])
+    record_image(result, run, 0, Padded(), labels, None, 0.1)
+    organ = next(row for row in result.rows[0] if row["class_name"] == "organ")
+    assert organ["dice"] == 1.0
+    assert scored_pixels([None], 0) is None  # an image dataset: every pixel

@@ -224,15 +224,15 @@ def curve_taus(tau: float) -> tuple[float, ...]:
 
 
 def curve_rows(certificates: list[Certificate], taus: tuple[float, ...], target: torch.Tensor, image_id: str,
-               class_names: list[str], columns: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per class x tau of one image: its certified scores at tau, with tau, its radius and
-    ``reachable``: whether n draws can certify any pixel at that tau (if not, every pixel abstains by
-    construction and the row says nothing about the model)."""
+               class_names: list[str], columns: dict[str, Any], valid: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """One row per class x tau of one image: its certified scores at tau (over its ``valid`` pixels when
+    given), with tau, its radius and ``reachable``: whether n draws can certify any pixel at that tau (if
+    not, every pixel abstains by construction and the row says nothing about the model)."""
     accumulator = MetricAccumulator(class_names)
     for certificate, tau in zip(certificates, taus):
         reachable = certificate.n >= smallest_certifiable_n(certificate.labels.numel(), tau, certificate.alpha,
                                                             certificate.correction)
-        accumulator.add(certificate.labels.cpu(), target, image_id=image_id,
+        accumulator.add(certificate.labels.cpu(), target, image_id=image_id, valid=valid,
                         **{**columns, "tau": tau, "radius": certified_radius(columns["sigma"], tau),
                            "reachable": reachable})
     return accumulator.rows
@@ -279,16 +279,24 @@ def certified_labels(run: CertificationRun, selected: torch.Tensor, counts: torc
     return certificates[taus.index(run.tau)].labels.cpu(), certificates
 
 
+def scored_pixels(test_set, index: int) -> torch.Tensor | None:
+    """The item's own pixels (voxels) when the dataset pads its items (a volume dataset's ``real_voxels``),
+    else None: every pixel is scored."""
+    real = getattr(test_set, "real_voxels", None)
+    return real(index) if real is not None else None
+
+
 def record_image(result: ShardResult, run: CertificationRun, index: int, test_set, labels: torch.Tensor,
                  certificates: list[Certificate] | None, seconds: float) -> None:
-    """Add one test image's tidy rows, curve rows (smoothed runs) and, for the first images, maps."""
+    """Add one test image's tidy rows, curve rows (smoothed runs) and, for the first images, maps; scored
+    on its own pixels only (:func:`scored_pixels`: padding never counts)."""
     image, target = test_set[index]
-    columns, image_id = _tidy_columns(run), str(test_set.ids[index])
+    columns, image_id, valid = _tidy_columns(run), str(test_set.ids[index]), scored_pixels(test_set, index)
     if certificates is not None:
         result.curves[index] = curve_rows(certificates, curve_taus(run.tau), target, image_id, result.class_names,
-                                          columns)
+                                          columns, valid)
     accumulator = MetricAccumulator(result.class_names)
-    accumulator.add(labels, target, image_id=image_id, seconds=seconds, **columns)
+    accumulator.add(labels, target, image_id=image_id, valid=valid, seconds=seconds, **columns)
     result.rows[index] = accumulator.rows
     if index < MAP_IMAGES:
         noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(index))

@@ -33,7 +33,7 @@ import torch
 from medcert_core.data import load_dataset
 from medcert_core.devices import cpu_flags, resolve_precision
 from medcert_core.io import write_json_atomically
-from medcert_core.models import ARCHITECTURES, create_model, model_capacity
+from medcert_core.models import IMAGE_ARCHITECTURES, create_model, model_capacity
 from medcert_core.training import PRESETS, preset_capacity, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def main() -> None:
     })
     result["presets"] = {  # every preset's widths at this dataset's input, for the reference's table
         preset: {arch: preset_capacity(preset, arch, in_channels=image.shape[0], num_classes=len(train.class_names),
-                                       size=size) for arch in ARCHITECTURES}
+                                       size=size) for arch in IMAGE_ARCHITECTURES}
         for preset in PRESETS}
     for name in names:
         if name in result["candidates"]:

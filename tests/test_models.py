@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcert_core.models import ARCHITECTURES, count_parameters, create_model
+from medcert_core.models import ARCHITECTURES, IMAGE_ARCHITECTURES, VOLUME_ARCHITECTURES, count_parameters, create_model
 from medcert_core.models.deeplabv2 import ASPP as DeepLabASPP
 from medcert_core.models.deeplabv2 import DeepLabV2
 from medcert_core.models.resunetpp import ASPP as ResUNetASPP
@@ -38,12 +38,14 @@ def _randomize_batchnorm(module: nn.Module) -> None:
 
 
 def test_architectures_registry() -> None:
-    assert ARCHITECTURES == ("unet", "resunetpp", "deeplabv2")
+    assert IMAGE_ARCHITECTURES == ("unet", "resunetpp", "deeplabv2")
+    assert VOLUME_ARCHITECTURES == ("unet3d", "unet-slicewise", "resunetpp-slicewise", "deeplabv2-slicewise")
+    assert ARCHITECTURES == IMAGE_ARCHITECTURES + VOLUME_ARCHITECTURES
 
 
 @pytest.mark.parametrize("num_classes", [4, 2])
 @pytest.mark.parametrize("size", PAPER_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", IMAGE_ARCHITECTURES)
 def test_forward_shape_paper_sizes(arch: str, size: tuple[int, int], num_classes: int) -> None:
     model = create_model(arch, 3, num_classes, **TINY[arch]).eval()
     with torch.no_grad():
@@ -57,10 +59,10 @@ def test_forward_shape_paper_sizes(arch: str, size: tuple[int, int], num_classes
 def default_models() -> dict[str, nn.Module]:
     """One model per architecture at its default width (3 in-channels, 4 classes), eval mode."""
     torch.manual_seed(0)
-    return {arch: create_model(arch, 3, 4).eval() for arch in ARCHITECTURES}
+    return {arch: create_model(arch, 3, 4).eval() for arch in IMAGE_ARCHITECTURES}
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", IMAGE_ARCHITECTURES)
 def test_default_width_forward(arch: str, default_models: dict[str, nn.Module]) -> None:
     with torch.no_grad():
         out = default_models[arch](torch.randn(1, 3, 96, 128))
@@ -83,7 +85,7 @@ def test_default_widths(default_models: dict[str, nn.Module]) -> None:
     assert len(unet.encoder.layer3) == 6  # resnet34
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", IMAGE_ARCHITECTURES)
 def test_single_channel_single_class(arch: str) -> None:
     model = create_model(arch, 1, 1, **TINY[arch])
     x = torch.randn(2, 1, 64, 64)
@@ -250,7 +252,7 @@ def _disk_problem() -> tuple[torch.Tensor, torch.Tensor]:
     return image, mask.unsqueeze(0)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", IMAGE_ARCHITECTURES)
 def test_tiny_model_overfits_one_image(arch: str) -> None:
     image, mask = _disk_problem()
     assert 0.75 < 1 - mask.float().mean() < 0.85  # predicting background alone is not enough
@@ -267,7 +269,7 @@ def test_tiny_model_overfits_one_image(arch: str) -> None:
     assert accuracy > 0.9
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", IMAGE_ARCHITECTURES)
 def test_same_seed_same_weights(arch: str) -> None:
     torch.manual_seed(123)
     first = create_model(arch, 3, 2, **TINY[arch]).state_dict()
@@ -323,8 +325,8 @@ def test_multiply_accumulates_of_a_convolution_by_hand() -> None:
 def test_the_matched_preset_puts_the_three_architectures_within_2x_in_weights_and_3x_in_compute() -> None:
     from medcert_core.training import preset_capacity
 
-    matched = {arch: preset_capacity("matched", arch) for arch in ARCHITECTURES}
-    tiny = {arch: preset_capacity("tiny", arch) for arch in ARCHITECTURES}
+    matched = {arch: preset_capacity("matched", arch) for arch in IMAGE_ARCHITECTURES}
+    tiny = {arch: preset_capacity("tiny", arch) for arch in IMAGE_ARCHITECTURES}
     spread = lambda table, key: max(row[key] for row in table.values()) / min(row[key] for row in table.values())  # noqa: E731
     assert spread(matched, "parameters") <= 2 and spread(matched, "macs") <= 3
     assert spread(tiny, "parameters") > 10, "the gap the matched preset closes"

@@ -32,7 +32,7 @@ from medcert_core.data.base import dataset_digest
 from medcert_core.denoisers import DDPM_PRESETS, parse_spec
 from medcert_core.devices import PRECISION_CHOICES, resolve_precision
 from medcert_core.io import USER_CACHE
-from medcert_core.models import ARCHITECTURES
+from medcert_core.models import IMAGE_ARCHITECTURES
 from medcert_core.smoothing import check_batch_size, compile_mode
 from medcert_core.training import PRESETS
 
@@ -304,8 +304,9 @@ SETTINGS: dict[str, Setting] = {
 
 # A chapter's own settings: named in the templates that have them (their defaults are the templates').
 CHAPTER_SETTINGS: dict[str, Setting] = {
-    "archs": Setting(["unet"], (list,), "Table 1 rows, one per architecture", choices=ARCHITECTURES),
-    "arch": Setting("unet", (str,), "architecture", choices=ARCHITECTURES),
+    # the chapters certify 2D images: the volumetric architectures are for `medcert train` and the API
+    "archs": Setting(["unet"], (list,), "Table 1 rows, one per architecture", choices=IMAGE_ARCHITECTURES),
+    "arch": Setting("unet", (str,), "architecture", choices=IMAGE_ARCHITECTURES),
     "denoiser": Setting("ddpm:auto", (str,), "ddpm:auto (trained here) | ddpm:<folder> | guided-diffusion:<file.pt> | "
                         "unet:<folder> | ffdnet:<file.pth> | none", check=_check_denoiser_spec),
     "unet_denoiser": Setting("unet:auto", (str,), "unet:auto | unet:<folder with {sigma}>", check=_check_denoiser_spec),

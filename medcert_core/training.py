@@ -7,6 +7,12 @@ checkpoint path resumes. ``load_segmenter`` rebuilds the model from a checkpoint
 
 Noise augmentation adds N(0, sigma^2) to the [0, 1] input, the same space the certificate uses;
 the SegCertify baseline is trained with sigma = 0.25, the paper's own models with none.
+
+Images (C, H, W) train the 2D architectures, volumes (C, D, H, W) the volumetric ones
+(``models.VOLUME_ARCHITECTURES``: a 3D U-Net, or a 2D architecture applied slice by slice, trained end
+to end on the volumes); the other pairings are refused. Volumes get no geometric augmentation
+(contrast and brightness only, flips when asked), and their validation Dice counts only the real
+voxels where the dataset knows them (``real_voxels``), not the padding.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.io import UnsafeFileError, error_gist, load_weights, save_torch_atomically
 from medcert_core.metrics import MetricAccumulator
-from medcert_core.models import create_model, model_capacity
+from medcert_core.models import IMAGE_ARCHITECTURES, SLICEWISE, VOLUME_ARCHITECTURES, create_model, model_capacity
 from medcert_core.smoothing import classes_from_logits
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet": {"encoder_name": "resnet18", "decoder_channels": (128, 64, 32, 16, 8)},
         "resunetpp": {"base_channels": 8},
         "deeplabv2": {"backbone": "resnet18"},
+        "unet3d": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 2},  # 1.2 M weights
     }},
     # the tiny widths at matched capacity (2.3-3.6 M weights, 0.9-2.2 GMACs per 128 px image; tiny's are
     # 1.0-12.5 M): the ResNet-18 trunks without their last stage, ResUNet++ at 12 base channels
@@ -44,26 +51,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet": {"encoder_name": "resnet18", "encoder_depth": 4, "decoder_channels": (128, 64, 32, 16)},
         "resunetpp": {"base_channels": 12},
         "deeplabv2": {"backbone": "resnet18", "backbone_stages": 3},
+        "unet3d": {"channels": (24, 48, 96, 192), "strides": (2, 2, 2), "num_res_units": 2},  # 2.7 M weights
     }},
     # the paper's sizes, for a GPU
     "paper": {"epochs": 100, "batch_size": 8, "lr": 1e-4, "model_kwargs": {
         "unet": {"encoder_name": "resnet34"},
         "resunetpp": {},
         "deeplabv2": {"backbone": "resnet101"},
+        # the paper has no 3D model: the widths of MONAI's spleen tutorial U-Net (4.8 M weights)
+        "unet3d": {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2},
     }},
 }
+# "<arch>-slicewise" (a 2D architecture on every slice of a volume) takes the widths of <arch>
 
 
 def preset_capacity(preset: str, arch: str, *, in_channels: int = 3, num_classes: int = 4,
-                    size: tuple[int, int] = (128, 128)) -> dict[str, int]:
+                    size: tuple[int, ...] = (128, 128)) -> dict[str, int]:
     """{"parameters", "macs"} of ``arch`` at ``preset``'s widths: its weights, and the multiply-accumulates of
-    one forward pass on one (in_channels, *size) image."""
+    one forward pass on one (in_channels, *size) image, or volume for a size (D, H, W)."""
     return model_capacity(preset_model(preset, arch, in_channels, num_classes), (1, in_channels, *size))
+
+
+def preset_model_kwargs(preset: str, arch: str) -> dict[str, Any]:
+    """The builder kwargs of ``arch`` at ``preset``'s widths (those of its 2D arch for a slice-wise one)."""
+    return dict(PRESETS[preset]["model_kwargs"].get(SLICEWISE.get(arch, arch), {}))
 
 
 def preset_model(preset: str, arch: str, in_channels: int = 3, num_classes: int = 4) -> torch.nn.Module:
     """An untrained ``arch`` at ``preset``'s widths."""
-    return create_model(arch, in_channels, num_classes, **PRESETS[preset]["model_kwargs"].get(arch, {}))
+    return create_model(arch, in_channels, num_classes, **preset_model_kwargs(preset, arch))
 
 
 @dataclass
@@ -74,7 +90,7 @@ class TrainConfig:
     in_channels: int
     num_classes: int
     class_names: tuple[str, ...]
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]  # (H, W) of images, (D, H, W) of volumes
     noise_sigma: float = 0.0
     epochs: int = 30
     batch_size: int = 8
@@ -103,11 +119,13 @@ class TrainConfig:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus (1 - mean soft Dice over classes). logits (B,K,H,W), target (B,H,W)."""
+    """Cross-entropy plus (1 - mean soft Dice over classes). logits (B,K,*spatial), target (B,*spatial):
+    (B,K,H,W) and (B,H,W) for images, (B,K,D,H,W) and (B,D,H,W) for volumes."""
     probabilities = logits.softmax(1)
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
-    intersection = (probabilities * one_hot).sum((0, 2, 3))
-    total = probabilities.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    summed = (0, *range(2, logits.dim()))  # the batch and every spatial axis
+    intersection = (probabilities * one_hot).sum(summed)
+    total = probabilities.sum(summed) + one_hot.sum(summed)
     soft_dice = (2 * intersection + 1.0) / (total + 1.0)
     return F.cross_entropy(logits, target) + 1 - soft_dice.mean()
 
@@ -118,12 +136,28 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     ``flips`` also a left-right and an up-down flip, each with probability 1/2 (colonoscopy, skin; never
     chest X-rays, whose left and right are anatomy).
 
-    images (B,C,H,W), masks (B,H,W); the mask follows the same affine map (nearest).
+    images (B,C,H,W), masks (B,H,W); the mask follows the same affine map (nearest). Volumes (B,C,D,H,W)
+    with masks (B,D,H,W) get no affine map (voxels are often anisotropic; the padding would move): only
+    the flips (of H and W) when asked, contrast and brightness.
     """
-    batch = images.shape[0]
     if flips:
         images, masks = random_flips(images, masks, generator)
-    uniform = lambda low, high: low + (high - low) * torch.rand(batch, generator=generator)  # noqa: E731
+    if images.dim() == 4:
+        images, masks = random_affine(images, masks, generator)
+    return random_intensity(images, generator), masks
+
+
+def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """(count,) float32 uniform in [low, high)."""
+    return low + (high - low) * torch.rand(count, generator=generator)
+
+
+def random_affine(images: torch.Tensor, masks: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image (B,C,H,W) and its mask (B,H,W) scaled (0.9-1.1), shifted (+-6 %) and rotated (+-8 degrees)
+    about its centre; bilinear for the image, nearest for the mask, borders replicated."""
+    batch = images.shape[0]
+    uniform = lambda low, high: _uniform(low, high, batch, generator)  # noqa: E731
     angle = uniform(-8, 8) * torch.pi / 180
     scale = uniform(0.9, 1.1)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -133,21 +167,32 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
-    contrast = uniform(0.85, 1.15).to(images)[:, None, None, None]
-    brightness = uniform(-0.08, 0.08).to(images)[:, None, None, None]
-    mean = images.mean((1, 2, 3), keepdim=True)
-    images = ((images - mean) * contrast + mean + brightness).clamp(0, 1)
     return images, masks[:, 0].long()
+
+
+def per_item(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped (B, 1, ...) to broadcast over a batch ``like`` (B, ...)."""
+    return values.reshape(-1, *(1,) * (like.dim() - 1))
+
+
+def random_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image (B,C,*spatial) with its contrast about its mean scaled by 0.85-1.15 and its brightness
+    shifted by +-0.08, clamped to [0, 1]."""
+    batch = images.shape[0]
+    contrast = per_item(_uniform(0.85, 1.15, batch, generator).to(images), images)
+    brightness = per_item(_uniform(-0.08, 0.08, batch, generator).to(images), images)
+    mean = images.mean(tuple(range(1, images.dim())), keepdim=True)
+    return ((images - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
 def random_flips(images: torch.Tensor, masks: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image (B,C,H,W) and its mask (B,H,W) flipped left-right, and independently up-down, with
-    probability 1/2 each."""
+    """Each image (B,C,*spatial) and its mask (B,*spatial) flipped left-right (W), and independently up-down
+    (H), with probability 1/2 each."""
     for image_dim, draws in ((-1, torch.rand(images.shape[0], generator=generator) < 0.5),
                              (-2, torch.rand(images.shape[0], generator=generator) < 0.5)):
-        images = torch.where(draws[:, None, None, None], images.flip(image_dim), images)
-        masks = torch.where(draws[:, None, None], masks.flip(image_dim), masks)
+        images = torch.where(per_item(draws, images), images.flip(image_dim), images)
+        masks = torch.where(per_item(draws, masks), masks.flip(image_dim), masks)
     return images, masks
 
 
@@ -160,7 +205,7 @@ def epochs_without_improvement(val_dice: Sequence[float]) -> int:
 
 @torch.inference_mode()
 def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Plain (unsmoothed) class ids (B,H,W) of a (B,C,H,W) batch."""
+    """Plain (unsmoothed) class ids (B,*spatial) of a (B,C,*spatial) batch."""
     return classes_from_logits(model(images))
 
 
@@ -174,17 +219,21 @@ def evaluate_segmenter(
     batch_size: int = 8,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Per-image, per-class plain Dice/IoU on a dataset (optionally on one noisy copy per image)."""
+    """Per-image, per-class plain Dice/IoU on a dataset (optionally on one noisy copy per image); over the
+    real voxels only where the dataset says which they are (``dataset.real_voxels(i)``, a padded volume
+    dataset's), else over every pixel."""
     device = resolve_device(device)
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     accumulator = MetricAccumulator(class_names)
+    real_voxels = getattr(dataset, "real_voxels", None)
     index = 0
     for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         if noise_sigma > 0:
             images = images + noise_sigma * torch.randn(images.shape, generator=generator)
         for labels, mask in zip(predict_batch(model, images.to(device)).cpu(), masks):
-            accumulator.add(labels, mask, image_id=index)
+            valid = real_voxels(index) if real_voxels is not None else None
+            accumulator.add(labels, mask, image_id=index, valid=valid)
             index += 1
     return accumulator.to_frame()
 
@@ -199,7 +248,7 @@ def _config_from_dataset(dataset: Dataset, arch: str, preset: str, **overrides: 
     image, _ = dataset[0]
     settings = {key: value for key, value in PRESETS[preset].items() if key != "model_kwargs"}
     settings.update({key: value for key, value in overrides.items() if value is not None})
-    model_kwargs = dict(PRESETS[preset]["model_kwargs"].get(arch, {}))
+    model_kwargs = preset_model_kwargs(preset, arch)
     model_kwargs.update(settings.pop("model_kwargs", None) or {})
     class_names = tuple(dataset.class_names)
     return TrainConfig(
@@ -207,7 +256,7 @@ def _config_from_dataset(dataset: Dataset, arch: str, preset: str, **overrides: 
         in_channels=int(image.shape[0]),
         num_classes=len(class_names),
         class_names=class_names,
-        image_size=(int(image.shape[1]), int(image.shape[2])),
+        image_size=tuple(int(length) for length in image.shape[1:]),
         preset=preset,
         model_kwargs=model_kwargs,
         dataset=str(getattr(dataset, "name", "")),
@@ -275,7 +324,7 @@ def _checkpoint(state: _Training, config: TrainConfig) -> dict[str, Any]:
 
 
 def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, device: torch.device) -> float:
-    """One pass over train_set in a random order, in batches (B, C, H, W): augmentation, then noise
+    """One pass over train_set in a random order, in batches (B, C, *spatial): augmentation, then noise
     N(0, noise_sigma^2), then one Adam step on the Dice + cross-entropy loss (the forward pass under
     autocast at ``config.precision``, the loss and the weights in fp32); the schedule steps once.
     Returns the mean batch loss."""
@@ -301,13 +350,20 @@ def _train_epoch(state: _Training, train_set: Dataset, config: TrainConfig, devi
     return float(np.mean(losses))
 
 
-def check_images(dataset: Dataset) -> None:
-    """Refuse a dataset of volumes: the segmenters trained here are 2D, (C, H, W) images to (H, W) masks."""
-    image = dataset[0][0]
-    if image.dim() != 3:
-        raise ValueError(f"2D segmenters train on images (C, H, W); this dataset gives {tuple(image.shape)} volumes "
-                         "(C, D, H, W). Volumes are certified with SmoothedSegmenter and a 3D model of your own; "
-                         "medcert does not train 3D segmenters yet")
+def check_architecture_fits(arch: str, dataset: Dataset) -> None:
+    """Refuse a 2D architecture on volumes (C, D, H, W) and a volumetric one on images (C, H, W), naming the
+    architectures that fit; a name that is neither is left to ``create_model``'s error."""
+    shape = tuple(dataset[0][0].shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"segmenters train on images (C, H, W) or volumes (C, D, H, W); this dataset gives items "
+                         f"of shape {shape}")
+    if len(shape) == 4:
+        given, kind, fitting, other = "volumes (C, D, H, W)", "volumetric", VOLUME_ARCHITECTURES, IMAGE_ARCHITECTURES
+    else:
+        given, kind, fitting, other = "images (C, H, W)", "2D", IMAGE_ARCHITECTURES, VOLUME_ARCHITECTURES
+    if arch in other:
+        raise ValueError(f"architecture {arch!r} does not fit this dataset, which gives {given} of shape {shape}; "
+                         f"{kind} architectures: {', '.join(fitting)}")
 
 
 def train_segmenter(
@@ -335,13 +391,14 @@ def train_segmenter(
     ``precision``: autocast of the forward pass (fp32 | bf16 | fp16 | auto, resolved for the device and
     recorded in the config); the weights, the optimizer and the loss stay fp32.
 
-    train_set / val_set: datasets of (image (C,H,W) in [0,1], mask (H,W) int64) with
-    ``.class_names``. ``epochs`` is the most epochs (the cosine schedule's length); with ``patience``
+    train_set / val_set: datasets of (image (C,H,W) in [0,1], mask (H,W) int64) with ``.class_names``
+    for a 2D ``arch``, of (volume (C,D,H,W), mask (D,H,W)) for a volumetric one (see the module doc).
+    ``epochs`` is the most epochs (the cosine schedule's length); with ``patience``
     training stops after that many epochs without a better validation Dice. The weights returned are
     the best validation epoch's. With ``checkpoint``, the state is saved after every epoch and an
     existing checkpoint of the same config is resumed (a finished one is simply loaded).
     """
-    check_images(train_set)
+    check_architecture_fits(arch, train_set)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     device = resolve_device(device)

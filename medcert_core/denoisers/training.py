@@ -29,7 +29,7 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 
 from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
-from medcert_core.denoisers.unet_denoiser import UNetDenoiser
+from medcert_core.denoisers.unet_denoiser import DEFAULT_MODEL_KWARGS, IMAGE_ARCH, VOLUME_ARCH, UNetDenoiser
 from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.io import load_weights, save_torch_atomically
 
@@ -73,6 +73,18 @@ def training_timesteps(count: int, max_timestep: int, focus_timesteps: Sequence[
 def _stacked_images(dataset: Dataset, size: tuple[int, int]) -> torch.Tensor:
     """All images of a (image, mask) dataset at ``size``: (N, C, H, W) in [0, 1]."""
     return torch.cat([resize(dataset[i][0][None], size) for i in range(len(dataset))])
+
+
+def _stacked_inputs(dataset: Dataset, image_size: int | None) -> torch.Tensor:
+    """All inputs of a (input, mask) dataset in [0, 1]: images (N, C, H, W) at ``image_size`` (square; default
+    their own size), volumes (N, C, D, H, W) as they are (``image_size`` must then be None)."""
+    first = dataset[0][0]
+    if first.dim() == 4:
+        if image_size:
+            raise ValueError(f"image_size resizes images; volumes (here {tuple(first.shape)}) are used at their "
+                             "own size: leave image_size None")
+        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return _stacked_images(dataset, (image_size, image_size) if image_size else tuple(first.shape[-2:]))
 
 
 @dataclass
@@ -239,6 +251,9 @@ def train_unet_denoiser(
     """Train the UNet baseline for one sigma with MSE to the clean image; save it in ``output_dir``
     (the network under autocast at ``precision``, fp32 | bf16 | fp16 | auto; the weights stay fp32).
 
+    Images (C, H, W) train a 2D ``"unet"`` (at ``image_size``, default their own), volumes (C, D, H, W) a
+    3D ``"unet3d"`` at their own size; ``model_kwargs`` default to ``DEFAULT_MODEL_KWARGS`` of that arch.
+
     An interrupted run resumes from ``output_dir/training_state.pt`` (weights, optimizer, learning
     rate schedule and generator state), so the resumed model is the one an uninterrupted run gives."""
     output_dir = Path(output_dir)
@@ -246,12 +261,12 @@ def train_unet_denoiser(
         return output_dir
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    first = dataset[0][0]
-    size = (image_size, image_size) if image_size else tuple(first.shape[-2:])
-    images = _stacked_images(dataset, size)
+    images = _stacked_inputs(dataset, image_size)
+    size = tuple(images.shape[2:])
+    arch = VOLUME_ARCH if images.dim() == 5 else IMAGE_ARCH
     torch.manual_seed(seed)
-    kwargs = model_kwargs or {"encoder_name": "resnet18", "decoder_channels": (128, 64, 32, 16, 8)}
-    denoiser = UNetDenoiser.build(images.shape[1], sigma, **kwargs).to(device).train()
+    kwargs = model_kwargs or DEFAULT_MODEL_KWARGS[arch]
+    denoiser = UNetDenoiser.build(images.shape[1], sigma, arch, **kwargs).to(device).train()
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)

@@ -3,7 +3,8 @@
 A plain UNet trained with MSE to map x + N(0, sigma^2) to x, one per sigma; it predicts the clean
 image directly and returns it clamped to [0, 1]. (Predicting the noise instead does not work with
 segmentation_models_pytorch's UNet: its decoder has no full-resolution skip, so it cannot
-reproduce per-pixel i.i.d. noise.)
+reproduce per-pixel i.i.d. noise.) Images use the 2D ``"unet"`` architecture, volumes (B, C, D, H, W)
+the 3D ``"unet3d"`` (MONAI's, with a full-resolution first level: stride 1 there).
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from medcert_core.io import load_weights, save_torch_atomically, write_json_atom
 from medcert_core.models import create_model
 
 WEIGHTS = "unet_denoiser.pt"
+IMAGE_ARCH, VOLUME_ARCH = "unet", "unet3d"
+DEFAULT_MODEL_KWARGS: dict[str, dict[str, Any]] = {  # train_unet_denoiser's widths per architecture
+    IMAGE_ARCH: {"encoder_name": "resnet18", "decoder_channels": (128, 64, 32, 16, 8)},
+    VOLUME_ARCH: {"channels": (16, 32, 64, 128), "strides": (1, 2, 2), "num_res_units": 2},
+}
 
 
 class UNetDenoiser(torch.nn.Module):
-    """(B, C, H, W) noisy batch in [0, 1] scale -> clean estimate, for the sigma it was trained at."""
+    """(B, C, H, W) noisy batch in [0, 1] scale -> clean estimate, for the sigma it was trained at; (B, C, D, H, W)
+    for a 3D one (``config["arch"] == "unet3d"``)."""
 
     def __init__(self, network: torch.nn.Module, sigma: float, config: dict[str, Any]) -> None:
         super().__init__()
@@ -29,10 +36,15 @@ class UNetDenoiser(torch.nn.Module):
         self.config = config
 
     @classmethod
-    def build(cls, channels: int, sigma: float, **model_kwargs: Any) -> "UNetDenoiser":
-        """A fresh (untrained) denoiser: a ``create_model("unet", C, C)`` network."""
+    def build(cls, channels: int, sigma: float, /, arch: str = IMAGE_ARCH, **model_kwargs: Any) -> "UNetDenoiser":
+        """A fresh (untrained) denoiser: a ``create_model(arch, C, C, **model_kwargs)`` network, ``"unet"`` for
+        images and ``"unet3d"`` for volumes (``channels`` is positional: unet3d's widths are a model kwarg of
+        that name). The config names ``arch`` only when it is not ``"unet"``, so the denoisers saved before
+        3D ones existed load unchanged."""
         config = {"channels": channels, "sigma": float(sigma), "model_kwargs": model_kwargs}
-        return cls(create_model("unet", channels, channels, **model_kwargs), sigma, config)
+        if arch != IMAGE_ARCH:
+            config["arch"] = arch
+        return cls(create_model(arch, channels, channels, **model_kwargs), sigma, config)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         return self.network(noisy).clamp(0, 1)
@@ -52,7 +64,8 @@ class UNetDenoiser(torch.nn.Module):
         saved = load_weights(path, map_location=map_location)
         try:
             config, state_dict = saved["config"], saved["state_dict"]
-            denoiser = cls.build(config["channels"], config["sigma"], **config["model_kwargs"])
+            denoiser = cls.build(config["channels"], config["sigma"], config.get("arch", IMAGE_ARCH),
+                                 **config["model_kwargs"])
         except (TypeError, KeyError) as error:
             raise ValueError(f"{path} is not a UNet denoiser written by train_unet_denoiser (expected 'config' with "
                              f"channels, sigma, model_kwargs and 'state_dict'; {error!r})") from error

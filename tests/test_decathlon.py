@@ -277,13 +277,13 @@ def test_hippocampus_float_labels_are_rounded(hippocampus):
         assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == {0, 1, 2}
 
 
-def test_the_2d_training_and_the_study_refuse_volumes_with_a_clear_error(tmp_path):
+def test_2d_architectures_and_the_study_refuse_volumes_with_a_clear_error(tmp_path):
     from medcert_core.study.settings import check_setting
     from medcert_core.training import train_segmenter
 
     volumes = load_decathlon("task", small_task(tmp_path / "task"), "train")
-    with pytest.raises(ValueError, match=r"2D segmenters train on images \(C, H, W\); this dataset gives \(1, 5, 5, 5\) "
-                                         r"volumes \(C, D, H, W\)"):
+    with pytest.raises(ValueError, match=r"architecture 'unet' does not fit this dataset, which gives volumes "
+                                         r"\(C, D, H, W\) of shape \(1, 5, 5, 5\); volumetric architectures: unet3d"):
         train_segmenter(volumes, volumes, epochs=1, progress=False)
     with pytest.raises(ValueError, match="parameter 'dataset': unknown value 'hippocampus'"):
         check_setting("dataset", "hippocampus")

@@ -366,6 +366,54 @@ def candidate_row(name: str) -> tuple[Value, ...]:
 grid_hours = calc(lambda data: (data["diffusion_image_equivalents"] + data["images_without_diffusion"]) * 0.45 / 3600)
 """The paper grid's hours at the 0.45 s target, every image counted at the full cost (an upper bound)."""
 
+JSRT, JSRT_BEFORE, JSRT_256 = "book/jsrt.ipynb", "ac280aa:book/jsrt.ipynb", "book/jsrt_256.ipynb"
+CXR, CXR_256, CVC = "book/cxr_lungs.ipynb", "book/cxr_lungs_256.ipynb", "book/cvc_clinicdb.ipynb"
+ABLATION_JSRT, ABLATION_CXR = "book/ablation_denoiser_jsrt.ipynb", "book/ablation_denoiser_cxr_lungs.ipynb"
+OWN_MODEL = "book/figures/own_model/patient_certificate.json"
+
+
+def elsewhere(value: Value, source: str) -> Value:
+    """``value`` read from another committed JSON than the claim's (e.g. a chapter's earlier execution)."""
+    return lambda _: value(load(source))
+
+
+def dice_abstain(method: str, arch: str, sigma: str, code: str) -> tuple[Value, Value]:
+    """A one-class chapter's certified Dice and its % abstained of the whole image, at one σ."""
+    return (cell(method, arch, sigma, column=4, code=code), cell(method, arch, sigma, column=7, spec=".1f", code=code))
+
+
+def paired(first: str, second: str, sigma: str, columns: tuple[int, ...], code: str) -> tuple[Value, ...]:
+    """Cells of a chapter's paired-difference table, with the Unicode minus."""
+    return tuple(cell(first, second, sigma, column=column, spec="minus", code=code) for column in columns)
+
+
+# the JSRT chapter's table in results/README.md: each cell "now (before) [paper]"; the paper's numbers are constants
+JSRT_PAPER = {
+    (OURS, "resunetpp"): (("0.95", "0.93", "0.78", "5"), ("0.94", "0.91", "0.63", "8"), ("0.90", "0.87", "0.28", "12")),
+    (OURS, "unet"): (("0.94", "0.88", "0.75", "7"), ("0.90", "0.88", "0.61", "9"), ("0.87", "0.84", "0.23", "15")),
+    (OURS, "deeplabv2"): (("0.94", "0.91", "0.85", "4"), ("0.88", "0.87", "0.63", "10"), ("0.88", "0.83", "0.20", "14")),
+    (SEGCERTIFY, "resunetpp"): (("0.96", "0.93", "0.83", "4"), ("?", "?", "0.58", "13"), ("0.07", "0.02", "0.00", "24")),
+}
+JSRT_LABELS = {(OURS, "resunetpp"): "ours, ResUNet++", (OURS, "unet"): "ours, UNet",
+               (OURS, "deeplabv2"): "ours, DeepLabV2", (SEGCERTIFY, "resunetpp"): "SegCertify, ResUNet++"}
+
+
+def jsrt_row(method: str, arch: str, index: int) -> Claim:
+    """One row of results/README.md's certified JSRT table, now and before read from the two executions."""
+    sigma, shown = SIGMAS[index], ("0.25 (0.17)", "0.5 (0.34)", "1.0 (0.67)")[index]
+    paper = JSRT_PAPER[(method, arch)][index]
+    code = "paper_table(per_arch)" if method == OURS else "paper_table(comparison)"
+    # the table gives the earlier execution's abstention for ours with ResUNet++ only
+    abstain_before = " ({})" if (method, arch) == (OURS, "resunetpp") else ""
+    text = (f"| {JSRT_LABELS[(method, arch)]} | {shown} | {{}} ({{}}) [{paper[0]}] | {{}} ({{}}) [{paper[1]}] | "
+            f"{{}} ({{}}) [{paper[2]}] | {{}}{abstain_before} [{paper[3]}] |")
+    values = tuple(value for column in (4, 7, 10) for value in (
+        cell(method, arch, sigma, column=column, code=code),
+        elsewhere(cell(method, arch, sigma, column=column, code=code), JSRT_BEFORE)))
+    abstain = cell(method, arch, sigma, column=13, spec=".1f", code=code)
+    before = (elsewhere(abstain, JSRT_BEFORE),) if abstain_before else ()
+    return Claim(RESULTS, text, JSRT, values + (abstain,) + before)
+
 
 CLAIMS: list[Claim] = [
     # results/README.md: plain JSRT Dice per architecture
@@ -747,11 +795,131 @@ CLAIMS: list[Claim] = [
                              ("paired_against_single_step", {"sigma": 0.25, "denoiser": FFDNET_SHRINK}, "mean_db")), ".2f"))),
     Claim("book/intro.md", "SegCertify is ahead, by {} lung Dice", "book/cxr_lungs_256.ipynb",
           (reversed_difference(cell("unet", OURS, "0.25", column=3, code="ours_against_segcertify")),)),
-    # the paper grid's hours
+
+    # the second audit (issue 36, item 5): the headline tables and comparisons not checked before
+    # results/README.md: the certified JSRT table, now and before (ac280aa), next to the paper's constants
+    *[jsrt_row(method, arch, index) for method, arch in JSRT_PAPER for index in range(3)],
+    *[Claim(RESULTS, f"| SegCertify, {label} | 0.25 / 0.5 / 1.0 | {{}} / {{}} / {{}} (–) | {{}} / {{}} / {{}} (–) | "
+                     f"{{}} / {{}} / {{}} (–) | {{}} / {{}} / {{}} |", JSRT,
+            tuple(cell(SEGCERTIFY, arch, sigma, column=column, code="paper_table(comparison)")
+                  for column in (4, 7, 10) for sigma in SIGMAS)
+            + tuple(cell(SEGCERTIFY, arch, sigma, column=13, spec=".1f", code="paper_table(comparison)") for sigma in SIGMAS))
+      for label, arch in [("UNet", "unet"), ("DeepLabV2", "deeplabv2")]],
+    *[Claim(RESULTS, f"| {label} | 0 | {{}} / {{}}{paper[0]} | {{}} / {{}}{paper[1]} | {{}} / {{}}{paper[2]} | 0 |", JSRT,
+            tuple(cell(method, arch, "0.00", column=column, code="paper_table(comparison)")
+                  for column in (4, 7, 10) for method in ("plain (noise 0)", "plain (noise 0.25)")))
+      for label, arch, paper in [
+          ("plain, no noise / noise-trained, clean images: ResUNet++", "resunetpp",
+           (" [0.97 / 0.91]", " [0.94 / 0.89]", " [0.93 / 0.84]")),
+          ("the same, UNet", "unet", ("", "", "")), ("the same, DeepLabV2", "deeplabv2", ("", "", ""))]],
+    Claim(RESULTS, "the chapter's 24 runs (18 smoothed, 6 clean) take about {} s per test image, {} min for the 25",
+          CHAPTER_SHARED, (at("seconds_per_image", "shared_draws", spec=".0f"),
+                           calc(lambda d: d["seconds_per_image"]["shared_draws"] * d["chapter_images"] / 60, ".0f"))),
+    # the certified cxr_lungs table and its paired differences
+    *[Claim(RESULTS, f"| {label} | {size} | {{}}, {{}} %{paper[0]} | {{}}, {{}} %{paper[1]} | {{}}, {{}} %{paper[2]} |", source,
+            tuple(value for sigma in SIGMAS for value in dice_abstain(method, arch, sigma, code)))
+      for label, size, source, method, arch, code, paper in [
+          ("ours, ResUNet++", 128, CXR, OURS, "resunetpp", "paper_table(per_arch)",
+           (" [0.96 / 0.95]", " [0.94 / 0.93]", " [0.89 / 0.90]")),
+          ("ours, UNet", 128, CXR, OURS, "unet", "paper_table(per_arch)", (" [0.93 / 0.95]", " [0.89 / 0.93]", " [0.88 / 0.89]")),
+          ("ours, DeepLabV2", 128, CXR, OURS, "deeplabv2", "paper_table(per_arch)",
+           (" [0.93 / 0.80]", " [0.91 / 0.34]", " [0.85 / 0.04]")),
+          ("SegCertify, ResUNet++", 128, CXR, SEGCERTIFY, "resunetpp", "paper_table(comparison)", ("", "", "")),
+          ("ours, UNet", 256, CXR_256, OURS, "unet", "paper_table(per_arch)", ("", "", "")),
+          ("SegCertify, UNet", 256, CXR_256, SEGCERTIFY, "unet", "paper_table(comparison)", ("", "", ""))]],
+    *[Claim(RESULTS, f"| {label} − ResUNet++ (ours, 128 px), lung Dice | {{}} | {{}} | {{}} |", CXR,
+            tuple(value for sigma in SIGMAS for value in paired(arch, OURS, sigma, (3,), "architectures_against_first")))
+      for label, arch in [("DeepLabV2", "deeplabv2"), ("UNet", "unet")]],
+    Claim(RESULTS, "| ours − SegCertify, ResUNet++ 128 px, lung Dice | {} (tie) | {} | {} | | the same, abstention (points) "
+                   "| {} | {} | {} |", CXR,
+          tuple(value for column in (3, 4) for sigma in SIGMAS
+                for value in paired("resunetpp", OURS, sigma, (column,), "ours_against_segcertify"))),
+    Claim(RESULTS, "| ours − SegCertify, UNet 256 px, lung Dice | {} (SegCertify ahead) | {} | {} | | the same, abstention "
+                   "(points) | {} | {} | {} |", CXR_256,
+          tuple(value for column in (3, 4) for sigma in SIGMAS
+                for value in paired("unet", OURS, sigma, (column,), "ours_against_segcertify"))),
+    Claim(RESULTS, "Plain lung Dice on clean images (no noise / noise-trained): ResUNet++ {} / {} at 128 px", CXR,
+          tuple(cell(method, "resunetpp", "0.00", column=4, code="paper_table(comparison)")
+                for method in ("plain (noise 0)", "plain (noise 0.25)"))),
+    # the certified CVC-ClinicDB table, its paired differences and the two splits
+    *[Claim(RESULTS, f"| {label} | {{}}, {{}} % | {{}}, {{}} % | {{}}, {{}} % |", CVC,
+            tuple(value for sigma in SIGMAS for value in dice_abstain(method, arch, sigma, code)))
+      for label, method, arch, code in [("ours, ResUNet++", OURS, "resunetpp", "paper_table(per_arch)"),
+                                        ("ours, UNet", OURS, "unet", "paper_table(per_arch)"),
+                                        ("ours, DeepLabV2", OURS, "deeplabv2", "paper_table(per_arch)"),
+                                        ("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)")]],
+    *[Claim(RESULTS, f"| {label}, polyp Dice | {{}}{tie} | {{}} | {{}} | | the same, abstention (points) | {{}} | {{}} | {{}} |",
+            CVC, tuple(value for column in (3, 4) for sigma in SIGMAS
+                       for value in paired(first, OURS, sigma, (column,), code)))
+      for label, tie, first, code in [("ours − SegCertify, ResUNet++", " (tie)", "resunetpp", "ours_against_segcertify"),
+                                      ("DeepLabV2 − ResUNet++ (ours)", "", "deeplabv2", "architectures_against_first"),
+                                      ("UNet − ResUNet++ (ours)", "", "unet", "architectures_against_first")]],
+    Claim(RESULTS, "Plain polyp Dice on the same 40 frames: ResUNet++ {} (no noise), {} (trained with noise 0.25)", CVC,
+          tuple(cell(method, "resunetpp", "0.00", column=4, code="paper_table(comparison)")
+                for method in ("plain (noise 0)", "plain (noise 0.25)"))),
+    Claim(RESULTS, "{} [{}, {}] on the blocked split ({} frames) against {} [{}, {}] on the random one ({} frames)", CVC,
+          tuple(cell(split, "polyp", column=column, code="plain_dice_by_split")
+                for split in ("blocked (20 ids)", "random") for column in (2, 3, 4, 5))),
+    # the JSRT ablation "which denoiser": the in-domain DDPM's row and each denoiser against it, image by image
+    Claim(RESULTS, "| DDPM trained on JSRT | {} / {} / {}, {} % | {} / {} / {}, {} % | {} / {} / {}, {} % |", ABLATION_JSRT,
+          dice_row("ours (ddpm, this dataset, single-step)", "resunetpp")),
+    *[Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} | {{}} | {{}} |", ABLATION_JSRT,
+            paired("resunetpp", method, sigma, (3, 4, 5, 6), "paired_differences"))
+      for label, method in [("FFDNet", FFDNET_OURS), ("DDPM trained on cxr_lungs", "ours (ddpm, trained on cxr_lungs, single-step)")]
+      for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+    Claim(RESULTS, "e.g. lung {} at sigma 0.25", ABLATION_JSRT,
+          (cell("resunetpp", "ours (unet)", "0.25", column=3, spec="minus", code="paired_differences"),)),
+    # the cxr_lungs ablation "must the denoiser have seen the domain?"
+    *[Claim(RESULTS, f"| {label} | {{}}, {{}} % | {{}}, {{}} % | {{}}, {{}} % |", ABLATION_CXR,
+            tuple(value for sigma in SIGMAS for value in dice_abstain(method, "resunetpp", sigma, "paper_table")))
+      for label, method in [("DDPM trained on cxr_lungs", "ours (ddpm, this dataset, single-step)"),
+                            ("DDPM trained on JSRT", "ours (ddpm, trained on jsrt, single-step)"),
+                            ("FFDNet, natural images only", FFDNET_OURS),
+                            ("UNet denoisers trained on cxr_lungs", "ours (unet)"), ("no denoiser", "ours (no denoiser)")]],
+    *[Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} |", ABLATION_CXR,
+            paired("resunetpp", method, sigma, (3, 4), "paired_differences"))
+      for label, method in [("FFDNet", FFDNET_OURS), ("DDPM trained on JSRT", "ours (ddpm, trained on jsrt, single-step)"),
+                            ("UNet denoisers", "ours (unet)")]
+      for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+    # UNet at 256 px
+    *[Claim(RESULTS, f"| {shown} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | {paper} |", JSRT_256,
+            tuple(value for method in (OURS, SEGCERTIFY) for value in (
+                *(cell(method, "unet", sigma, column=column, code="paper_table(comparison)") for column in (4, 7, 10)),
+                cell(method, "unet", sigma, column=13, spec=".1f", code="paper_table(comparison)"))))
+      for sigma, shown, paper in zip(SIGMAS, ("0.25 (0.17)", "0.5 (0.34)", "1.0 (0.67)"),
+                                     ("0.94 / 0.88 / 0.75, 7 %", "0.90 / 0.88 / 0.61, 9 %", "0.87 / 0.84 / 0.23, 15 %"))],
+    *[Claim(RESULTS, f"| {shown} | {{}} | {{}} | {{}} | {{}} |", JSRT_256,
+            paired("unet", OURS, sigma, (3, 4, 5, 6), "ours_against_segcertify"))
+      for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+    Claim(RESULTS, "Plain Dice on clean images: {} / {} / {} (no noise), {} / {} / {} (noise-trained)", JSRT_256,
+          tuple(cell(method, "unet", "0.00", column=column, code="paper_table(comparison)")
+                for method in ("plain (noise 0)", "plain (noise 0.25)") for column in (4, 7, 10))),
+    # book/intro.md: the off-the-shelf denoiser on JSRT and on cxr_lungs
+    Claim("book/intro.md", "FFDNet certifies lungs {} lower than the in-domain DDPM, and hearts {} lower. It certifies "
+                           "the clavicles at half the DDPM's Dice ({} against {})", ABLATION_JSRT,
+          (reversed_difference(cell("resunetpp", FFDNET_OURS, "0.25", column=3, code="paired_differences")),
+           calc_from(cell("resunetpp", FFDNET_OURS, "0.25", column=4, code="paired_differences"),
+                     lambda text: text.split()[0].lstrip("-")),
+           cell(FFDNET_OURS, "resunetpp", "0.25", column=10, code="paper_table"),
+           cell("ours (ddpm, this dataset, single-step)", "resunetpp", "0.25", column=10, code="paper_table"))),
+    Claim("book/intro.md", "FFDNet certifies the lungs within {} of the in-domain DDPM at σ = 0.25 and {} behind at 0.5. "
+                           "At σ = 1.0 it trails by {}.", ABLATION_CXR,
+          (reversed_difference(cell("resunetpp", FFDNET_OURS, "0.25", column=3, code="paired_differences")),
+           *(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=3, code="paired_differences"),
+                       lambda text: text.split()[0].lstrip("-")) for sigma in ("0.50", "1.00")))),
+    # the main job at fp32, and the paper grid's hours
+    Claim(README, "{} at fp32 on 2026-12-02", FP32_MAIN_JOB,
+          (lambda data: frozenset([f"{int(round(data['seconds']['total'])) // 60} min "
+                                   f"{int(round(data['seconds']['total'])) % 60} s"]),)),
     Claim(PERFORMANCE, "At the target 0.45 s per image that is at most {} h of certification on one GPU", GRID_COST,
           (grid_hours,)),
     Claim("book/scale.md", "| 0.45 s | medcert's target on one H100 / H200 (a target, not a measurement) | at most {} h |",
           GRID_COST, (grid_hours,)),
+    # book/own_model.md: what the DICOM file's certificate covers on the file itself
+    Claim("book/own_model.md", "R = sigma x Phi^-1(tau) = 0.25 x 0.674 = {}", OWN_MODEL, (at("radius", spec=".3f"),)),
+    Claim("book/own_model.md", "/ (1.732 x 0.281) = {} (`radius_on_the_file.unit_image`). Through the window's 1 / 4095 "
+                               "per stored value, that is {} in stored 12-bit values", OWN_MODEL,
+          (at("radius_on_the_file", "unit_image", spec=".3f"), at("radius_on_the_file", "stored_values", spec=".0f"))),
 ]
 
 

@@ -39,9 +39,10 @@ at most :data:`DEFLATED_HEADER_BYTES` for its header, then what its pixel data n
 
 MONOCHROME1 DICOM (white = low values) is inverted after the mapping, so that bone is bright as in
 MONOCHROME2 and every PNG radiograph. NIfTI arrays are used as stored: rows are the first remaining
-array axis, columns the second, no reorientation; a 3D volume needs a slice (``AXIS:INDEX``).
-Whole volumes (the Decathlon datasets, :mod:`medcert_core.data.decathlon`) are read by
-:func:`read_nifti_volume` through the same checks (:func:`open_nifti`: the pixel budget on the header).
+array axis, columns the second, no reorientation; a 3D volume needs a slice (``AXIS:INDEX``) to be read
+as an image. Whole volumes (the Decathlon datasets, :mod:`medcert_core.data.decathlon`) are read by
+:func:`read_nifti_volume` through the same checks (:func:`open_nifti`: the pixel budget on the header), and
+mapped to [0, 1] for ``certify`` by :func:`read_nifti_unit_volume` with the same intensity options as a slice.
 """
 
 from __future__ import annotations
@@ -435,6 +436,14 @@ def read_nifti(path: Path, intensity: Intensity = Intensity(), slice_spec: Slice
     """A 2D NIfTI image, or one slice of a 3D volume -> ((H, W) float32 in [0, 1], mapping). ``auto`` maps an
     integer dtype by its range after scl_slope / scl_inter (:func:`nifti_range`), never by the image's values."""
     values, mapping = read_nifti_array(path, slice_spec, max_pixels=max_pixels)
+    return map_nifti_values(values, mapping, intensity, path)
+
+
+def map_nifti_values(values: np.ndarray, mapping: dict[str, Any], intensity: Intensity,
+                     path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A NIfTI plane (H, W) or volume (D, H, W) of rescaled values and the record of how it was read -> float32
+    in [0, 1] of the same shape and the record with the intensity mapping added; ``auto`` maps an integer dtype
+    by its range after scl_slope / scl_inter (:func:`nifti_range`), never by the values."""
     if intensity.mode == "voi":
         raise ValueError(f"NIfTI file {path}: --intensity voi is a DICOM window; give --intensity window:CENTER,WIDTH")
     unit, record = map_intensity(values, intensity, nifti_range(np.dtype(mapping["stored_dtype"]), mapping["rescale"]),
@@ -520,11 +529,34 @@ def read_nifti_volume(path: Path, *, max_pixels: int | None = None) -> tuple[np.
     with memory_error_names(path):
         image, stored_dtype, shape = open_nifti(path, max_pixels)
         if len(shape) != 3:
-            raise ValueError(f"NIfTI file {path} has shape {shape}: expected a 3D volume (D, H, W)")
+            raise ValueError(f"NIfTI file {path} has shape {shape}: expected a 3D volume (D, H, W)"
+                             + (f"; {len(shape)}D data (time points, modalities) are not read: save each 3D volume "
+                                f"in a file of its own" if len(shape) > 3 else ""))
         values = _nifti_data(image, path)
     return values, {"format": "nifti", "stored_dtype": stored_dtype, "array_shape": list(shape),
                     "rescale": nifti_rescale(image),
                     "axes": "D, H, W = array axes 0, 1, 2 (as stored, no reorientation)"}
+
+
+def is_nifti_volume(path: str | Path, max_pixels: int | None = None) -> bool:
+    """Whether ``path`` is a NIfTI file whose header declares more than two axes longer than 1 (a volume, or 4D
+    data), read from the header only (pixel budget checked, :func:`open_nifti`); False for any other file."""
+    if file_suffix(path) not in NIFTI_SUFFIXES:
+        return False
+    shape = open_nifti(Path(path), max_pixels)[2]
+    return sum(length > 1 for length in shape) > 2
+
+
+def read_nifti_unit_volume(path: str | Path, intensity: Intensity = Intensity(), *,
+                           max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 3D NIfTI volume -> ((D, H, W) float32 in [0, 1], mapping): :func:`read_nifti_volume` (axes as stored,
+    pixel budget on the header), then the intensity mapping of :func:`map_nifti_values`, as for a slice.
+    ValueError naming the file for 4D data."""
+    path = Path(path)
+    pixel_budget(max_pixels)
+    values, mapping = read_nifti_volume(path, max_pixels=max_pixels)
+    with memory_error_names(path):
+        return map_nifti_values(values, mapping, intensity, path)
 
 
 def read_nifti_labels(path: Path, *, max_pixels: int | None = None) -> np.ndarray:

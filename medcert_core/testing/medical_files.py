@@ -50,11 +50,12 @@ def write_dicom(path: str | Path, array: np.ndarray, *, photometric: str = "MONO
 
 
 def write_nifti(path: str | Path, array: np.ndarray, slope: float | None = None,
-                inter: float | None = None) -> Path:
-    """A NIfTI-1 file of ``array`` (identity affine), with scl_slope / scl_inter when given."""
+                inter: float | None = None, affine: np.ndarray | None = None) -> Path:
+    """A NIfTI-1 file of ``array`` (the identity affine unless ``affine`` (4, 4) is given), with scl_slope /
+    scl_inter when given."""
     import nibabel
 
-    image = nibabel.Nifti1Image(array, np.eye(4))
+    image = nibabel.Nifti1Image(array, np.eye(4) if affine is None else affine)
     if slope is not None:
         image.header.set_slope_inter(slope, inter)
     nibabel.save(image, path)

@@ -30,6 +30,7 @@ reproducing a number, never for certifying inputs someone else chose.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
@@ -64,16 +65,17 @@ from medcert_core.training import load_segmenter
 ABSTAIN_VALUES = {np.uint8: 255, np.uint16: 65535}  # label PNG dtype -> the value of an abstained pixel
 
 
-def check_n_certifies(n: int, size: tuple[int, int], tau: float, alpha: float, sequential: bool = False) -> None:
+def check_n_certifies(n: int, size: Sequence[int], tau: float, alpha: float, sequential: bool = False) -> None:
     """ValueError when n draws (n_max under ``sequential``, whose anytime-valid test needs more) cannot
-    certify any pixel of a ``size`` image (Holm over all its pixels)."""
-    pixels = size[0] * size[1]
+    certify any pixel of a ``size`` (H, W) image, or any voxel of a (D, H, W) volume (Holm over all of them)."""
+    pixels = math.prod(int(length) for length in size)
     needed = (smallest_certifiable_n_max(pixels, tau, alpha) if sequential
               else smallest_certifiable_n(pixels, tau, alpha, "holm"))
     if n < needed:
         what = "sequential certification with n_max" if sequential else "n"
-        raise ValueError(f"{what} = {n} cannot certify any pixel of a {size[0]} x {size[1]} image at tau = {tau}, "
-                         f"alpha = {alpha} (Holm over {pixels} pixels); use n >= {needed}")
+        unit, shape = ("pixel", "image") if len(size) == 2 else ("voxel", "volume")
+        raise ValueError(f"{what} = {n} cannot certify any {unit} of a {' x '.join(map(str, size))} {shape} at "
+                         f"tau = {tau}, alpha = {alpha} (Holm over {pixels} {unit}s); use n >= {needed}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img", *MEDICAL_SUFFIXES)
@@ -142,9 +144,10 @@ def radius_on_the_file(radius: float, mapping: dict[str, Any], stored_shape: Seq
     moves the tensor by at most channel_norm x resize_norm x e: R / (that product) is certified on it.
     In stored values only through an affine intensity mapping (``unit_per_value`` x rescale slope) that does
     not depend on the image: for one that does (``image_dependent``: minmax), changing one stored value can
-    move every pixel, so ``stored_values`` is None and ``stored_values_reason`` says why.
+    move every pixel, so ``stored_values`` is None and ``stored_values_reason`` says why. ``stored_shape`` is
+    (C, H, W), or (1, D, H, W) for a volume with ``size`` its own (D, H, W): volumes are never resized.
     """
-    channel, resize = channel_norm(int(stored_shape[0]), channels), resize_norm_bound(tuple(stored_shape[-2:]), size)
+    channel, resize = channel_norm(int(stored_shape[0]), channels), resize_norm_bound(tuple(stored_shape[1:]), size)
     on_image = radius / (channel * resize)
     per_value = mapping.get("unit_per_value")
     per_stored, reason = None, None
@@ -173,13 +176,15 @@ def model_input(image: torch.Tensor, channels: int, size: tuple[int, int]) -> to
 
 
 def file_to_tensor(mapping: dict[str, Any], stored_shape: Sequence[int], channels: int,
-                   size: tuple[int, int]) -> dict[str, Any]:
-    """The JSON record of every step from the file to the certified tensor: values, channels, resize."""
-    native = [int(stored_shape[-2]), int(stored_shape[-1])]
-    resize = ("none" if tuple(native) == tuple(size) else
-              f"{native[0]} x {native[1]} -> {size[0]} x {size[1]}, bilinear with antialiasing, clipped to [0, 1]")
+                   size: Sequence[int]) -> dict[str, Any]:
+    """The JSON record of every step from the file to the certified tensor: values, channels, resize.
+    ``stored_shape`` (C, H, W) and ``size`` (H, W), or (1, D, H, W) and (D, H, W) for a volume (never resized)."""
+    native = [int(length) for length in stored_shape[1:]]
+    resize = ("none" if native == [int(length) for length in size] else
+              f"{' x '.join(map(str, native))} -> {' x '.join(map(str, size))}, bilinear with antialiasing, "
+              f"clipped to [0, 1]")
     return {**mapping, "channels": channel_mapping(int(stored_shape[0]), channels), "resize": resize,
-            "tensor": f"[0, 1]^({channels}x{size[0]}x{size[1]})"}
+            "tensor": f"[0, 1]^({'x'.join(map(str, (channels, *size)))})"}
 
 
 def native_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -317,27 +322,19 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     denoising = load_denoiser(denoiser, sigma, steps=steps, flags=denoiser_flags)
     smoothed = SmoothedSegmenter(base, config.num_classes, sigma, denoiser=denoising, batch_size=batch_size,
                                  device=device, precision=precision, channels_last=channels_last, compile=compile)
-    settings = {**model_record, "denoiser": denoiser, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-                "tau": tau, "seed": seed, "seed_source": seed_source, "precision": smoothed.precision, "device": str(device)}
-    if precision != smoothed.precision:  # auto, resolved for this device
-        settings["precision_asked"] = precision
+    settings = run_settings(model_record, smoothed, denoiser=denoiser, n0=n0, n=n, alpha=alpha, tau=tau, seed=seed,
+                            seed_source=seed_source, precision=precision)
     summaries = []
     for path in tqdm(files, desc="certify", disable=not progress or len(files) == 1):
         original, mapping = images[path]
         image = model_input(original, config.in_channels, config.image_size)
         noise_seed = image_seed(seed, digests[path])
         generator = torch.Generator(device=device).manual_seed(noise_seed)
+        certificate, drawn = certify_tensor(smoothed, image, generator, n0=n0, n=n, tau=tau, alpha=alpha,
+                                            sequential=sequential, stop_undecided=stop_undecided, progress=progress)
         extra = {"image_sha256": digests[path], "noise_seed": noise_seed,
-                 "file_to_tensor": file_to_tensor(mapping, original.shape, config.in_channels, config.image_size)}
-        if sequential:
-            result = smoothed.certify_sequential(image, n0, n, tau=tau, alpha=alpha, stop_undecided=stop_undecided,
-                                                 generator=generator, progress=progress)
-            certificate = result.certificate
-            extra["n"] = result.draws  # the estimation draws used; n_max under "sequential"
-            extra["sequential"] = {"n_max": n, "draws": result.draws, "stopped": result.stopped,
-                                   "stop_undecided": stop_undecided}
-        else:
-            certificate = smoothed.certify(image, n0, n, tau=tau, alpha=alpha, progress=progress, generator=generator)
+                 "file_to_tensor": file_to_tensor(mapping, original.shape, config.in_channels, config.image_size),
+                 **drawn}
         summaries.append(_write_outputs(path, original, image, certificate, config, settings | extra,
                                         Path(output_dir)))
     if not image_path.is_dir():
@@ -347,6 +344,32 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
                           for summary in summaries])
     write_atomically(Path(output_dir) / "certificates.csv", lambda temporary: table.to_csv(temporary, index=False))
     return summaries
+
+
+def run_settings(model_record: dict[str, Any], smoothed: SmoothedSegmenter, *, denoiser: str, n0: int, n: int,
+                 alpha: float, tau: float, seed: int, seed_source: str, precision: str) -> dict[str, Any]:
+    """The JSON fields every certificate of a run shares: the model, the denoiser, the parameters, the seed,
+    the precision as resolved for the device (and the one asked, when it was ``auto``)."""
+    settings = {**model_record, "denoiser": denoiser, "sigma": smoothed.sigma, "n0": n0, "n": n, "alpha": alpha,
+                "tau": tau, "seed": seed, "seed_source": seed_source, "precision": smoothed.precision,
+                "device": str(smoothed.device)}
+    if precision != smoothed.precision:  # auto, resolved for this device
+        settings["precision_asked"] = precision
+    return settings
+
+
+def certify_tensor(smoothed: SmoothedSegmenter, tensor: torch.Tensor, generator: torch.Generator, *, n0: int, n: int,
+                   tau: float, alpha: float, sequential: bool, stop_undecided: float,
+                   progress: bool) -> tuple[Certificate, dict[str, Any]]:
+    """Certify one (C, H, W) image or (C, D, H, W) volume in [0, 1]: n draws, or up to n under ``sequential``.
+    Returns the certificate and its JSON fields about the draws (under ``sequential``: the draws used as ``n``)."""
+    if not sequential:
+        return smoothed.certify(tensor, n0, n, tau=tau, alpha=alpha, progress=progress, generator=generator), {}
+    result = smoothed.certify_sequential(tensor, n0, n, tau=tau, alpha=alpha, stop_undecided=stop_undecided,
+                                         generator=generator, progress=progress)
+    return result.certificate, {"n": result.draws,  # the estimation draws used; n_max under "sequential"
+                                "sequential": {"n_max": n, "draws": result.draws, "stopped": result.stopped,
+                                               "stop_undecided": stop_undecided}}
 
 
 def check_channels(images: dict[Path, tuple[torch.Tensor, dict]], channels: int) -> None:
@@ -395,9 +418,10 @@ LEGEND_WIDTH = 320  # pixels of the legend panel beside the overlay
 
 
 def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tuple[np.ndarray | None, str]]:
-    """The legend's rows, (swatch colour or None, text): title, what R means, one row per class, abstain."""
-    height, width = summary["certified_input_size"]
-    total = height * width
+    """The legend's rows, (swatch colour or None, text): title, what R means, one row per class, abstain (voxels
+    for a volume: a (D, H, W) ``certified_input_size``)."""
+    size = summary["certified_input_size"]
+    total, unit = math.prod(size), "pixel" if len(size) == 2 else "voxel"
     rows: list[tuple[np.ndarray | None, str]] = [
         (None, f"certified segmentation, sigma = {summary['sigma']:g}"),
         (None, f"radius R = {summary['radius']:.3f} (L2, [0, 1] scale)"),
@@ -406,12 +430,12 @@ def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tu
         (None, f"n = {summary['n']}" + (f" of n_max {summary['sequential']['n_max']} (sequential)"
                                          if "sequential" in summary else "")
                + f", tau = {summary['tau']:g}, alpha = {summary['alpha']:g}"),
-        (None, "every certified pixel of the model input keeps"),
+        (None, f"every certified {unit} of the model input keeps"),
         (None, "its class under any perturbation of L2 norm <= R"),
         (None, "(all at once, with probability >= 1 - alpha)"),
     ]
-    if [height, width] != list(summary["image_file_size"]):
-        file_height, file_width = summary["image_file_size"]
+    if list(size) != list(summary["image_file_size"]):
+        (height, width), (file_height, file_width) = size, summary["image_file_size"]
         rows += [(None, f"shown at the file's {file_height} x {file_width}: each pixel"),
                  (None, f"copies its nearest of the {height} x {width} certified ones")]
     rows.append((None, ""))
@@ -419,7 +443,7 @@ def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tu
         share = 100 * summary["certified_pixels"][name] / total
         swatch = None if index == 0 else colour_labels(np.array([[index]]))[0, 0]
         label = f"{name}: image shown as is" if index == 0 else name
-        rows.append((swatch, f"{label} ({share:.1f} % of pixels)"))
+        rows.append((swatch, f"{label} ({share:.1f} % of {unit}s)"))
     rows.append((ABSTAIN_COLOUR, f"abstain: no class certified ({100 * summary['abstain_fraction']:.1f} %)"))
     return rows
 

@@ -8,7 +8,7 @@
     book       build the website from book/
     certify    certify an image file or folder (PNG, TIFF, DICOM, NIfTI, ...) with a medcert checkpoint or any
                exported segmenter (torch.export .pt2, package.module:function): label maps,
-               overlay with a legend, JSON summary
+               overlay with a legend, JSON summary; a 3D NIfTI volume whole, with a 3D model
     train      train a segmenter on a dataset split and save its checkpoint (resumable)
     evaluate   plain (no noise) test Dice of a checkpoint; appends to a results JSON
 
@@ -57,8 +57,15 @@ def _image_size(text: str) -> int | tuple[int, int]:
     return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 
-def _image_size_pair(text: str) -> tuple[int, int]:
-    """argparse type of certify's --image-size: "256" -> (256, 256), "384x512" -> (384, 512)."""
+def _model_input_size(text: str) -> tuple[int, ...]:
+    """argparse type of certify's --image-size: "256" -> (256, 256), "384x512" -> (384, 512), and a volumetric
+    model's "32x64x64" -> (32, 64, 64)."""
+    parts = text.lower().replace("x", ",").split(",")
+    if len(parts) == 3:
+        if not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"image size must be N, HxW or DxHxW with positive integers (e.g. 256, "
+                                             f"384x512 or 32x64x64), got {text!r}")
+        return tuple(int(part) for part in parts)
     size = _image_size(text)
     return (size, size) if isinstance(size, int) else size
 
@@ -398,14 +405,31 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                                                   "label maps, overlays with a legend and a JSON summary",
                                   description="Certify an image file, or every image file of a folder (two files "
                                               "with the same stem are refused: their outputs would collide). The "
-                                              "noise is unpredictable unless --seed is given (see --seed).")
+                                              "noise is unpredictable unless --seed is given (see --seed). "
+                                              "Volumes: a 3D NIfTI file given without --slice is certified whole, "
+                                              "and the model must then be volumetric, which is read from the model "
+                                              "itself: a .pt2 whose input is (B, C, D, H, W), a checkpoint whose "
+                                              "image_size is D x H x W, or an entry point that runs on (B, 1, D, H, "
+                                              "W); a 2D model is refused (pass --slice AXIS:INDEX), and so is a 3D "
+                                              "model given a 2D image, and 4D data. A volume is never resized: "
+                                              "it is mapped to [0, 1] by --intensity (window:CENTER,WIDTH keeps a "
+                                              "radius in the file's values), axes as stored; where the model needs "
+                                              "a larger size (a fixed input size, multiples a .pt2 asks for), zeros "
+                                              "are appended at the end of each axis inside the model, after the "
+                                              "noise, and only the volume's own voxels are certified. It writes "
+                                              "<stem>_labels.nii.gz (abstain as 255, or 65535 past 255 classes; the "
+                                              "input's affine), the middle slice along each axis as "
+                                              "<stem>_overlay_axis{0,1,2}.png, <stem>_legend.png and "
+                                              "<stem>_certificate.json (file_to_tensor, padding, radius_on_the_file).")
     certify.add_argument("image", help="PNG, JPEG, TIFF (8 or 16 bit), BMP, JSRT .IMG, DICOM (.dcm) or NIfTI (.nii, "
                                        ".nii.gz), resized to the model's input size; or a folder of them (one JSON "
-                                       "each and certificates.csv)")
+                                       "each and certificates.csv); or one 3D NIfTI volume, certified whole at its "
+                                       "own size by a 3D model (see above)")
     model = certify.add_argument_group("the segmenter: --checkpoint or --model")
     model.add_argument("--checkpoint", default=None, help="segmenter checkpoint written by `medcert train`")
     model.add_argument("--model", default=None,
-                       help="any other segmenter returning logits (B, K, H, W): a torch.export program (.pt2; checked "
+                       help="any other segmenter returning logits (B, K, H, W), or (B, K, D, H, W) for volumes: a "
+                            "torch.export program (.pt2; checked "
                             "before it runs: only the members torch.export.save writes, no native code or pickled "
                             "objects, only pure tensor operators, each image of a batch segmented on its own) or "
                             "package.module:function returning an nn.Module. An entry point imports and runs your own "
@@ -417,8 +441,10 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                        help="K (default: read from the model's output; given, it must match)")
     model.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
                        help="input channels (default: a .pt2's input shape or the module's in_channels attribute)")
-    model.add_argument("--image-size", type=_image_size_pair, default=None,
-                       help="the model's input size, e.g. 256 or 256x256 (default: a .pt2's input shape)")
+    model.add_argument("--image-size", type=_model_input_size, default=None,
+                       help="the model's input size, e.g. 256 or 256x256, or DxHxW for a volumetric model (a volume "
+                            "is padded up to it, never resized) (default: a .pt2's input shape; for a volume, the "
+                            "volume's own size where the model leaves it free)")
     model.add_argument("--class-names", type=lambda text: tuple(text.split(",")), default=None,
                        help="comma-separated, background first (default: background,class_1,...)")
     model.add_argument("--normalize", default=None, metavar="MEAN,STD",
@@ -432,13 +458,14 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                               "linear window in rescaled units, e.g. HU), voi (the DICOM file's own window or VOI "
                               "LUT); MONOCHROME1 is inverted; the JSON's file_to_tensor records every step")
     reading.add_argument("--slice", default=None, metavar="AXIS:INDEX",
-                         help="one 2D slice of a 3D NIfTI volume (e.g. 2:40) or one frame of a multi-frame DICOM (0:FRAME)")
+                         help="one 2D slice of a 3D NIfTI volume (e.g. 2:40) for a 2D model, or one frame of a "
+                              "multi-frame DICOM (0:FRAME); without it, a 3D NIfTI volume is certified whole by a 3D model")
     reading.add_argument("--max-pixels", type=_int_at_least(1), default=MAX_PIXELS, metavar="N",
                          help=f"the pixel budget: a file whose header declares more elements (rows x columns x "
                               f"channels x frames or slices) is refused before decoding (default {MAX_PIXELS} = 2**28)")
     certify.add_argument("--denoiser", type=_denoiser_spec, default="none",
                          help="none | ddpm:<folder> | guided-diffusion:<file.pt> | unet:<folder> | ffdnet:<file.pth> "
-                              "(FFDNet, an off-the-shelf natural-image denoiser)")
+                              "(FFDNet, an off-the-shelf natural-image denoiser); 2D images only, a volume takes none")
     certify.add_argument("--sigma", type=_parameter("sigma"), required=True, help="noise level in the [0, 1] input scale")
     certify.add_argument("--denoiser-flags", default="",
                          help='MODEL_FLAGS of a guided-diffusion checkpoint, e.g. "--num_channels 128 --learn_sigma True" '
@@ -469,7 +496,7 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
     certify.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, *COMPILE_MODES],
                          help="torch.compile the base model once (optionally a mode, e.g. max-autotune)")
     certify.add_argument("--device", default="auto")
-    certify.add_argument("--output-dir", default=".", help="where the PNGs and the JSON go")
+    certify.add_argument("--output-dir", default=".", help="where the PNGs, a volume's label NIfTI and the JSON go")
     certify.set_defaults(run=command_certify)
 
 

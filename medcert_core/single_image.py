@@ -19,6 +19,8 @@ resized to the model's input size and given its channel count. Each JSON records
                                 fraction, pixels per class, the seeds (see below)
 For a folder, one set per image file and ``certificates.csv`` (one row per image); two image files
 with the same stem (``a.png``, ``a.jpg``) are refused, since their outputs would overwrite each other.
+A 3D NIfTI volume given without ``slice`` is certified whole by a volumetric model, never resized, and
+writes a label NIfTI instead (:mod:`medcert_core.single_volume`).
 
 Seeds: whoever chooses an input and knows the noise can craft an input that certifies a wrong
 class, so without a seed the run's seed comes from the OS's entropy (``secrets``). Each file's noise
@@ -50,6 +52,7 @@ from medcert_core.data.chest import JSRT_IMG_SHAPE, read_jsrt_img
 from medcert_core.data.medical import (
     MEDICAL_SUFFIXES,
     Intensity,
+    is_nifti_volume,
     parse_intensity,
     parse_slice,
     read_with_mapping,
@@ -193,7 +196,10 @@ def native_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].long().numpy()
 
 
-OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_labels_native.png", "_overlay_native.png", "_legend.png")  # what certify writes
+VOLUME_AXES = (0, 1, 2)  # a volume's overlays: the middle slice along each array axis
+VOLUME_OUTPUT_SUFFIXES = ("_labels.nii.gz", *(f"_overlay_axis{axis}.png" for axis in VOLUME_AXES))
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_labels_native.png", "_overlay_native.png", "_legend.png",
+                   *VOLUME_OUTPUT_SUFFIXES)  # what certify writes
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -279,7 +285,7 @@ def load_base_model(checkpoint: str | Path | None, model: str | None, *, model_k
 def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, denoiser: str, sigma: float, *,
                        model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                        num_classes: int | None = None, in_channels: int | None = None,
-                       image_size: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
+                       image_size: tuple[int, ...] | None = None, class_names: Sequence[str] | None = None,
                        normalize: str | None = None, intensity: str = "auto", slice: str | None = None,
                        max_pixels: int | None = None,
                        output_dir: str | Path = ".", n0: int = 10, n: int = 100, alpha: float = 0.001,
@@ -301,6 +307,10 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     ``image_sha256`` and ``noise_seed`` (the file's generator seed). ``sequential``: n is the most
     estimation draws, sampling stops once every pixel is decided (anytime-valid p-values,
     :mod:`medcert_core.sequential`); the JSON records the draws used under ``sequential``.
+
+    A volume (a NIfTI file whose header has three axes longer than 1) given without ``slice`` is certified
+    whole by a volumetric model (:func:`medcert_core.single_volume.certify_volume_file`, one file at a time);
+    a volumetric model given a 2D image is refused.
     """
     for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
         check_parameter(name, value)
@@ -310,12 +320,27 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     image_path = Path(image_path)
     files = image_files(image_path) if image_path.is_dir() else [image_path]
     check_distinct_stems(files)
+    volumes = [path for path in files if reading[1] is None and path.is_file() and is_nifti_volume(path, max_pixels)]
+    if volumes and image_path.is_dir():
+        raise ValueError(f"{volumes[0]} is a volume: certify a volume on its own (medcert certify {volumes[0]} ...), "
+                         f"or give --slice AXIS:INDEX to certify one slice of each file of {image_path}")
+    if volumes:
+        from medcert_core.single_volume import certify_volume_file
+
+        return certify_volume_file(
+            image_path, checkpoint, denoiser, sigma, model=model, model_kwargs=model_kwargs, num_classes=num_classes,
+            in_channels=in_channels, image_size=image_size, class_names=class_names, normalize=normalize,
+            intensity=reading[0], max_pixels=max_pixels, output_dir=output_dir, n0=n0, n=n, alpha=alpha, tau=tau,
+            seed=seed, batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
+            compile=compile, sequential=sequential, stop_undecided=stop_undecided, progress=progress)
+    if image_size is not None and len(image_size) != 2:
+        raise ValueError(volumetric_model_on_image(image_path, f"--image-size {' x '.join(map(str, image_size))}"))
     images = {path: read_image_file(path, *reading, max_pixels=max_pixels) for path in files}  # fails before any draw
     digests = {path: file_digest(path) for path in files}
     seed, seed_source = run_seed(seed)
     device = resolve_device(device)
-    base, config, model_record = load_base_model(
-        checkpoint, model, model_kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
+    base, config, model_record = load_image_model(
+        image_path, checkpoint, model, model_kwargs=model_kwargs, num_classes=num_classes, in_channels=in_channels,
         image_size=image_size, class_names=class_names, normalize=normalize, device=device)
     check_channels(images, config.in_channels)
     check_n_certifies(n, config.image_size, tau, alpha, sequential)
@@ -372,6 +397,31 @@ def certify_tensor(smoothed: SmoothedSegmenter, tensor: torch.Tensor, generator:
                                                "stop_undecided": stop_undecided}}
 
 
+def volumetric_model_on_image(path: Path, why: str) -> str:
+    """The refusal of a volumetric model (``why``: what says so) given a 2D image file or folder."""
+    return (f"the model takes volumes (B, C, D, H, W) ({why}) and {path} holds 2D images: give a 3D NIfTI volume "
+            f"(without --slice) to certify it whole, or a 2D model")
+
+
+def load_image_model(path: Path, checkpoint: str | Path | None, model: str | None, *,
+                     device: str | torch.device = "cpu", **options: Any) -> tuple[torch.nn.Module, Any, dict]:
+    """:func:`load_base_model` for 2D images (``path``: the file or folder to certify): a volumetric model (a
+    checkpoint whose image_size is (D, H, W), a .pt2 whose input is (B, C, D, H, W)) is refused, saying so."""
+    try:
+        module, config, record = load_base_model(checkpoint, model, device=device, **options)
+    except ValueError as error:  # a volumetric .pt2 fails the 2D reading of its input shape: say why
+        from medcert_core.single_volume import volumetric_program_shape
+
+        shape = volumetric_program_shape(model, device)
+        if shape is not None:
+            raise ValueError(volumetric_model_on_image(path, f"--model {model}: its input is {shape}")) from error
+        raise
+    if len(config.image_size) != 2:
+        raise ValueError(volumetric_model_on_image(path, f"--checkpoint {checkpoint}: image_size "
+                                                         f"{' x '.join(map(str, config.image_size))}"))
+    return module, config, record
+
+
 def check_channels(images: dict[Path, tuple[torch.Tensor, dict]], channels: int) -> None:
     """ValueError naming the file when a colour image meets a 1-channel model (its colour would be averaged
     away silently); grey images for a 3-channel model are replicated, as the study does."""
@@ -418,8 +468,8 @@ LEGEND_WIDTH = 320  # pixels of the legend panel beside the overlay
 
 
 def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tuple[np.ndarray | None, str]]:
-    """The legend's rows, (swatch colour or None, text): title, what R means, one row per class, abstain (voxels
-    for a volume: a (D, H, W) ``certified_input_size``)."""
+    """The legend's rows, (swatch colour or None, text): title, what R means, one row per class, abstain; for a
+    volume (a (D, H, W) ``certified_input_size``) voxels, and the slices shown (``overlay_slices``)."""
     size = summary["certified_input_size"]
     total, unit = math.prod(size), "pixel" if len(size) == 2 else "voxel"
     rows: list[tuple[np.ndarray | None, str]] = [
@@ -438,6 +488,11 @@ def legend_lines(summary: dict[str, Any], class_names: Sequence[str]) -> list[tu
         (height, width), (file_height, file_width) = size, summary["image_file_size"]
         rows += [(None, f"shown at the file's {file_height} x {file_width}: each pixel"),
                  (None, f"copies its nearest of the {height} x {width} certified ones")]
+    if "overlay_slices" in summary:
+        rows += [(None, "shown, left to right: the middle slice along"),
+                 (None, "array axes " + ", ".join(f"{shown['axis']} (index {shown['index']})"
+                                                  for shown in summary["overlay_slices"])),
+                 (None, "as stored, no reorientation")]
     rows.append((None, ""))
     for index, name in enumerate(class_names):
         share = 100 * summary["certified_pixels"][name] / total

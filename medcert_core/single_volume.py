@@ -49,13 +49,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medcert_core.certify import ABSTAIN, Certificate
 from medcert_core.data.base import file_stem
 from medcert_core.data.medical import Intensity, read_nifti_unit_volume
 from medcert_core.devices import resolve_device
 from medcert_core.io import error_gist, file_digest, write_atomically, write_json_atomically
+from medcert_core.models.volumetric import padded_to_size
 from medcert_core.single_image import (
     VOLUME_AXES,
     _label_png,
@@ -141,11 +141,7 @@ class PaddedVolume(torch.nn.Module):
         self.size = tuple(int(length) for length in size)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        spatial = tuple(batch.shape[2:])
-        pad = [amount for length, total in zip(reversed(spatial), reversed(self.size))
-               for amount in (0, total - length)]  # F.pad's order: the last axis first
-        logits = self.model(F.pad(batch, pad))
-        return logits[(slice(None), slice(None), *(slice(0, length) for length in spatial))]
+        return padded_to_size(self.model, batch, self.size)
 
 
 def two_d_model_on_volume(path: Path, volume: Shape, why: str) -> str:

@@ -264,3 +264,33 @@ def test_a_checkpoint_is_volumetric_when_its_image_size_is_d_h_w(tmp_path, monke
     monkeypatch.setattr(single_image, "load_segmenter", lambda *args, **kwargs: (Conv2dSegmenter().eval(), flat))
     with pytest.raises(ValueError, match=r"image_size 8 x 10\): pass --slice AXIS:INDEX"):
         certify_image_file(volume, tmp_path / "unet3d.pt", output_dir=tmp_path, **CERTIFY)
+
+
+def test_a_trained_unet3d_checkpoint_certifies_a_smaller_volume_padded_to_its_size(tmp_path):
+    """The rule on a real medcert checkpoint: a unet3d trained here on (5, 5, 5) volumes certifies a (4, 5, 5)
+    NIfTI volume, padded inside the base model to the checkpoint's image_size, as SmoothedSegmenter does with
+    the loaded model on that padding."""
+    from test_volume_models import UNET3D, write_task  # the volume models' tiny Decathlon task and widths
+
+    from medcert_core.data.decathlon import load_decathlon
+    from medcert_core.training import load_segmenter, train_segmenter
+
+    root = write_task(tmp_path / "task")
+    train, val = load_decathlon("task", root, "train"), load_decathlon("task", root, "val")
+    checkpoint = tmp_path / "unet3d.pt"
+    train_segmenter(train, val, arch="unet3d", epochs=1, batch_size=2, model_kwargs=UNET3D, checkpoint=checkpoint,
+                    progress=False, device="cpu")
+    stored = (np.random.default_rng(3).random((4, 5, 5)) * 200).astype(np.float32)
+    path = write_nifti(tmp_path / "mr.nii.gz", stored, affine=AFFINE)
+    summary = certify_image_file(path, checkpoint, output_dir=tmp_path / "out", intensity=f"window:{CENTER:g},{WIDTH:g}",
+                                 **CERTIFY)
+    assert summary["file_to_tensor"]["padding"]["model_input_size"] == [5, 5, 5]
+    assert summary["file_to_tensor"]["padding"]["appended_voxels"] == [1, 0, 0]
+    model, config = load_segmenter(checkpoint, device="cpu")
+    smoothed = SmoothedSegmenter(PaddedVolume(model.eval(), (5, 5, 5)), config.num_classes, CERTIFY["sigma"], device="cpu")
+    certificate = smoothed.certify(window_tensor(stored), CERTIFY["n0"], CERTIFY["n"], tau=CERTIFY["tau"],
+                                   alpha=CERTIFY["alpha"], generator=torch.Generator().manual_seed(summary["noise_seed"]))
+    expected = certificate.labels.numpy()
+    np.testing.assert_array_equal(np.asarray(nibabel.load(summary["labels_nifti"]).dataobj),
+                                  np.where(expected == ABSTAIN, 255, expected))
+    np.testing.assert_allclose(nibabel.load(summary["labels_nifti"]).affine, AFFINE)

@@ -28,18 +28,29 @@ def check_multiple(multiple: int) -> int:
 def padding_to_multiple(spatial: tuple[int, ...], multiple: int) -> list[int]:
     """``F.pad``'s padding (last axis first, (before, after) each) that brings ``spatial`` to multiples of
     ``multiple``, all of it after the data: padding_to_multiple((5, 9), 4) -> [0, 3, 0, 3]."""
-    return [amount for length in reversed(spatial) for amount in (0, -length % multiple)]
+    return padding_to_size(spatial, tuple(length + -length % multiple for length in spatial))
+
+
+def padding_to_size(spatial: tuple[int, ...], size: tuple[int, ...]) -> list[int]:
+    """``F.pad``'s padding that brings ``spatial`` to ``size`` (each at least as large), all after the data."""
+    return [amount for length, total in zip(reversed(spatial), reversed(size)) for amount in (0, total - length)]
+
+
+def padded_to_size(network: nn.Module, batch: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``network`` on ``batch`` (B, C, *spatial) zero-padded at the end of each axis to ``size``, its output
+    (B, K, *size) cropped back to (B, K, *spatial)."""
+    spatial = tuple(batch.shape[2:])
+    padding = padding_to_size(spatial, tuple(size))
+    if not any(padding):
+        return network(batch)
+    output = network(F.pad(batch, padding))
+    return output[(..., *(slice(0, length) for length in spatial))]
 
 
 def padded_forward(network: nn.Module, batch: torch.Tensor, multiple: int) -> torch.Tensor:
     """``network`` on ``batch`` (B, C, *spatial) zero-padded to multiples of ``multiple``, its output
     (B, K, *padded) cropped back to (B, K, *spatial)."""
-    spatial = tuple(batch.shape[2:])
-    padding = padding_to_multiple(spatial, multiple)
-    if not any(padding):
-        return network(batch)
-    output = network(F.pad(batch, padding))
-    return output[(..., *(slice(0, length) for length in spatial))]
+    return padded_to_size(network, batch, tuple(length + -length % multiple for length in batch.shape[2:]))
 
 
 class PadToMultiple(nn.Module):

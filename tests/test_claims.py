@@ -311,12 +311,41 @@ CXR_GATE, CVC_GATE = "results/cxr_lungs_denoiser_gate_val.json", "results/cvc_cl
 SINGLE, MULTI, UNET = "ddpm single-step", "ddpm multi-step", "unet denoiser"
 FFDNET_BOX, FFDNET_RAW = "ffdnet (box shrink above 75/255)", "ffdnet (no shrink)"
 RESULTS, PERFORMANCE, REFERENCE = "results/README.md", "book/performance.md", "book/reference.md"
-MONTGOMERY = "book/montgomery.ipynb"
+MONTGOMERY, SHENZHEN = "book/montgomery.ipynb", "book/shenzhen.ipynb"
 MONTGOMERY_GATE = "results/montgomery_denoiser_gate_val.json"
 FFDNET_SHRINK = "ffdnet (box shrink above 75/255)"
 
 
 FFDNET_OURS = "ours (ffdnet, FFDNet, natural images only)"
+
+
+ARCH_LABELS = {"resunetpp": "ResUNet++", "unet": "UNet", "deeplabv2": "DeepLabV2"}
+
+
+def lung_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]) -> list[Claim]:
+    """A lung chapter of the dataset template in results/README.md: the certified lung Dice and whole-image
+    abstention per architecture and sigma (ours, with the paper's Table 1 in brackets, and SegCertify), ours
+    minus SegCertify (Dice and abstention) and each architecture minus ResUNet++."""
+    def row(label: str, method: str, arch: str, code: str, papers: tuple[str, ...] | None) -> Claim:
+        cells = [f"{{}}, {{}} % [{value}]" if papers else "{}, {} %" for value in (papers or ("",) * 3)]
+        return Claim(RESULTS, f"| {label} | {' | '.join(cells)} |", notebook, tuple(
+            value for sigma in SIGMAS for value in (cell(method, arch, sigma, column=4, code=code),
+                                                    cell(method, arch, sigma, column=7, spec=".1f", code=code))))
+
+    return [
+        *[row(f"ours, {ARCH_LABELS[arch]}", OURS, arch, "paper_table(per_arch)", paper[arch]) for arch in ARCH_LABELS],
+        row("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", None),
+        Claim(RESULTS, "| ours − SegCertify, ResUNet++, lung Dice | {} | {} | {} |", notebook,
+              tuple(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
+                    for sigma in SIGMAS)),
+        Claim(RESULTS, "| the same, abstention (points) | {} | {} | {} |", notebook,
+              tuple(cell("resunetpp", OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
+                    for sigma in SIGMAS)),
+        *[Claim(RESULTS, f"| {ARCH_LABELS[arch]} − ResUNet++ (ours), lung Dice | {{}} | {{}} | {{}} |", notebook,
+                tuple(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
+                      for sigma in SIGMAS))
+          for arch in ("unet", "deeplabv2")],
+    ]
 
 
 def calc_from(value: Value, transform: Callable[[str], str]) -> Value:
@@ -751,36 +780,23 @@ CLAIMS: list[Claim] = [
           (cell(OURS, "resunetpp", "0.50", column=4, code="paper_table(per_arch)"),
            *(cell(OURS, arch, "1.00", column=13, spec=".1f", code="paper_table(per_arch)")
              for arch in ("resunetpp", "unet", "deeplabv2")))),
-    # Montgomery, from the shared dataset template: certified lung Dice and the image's abstention per sigma
-    *[Claim(RESULTS, f"| {label} | {{}}, {{}} % [0.96] | {{}}, {{}} % [0.94] | {{}}, {{}} % [0.89] |"
-                     if arch == "resunetpp" and method == OURS else
-                     f"| {label} | {{}}, {{}} % | {{}}, {{}} % | {{}}, {{}} % |" if method != OURS else
-                     f"| {label} | {{}}, {{}} % [{paper[0]}] | {{}}, {{}} % [{paper[1]}] | {{}}, {{}} % [{paper[2]}] |",
-            MONTGOMERY, tuple(value for sigma in SIGMAS for value in (
-                cell(method, arch, sigma, column=4, code=code), cell(method, arch, sigma, column=7, spec=".1f", code=code))))
-      for label, method, arch, code, paper in [
-          ("ours, ResUNet++", OURS, "resunetpp", "paper_table(per_arch)", None),
-          ("ours, UNet", OURS, "unet", "paper_table(per_arch)", ("0.93", "0.89", "0.88")),
-          ("ours, DeepLabV2", OURS, "deeplabv2", "paper_table(per_arch)", ("0.93", "0.91", "0.85")),
-          ("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", None)]],
-    Claim(RESULTS, "| ours − SegCertify, ResUNet++, lung Dice | {} | {} | {} |", MONTGOMERY,
-          tuple(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
-                for sigma in SIGMAS)),
-    Claim(RESULTS, "| the same, abstention (points) | {} | {} | {} |", MONTGOMERY,
-          tuple(cell("resunetpp", OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
-                for sigma in SIGMAS)),
-    *[Claim(RESULTS, f"| {label} − ResUNet++ (ours), lung Dice | {{}} | {{}} | {{}} |", MONTGOMERY,
-            tuple(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
-                  for sigma in SIGMAS))
-      for label, arch in [("UNet", "unet"), ("DeepLabV2", "deeplabv2")]],
+    # Montgomery and Shenzhen, from the shared dataset template: the tables of results/README.md
+    *lung_chapter_claims(MONTGOMERY, {"resunetpp": ("0.96", "0.94", "0.89"), "unet": ("0.93", "0.89", "0.88"),
+                                      "deeplabv2": ("0.93", "0.91", "0.85")}),
+    *lung_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
+                                    "deeplabv2": ("0.80", "0.34", "0.04")}),
     Claim(RESULTS, "same ResUNet++ on the 27 test images, FFDNet minus the set's DDPM in certified lung Dice is {} / {} / {} "
                    "at sigma 0.25 / 0.5 / 1.0, and it abstains on {} / {} / {} more points", MONTGOMERY,
           tuple(cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus", code="other_denoisers_against_ours")
                 for sigma in SIGMAS)
           + tuple(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=4, code="other_denoisers_against_ours"),
                             lambda text: text.split()[0].lstrip("+")) for sigma in SIGMAS)),
-    Claim("book/intro.md", "with ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
+    Claim("book/intro.md", "On Montgomery ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
           MONTGOMERY, tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+    Claim("book/intro.md", "Shenzhen it certifies {} / {} / {} on 40 test images", SHENZHEN,
+          tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+    Claim("book/intro.md", "is not seen ({} and {} here)", SHENZHEN,
+          tuple(cell(OURS, "deeplabv2", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS[1:])),
     Claim(RESULTS, "has the higher PSNR at sigma 0.25 (+{} dB [+{}, +{}]; the DDPM works at 64 px", MONTGOMERY_GATE,
           tuple(pair_of(0.25, FFDNET_SHRINK, key) for key in ("mean_db", "low_db", "high_db"))),
     Claim(RESULTS, "and trails by {} dB at 1.0; Shenzhen's DDPM", MONTGOMERY_GATE,

@@ -1,4 +1,5 @@
-"""Diffusion denoised smoothing (Carlini et al. 2023) over any diffusers UNet2DModel + scheduler.
+"""Diffusion denoised smoothing (Carlini et al. 2023) over any diffusers UNet2DModel + scheduler, and over a
+3D noise-prediction network for volumes (``VolumeDiffusionUNet``, MONAI's ``DiffusionModelUNet``).
 
 Randomized smoothing adds N(0, sigma^2) noise to x in [0, 1]. A DDPM works in [-1, 1], where that
 noise has std 2 sigma; the step t* whose sqrt((1 - abar_t) / abar_t) is nearest to 2 sigma has the
@@ -15,6 +16,9 @@ Two operations change the noise level before the model sees it, and t* follows t
 - averaging 3 channels for a 1-channel model (std / sqrt(3)); a 1-channel image replicated for a
   3-channel model keeps its std.
 The result is resized back smoothly (bilinear) and to the input's channel count.
+
+A volume model (``unet.config.spatial_dims == 3``, ``sample_size`` None) works at the volume's own size:
+nothing is resized (it pads inside to its total stride and crops back), so t* is the one of sigma itself.
 """
 
 from __future__ import annotations
@@ -127,19 +131,23 @@ def resize_noise_factor(source: tuple[int, int], target: tuple[int, int], shrink
 
 
 class DiffusionDenoiser(torch.nn.Module):
-    """Maps a noisy batch (B, C, H, W) in [0, 1] scale (x + N(0, sigma^2)) to its clean estimate.
+    """Maps a noisy batch (B, C, H, W) in [0, 1] scale (x + N(0, sigma^2)) to its clean estimate; over a volume
+    model, a noisy (B, C, D, H, W) batch, at its own size.
 
-    unet: diffusers ``UNet2DModel`` (learned-sigma models: the first C output channels are used).
+    unet: diffusers ``UNet2DModel`` (learned-sigma models: the first C output channels are used), or any network
+        called as ``unet(x_t, timesteps).sample`` with a ``config`` holding ``in_channels``, ``sample_size`` and,
+        for volumes, ``spatial_dims = 3`` with ``sample_size`` None (``VolumeDiffusionUNet``: any volume size).
     scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.prediction_type``
         ("epsilon", "v_prediction" or "sample").
     steps: "single" (one x0 prediction at t*) or an int number of model calls from t* down to 0.
     sampler: "ddpm" (posterior sampling between the steps, drawing from ``generator``) or "ddim"
         (deterministic); only used when steps > 1.
-    image_size: the model's (H, W); default its ``config.sample_size``.
+    image_size: the model's (H, W); default its ``config.sample_size``. None for a volume model (ValueError
+        otherwise): it denoises every volume at its own size, nothing resized.
     shrink: how a batch is resized to the model's resolution and back (see ``resize``): "box"
         (box average by integer factors, bilinear otherwise) or "bilinear" (always bilinear).
-    input_shape: the (C, H, W) of the images it will denoise, when known: t* is then checked here
-        for the noise the model will see, not at the first batch.
+    input_shape: the (C, H, W) of the images (the (C, D, H, W) of the volumes) it will denoise, when known:
+        t* is then checked here for the noise the model will see, not at the first batch.
     generator: draws the posterior noise of multi-step DDPM when ``forward`` gets no per-sample
         generators (``SmoothedSegmenter`` passes one per draw, so its results do not depend on
         the batch size).
@@ -174,13 +182,21 @@ class DiffusionDenoiser(torch.nn.Module):
         self.shrink = shrink
         self.prediction_type = prediction_type
         self.generator = generator
-        size = image_size if image_size is not None else unet.config.sample_size
-        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.spatial_dims = int(getattr(unet.config, "spatial_dims", 2))
+        if self.spatial_dims == 2:
+            size = image_size if image_size is not None else unet.config.sample_size
+            self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        elif image_size is not None:
+            raise ValueError(f"a {self.spatial_dims}D diffusion model denoises each volume at its own size (padded "
+                             f"inside the network and cropped back, so the noise stays white); got image_size "
+                             f"{image_size!r}: leave it None")
+        else:
+            self.image_size = None  # any size: nothing is resized
         self.model_channels = int(unet.config.in_channels)
         self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
         self._abar = tuple(self.alphas_cumprod.tolist())  # host floats: no device read (sync) per step
         timestep_for_sigma(self.alphas_cumprod, self.sigma)  # fail early when sigma is out of range
-        self._timestep_of_shape: dict[tuple[int, int, int], int] = {}
+        self._timestep_of_shape: dict[tuple[int, ...], int] = {}
         if input_shape is not None:
             self.check_input(tuple(input_shape))
 
@@ -190,27 +206,36 @@ class DiffusionDenoiser(torch.nn.Module):
         return self.steps > 1 and self.sampler == "ddpm"
 
     def check_input(self, shape: tuple[int, ...]) -> int:
-        """t* for images of shape (C, H, W); a clear error when their noise is outside the schedule.
+        """t* for inputs of shape (C, H, W) (a volume model: (C, D, H, W)); a clear error when their noise is
+        outside the schedule, or when they are not what the model denoises (a volume for an image model).
 
         Computed once per shape (every batch of a certification asks again)."""
-        channels, height, width = shape[-3:]
-        if (channels, height, width) in self._timestep_of_shape:
-            return self._timestep_of_shape[(channels, height, width)]
-        sigma = self.effective_sigma(channels, (height, width))
+        shape = tuple(int(length) for length in shape)
+        if shape in self._timestep_of_shape:
+            return self._timestep_of_shape[shape]
+        if len(shape) != self.spatial_dims + 1:
+            layout = "images (C, H, W)" if self.spatial_dims == 2 else "volumes (C, D, H, W)"
+            raise ValueError(f"this {self.spatial_dims}D diffusion model denoises {layout}; got an input of shape "
+                             f"{shape}")
+        channels, spatial = shape[0], shape[1:]
+        sigma = self.effective_sigma(channels, spatial)
         try:
             start = timestep_for_sigma(self.alphas_cumprod, sigma)
         except ValueError as error:
+            resolution = ("3D (any size)" if self.image_size is None
+                          else " x ".join(map(str, self.image_size)))
             raise ValueError(
-                f"sigma = {self.sigma:g} on {channels} x {height} x {width} inputs reaches the "
-                f"{self.model_channels}-channel {self.image_size[0]} x {self.image_size[1]} diffusion model as "
-                f"noise of std {sigma:.4g}: {error}"
+                f"sigma = {self.sigma:g} on {' x '.join(map(str, shape))} inputs reaches the "
+                f"{self.model_channels}-channel {resolution} diffusion model as noise of std {sigma:.4g}: {error}"
             ) from error
-        self._timestep_of_shape[(channels, height, width)] = start
+        self._timestep_of_shape[shape] = start
         return start
 
-    def effective_sigma(self, channels: int, size: tuple[int, int]) -> float:
+    def effective_sigma(self, channels: int, size: tuple[int, ...]) -> float:
         """Noise std, in [0, 1] scale, of the batch the model sees for a (channels, *size) input."""
-        sigma = self.sigma * resize_noise_factor(tuple(size), self.image_size, self.shrink)
+        sigma = self.sigma
+        if self.image_size is not None:
+            sigma *= resize_noise_factor(tuple(size), self.image_size, self.shrink)
         if channels > 1 and self.model_channels == 1:
             sigma /= math.sqrt(channels)
         return sigma
@@ -225,13 +250,13 @@ class DiffusionDenoiser(torch.nn.Module):
         if images.shape[1] == self.model_channels:
             return images
         if images.shape[1] == 1:
-            return images.expand(-1, self.model_channels, -1, -1)
+            return images.expand(-1, self.model_channels, *images.shape[2:])
         if self.model_channels == 1:
             return images.mean(1, keepdim=True)
         raise ValueError(f"cannot feed {images.shape[1]}-channel images to a {self.model_channels}-channel model")
 
     def predict_x0(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The model's x0 estimate (B, C, H, W) in [-1, 1] at step t."""
+        """The model's x0 estimate (B, C, *spatial) in [-1, 1] at step t."""
         channels = x_t.shape[1]
         timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         output = self.unet(x_t, timestep).sample[:, :channels].to(x_t.dtype)
@@ -255,21 +280,26 @@ class DiffusionDenoiser(torch.nn.Module):
             return ddim_step(x_t, x0, abar_t, abar_s)
         return ddpm_posterior_step(x_t, x0, abar_t, abar_s, self._posterior_noise(x_t, generators))
 
+    def _resized(self, images: torch.Tensor, size: tuple[int, ...] | None) -> torch.Tensor:
+        """``images`` at ``size`` (see ``resize``); as they are for a volume model (no resolution of its own)."""
+        return images if self.image_size is None else resize(images, size, self.shrink)
+
     def forward(self, noisy: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Clean estimate (B, C, H, W) in [0, 1] of a noisy batch; differentiable (for attacks).
+        """Clean estimate (B, C, H, W) (a volume model: (B, C, D, H, W)) in [0, 1] of a noisy batch;
+        differentiable (for attacks).
 
         generators: one per sample for the posterior noise of multi-step DDPM.
         """
-        batch, channels, height, width = noisy.shape
-        start = self.check_input((channels, height, width))
-        images = self._model_channels(resize(noisy.float(), self.image_size, self.shrink))
+        channels, spatial = noisy.shape[1], tuple(noisy.shape[2:])
+        start = self.check_input(tuple(noisy.shape[1:]))
+        images = self._model_channels(self._resized(noisy.float(), self.image_size))
         x_t = noisy_sample(images, self._abar[start])
         steps = self.timesteps(start)
         for t, s in zip(steps, steps[1:] + [None]):
             x0 = self.predict_x0(x_t, t)
             if s is not None:
                 x_t = self.step_back(x_t, x0, t, s, generators)
-        clean = resize((x0 + 1) / 2, (height, width), self.shrink).clamp(0, 1)
+        clean = self._resized((x0 + 1) / 2, spatial).clamp(0, 1)
         if clean.shape[1] != channels:
-            clean = clean.expand(-1, channels, -1, -1) if clean.shape[1] == 1 else clean.mean(1, keepdim=True)
+            clean = clean.expand(-1, channels, *spatial) if clean.shape[1] == 1 else clean.mean(1, keepdim=True)
         return clean.to(noisy.dtype)

@@ -1,9 +1,11 @@
 """Denoisers: every one is built for one sigma and maps a noisy (B, C, H, W) batch in [0, 1] scale
-to its clean estimate.
+to its clean estimate (a volume denoiser: (B, C, D, H, W)).
 
 ``load_denoiser(spec, sigma)`` is the one entry point, for specs
 ``none``, ``ddpm:<folder>`` (a diffusers DDPMPipeline folder, or any folder with ``unet/`` and
-``scheduler/``), ``guided-diffusion:<file.pt>`` (OpenAI's checkpoint, e.g. the paper's
+``scheduler/``; or a 3D DDPM's folder written by ``train_ddpm`` on volumes, told apart by its
+``unet/config.json``: see :mod:`medcert_core.denoisers.volume_ddpm`),
+``guided-diffusion:<file.pt>`` (OpenAI's checkpoint, e.g. the paper's
 256x256_diffusion_uncond.pt) and ``unet:<folder>`` (the baseline written by
 ``train_unet_denoiser``) and ``ffdnet:<file.pth>`` (FFDNet, an off-the-shelf natural-image denoiser;
 see :mod:`medcert_core.denoisers.ffdnet`).
@@ -26,12 +28,15 @@ from medcert_core.denoisers.diffusion import DiffusionDenoiser, resize_noise_fac
 from medcert_core.denoisers.ffdnet import FFDNetDenoiser, load_ffdnet
 from medcert_core.denoisers.training import DDPM_PRESETS, linear_scheduler, train_ddpm, train_unet_denoiser
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
+from medcert_core.denoisers.volume_ddpm import VolumeDiffusionUNet, is_volume_ddpm, load_volume_unet
 
 SPEC_KINDS = ("none", "ddpm", "guided-diffusion", "unet", "ffdnet")
 
 
 def load_ddpm(folder: str | Path, sigma: float, **options: Any) -> DiffusionDenoiser:
-    """A DiffusionDenoiser over a diffusers folder holding ``unet/`` and ``scheduler/``."""
+    """A DiffusionDenoiser over a diffusers folder holding ``unet/`` and ``scheduler/``, or over a 3D DDPM's
+    folder (``is_volume_ddpm``: its network from its JSON config and weights-only state_dict), which denoises
+    volumes (B, C, D, H, W) at their own size (``image_size`` must then be None)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     folder = Path(folder)
@@ -41,7 +46,10 @@ def load_ddpm(folder: str | Path, sigma: float, **options: Any) -> DiffusionDeno
             f"{folder} is not a diffusers DDPM folder: missing {', '.join(f'{name}/' for name in missing)}; expected "
             f"{folder}/unet/(config.json, diffusion_pytorch_model.safetensors) and {folder}/scheduler/scheduler_config.json"
         )
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False)
+    if is_volume_ddpm(folder):
+        unet = load_volume_unet(folder)
+    else:
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     return DiffusionDenoiser(unet, scheduler, sigma, **options)
 
@@ -104,7 +112,7 @@ def load_denoiser(spec: str | None, sigma: float, *, flags: str | Mapping[str, A
 
 
 __all__ = [
-    "DDPM_PRESETS", "DiffusionDenoiser", "FFDNetDenoiser", "UNetDenoiser", "linear_scheduler", "load_ddpm", "load_denoiser", "load_ffdnet",
-    "load_guided_diffusion", "model_flags", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm",
-    "train_unet_denoiser",
+    "DDPM_PRESETS", "DiffusionDenoiser", "FFDNetDenoiser", "UNetDenoiser", "VolumeDiffusionUNet", "is_volume_ddpm",
+    "linear_scheduler", "load_ddpm", "load_denoiser", "load_ffdnet", "load_guided_diffusion", "load_volume_unet",
+    "model_flags", "parse_spec", "resize_noise_factor", "timestep_for_sigma", "train_ddpm", "train_unet_denoiser",
 ]

@@ -2,7 +2,10 @@
 
 ``train_ddpm`` trains a diffusers ``UNet2DModel`` to predict the noise on the linear 1000-step
 schedule of the paper's checkpoint (betas 1e-4 to 0.02) and saves it as a ``DDPMPipeline``
-(``model_index.json``, ``unet/``, ``scheduler/``), loadable offline with ``ddpm:<folder>``.
+(``model_index.json``, ``unet/``, ``scheduler/``), loadable offline with ``ddpm:<folder>``. On volumes
+(C, D, H, W) the same loop trains a 3D network, MONAI's ``DiffusionModelUNet`` at the volumes' own size
+(``VolumeDiffusionUNet``, the preset's ``volume_unet`` widths), saved in medcert's own folder of the same
+layout (:mod:`medcert_core.denoisers.volume_ddpm`), also loaded by ``ddpm:<folder>``.
 Training timesteps can be limited to the largest t* the study needs (``max_sigma``): denoised
 smoothing never asks the model about noisier steps; a share of them (``focus_share``) can be drawn
 near the t* of the study's sigmas (``focus_sigmas``, in the model's noise scale), where
@@ -30,21 +33,29 @@ from tqdm import tqdm  # text bars: no widget output in executed chapters
 from medcert_core.data.base import as_size
 from medcert_core.denoisers.diffusion import resize, timestep_for_sigma
 from medcert_core.denoisers.unet_denoiser import DEFAULT_MODEL_KWARGS, IMAGE_ARCH, VOLUME_ARCH, UNetDenoiser
+from medcert_core.denoisers.volume_ddpm import VolumeDiffusionUNet, save_volume_ddpm
 from medcert_core.devices import autocast, resolve_device, resolve_precision
 from medcert_core.io import load_weights, save_torch_atomically
 
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
-    # a few minutes on 2 CPU cores
+    # a few minutes on 2 CPU cores (images); volumes: 2.9 M parameters, total stride 4, one attention head in
+    # the middle block (MONAI always has one there), no other attention
     "tiny": {"image_size": 64, "steps": 300, "batch_size": 16, "lr": 2e-3, "unet": {
         "block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
         "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    }, "volume_unet": {
+        "channels": (32, 64, 64), "attention_levels": (False, False, False), "num_res_blocks": 1,
+        "norm_num_groups": 16, "num_head_channels": 64, "use_flash_attention": True,
     }},
-    # the paper's resolution, for a GPU
+    # the paper's resolution, for a GPU; volumes: 17 M parameters, total stride 8, attention at the lowest level
     "paper": {"image_size": 256, "steps": 100_000, "batch_size": 16, "lr": 1e-4, "unet": {
         "block_out_channels": (128, 128, 256, 256, 512, 512), "layers_per_block": 2,
         "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    }, "volume_unet": {
+        "channels": (32, 64, 128, 128), "attention_levels": (False, False, False, True), "num_res_blocks": 2,
+        "norm_num_groups": 32, "num_head_channels": 128, "use_flash_attention": True,
     }},
 }
 
@@ -91,7 +102,7 @@ def _stacked_inputs(dataset: Dataset, image_size: int | None) -> torch.Tensor:
 class _DDPMTraining:
     """The state of a DDPM training run that ``training_state.pt`` stores."""
 
-    unet: UNet2DModel
+    unet: torch.nn.Module  # UNet2DModel (images) or VolumeDiffusionUNet (volumes)
     optimizer: torch.optim.Optimizer
     ema: Any | None  # diffusers' EMAModel of the weights, or None
     generator: torch.Generator  # batches, noise and timesteps
@@ -113,12 +124,22 @@ class _DDPMTraining:
             self.ema.load_state_dict(state["ema"])
 
 
-def _start_ddpm(size: tuple[int, int], channels: int, settings: dict[str, Any], lr: float, seed: int, ema_decay: float | None,
-                device: torch.device) -> _DDPMTraining:
-    """A fresh UNet2DModel of the preset's layout (torch's global seed set to ``seed`` first), AdamW, the
-    optional EMA of its weights (with warm-up) and the run's generator seeded with ``seed``."""
+def _ddpm_network(images: torch.Tensor, size: tuple[int, int] | None, settings: dict[str, Any]) -> torch.nn.Module:
+    """A fresh noise-prediction network of the preset's layout for ``images``: a UNet2DModel at ``size`` for
+    images (N, C, H, W), a VolumeDiffusionUNet (any size; ``size`` None) for volumes (N, C, D, H, W)."""
+    channels = images.shape[1]
+    if images.dim() == 5:
+        return VolumeDiffusionUNet(channels, channels, **settings["volume_unet"])
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **settings["unet"])
+
+
+def _start_ddpm(images: torch.Tensor, size: tuple[int, int] | None, settings: dict[str, Any], lr: float, seed: int,
+                ema_decay: float | None, device: torch.device) -> _DDPMTraining:
+    """A fresh network of the preset's layout for ``images`` (``_ddpm_network``; torch's global seed set to
+    ``seed`` first), AdamW, the optional EMA of its weights (with warm-up) and the run's generator seeded with
+    ``seed``."""
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **settings["unet"]).to(device)
+    unet = _ddpm_network(images, size, settings).to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     ema = None
     if ema_decay is not None:
@@ -132,12 +153,13 @@ def _ddpm_step(state: _DDPMTraining, images: torch.Tensor, batch_size: int, alph
                draw_timesteps: Callable[[torch.Generator], torch.Tensor], device: torch.device,
                precision: str = "fp32") -> float:
     """One AdamW step (and EMA update) on the noise-prediction MSE of a random batch of ``images``
-    (N, C, H, W) in [0, 1], mapped to [-1, 1], noised at timesteps from ``draw_timesteps`` (the network
-    under autocast at ``precision``, the loss and the weights fp32); returns the loss."""
+    (N, C, *spatial: images or volumes) in [0, 1], mapped to [-1, 1], noised at timesteps from
+    ``draw_timesteps`` (the network under autocast at ``precision``, the loss and the weights fp32);
+    returns the loss."""
     clean = images[torch.randint(0, len(images), (batch_size,), generator=state.generator)] * 2 - 1
     noise = torch.randn(clean.shape, generator=state.generator)
     timesteps = draw_timesteps(state.generator)
-    abar = alphas_cumprod[timesteps.to(device)][:, None, None, None]
+    abar = alphas_cumprod[timesteps.to(device)].view(-1, *(1,) * (clean.dim() - 1))
     noisy = abar.sqrt() * clean.to(device) + (1 - abar).sqrt() * noise.to(device)
     with autocast(device, precision):
         predicted = state.unet(noisy, timesteps.to(device)).sample
@@ -171,7 +193,11 @@ def train_ddpm(
 ) -> Path:
     """Train a DDPM on the images of ``dataset`` and save it in ``output_dir`` (DDPMPipeline layout).
 
-    image_size: the model's resolution, n (square) or (H, W); None: the preset's (square).
+    Volumes (C, D, H, W) train a 3D network (``VolumeDiffusionUNet``, the preset's ``volume_unet``) at their
+    own size, saved by ``save_volume_ddpm`` (the same folder layout: ``ddpm:<folder>`` loads either).
+
+    image_size: the model's resolution, n (square) or (H, W); None: the preset's (square). Images only:
+        volumes are never resized (ValueError when it is given for them).
     max_sigma: draw training timesteps only up to t*(max_sigma) (all 1000 when None).
     focus_sigmas, focus_share: draw that share of the timesteps near the t* of these noise levels
         (in the model's [0, 1] noise scale, after any resize to its resolution).
@@ -182,20 +208,21 @@ def train_ddpm(
     if preset not in DDPM_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DDPM_PRESETS)}, got {preset!r}")
     settings = DDPM_PRESETS[preset]
-    size = as_size(image_size or settings["image_size"])
     total_steps = steps or settings["steps"]
     batch_size = batch_size or settings["batch_size"]
     output_dir = Path(output_dir)
     if (output_dir / "model_index.json").is_file():
         return output_dir
+    volumes = dataset[0][0].dim() == 4
+    size = None if volumes else as_size(image_size or settings["image_size"])
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    images = _stacked_images(dataset, size)
+    images = _stacked_inputs(dataset, image_size) if volumes else _stacked_images(dataset, size)
     scheduler = linear_scheduler()
     max_timestep = 1000 if max_sigma is None else timestep_for_sigma(scheduler.alphas_cumprod, max_sigma) + 1
     focus_timesteps = [timestep_for_sigma(scheduler.alphas_cumprod, sigma) for sigma in focus_sigmas]
     draw_timesteps = partial(training_timesteps, batch_size, max_timestep, focus_timesteps, focus_share)
-    state = _start_ddpm(size, images.shape[1], settings, lr or settings["lr"], seed, ema_decay, device)
+    state = _start_ddpm(images, size, settings, lr or settings["lr"], seed, ema_decay, device)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / "training_state.pt"
     if state_path.is_file():
@@ -211,19 +238,23 @@ def train_ddpm(
             save_torch_atomically(state.checkpoint(), state_path)
     if state.ema is not None:
         state.ema.copy_to(state.unet.parameters())  # publish the averaged weights
-    _publish_pipeline(DDPMPipeline(unet=state.unet.eval().cpu(), scheduler=scheduler), output_dir)
+    unet = state.unet.eval().cpu()
+    if volumes:
+        _publish(partial(save_volume_ddpm, unet, scheduler), output_dir)
+    else:
+        _publish(DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained, output_dir)
     state_path.unlink(missing_ok=True)
     return output_dir
 
 
-def _publish_pipeline(pipeline: DDPMPipeline, output_dir: Path) -> None:
-    """Save a pipeline into ``output_dir`` so that ``model_index.json`` (the completion mark) lands last.
+def _publish(save: Callable[[Path], Any], output_dir: Path) -> None:
+    """``save(folder)`` a DDPM into ``output_dir`` so that ``model_index.json`` (the completion mark) lands last.
 
     Everything is written into a temporary sibling folder first, then moved in; a crash leaves no
     ``model_index.json`` beside half-written weights, so the next call trains or resumes instead.
     """
     temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".saving", dir=output_dir.parent))
-    pipeline.save_pretrained(temporary)
+    save(temporary)
     for item in sorted(temporary.iterdir(), key=lambda path: path.name == "model_index.json"):
         target = output_dir / item.name
         if target.is_dir():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from medcert_core.data import IMAGE_DATASET_NAMES
 from medcert_core.data.base import as_size
 from medcert_core.denoisers import (
     load_denoiser,
@@ -203,7 +204,17 @@ def discard_unreadable_checkpoint(path: Path) -> None:
         path.unlink()
 
 
+def is_volume_data(data: DataSpec) -> bool:
+    """Whether ``data`` gives volumes (C, D, H, W): any dataset that is not one of the 2D ones."""
+    return data.dataset not in IMAGE_DATASET_NAMES
+
+
 def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
+    """Where ``ddpm:auto`` is cached: ``ddpm_<data>_...`` for images, ``ddpm3d_<data>_...`` for volumes (a 3D
+    network at the volumes' own size; ``ddpm_image_size`` is refused for them, see :func:`ddpm_image_size`)."""
+    volumes = is_volume_data(data)
+    if volumes:
+        ddpm_image_size(data, training)  # refuses a resolution for volumes before anything is named
     steps = training.ddpm_steps if training.ddpm_steps is not None else "default"
     recipe = ""  # named only when not the default, so existing caches stay valid
     if training.ddpm_ema_decay is not None:
@@ -213,13 +224,23 @@ def ddpm_folder(cache: Path, data: DataSpec, training: TrainingSpec) -> Path:
     if training.ddpm_image_size is not None:
         recipe += f"_at{training.ddpm_image_size}"
     recipe += precision_tag(training)
-    return (Path(cache) / "denoisers" / f"ddpm_{data.tag}_{training.ddpm_preset}_s{steps}"
+    kind = "ddpm3d" if volumes else "ddpm"
+    return (Path(cache) / "denoisers" / f"{kind}_{data.tag}_{training.ddpm_preset}_s{steps}"
             f"_max{training.ddpm_max_sigma}{recipe}_seed{training_seed(data, training)}{data.data_tag('train')}")
 
 
-def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> tuple[int, int]:
+def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> tuple[int, int] | None:
     """The in-project DDPM's (H, W): its height is the profile's ``ddpm_image_size``, else the input's
-    height up to 256; its width keeps the input's aspect (a 144 x 192 input at 72: 72 x 96)."""
+    height up to 256; its width keeps the input's aspect (a 144 x 192 input at 72: 72 x 96).
+
+    None for volumes: the 3D DDPM works at the volumes' own size (padded inside the network and cropped
+    back), so nothing resizes them or their noise; a ``ddpm_image_size`` for volumes is a ValueError."""
+    if is_volume_data(data):
+        if training.ddpm_image_size is not None:
+            raise ValueError(f"ddpm_image_size = {training.ddpm_image_size} resizes images to the DDPM's resolution; "
+                             f"{data.dataset} gives volumes, which the 3D DDPM denoises at their own size (padded "
+                             "inside the network, cropped back): leave ddpm_image_size null")
+        return None
     height, width = as_size(data.image_size)
     model_height = training.ddpm_image_size or min(height, 256)
     return model_height, max(1, round(model_height * width / height))
@@ -228,8 +249,10 @@ def ddpm_image_size(data: DataSpec, training: TrainingSpec) -> tuple[int, int]:
 def ddpm_focus_sigmas(data: DataSpec, training: TrainingSpec) -> tuple[float, ...]:
     """The study's focus sigmas in the DDPM's own noise scale: shrinking the input to the model's
     resolution (a box average by integer factors) lowers the noise std the model sees."""
-    size = as_size(data.image_size)
     model = ddpm_image_size(data, training)
+    if model is None:  # volumes: the noise reaches the 3D DDPM as it is
+        return tuple(float(sigma) for sigma in training.ddpm_focus_sigmas)
+    size = as_size(data.image_size)
     factor = resize_noise_factor(tuple(size), model)
     return tuple(float(sigma) * factor for sigma in training.ddpm_focus_sigmas)
 

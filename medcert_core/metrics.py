@@ -129,9 +129,18 @@ class MetricAccumulator:
         return summary.reset_index()
 
 
-def psnr(estimate: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB of each image: (B, C, H, W) pairs -> (B,)."""
-    mse = (estimate.double() - clean.double()).pow(2).flatten(1).mean(1)
+def psnr(estimate: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0,
+         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each image: (B, C, H, W) pairs (volumes: (B, C, D, H, W)) -> (B,).
+
+    valid: optional bool (B, *spatial) mask of the pixels (voxels) that count, in every channel (a padded
+    volume's real voxels, ``dataset.real_voxels(i)``); the mean squared error is over them only."""
+    error = (estimate.double() - clean.double()).pow(2)
+    if valid is None:
+        mse = error.flatten(1).mean(1)
+    else:
+        weights = valid.to(device=error.device, dtype=torch.float64).unsqueeze(1).expand_as(error)
+        mse = (error * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
     return 10 * torch.log10(data_range**2 / mse)
 
 

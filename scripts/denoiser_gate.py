@@ -13,6 +13,10 @@ fails:
 
     python scripts/denoiser_gate.py --profile jsrt --data-root ../shared/data/jsrt --image-size 128
 
+Volumes (``--dataset hippocampus``, ``--image-size D H W`` or none: the padded size of the task) get the 3D
+DDPM at their own size (a profile without ``ddpm_image_size``, or ``--training "{ddpm_image_size: null}"``),
+and each volume's PSNR is over its real voxels only (``dataset.real_voxels``), not the padding.
+
 Rows that are reported, not gated: ``--ffdnet FILE`` adds the off-the-shelf FFDNet
 (``ffdnet:<file.pth>``) with the shrink above 75/255 (box average to its trained range) and without it
 (full resolution, noise map at sigma); ``--other-ddpm NOTE=FOLDER`` (repeatable) adds a DDPM trained on
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from medcert_core.data import IMAGE_DATASET_NAMES
 from medcert_core.denoisers import load_denoiser
 from medcert_core.denoisers.gate import best_per_sigma, mmse_gate_failures, paired_psnr_differences, psnr_row
 from medcert_core.io import user_cache_dir, write_json_atomically
@@ -67,8 +72,9 @@ def main() -> int:
     parser.add_argument("--profile", default="jsrt")
     parser.add_argument("--dataset", default="jsrt")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--image-size", type=int, nargs="+", default=[128], metavar="N",
-                        help="input size: N (square) or H W, e.g. 144 192")
+    parser.add_argument("--image-size", type=int, nargs="*", default=None, metavar="N",
+                        help="input size: N (square) or H W, e.g. 144 192 (default 128); volumes: D H W (default: the "
+                             "largest extent of each axis over the task's volumes)")
     parser.add_argument("--split-block", type=int, default=0,
                         help="0: random split per case; k: runs of k consecutive ids in one split (video)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
@@ -91,9 +97,20 @@ def main() -> int:
                         help="JSON table (default: results/<dataset>_denoiser_gate_<split>.json)")
     args = parser.parse_args()
 
-    if len(args.image_size) not in (1, 2):
-        parser.error(f"--image-size takes N or H W, got {args.image_size}")
-    image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    volumes = args.dataset not in IMAGE_DATASET_NAMES
+    if volumes:
+        if args.image_size and len(args.image_size) != 3:
+            parser.error(f"--image-size of a volume dataset takes D H W (or nothing), got {args.image_size}")
+        if args.image_size:
+            image_size = tuple(args.image_size)
+        else:  # the task's padded size (the largest extent of each axis), which the cache's names then say
+            image_size = tuple(DataSpec(args.dataset, args.data_root, None, split_block=args.split_block)
+                               .load(args.split).image_size)
+    else:
+        sizes = args.image_size if args.image_size is not None else [128]
+        if len(sizes) not in (1, 2):
+            parser.error(f"--image-size takes N or H W, got {sizes}")
+        image_size = sizes[0] if len(sizes) == 1 else tuple(sizes)
     data = DataSpec(args.dataset, args.data_root, image_size, split_block=args.split_block)
     training = resolved_training(training_spec(args.profile).with_overrides(args.training), args.device)
     start = time.perf_counter()
@@ -105,6 +122,8 @@ def main() -> int:
     images = data.load(args.split)
     count = min(args.images or len(images), len(images))
     clean = torch.stack([images[i][0] for i in range(count)])
+    real_voxels = getattr(images, "real_voxels", None)  # a padded volume scores its own voxels only
+    valid = torch.stack([real_voxels(i) for i in range(count)]) if real_voxels is not None else None
     rows = []
     for sigma in args.sigmas:
         noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
@@ -116,7 +135,8 @@ def main() -> int:
             **reported_denoisers(args, sigma),
         }
         for name, denoiser in denoisers.items():
-            rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size))
+            rows.append(psnr_row(denoiser, noisy, clean, sigma=sigma, name=name, batch_size=args.batch_size,
+                                 valid=valid))
             print(f"sigma {sigma:4}  {name:18} PSNR {rows[-1]['psnr_db']:6.2f} dB", flush=True)
     failures = mmse_gate_failures({(row["sigma"], row["denoiser"]): row["psnr_db"] for row in rows},
                                   args.sigmas, single=SINGLE, rivals=(MULTI, UNET) if unets else (MULTI,))
@@ -130,7 +150,9 @@ def main() -> int:
         "dataset": args.dataset, "split": args.split, "images": count, "image_size": image_size,
         "split_block": args.split_block,
         "profile": args.profile, "training": training.__dict__ | {"ddpm_focus_sigmas": list(training.ddpm_focus_sigmas)},
-        "ddpm": {"folder": ddpm.partition(":")[2], "resolution": ddpm_image_size(data, training)},
+        "ddpm": {"folder": ddpm.partition(":")[2],
+                 "resolution": ddpm_image_size(data, training) or "each volume's own size (3D DDPM)"},
+        "psnr_over": "real voxels (padding left out)" if valid is not None else "every pixel",
         "reported_not_gated": {"ffdnet": str(args.ffdnet) if args.ffdnet else None,
                                "other_ddpms": dict(args.other_ddpm)},
         "multi_steps": args.multi_steps, "training_seconds": training_seconds, "device": args.device,

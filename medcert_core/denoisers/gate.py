@@ -40,12 +40,14 @@ def best_per_sigma(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str])
 
 
 def psnr_row(denoiser: torch.nn.Module | None, noisy: torch.Tensor, clean: torch.Tensor, *, sigma: float, name: str,
-             batch_size: int = 16) -> dict[str, Any]:
-    """Mean and std PSNR (dB) of a denoiser (None: the noisy input itself) on (N, C, H, W) images, and
-    each image's (for paired comparisons of denoisers on the same noise)."""
+             batch_size: int = 16, valid: torch.Tensor | None = None) -> dict[str, Any]:
+    """Mean and std PSNR (dB) of a denoiser (None: the noisy input itself) on (N, C, H, W) images (or
+    (N, C, D, H, W) volumes), and each image's (for paired comparisons of denoisers on the same noise).
+
+    valid: optional bool (N, *spatial) mask of the pixels that count (padded volumes: their real voxels)."""
     with torch.inference_mode():
         estimate = noisy if denoiser is None else torch.cat([denoiser(batch) for batch in noisy.split(batch_size)])
-    values = psnr(estimate, clean)
+    values = psnr(estimate, clean, valid=valid)
     return {"sigma": sigma, "denoiser": name, "psnr_db": float(values.mean()), "psnr_std_db": float(values.std()),
             "images": len(values), "psnr_db_per_image": [round(float(value), 4) for value in values]}
 

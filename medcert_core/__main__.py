@@ -310,9 +310,9 @@ def command_book(args: argparse.Namespace) -> None:
 
 
 def command_certify(args: argparse.Namespace) -> None:
-    from medcert_core.single_image import certify_image_file
+    from medcert_core.single_file import certify_file
 
-    summary = certify_image_file(
+    summary = certify_file(
         args.image, args.checkpoint, args.denoiser, args.sigma, model=args.model, model_kwargs=args.model_kwargs,
         num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size,
         class_names=args.class_names, normalize=args.normalize, intensity=args.intensity, slice=args.slice,
@@ -399,6 +399,35 @@ def _add_book_command(commands: argparse._SubParsersAction) -> None:
     book.set_defaults(run=command_book)
 
 
+def _add_certify_model_options(certify: argparse.ArgumentParser) -> None:
+    """``certify``'s options that name the segmenter and what it takes."""
+    model = certify.add_argument_group("the segmenter: --checkpoint or --model")
+    model.add_argument("--checkpoint", default=None, help="segmenter checkpoint written by `medcert train`")
+    model.add_argument("--model", default=None,
+                       help="any other segmenter returning logits (B, K, H, W), or (B, K, D, H, W) for volumes: a "
+                            "torch.export program (.pt2; checked "
+                            "before it runs: only the members torch.export.save writes, no native code or pickled "
+                            "objects, only pure tensor operators, each image of a batch segmented on its own) or "
+                            "package.module:function returning an nn.Module. An entry point imports and runs your own "
+                            "Python code: the one way user code runs, give only one you trust. A TorchScript file (a "
+                            "program) and a torch.save'd module (a pickle) are refused")
+    model.add_argument("--model-kwargs", type=_json_object, default=None,
+                       help='keyword arguments of the entry point, as JSON, e.g. \'{"in_channels": 1, "out_channels": 2}\'')
+    model.add_argument("--num-classes", type=int, default=None,
+                       help="K (default: read from the model's output; given, it must match)")
+    model.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
+                       help="input channels (default: a .pt2's input shape or the module's in_channels attribute)")
+    model.add_argument("--image-size", type=_model_input_size, default=None,
+                       help="the model's input size, e.g. 256 or 256x256, or DxHxW for a volumetric model (a volume "
+                            "is padded up to it, never resized) (default: a .pt2's input shape; for a volume, the "
+                            "volume's own size where the model leaves it free)")
+    model.add_argument("--class-names", type=lambda text: tuple(text.split(",")), default=None,
+                       help="comma-separated, background first (default: background,class_1,...)")
+    model.add_argument("--normalize", default=None, metavar="MEAN,STD",
+                       help="per-channel normalisation inside the base model, after the noise: MEAN,STD for every "
+                            "channel or M1,M2,M3,S1,S2,S3 (the radius stays in the [0, 1] image scale)")
+
+
 def _add_certify_command(commands: argparse._SubParsersAction) -> None:
     """The ``certify`` command and its options."""
     certify = commands.add_parser("certify", help="certify one image file (or a folder) with any segmenter; writes "
@@ -425,31 +454,7 @@ def _add_certify_command(commands: argparse._SubParsersAction) -> None:
                                        ".nii.gz), resized to the model's input size; or a folder of them (one JSON "
                                        "each and certificates.csv); or one 3D NIfTI volume, certified whole at its "
                                        "own size by a 3D model (see above)")
-    model = certify.add_argument_group("the segmenter: --checkpoint or --model")
-    model.add_argument("--checkpoint", default=None, help="segmenter checkpoint written by `medcert train`")
-    model.add_argument("--model", default=None,
-                       help="any other segmenter returning logits (B, K, H, W), or (B, K, D, H, W) for volumes: a "
-                            "torch.export program (.pt2; checked "
-                            "before it runs: only the members torch.export.save writes, no native code or pickled "
-                            "objects, only pure tensor operators, each image of a batch segmented on its own) or "
-                            "package.module:function returning an nn.Module. An entry point imports and runs your own "
-                            "Python code: the one way user code runs, give only one you trust. A TorchScript file (a "
-                            "program) and a torch.save'd module (a pickle) are refused")
-    model.add_argument("--model-kwargs", type=_json_object, default=None,
-                       help='keyword arguments of the entry point, as JSON, e.g. \'{"in_channels": 1, "out_channels": 2}\'')
-    model.add_argument("--num-classes", type=int, default=None,
-                       help="K (default: read from the model's output; given, it must match)")
-    model.add_argument("--in-channels", type=int, choices=[1, 3], default=None,
-                       help="input channels (default: a .pt2's input shape or the module's in_channels attribute)")
-    model.add_argument("--image-size", type=_model_input_size, default=None,
-                       help="the model's input size, e.g. 256 or 256x256, or DxHxW for a volumetric model (a volume "
-                            "is padded up to it, never resized) (default: a .pt2's input shape; for a volume, the "
-                            "volume's own size where the model leaves it free)")
-    model.add_argument("--class-names", type=lambda text: tuple(text.split(",")), default=None,
-                       help="comma-separated, background first (default: background,class_1,...)")
-    model.add_argument("--normalize", default=None, metavar="MEAN,STD",
-                       help="per-channel normalisation inside the base model, after the noise: MEAN,STD for every "
-                            "channel or M1,M2,M3,S1,S2,S3 (the radius stays in the [0, 1] image scale)")
+    _add_certify_model_options(certify)
     reading = certify.add_argument_group("reading the image file")
     reading.add_argument("--intensity", default="auto", type=_intensity,
                          help="how stored values map to [0, 1]: auto (integers by their bit depth, DICOM by "

@@ -52,7 +52,6 @@ from medcert_core.data.chest import JSRT_IMG_SHAPE, read_jsrt_img
 from medcert_core.data.medical import (
     MEDICAL_SUFFIXES,
     Intensity,
-    is_nifti_volume,
     parse_intensity,
     parse_slice,
     read_with_mapping,
@@ -282,6 +281,42 @@ def load_base_model(checkpoint: str | Path | None, model: str | None, *, model_k
     return module, config, record
 
 
+def check_run_options(*, sigma: float, tau: float, alpha: float, n0: int, n: int, sequential: bool,
+                      stop_undecided: float) -> None:
+    """ValueError naming the first parameter of a certify run out of its range."""
+    for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
+        check_parameter(name, value)
+    if stop_undecided and not sequential:
+        raise ValueError("--stop-undecided applies to --sequential certification only")
+
+
+def exported_input_shape(module: torch.nn.Module) -> tuple[int | torch.SymInt, ...] | None:
+    """The input shape (B, C, *spatial) of a loaded torch.export program (an ``ExportedModule``), from its one
+    placeholder; a size the program leaves free is a ``torch.SymInt``. None for any other module."""
+    from medcert_core.models.external import ExportedModule
+
+    if not isinstance(module, ExportedModule):
+        return None
+    shapes = [tuple(node.meta["val"].shape) for node in module.program.graph.nodes
+              if node.op == "placeholder" and "val" in node.meta]
+    return shapes[0] if len(shapes) == 1 else None
+
+
+def volumetric_program_shape(model: str | None, device: str | torch.device) -> tuple | None:
+    """The (B, C, D, H, W) input shape of ``--model`` when it is a torch.export program taking volumes, else None
+    (also when it does not load: the caller's own error stands)."""
+    from medcert_core.models.external import load_model
+
+    if model is None or not Path(model).is_file():
+        return None
+    try:
+        loaded = load_model(model, device=device)[0]
+    except (ValueError, FileNotFoundError):
+        return None
+    shape = exported_input_shape(loaded)
+    return shape if shape is not None and len(shape) == 5 else None
+
+
 def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, denoiser: str, sigma: float, *,
                        model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                        num_classes: int | None = None, in_channels: int | None = None,
@@ -308,31 +343,16 @@ def certify_image_file(image_path: str | Path, checkpoint: str | Path | None, de
     estimation draws, sampling stops once every pixel is decided (anytime-valid p-values,
     :mod:`medcert_core.sequential`); the JSON records the draws used under ``sequential``.
 
-    A volume (a NIfTI file whose header has three axes longer than 1) given without ``slice`` is certified
-    whole by a volumetric model (:func:`medcert_core.single_volume.certify_volume_file`, one file at a time);
-    a volumetric model given a 2D image is refused.
+    Images only: ``medcert certify`` reaches it through :func:`medcert_core.single_file.certify_file`, which
+    sends a whole 3D volume to :func:`medcert_core.single_volume.certify_volume_file`; a volumetric model given
+    a 2D image is refused here.
     """
-    for name, value in {"sigma": sigma, "tau": tau, "alpha": alpha, "n0": n0, "n": n}.items():
-        check_parameter(name, value)
-    if stop_undecided and not sequential:
-        raise ValueError("--stop-undecided applies to --sequential certification only")
+    check_run_options(sigma=sigma, tau=tau, alpha=alpha, n0=n0, n=n, sequential=sequential,
+                      stop_undecided=stop_undecided)
     reading = parse_intensity(intensity), (parse_slice(slice) if slice else None)
     image_path = Path(image_path)
     files = image_files(image_path) if image_path.is_dir() else [image_path]
     check_distinct_stems(files)
-    volumes = [path for path in files if reading[1] is None and path.is_file() and is_nifti_volume(path, max_pixels)]
-    if volumes and image_path.is_dir():
-        raise ValueError(f"{volumes[0]} is a volume: certify a volume on its own (medcert certify {volumes[0]} ...), "
-                         f"or give --slice AXIS:INDEX to certify one slice of each file of {image_path}")
-    if volumes:
-        from medcert_core.single_volume import certify_volume_file
-
-        return certify_volume_file(
-            image_path, checkpoint, denoiser, sigma, model=model, model_kwargs=model_kwargs, num_classes=num_classes,
-            in_channels=in_channels, image_size=image_size, class_names=class_names, normalize=normalize,
-            intensity=reading[0], max_pixels=max_pixels, output_dir=output_dir, n0=n0, n=n, alpha=alpha, tau=tau,
-            seed=seed, batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
-            compile=compile, sequential=sequential, stop_undecided=stop_undecided, progress=progress)
     if image_size is not None and len(image_size) != 2:
         raise ValueError(volumetric_model_on_image(image_path, f"--image-size {' x '.join(map(str, image_size))}"))
     images = {path: read_image_file(path, *reading, max_pixels=max_pixels) for path in files}  # fails before any draw
@@ -410,8 +430,6 @@ def load_image_model(path: Path, checkpoint: str | Path | None, model: str | Non
     try:
         module, config, record = load_base_model(checkpoint, model, device=device, **options)
     except ValueError as error:  # a volumetric .pt2 fails the 2D reading of its input shape: say why
-        from medcert_core.single_volume import volumetric_program_shape
-
         shape = volumetric_program_shape(model, device)
         if shape is not None:
             raise ValueError(volumetric_model_on_image(path, f"--model {model}: its input is {shape}")) from error

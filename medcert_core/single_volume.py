@@ -57,6 +57,8 @@ from medcert_core.devices import resolve_device
 from medcert_core.io import error_gist, file_digest, write_atomically, write_json_atomically
 from medcert_core.models.volumetric import padded_to_size
 from medcert_core.single_image import (
+    exported_input_shape,
+    volumetric_program_shape,
     VOLUME_AXES,
     _label_png,
     _save_png,
@@ -83,18 +85,6 @@ def read_volume_file(path: Path, intensity: Intensity, max_pixels: int | None) -
     """A 3D NIfTI file -> ((1, D, H, W) float32 in [0, 1], the record of how its values were mapped)."""
     unit, mapping = read_nifti_unit_volume(path, intensity, max_pixels=max_pixels)
     return torch.from_numpy(unit[None]), mapping
-
-
-def exported_input_shape(module: torch.nn.Module) -> tuple[int | torch.SymInt, ...] | None:
-    """The input shape (B, C, *spatial) of a loaded torch.export program (an ``ExportedModule``), from its one
-    placeholder; a size the program leaves free is a ``torch.SymInt``. None for any other module."""
-    from medcert_core.models.external import ExportedModule
-
-    if not isinstance(module, ExportedModule):
-        return None
-    shapes = [tuple(node.meta["val"].shape) for node in module.program.graph.nodes
-              if node.op == "placeholder" and "val" in node.meta]
-    return shapes[0] if len(shapes) == 1 else None
 
 
 def axis_requirement(length: int | torch.SymInt) -> tuple[int | None, int]:
@@ -165,21 +155,6 @@ def probe_volume_classes(model: torch.nn.Module, size: Shape, batch: int, source
                          f"AXIS:INDEX") from error
     check_segmenter_output(logits, shape, None)
     return int(logits.shape[1])
-
-
-def volumetric_program_shape(model: str | None, device: str | torch.device) -> tuple | None:
-    """The (B, C, D, H, W) input shape of ``--model`` when it is a torch.export program taking volumes, else None
-    (also when it does not load: the caller's own error stands)."""
-    from medcert_core.models.external import load_model
-
-    if model is None or not Path(model).is_file():
-        return None
-    try:
-        loaded = load_model(model, device=device)[0]
-    except (ValueError, FileNotFoundError):
-        return None
-    shape = exported_input_shape(loaded)
-    return shape if shape is not None and len(shape) == 5 else None
 
 
 def load_volume_model(path: Path, volume: Shape, checkpoint: str | Path | None, model: str | None, *,
@@ -261,7 +236,7 @@ def certify_volume_file(path: str | Path, checkpoint: str | Path | None, denoise
     """Certify the whole volume of a 3D NIfTI file with a volumetric model (module doc); writes the label NIfTI,
     the overlays, the legend and the JSON, and returns the JSON's content.
 
-    Reached through :func:`medcert_core.single_image.certify_image_file`, which checks the parameters; the
+    Reached through :func:`medcert_core.single_file.certify_file`, which checks the parameters; the
     options mean what they mean there (seeds: from the OS's entropy unless given, each file's noise from (seed,
     sha256 of its bytes)). Every check (file, model, sizes, an n too small for the volume's voxels) runs before
     the first draw. The denoisers are 2D: ``denoiser`` must be ``none``.

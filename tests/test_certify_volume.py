@@ -26,7 +26,7 @@ from PIL import Image
 from medcert_core import ABSTAIN
 from medcert_core.__main__ import main
 from medcert_core.data.base import ImageTooLarge
-from medcert_core.single_image import certify_image_file
+from medcert_core.single_file import certify_file
 from medcert_core.single_volume import PaddedVolume
 from medcert_core.smoothing import SmoothedSegmenter
 from medcert_core.testing.medical_files import write_nifti
@@ -116,7 +116,7 @@ def test_a_volume_is_certified_whole_and_its_labels_keep_the_inputs_affine(tmp_p
     module, model = volume_model
     stored = stored_volume()
     path = write_nifti(tmp_path / "ct.nii.gz", stored, affine=AFFINE)
-    summary = certify_image_file(path, None, model=model, intensity=f"window:{CENTER:g},{WIDTH:g}",
+    summary = certify_file(path, None, model=model, intensity=f"window:{CENTER:g},{WIDTH:g}",
                                  output_dir=tmp_path / "out", **CERTIFY)
 
     expected = smoothed_labels(module, window_tensor(stored), summary["noise_seed"])
@@ -170,7 +170,7 @@ def test_a_model_that_needs_multiples_of_4_runs_on_the_volume_padded_inside_the_
     model = export(tmp_path, module, (1, 1, 8, 8, 12), "pooled.pt2", free)
     stored = stored_volume()
     path = write_nifti(tmp_path / "ct.nii.gz", stored, affine=AFFINE)
-    summary = certify_image_file(path, None, model=model, intensity=f"window:{CENTER:g},{WIDTH:g}",
+    summary = certify_file(path, None, model=model, intensity=f"window:{CENTER:g},{WIDTH:g}",
                                  output_dir=tmp_path / "out", **CERTIFY)
     padding = summary["file_to_tensor"]["padding"]
     assert padding["model_input_size"] == [8, 8, 12] and padding["appended_voxels"] == [2, 0, 2]
@@ -182,12 +182,12 @@ def test_a_model_that_needs_multiples_of_4_runs_on_the_volume_padded_inside_the_
     # a fixed-size program larger than the volume pads too; a volume larger than it is refused, never resized
     fixed = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(module, (torch.zeros(1, 1, 8, 8, 12),)), fixed)
-    summary = certify_image_file(path, None, model=str(fixed), output_dir=tmp_path / "fixed", **CERTIFY)
+    summary = certify_file(path, None, model=str(fixed), output_dir=tmp_path / "fixed", **CERTIFY)
     assert summary["file_to_tensor"]["padding"]["appended_voxels"] == [2, 0, 2]
     big = write_nifti(tmp_path / "big.nii.gz", stored_volume((6, 8, 16)))
     with pytest.raises(ValueError, match=r"takes volumes of 8 x 8 x 12 voxels and this one is 6 x 8 x 16 \(array "
                                          r"axis 2: 16 > 12\); volumes are never resized"):
-        certify_image_file(big, None, model=str(fixed), output_dir=tmp_path / "big", **CERTIFY)
+        certify_file(big, None, model=str(fixed), output_dir=tmp_path / "big", **CERTIFY)
 
 
 def test_a_2d_model_given_a_volume_and_a_3d_model_given_an_image_are_refused(tmp_path, volume_model):
@@ -197,12 +197,12 @@ def test_a_2d_model_given_a_volume_and_a_3d_model_given_an_image_are_refused(tmp
     with pytest.raises(ValueError, match=r"ct\.nii\.gz is a volume of shape 6 x 8 x 10 and the model takes 2D images "
                                          r"\(--model .*seg2d\.pt2: its input is .*\): pass --slice AXIS:INDEX .*or "
                                          r"give a 3D model"):
-        certify_image_file(volume, None, model=flat, output_dir=tmp_path, **CERTIFY)
+        certify_file(volume, None, model=flat, output_dir=tmp_path, **CERTIFY)
     with pytest.raises(ValueError, match=r"fails on a volume of shape \(1, 1, 6, 8, 10\).*pass --slice AXIS:INDEX"):
-        certify_image_file(volume, None, model="test_certify_volume:Conv2dSegmenter", output_dir=tmp_path,
+        certify_file(volume, None, model="test_certify_volume:Conv2dSegmenter", output_dir=tmp_path,
                            **CERTIFY)
     # with --slice the 2D model certifies one slice of the volume, as before
-    summary = certify_image_file(volume, None, model=flat, slice="0:3", output_dir=tmp_path / "slice",
+    summary = certify_file(volume, None, model=flat, slice="0:3", output_dir=tmp_path / "slice",
                                  **CERTIFY | {"n": 20, "alpha": 0.5})
     assert summary["file_to_tensor"]["slice"] == {"axis": 0, "index": 3}
 
@@ -212,9 +212,9 @@ def test_a_2d_model_given_a_volume_and_a_3d_model_given_an_image_are_refused(tmp
         options = {"slice": "0:2"} if given == volume else {}
         with pytest.raises(ValueError, match=r"the model takes volumes \(B, C, D, H, W\) \(--model .*seg3d\.pt2: its "
                                              r"input is .*\) and .* holds 2D images: give a 3D NIfTI volume"):
-            certify_image_file(given, None, model=model, output_dir=tmp_path, **CERTIFY, **options)
+            certify_file(given, None, model=model, output_dir=tmp_path, **CERTIFY, **options)
     with pytest.raises(ValueError, match=r"--image-size 6 x 8 x 10\) and .*x\.png holds 2D images"):
-        certify_image_file(image, None, model="test_certify_volume:Conv3dSegmenter", image_size=(6, 8, 10),
+        certify_file(image, None, model="test_certify_volume:Conv3dSegmenter", image_size=(6, 8, 10),
                            in_channels=1, output_dir=tmp_path, **CERTIFY)
 
 
@@ -225,20 +225,20 @@ def test_4d_data_a_volume_in_a_folder_and_what_cannot_certify_are_refused_before
     monkeypatch.setattr(SmoothedSegmenter, "certify", lambda *args, **kwargs: drawn.append(1))
     series = write_nifti(tmp_path / "series.nii.gz", np.zeros((*SHAPE, 2), np.int16))
     with pytest.raises(ValueError, match=r"series\.nii\.gz has shape \(6, 8, 10, 2\): expected a 3D volume.*4D data"):
-        certify_image_file(series, None, model=model, output_dir=tmp_path, **CERTIFY)
+        certify_file(series, None, model=model, output_dir=tmp_path, **CERTIFY)
     folder = tmp_path / "folder"
     folder.mkdir()
     write_nifti(folder / "ct.nii.gz", stored_volume())
     with pytest.raises(ValueError, match=r"ct\.nii\.gz is a volume: certify a volume on its own"):
-        certify_image_file(folder, None, model=model, output_dir=tmp_path, **CERTIFY)
+        certify_file(folder, None, model=model, output_dir=tmp_path, **CERTIFY)
     volume = folder / "ct.nii.gz"
     with pytest.raises(ValueError, match=r"n = 3 cannot certify any voxel of a 6 x 8 x 10 volume at tau = 0.75, "
                                          r"alpha = 0.01 \(Holm over 480 voxels\); use n >= \d+"):
-        certify_image_file(volume, None, model=model, output_dir=tmp_path, **CERTIFY | {"n": 3})
+        certify_file(volume, None, model=model, output_dir=tmp_path, **CERTIFY | {"n": 3})
     with pytest.raises(ImageTooLarge, match=r"declares 6 x 8 x 10 \(the NIfTI array's dimensions\) = 480 elements"):
-        certify_image_file(volume, None, model=model, max_pixels=479, output_dir=tmp_path, **CERTIFY)
+        certify_file(volume, None, model=model, max_pixels=479, output_dir=tmp_path, **CERTIFY)
     with pytest.raises(ValueError, match=r"--denoiser unet:.*the denoisers take 2D images"):
-        certify_image_file(volume, None, model=model, output_dir=tmp_path, **CERTIFY | {"denoiser": "unet:x"})
+        certify_file(volume, None, model=model, output_dir=tmp_path, **CERTIFY | {"denoiser": "unet:x"})
     assert not drawn and not list(tmp_path.glob("*_labels.nii.gz"))
 
 
@@ -251,7 +251,7 @@ def test_a_checkpoint_is_volumetric_when_its_image_size_is_d_h_w(tmp_path, monke
                                    class_names=("background", "a", "b"))
     monkeypatch.setattr(single_image, "load_segmenter", lambda *args, **kwargs: (module, config))
     volume = write_nifti(tmp_path / "ct.nii.gz", stored_volume())
-    summary = certify_image_file(volume, tmp_path / "unet3d.pt", output_dir=tmp_path / "out",
+    summary = certify_file(volume, tmp_path / "unet3d.pt", output_dir=tmp_path / "out",
                                  intensity=f"window:{CENTER:g},{WIDTH:g}", **CERTIFY)
     expected = smoothed_labels(module, window_tensor(stored_volume()), summary["noise_seed"])
     np.testing.assert_array_equal(np.asarray(nibabel.load(summary["labels_nifti"]).dataobj),
@@ -259,11 +259,11 @@ def test_a_checkpoint_is_volumetric_when_its_image_size_is_d_h_w(tmp_path, monke
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 10), np.uint8)).save(image)
     with pytest.raises(ValueError, match=r"image_size 6 x 8 x 10\) and .*x\.png holds 2D images"):
-        certify_image_file(image, tmp_path / "unet3d.pt", output_dir=tmp_path, **CERTIFY)
+        certify_file(image, tmp_path / "unet3d.pt", output_dir=tmp_path, **CERTIFY)
     flat = types.SimpleNamespace(in_channels=1, num_classes=2, image_size=(8, 10), class_names=("background", "a"))
     monkeypatch.setattr(single_image, "load_segmenter", lambda *args, **kwargs: (Conv2dSegmenter().eval(), flat))
     with pytest.raises(ValueError, match=r"image_size 8 x 10\): pass --slice AXIS:INDEX"):
-        certify_image_file(volume, tmp_path / "unet3d.pt", output_dir=tmp_path, **CERTIFY)
+        certify_file(volume, tmp_path / "unet3d.pt", output_dir=tmp_path, **CERTIFY)
 
 
 def test_a_trained_unet3d_checkpoint_certifies_a_smaller_volume_padded_to_its_size(tmp_path):
@@ -282,7 +282,7 @@ def test_a_trained_unet3d_checkpoint_certifies_a_smaller_volume_padded_to_its_si
                     progress=False, device="cpu")
     stored = (np.random.default_rng(3).random((4, 5, 5)) * 200).astype(np.float32)
     path = write_nifti(tmp_path / "mr.nii.gz", stored, affine=AFFINE)
-    summary = certify_image_file(path, checkpoint, output_dir=tmp_path / "out", intensity=f"window:{CENTER:g},{WIDTH:g}",
+    summary = certify_file(path, checkpoint, output_dir=tmp_path / "out", intensity=f"window:{CENTER:g},{WIDTH:g}",
                                  **CERTIFY)
     assert summary["file_to_tensor"]["padding"]["model_input_size"] == [5, 5, 5]
     assert summary["file_to_tensor"]["padding"]["appended_voxels"] == [1, 0, 0]

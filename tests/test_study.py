@@ -663,7 +663,7 @@ def test_differences_from_paper_state_settings_and_numbers():
     test_split = list(range(49))
     experiment = SimpleNamespace(profile="jsrt", image_size=128, dataset="jsrt", test_images=10, seed=0,
                                  training=training_spec("jsrt"),
-                                 data=SimpleNamespace(load=lambda split: test_split, image_size=128))
+                                 data=SimpleNamespace(dataset="jsrt", load=lambda split: test_split, image_size=128))
     text = paper.differences_from_paper(experiment, "ddpm:auto", frame[frame["method"] == "ours"], frame)
     assert "128 × 128 px instead of 512 × 512" in text
     assert "3000 steps, at 64 × 64 px, EMA weights (0.999), 50% of its timesteps near the study's t*" in text

@@ -25,10 +25,15 @@ def check_multiple(multiple: int) -> int:
     return multiple
 
 
+def rounded_up(spatial: tuple[int, ...], multiple: int) -> tuple[int, ...]:
+    """Each length of ``spatial`` rounded up to a multiple of ``multiple``: rounded_up((5, 8), 4) -> (8, 8)."""
+    return tuple(length + -length % multiple for length in spatial)
+
+
 def padding_to_multiple(spatial: tuple[int, ...], multiple: int) -> list[int]:
     """``F.pad``'s padding (last axis first, (before, after) each) that brings ``spatial`` to multiples of
     ``multiple``, all of it after the data: padding_to_multiple((5, 9), 4) -> [0, 3, 0, 3]."""
-    return padding_to_size(spatial, tuple(length + -length % multiple for length in spatial))
+    return padding_to_size(spatial, rounded_up(spatial, multiple))
 
 
 def padding_to_size(spatial: tuple[int, ...], size: tuple[int, ...]) -> list[int]:
@@ -50,7 +55,7 @@ def padded_to_size(network: nn.Module, batch: torch.Tensor, size: tuple[int, ...
 def padded_forward(network: nn.Module, batch: torch.Tensor, multiple: int) -> torch.Tensor:
     """``network`` on ``batch`` (B, C, *spatial) zero-padded to multiples of ``multiple``, its output
     (B, K, *padded) cropped back to (B, K, *spatial)."""
-    return padded_to_size(network, batch, tuple(length + -length % multiple for length in batch.shape[2:]))
+    return padded_to_size(network, batch, rounded_up(tuple(batch.shape[2:]), multiple))
 
 
 class PadToMultiple(nn.Module):

@@ -277,7 +277,7 @@ def test_hippocampus_float_labels_are_rounded(hippocampus):
         assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == {0, 1, 2}
 
 
-def test_2d_architectures_and_the_study_refuse_volumes_with_a_clear_error(tmp_path):
+def test_2d_architectures_refuse_volumes_and_the_study_unknown_datasets_with_a_clear_error(tmp_path):
     from medcert_core.study.settings import check_setting
     from medcert_core.training import train_segmenter
 
@@ -285,5 +285,5 @@ def test_2d_architectures_and_the_study_refuse_volumes_with_a_clear_error(tmp_pa
     with pytest.raises(ValueError, match=r"architecture 'unet' does not fit this dataset, which gives volumes "
                                          r"\(C, D, H, W\) of shape \(1, 5, 5, 5\); volumetric architectures: unet3d"):
         train_segmenter(volumes, volumes, epochs=1, progress=False)
-    with pytest.raises(ValueError, match="parameter 'dataset': unknown value 'hippocampus'"):
-        check_setting("dataset", "hippocampus")
+    with pytest.raises(ValueError, match="parameter 'dataset': unknown value 'hippocampus3d'"):
+        check_setting("dataset", "hippocampus3d")

@@ -85,6 +85,18 @@ DATASET_CHAPTERS: dict[str, DatasetChapterText] = {
             "The paper certifies it with OpenAI's 256×256 ADM as its denoiser; this chapter with the denoiser "
             "in the settings table. Our copy of the paper garbles Table 3's σ / R column; the three rows are read "
             "as σ = 0.25 / 0.5 / 1.0.")),
+    "hippocampus": DatasetChapterText(
+        title="Hippocampus MRI: certified volumetric segmentation",
+        about=("The step the paper names as its future work: certified segmentation of whole 3D volumes. The Medical "
+               "Segmentation Decathlon's Task04 (`../shared/data/hippocampus/README.md`): 260 T1-weighted MRI "
+               "volumes cropped around one hippocampus, 1 mm voxels, anterior and posterior hippocampus labelled. "
+               "Split by case into 182 / 26 / 52 volumes (train / validation / test); every volume is mapped to "
+               "[0, 1] by one intensity window per storage group, chosen on the training split (the Datasets "
+               "chapter), and padded to 43 × 59 × 47 voxels, the largest extent of each axis; the noise covers "
+               "every voxel of the padded volume, the metrics count the real voxels only."),
+        paper_tables=(),
+        differences=("The paper certifies 2D images only and reports no volume; its closing sentence names 3D "
+                     "imaging as future work. Nothing here sits beside a number of the paper.")),
 }
 
 

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from medcert_core.checks import check_parameter
-from medcert_core.data import IMAGE_DATASET_NAMES, load_dataset
+from medcert_core.data import DATASET_NAMES, load_dataset
 from medcert_core.data.base import dataset_digest
 from medcert_core.denoisers import DDPM_PRESETS, parse_spec
 from medcert_core.devices import PRECISION_CHOICES, resolve_precision
 from medcert_core.io import USER_CACHE
-from medcert_core.models import IMAGE_ARCHITECTURES
+from medcert_core.models import ARCHITECTURES
 from medcert_core.smoothing import check_batch_size, compile_mode
 from medcert_core.training import PRESETS
 
@@ -48,7 +48,7 @@ class DataSpec:
 
     dataset: str
     data_root: str | None
-    image_size: int | tuple[int, int]
+    image_size: int | tuple[int, ...]
     seed: int = 0
     split_block: int = 0
 
@@ -270,9 +270,9 @@ def _check_training(overrides: Any) -> None:
 SETTINGS: dict[str, Setting] = {
     # data
     "profile": Setting("quick", (str,), "training budget: quick | jsrt | smoke | paper", choices=sorted(PROFILES)),
-    "dataset": Setting("phantom", (str,), "dataset name", choices=IMAGE_DATASET_NAMES),
+    "dataset": Setting("phantom", (str,), "dataset name", choices=DATASET_NAMES),
     "data_root": Setting(None, None, "dataset folder (None for the embedded phantoms)"),
-    "image_size": Setting(64, (int, list), "square input size in pixels, or [H, W]"),
+    "image_size": Setting(64, (int, list), "square input size in pixels, or [H, W]; volumes: padded [D, H, W]"),
     "test_images": Setting(3, (int, NONE), "first N test images (None: the whole test split)"),
     "seed": Setting(0, (int,), "split, noise and training seed (training_seeds repeat the training)"),
     # the certificate
@@ -304,9 +304,10 @@ SETTINGS: dict[str, Setting] = {
 
 # A chapter's own settings: named in the templates that have them (their defaults are the templates').
 CHAPTER_SETTINGS: dict[str, Setting] = {
-    # the chapters certify 2D images: the volumetric architectures are for `medcert train` and the API
-    "archs": Setting(["unet"], (list,), "Table 1 rows, one per architecture", choices=IMAGE_ARCHITECTURES),
-    "arch": Setting("unet", (str,), "architecture", choices=IMAGE_ARCHITECTURES),
+    # 2D architectures for image datasets, volumetric ones (unet3d, <arch>-slicewise) for volume datasets: training
+    # refuses a mismatch (training.check_architecture_fits)
+    "archs": Setting(["unet"], (list,), "Table 1 rows, one per architecture", choices=ARCHITECTURES),
+    "arch": Setting("unet", (str,), "architecture", choices=ARCHITECTURES),
     "denoiser": Setting("ddpm:auto", (str,), "ddpm:auto (trained here) | ddpm:<folder> | guided-diffusion:<file.pt> | "
                         "unet:<folder> | ffdnet:<file.pth> | none", check=_check_denoiser_spec),
     "unet_denoiser": Setting("unet:auto", (str,), "unet:auto | unet:<folder with {sigma}>", check=_check_denoiser_spec),

@@ -107,7 +107,32 @@ def show(item) -> None:
     display({"application/vnd.plotly.v1+json": json.loads(item.to_json()), "text/html": html}, raw=True)
 
 
-def abstention_figure(experiment, arch: str, methods: Sequence):
+def volume_slices(panels: dict[float, dict[str, np.ndarray]], axis: int,
+                  image_index: int = 0) -> tuple[dict[float, dict[str, np.ndarray]], int]:
+    """Volume panels cut to one slice: ``panels`` {sigma: {"noisy": (N, C, D, H, W), "target": (N, D, H, W),
+    <title>: (N, D, H, W)}} -> the same keys with 2D slices ((N, C, h, w) and (N, h, w)) along spatial ``axis``
+    (0: D, 1: H, 2: W), and the slice's index: the one holding the most foreground voxels (target > 0) of volume
+    ``image_index``'s ground truth, the same at every sigma."""
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2 (D, H, W), got {axis!r}")
+    target = next(iter(panels.values()))["target"][image_index]
+    if target.ndim != 3:
+        raise ValueError(f"expected volume panels (targets (N, D, H, W)), got a target of shape {target.shape}")
+    other_axes = tuple(a for a in range(3) if a != axis)
+    index = int(np.argmax((target > 0).sum(axis=other_axes)))
+    return {sigma: {key: np.take(maps, index, axis=maps.ndim - 3 + axis) for key, maps in panel.items()}
+            for sigma, panel in panels.items()}, index
+
+
+def abstention_figure(experiment, arch: str, methods: Sequence, axis: int = 0):
     """The paper's Figure 1 for the first test image of a chapter's ``experiment``: noisy input, ground
-    truth, each method's labels per sigma (abstained pixels white)."""
-    return abstention_maps(experiment.abstention_panels(arch, methods), [method.label for method in methods])
+    truth, each method's labels per sigma (abstained pixels white). A volume is cut along spatial ``axis``
+    at its slice with the most ground-truth foreground (:func:`volume_slices`), named in the title."""
+    panels = experiment.abstention_panels(arch, methods)
+    titles = [method.label for method in methods]
+    if next(iter(panels.values()))["target"].ndim == 3:  # (N, H, W): images
+        return abstention_maps(panels, titles)
+    cut, index = volume_slices(panels, axis)
+    figure = abstention_maps(cut, titles)
+    figure.update_layout(title_text=f"slice {index} of axis {'DHW'[axis]} ({arch})", margin={"t": 60})
+    return figure

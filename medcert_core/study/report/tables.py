@@ -6,7 +6,9 @@ per class certified Dice, IoU and % abstain; ``radius_curve_table`` the radius c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -199,3 +201,17 @@ def paired_table(differences: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     table = table.reindex(columns=order)
     table.columns.name = None
     return table.sort_index()
+
+
+def benchmark_table(path: str | Path, index: Sequence[str] = ("architecture", "method")) -> pd.DataFrame:
+    """The ``rows`` of a committed benchmark JSON (``path`` relative to the project root, e.g.
+    ``benchmarks/results/bench_volume_certify.json``) as a table indexed by ``index``, without list-valued
+    columns; its caption-worthy context (machine, load, commit) stays in the JSON."""
+    from medcert_core.study.experiment import project_root
+
+    path = Path(path) if Path(path).is_absolute() else project_root() / path
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark results at {path}: run the benchmark script that writes it")
+    rows = pd.DataFrame(json.loads(path.read_text())["rows"])
+    listed = [column for column in rows if rows[column].map(lambda value: isinstance(value, list)).any()]
+    return rows.drop(columns=listed).set_index(list(index))

@@ -1,0 +1,84 @@
+"""Benchmark: seconds to certify one hippocampus MRI volume (n0 = 10, n = 100) with models already loaded.
+
+The hippocampus chapter's own runs (``grids/hippocampus.yaml``, the models it trained, which must be in the
+model cache: run the grid first), one sigma, on its first test volumes: per (architecture, method) the median
+seconds of the whole per-volume step a run takes (every draw through denoiser and segmenter, the counts, the
+certificate at every tau of the radius curve), and the ratio to SegCertify's 3D U-Net (no denoiser). Run it on a
+quiet machine: the JSON records the CPU, threads, load before and after, and the commit.
+
+    python benchmarks/bench_volume_certify.py                     # sigma 0.5, 3 volumes
+    python benchmarks/bench_volume_certify.py --volumes 5 --sigma 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cpu_precision, when run as a script
+from bench_cpu_precision import machine  # noqa: E402
+
+from medcert_core.devices import resolve_device  # noqa: E402
+from medcert_core.io import write_json_atomically  # noqa: E402
+from medcert_core.smoothing import image_seed  # noqa: E402
+from medcert_core.study.runs.run import certified_labels, smoothed_segmenter  # noqa: E402
+from medcert_core.study.workflow import chapter_runs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "grids" / "hippocampus.yaml"
+DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+OUTPUT = ROOT / "benchmarks" / "results" / "bench_volume_certify.json"
+
+
+def seconds_per_volume(run, cache: Path, volumes: int) -> list[float]:
+    """Seconds of each of the first ``volumes`` test volumes' certification step (models loaded first)."""
+    device = resolve_device("cpu")
+    smoothed, config = smoothed_segmenter(run, cache, device)
+    test_set = run.data.load("test")
+    seconds = []
+    for index in range(volumes):
+        volume, _ = test_set[index]
+        generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
+        start = time.perf_counter()
+        certified_labels(run, *smoothed.counts(volume, run.n0, run.n, generator=generator), config.num_classes)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--volumes", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    experiment, runs = chapter_runs(GRID, data_root=str(DATA), device="cpu")
+    chosen = [run for run in runs if run.sigma == args.sigma]
+    rows = []
+    for run in chosen:
+        seconds = seconds_per_volume(run, experiment.cache_path, args.volumes)
+        rows.append({"architecture": run.arch, "method": run.method.label, "sigma": run.sigma,
+                     "seconds per volume (median)": round(statistics.median(seconds), 2),
+                     "seconds (each volume)": [round(value, 2) for value in seconds]})
+        print(rows[-1], flush=True)
+    baseline = next(row for row in rows if row["method"] == "SegCertify")["seconds per volume (median)"]
+    for row in rows:
+        row["ratio to SegCertify"] = round(row["seconds per volume (median)"] / baseline, 2)
+    first = chosen[0]
+    result = {"what": __doc__.split("\n\n")[0], "grid": str(GRID.relative_to(ROOT)), "n0": first.n0, "n": first.n,
+              "volume voxels (padded)": list(first.data.image_size), "precision": first.precision,
+              "machine": machine(), "load_average_before": [round(v, 2) for v in load_before],
+              "load_average_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
+    write_json_atomically(args.output, result)
+    print(f"-> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -113,6 +113,23 @@ def test_grayscale_is_fed_as_three_replicated_channels(random_ffdnet):
     assert np.abs(output[0, 0].numpy() - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("sigma", [0.1, 0.5])  # inside the trained range, and box-shrunk above it
+def test_a_volume_is_denoised_slice_by_slice_as_each_slice_alone(random_ffdnet, sigma):
+    """(B, C, D, H, W): every D-slice denoised as the 2D image it is, whatever its neighbours."""
+    volumes = torch.rand(2, 1, 3, 8, 6, generator=torch.Generator().manual_seed(4))
+    denoiser = load_denoiser(f"ffdnet:{random_ffdnet}", sigma)
+    with torch.no_grad():
+        output = denoiser(volumes)
+        assert output.shape == volumes.shape
+        for item in range(2):
+            for depth in range(3):
+                alone = denoiser(volumes[item:item + 1, :, depth])
+                assert (output[item, :, depth] - alone[0]).abs().max() < 1e-6
+        changed = volumes.clone()
+        changed[:, :, 0] = 0.5  # another first slice leaves the others' outputs as they were
+        assert torch.equal(denoiser(changed)[:, :, 1:], output[:, :, 1:])
+
+
 @pytest.mark.skipif(not SHARED_FFDNET.is_file(), reason="the shared FFDNet weights are not on this machine")
 def test_the_published_network_denoises_a_smooth_image():
     """The real file removes most of the noise of a smooth colour image at sigma 25/255 and 0.5."""

@@ -112,7 +112,9 @@ class FFDNetDenoiser(torch.nn.Module):
     [0, 1]. Above: the batch is resized by the smallest integer k with sigma / k <= 75/255 (``shrink``
     "box": box average where k divides the size, bilinear otherwise, as DiffusionDenoiser does), denoised
     at the resized noise's std and resized back; ``shrink="none"`` denoises at full resolution at sigma.
-    C = 3 goes in as it is; C = 1 is replicated to 3 channels and the output averaged back.
+    C = 3 goes in as it is; C = 1 is replicated to 3 channels and the output averaged back. A volume batch
+    (B, C, D, H, W) is denoised slice by slice along D, each slice on its own (FFDNet is a 2D network): one
+    deterministic function of the whole volume, so a valid part of a volumetric base model.
     """
 
     def __init__(self, network: FFDNet, sigma: float, shrink: str = "box") -> None:
@@ -138,6 +140,10 @@ class FFDNetDenoiser(torch.nn.Module):
         return self.sigma * resize_noise_factor(tuple(size), target, self.shrink)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        if noisy.dim() == 5:  # volumes: the B * D slices as one batch of images
+            batch, channels, depth, height, width = noisy.shape
+            slices = noisy.movedim(2, 1).reshape(batch * depth, channels, height, width)
+            return self.forward(slices).reshape(batch, depth, channels, height, width).movedim(1, 2)
         channels = noisy.shape[1]
         if channels not in (1, 3):
             raise ValueError(f"FFDNet denoises RGB (3 channels) or grayscale (1) batches, got {channels} channels")

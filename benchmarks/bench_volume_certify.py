@@ -1,10 +1,16 @@
-"""Benchmark: seconds to certify one hippocampus MRI volume (n0 = 10, n = 100) with models already loaded.
+"""Benchmark: seconds to certify one hippocampus MRI volume (n0 = 10, n = 100) with models already loaded, and
+seconds per training step of the 3D networks the chapter could train.
 
 The hippocampus chapter's own runs (``grids/hippocampus.yaml``, the models it trained, which must be in the
 model cache: run the grid first), one sigma, on its first test volumes: per (architecture, method) the median
 seconds of the whole per-volume step a run takes (every draw through denoiser and segmenter, the counts, the
 certificate at every tau of the radius curve), and the ratio to SegCertify's 3D U-Net (no denoiser). Run it on a
 quiet machine: the JSON records the CPU, threads, load before and after, and the commit.
+
+The training part (``training_rows``): one AdamW step on 16 random volumes of the padded hippocampus size under the
+chapter's bf16 autocast, median of 3 after one warm-up, for the 3D DDPM of the tiny preset, the 3D UNet denoiser
+at its widths and at the wider ones it had before, and the chapter's 3D U-Net segmenter: what decided which
+denoiser the chapter trains.
 
     python benchmarks/bench_volume_certify.py                     # sigma 0.5, 3 volumes
     python benchmarks/bench_volume_certify.py --volumes 5 --sigma 1.0
@@ -51,6 +57,51 @@ def seconds_per_volume(run, cache: Path, volumes: int) -> list[float]:
     return seconds
 
 
+def seconds_per_training_step(network: torch.nn.Module, forward, size: tuple[int, ...], batch: int = 16,
+                              repeats: int = 3) -> float:
+    """Median seconds of one AdamW step (bf16 autocast, fp32 weights) on ``batch`` random volumes of ``size``."""
+    generator = torch.Generator().manual_seed(0)
+    volumes = torch.rand(batch, 1, *size, generator=generator)
+    optimiser = torch.optim.AdamW(network.parameters(), 1e-3)
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = forward(network, volumes)
+        output.float().pow(2).mean().backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
+
+
+def training_rows(size: tuple[int, ...]) -> list[dict]:
+    """Seconds per training step of 16 volumes for each 3D network the chapter could train."""
+    from medcert_core.denoisers.training import DDPM_PRESETS
+    from medcert_core.denoisers.unet_denoiser import DEFAULT_MODEL_KWARGS, VOLUME_ARCH
+    from medcert_core.denoisers.volume_ddpm import VolumeDiffusionUNet
+    from medcert_core.models import create_model
+    from medcert_core.training import preset_model
+
+    torch.manual_seed(0)
+    timesteps = torch.randint(0, 1000, (16,))
+    before = {"channels": (16, 32, 64, 128), "strides": (1, 2, 2), "num_res_units": 2}
+    networks = {
+        "3D DDPM, tiny preset (noise prediction)": (VolumeDiffusionUNet(1, 1, **DDPM_PRESETS["tiny"]["volume_unet"]),
+                                                     lambda net, x: net(x, timesteps).sample),
+        "3D UNet denoiser, the chapter's widths": (create_model(VOLUME_ARCH, 1, 1, **DEFAULT_MODEL_KWARGS[VOLUME_ARCH]),
+                                                   lambda net, x: net(x)),
+        "3D UNet denoiser, the earlier widths": (create_model(VOLUME_ARCH, 1, 1, **before), lambda net, x: net(x)),
+        "3D U-Net segmenter, tiny preset": (preset_model("tiny", "unet3d", 1, 3), lambda net, x: net(x)),
+    }
+    rows = []
+    for name, (network, forward) in networks.items():
+        rows.append({"network": name, "weights": sum(p.numel() for p in network.parameters()),
+                     "seconds per step of 16 volumes": round(seconds_per_training_step(network, forward, size), 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sigma", type=float, default=0.5)
@@ -75,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
               "volume voxels (padded)": list(first.data.image_size), "precision": first.precision,
               "machine": machine(), "load_average_before": [round(v, 2) for v in load_before],
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
+    result["training_rows"] = training_rows(tuple(first.data.image_size))
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     write_json_atomically(args.output, result)
     print(f"-> {args.output}")
     return 0

@@ -58,6 +58,8 @@ def test_the_chapter_settings_take_a_volume_dataset_and_volumetric_architectures
 
 def test_a_volume_chapter_certifies_every_architecture_and_compares_ours_with_segcertify(chapter):
     assert chapter.experiment.data.tag == "hippocampus_10x10x11"
+    settings = chapter.experiment.settings_table()["value"]
+    assert settings["certified input space"] == "[0, 1]^(1×10×10×11)"  # every voxel of the padded volume
     test_volumes = len(chapter.experiment.data.load("test"))
     per_arch = chapter.per_arch()
     assert set(per_arch["arch"]) == {"unet3d", "resunetpp-slicewise"}
@@ -97,12 +99,13 @@ def test_volume_slices_cut_every_map_at_one_slice_and_refuse_images():
 
 def test_the_benchmark_table_reads_the_rows_without_lists_and_names_a_missing_file(tmp_path):
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"machine": {"cpu": "x"}, "rows": [
+    path.write_text(json.dumps({"machine": {"cpu": "x"}, "training_rows": [{"network": "ddpm", "seconds": 3.0}], "rows": [
         {"architecture": "unet3d", "method": "SegCertify", "seconds per volume (median)": 2.0, "seconds (each volume)": [2.0]},
         {"architecture": "unet3d", "method": "ours (unet)", "seconds per volume (median)": 7.0, "seconds (each volume)": [7.0]},
     ]}))
     table = study.benchmark_table(path)
     assert table.loc[("unet3d", "ours (unet)"), "seconds per volume (median)"] == 7.0
     assert list(table.columns) == ["seconds per volume (median)"]
+    assert study.benchmark_table(path, index=["network"], key="training_rows").loc["ddpm", "seconds"] == 3.0
     with pytest.raises(FileNotFoundError, match="no benchmark results at .*missing.json"):
         study.benchmark_table(tmp_path / "missing.json")

@@ -207,7 +207,7 @@ class Experiment:
             "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
             "precision", "training precision",
         ], "value": [
-            self.dataset, f"[0, 1]^({image.shape[0]}×{image.shape[1]}×{image.shape[2]})",
+            self.dataset, f"[0, 1]^({'×'.join(map(str, image.shape))})",
             f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
             str(resolve_device(self.device)), resolve_precision(self.precision, self.device)

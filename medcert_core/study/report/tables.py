@@ -203,8 +203,9 @@ def paired_table(differences: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     return table.sort_index()
 
 
-def benchmark_table(path: str | Path, index: Sequence[str] = ("architecture", "method")) -> pd.DataFrame:
-    """The ``rows`` of a committed benchmark JSON (``path`` relative to the project root, e.g.
+def benchmark_table(path: str | Path, index: Sequence[str] = ("architecture", "method"),
+                    key: str = "rows") -> pd.DataFrame:
+    """The list ``key`` of a committed benchmark JSON (``path`` relative to the project root, e.g.
     ``benchmarks/results/bench_volume_certify.json``) as a table indexed by ``index``, without list-valued
     columns; its caption-worthy context (machine, load, commit) stays in the JSON."""
     from medcert_core.study.experiment import project_root
@@ -212,6 +213,6 @@ def benchmark_table(path: str | Path, index: Sequence[str] = ("architecture", "m
     path = Path(path) if Path(path).is_absolute() else project_root() / path
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark results at {path}: run the benchmark script that writes it")
-    rows = pd.DataFrame(json.loads(path.read_text())["rows"])
+    rows = pd.DataFrame(json.loads(path.read_text())[key])
     listed = [column for column in rows if rows[column].map(lambda value: isinstance(value, list)).any()]
     return rows.drop(columns=listed).set_index(list(index))

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
     result["training_rows"] = training_rows(tuple(first.data.image_size))
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    write_json_atomically(args.output, result)
+    write_json_atomically(result, args.output)
     print(f"-> {args.output}")
     return 0
 

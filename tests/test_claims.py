@@ -348,6 +348,48 @@ def lung_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]) -
     ]
 
 
+HIPPOCAMPUS, VOLUME_BENCH = "book/hippocampus.ipynb", "benchmarks/results/bench_volume_certify.json"
+VOLUME_OURS = "ours (unet)"
+
+
+def hippocampus_claims() -> list[Claim]:
+    """The hippocampus section of results/README.md: certified anterior / posterior Dice and whole-volume abstention
+    per model and sigma, the plain Dice, the paired differences, the validation Dice and the benchmark's seconds."""
+    def row(label: str, method: str, arch: str, code: str) -> Claim:
+        return Claim(RESULTS, f"| {label} | {{}} / {{}}, {{}} % | {{}} / {{}}, {{}} % | {{}} / {{}}, {{}} % |", HIPPOCAMPUS,
+                     tuple(cell(method, arch, sigma, column=column, code=code)
+                           for sigma in SIGMAS for column in (4, 7, 10)))
+
+    def differences(label: str, arch: str, column: int, code: str) -> Claim:
+        return Claim(RESULTS, f"| {label} | {{}} | {{}} | {{}} |", HIPPOCAMPUS,
+                     tuple(cell(arch, VOLUME_OURS, sigma, column=column, spec="minus", code=code) for sigma in SIGMAS))
+
+    bench = lambda arch, method: at("rows", {"architecture": arch, "method": method}, "seconds per volume (median)")
+    step = lambda network: at("training_rows", {"network": network}, "seconds per step of 16 volumes")
+    best = lambda arch, noise: at("segmenters", {"arch": arch, "noise_sigma": noise}, "best_val_dice", spec=".3f")
+    plain = lambda noise, column: cell(f"plain (noise {noise})", "unet3d", "0.00", column=column,
+                                       code="paper_table(comparison)")
+    return [
+        row("ours, 3D U-Net", VOLUME_OURS, "unet3d", "paper_table(per_arch)"),
+        row("ours, 2D U-Net slice by slice", VOLUME_OURS, "unet-slicewise", "paper_table(per_arch)"),
+        row("SegCertify, 3D U-Net", "SegCertify", "unet3d", "paper_table(comparison)"),
+        differences("ours − SegCertify, 3D U-Net, anterior", "unet3d", 3, "ours_against_segcertify"),
+        differences("the same, posterior", "unet3d", 4, "ours_against_segcertify"),
+        differences("slice by slice − 3D U-Net (ours), anterior", "unet-slicewise", 3, "architectures_against_first"),
+        differences("the same, posterior", "unet-slicewise", 4, "architectures_against_first"),
+        Claim(RESULTS, "Plain Dice on the clean test volumes, 3D U-Net: {} / {} (trained without noise), {} / {}",
+              HIPPOCAMPUS, (plain("0", 4), plain("0", 7), plain("0.25", 4), plain("0.25", 7))),
+        Claim(RESULTS, "takes {} s per volume for SegCertify's 3D U-Net, {} s for ours with the 3D U-Net and {} s with "
+                       "the 2D U-Net slice by slice", VOLUME_BENCH,
+              (bench("unet3d", "SegCertify"), bench("unet3d", VOLUME_OURS), bench("unet-slicewise", VOLUME_OURS))),
+        Claim(RESULTS, "a training step of the tiny 3D DDPM costs {} s against {} s for the UNet denoiser", VOLUME_BENCH,
+              (step("3D DDPM, tiny preset (noise prediction)"), step("3D UNet denoiser, the chapter's widths"))),
+        Claim(RESULTS, "validation Dice: 3D U-Net {}, the 2D U-Net slice by slice {}, the noise-trained 3D U-Net {}",
+              "results/hippocampus_segmenters_val.json",
+              (best("unet3d", 0.0), best("unet-slicewise", 0.0), best("unet3d", 0.25))),
+    ]
+
+
 def calc_from(value: Value, transform: Callable[[str], str]) -> Value:
     """``value``'s printed texts, each transformed (e.g. the mean alone of "+1.9 [+1.8, +2.2]")."""
     return lambda data: frozenset(transform(text) for text in value(data))
@@ -785,6 +827,7 @@ CLAIMS: list[Claim] = [
                                       "deeplabv2": ("0.93", "0.91", "0.85")}),
     *lung_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
                                     "deeplabv2": ("0.80", "0.34", "0.04")}),
+    *hippocampus_claims(),
     Claim(RESULTS, "same ResUNet++ on the 27 test images, FFDNet minus the set's DDPM in certified lung Dice is {} / {} / {} "
                    "at sigma 0.25 / 0.5 / 1.0, and it abstains on {} / {} / {} more points", MONTGOMERY,
           tuple(cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus", code="other_denoisers_against_ours")

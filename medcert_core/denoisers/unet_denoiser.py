@@ -22,8 +22,8 @@ IMAGE_ARCH, VOLUME_ARCH = "unet", "unet3d"
 DEFAULT_MODEL_KWARGS: dict[str, dict[str, Any]] = {  # train_unet_denoiser's widths per architecture
     IMAGE_ARCH: {"encoder_name": "resnet18", "decoder_channels": (128, 64, 32, 16, 8)},
     # full resolution at the top level (stride 1: a denoiser needs it), 8 channels there and one residual unit per
-    # level: 0.56 M weights, 2.2 s per training step of 16 hippocampus volumes under bf16 on this CPU against 4.6 s
-    # for (16, 32, 64, 128) with two units (1.2 M), 0.8 s against 1.9 s per forward pass of 16
+    # level: 0.56 M weights, half the seconds per training step of 16 hippocampus volumes under bf16 on this CPU of
+    # (16, 32, 64, 128) with two units (1.2 M): benchmarks/results/bench_volume_certify.json
     VOLUME_ARCH: {"channels": (8, 32, 64, 128), "strides": (1, 2, 2), "num_res_units": 1},
 }
 

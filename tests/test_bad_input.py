@@ -381,7 +381,8 @@ UNKNOWN_NAMES = {
     # name: (API call, its message, CLI arguments or None, CLI message, grid parameters or None, grid message)
     "arch": (lambda: create_model("vgg", 3, 2), "unknown architecture 'vgg'; valid names: unet, resunetpp, deeplabv2",
              ["train", "--arch", "vgg", "--checkpoint", "x.pt"], "argument --arch: invalid choice: 'vgg'",
-             {"archs": ["vgg"]}, "parameter 'archs': unknown value ['vgg']; valid: ['unet', 'resunetpp', 'deeplabv2']"),
+             {"archs": ["vgg"]}, "parameter 'archs': unknown value ['vgg']; valid: ['unet', 'resunetpp', 'deeplabv2', 'unet3d', "
+             "'unet-slicewise', 'resunetpp-slicewise', 'deeplabv2-slicewise']"),
     "denoiser": (lambda: load_denoiser("diffusion:x.pt", 0.5),
                  "denoiser spec must be 'none' or one of ddpm:<folder>, guided-diffusion:<file.pt>, unet:<folder>, ffdnet:<file.pth>; "
                  "got 'diffusion:x.pt'",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from medcert_core.denoisers.diffusion import resize, resize_noise_factor
 from medcert_core.io import load_weights
+from medcert_core.models.volumetric import per_slice
 
 FEATURES = 96
 LAYERS = 12
@@ -141,9 +142,7 @@ class FFDNetDenoiser(torch.nn.Module):
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         if noisy.dim() == 5:  # volumes: the B * D slices as one batch of images
-            batch, channels, depth, height, width = noisy.shape
-            slices = noisy.movedim(2, 1).reshape(batch * depth, channels, height, width)
-            return self.forward(slices).reshape(batch, depth, channels, height, width).movedim(1, 2)
+            return per_slice(self.forward, noisy)
         channels = noisy.shape[1]
         if channels not in (1, 3):
             raise ValueError(f"FFDNet denoises RGB (3 channels) or grayscale (1) batches, got {channels} channels")

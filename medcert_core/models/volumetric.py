@@ -11,6 +11,8 @@ volumetric base model (one deterministic function of the whole volume).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +72,14 @@ class PadToMultiple(nn.Module):
         return padded_forward(self.network, batch, self.multiple)
 
 
+def per_slice(function: Callable[[torch.Tensor], torch.Tensor], volumes: torch.Tensor) -> torch.Tensor:
+    """``function`` (a 2D batch (N, C, H, W) -> (N, K, H, W)) on every D-slice of ``volumes`` (B, C, D, H, W),
+    the B * D slices as one batch, its outputs stacked back to (B, K, D, H, W)."""
+    batch, channels, depth, height, width = volumes.shape
+    outputs = function(volumes.movedim(2, 1).reshape(batch * depth, channels, height, width))
+    return outputs.reshape(batch, depth, -1, height, width).movedim(1, 2)
+
+
 class SliceWise(nn.Module):
     """A 2D segmenter (B, C, H, W) -> (B, K, H, W) applied to each D-slice of a volume batch
     (B, C, D, H, W), its logits stacked to (B, K, D, H, W).
@@ -87,7 +97,4 @@ class SliceWise(nn.Module):
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         if volumes.dim() != 5:
             raise ValueError(f"SliceWise segments volume batches (B, C, D, H, W), got shape {tuple(volumes.shape)}")
-        batch, channels, depth, height, width = volumes.shape
-        slices = volumes.movedim(2, 1).reshape(batch * depth, channels, height, width)
-        logits = padded_forward(self.model2d, slices, self.multiple)
-        return logits.reshape(batch, depth, -1, height, width).movedim(1, 2)
+        return per_slice(lambda slices: padded_forward(self.model2d, slices, self.multiple), volumes)

@@ -32,8 +32,7 @@ from bench_cpu_precision import machine  # noqa: E402
 
 from medcert_core.devices import resolve_device  # noqa: E402
 from medcert_core.io import write_json_atomically  # noqa: E402
-from medcert_core.smoothing import image_seed  # noqa: E402
-from medcert_core.study.runs.run import certified_labels, smoothed_segmenter  # noqa: E402
+from medcert_core.study.runs.run import certify_image, smoothed_segmenter  # noqa: E402
 from medcert_core.study.workflow import chapter_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +49,8 @@ def seconds_per_volume(run, cache: Path, volumes: int) -> list[float]:
     seconds = []
     for index in range(volumes):
         volume, _ = test_set[index]
-        generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
         start = time.perf_counter()
-        certified_labels(run, *smoothed.counts(volume, run.n0, run.n, generator=generator), config.num_classes)
+        certify_image(run, smoothed, volume, test_set.ids[index], config.num_classes)
         seconds.append(time.perf_counter() - start)
     return seconds
 

@@ -257,11 +257,17 @@ def certify_images(run: CertificationRun, cache: Path, *, device: str | torch.de
         if smoothed is None:
             labels, certificates = predict_batch(model, image[None].to(device))[0].cpu(), None
         else:
-            generator = torch.Generator(device=device).manual_seed(image_seed(run.data.seed, test_set.ids[index]))
-            labels, certificates = certified_labels(run, *smoothed.counts(image, run.n0, run.n, generator=generator),
-                                                    config.num_classes)
+            labels, certificates = certify_image(run, smoothed, image, test_set.ids[index], config.num_classes)
         record_image(result, run, index, test_set, labels, certificates, time.perf_counter() - start)
     return result
+
+
+def certify_image(run: CertificationRun, smoothed: SmoothedSegmenter, image: torch.Tensor, image_id: Any,
+                  num_classes: int) -> tuple[torch.Tensor, list[Certificate]]:
+    """One test image's certified labels and curve certificates, from the noise of its own generator
+    (seeded from the run's seed and ``image_id``, on the smoother's device)."""
+    generator = torch.Generator(device=smoothed.device).manual_seed(image_seed(run.data.seed, image_id))
+    return certified_labels(run, *smoothed.counts(image, run.n0, run.n, generator=generator), num_classes)
 
 
 def test_count(run: CertificationRun, test_set) -> int:

@@ -166,14 +166,7 @@ def load_volume_model(path: Path, volume: Shape, checkpoint: str | Path | None, 
     checked as a 2D one is (a .pt2 vetted before it runs, K by a forward pass, batch independence), with its
     normalisation inside. Returns (module taking (B, 1, *size), K, class names, the (D, H, W) size it runs at,
     JSON record of the model); padding to that size is the caller's (:class:`PaddedVolume`)."""
-    from medcert_core.models.external import (
-        ExportedModule,
-        ExternalSegmenter,
-        Normalized,
-        check_batch_independence,
-        load_model,
-        parse_normalize,
-    )
+    from medcert_core.models.external import ExportedModule, checked_external, load_model
 
     if in_channels not in (None, 1):
         raise ValueError(f"--in-channels {in_channels}: a 3D NIfTI volume has one channel, so its model takes 1")
@@ -210,17 +203,9 @@ def load_volume_model(path: Path, volume: Shape, checkpoint: str | Path | None, 
         fixed, multiples = tuple(int(length) for length in image_size), (1, 1, 1)
     size = model_input_size(volume, fixed, multiples, source)
     found = probe_volume_classes(loaded, size, batch or 1, source, device)
-    if num_classes is not None and num_classes != found:
-        raise ValueError(f"--num-classes {num_classes}, but the model returns {found} channels of logits")
-    names = tuple(class_names) if class_names else ("background", *(f"class_{k}" for k in range(1, found)))
-    if len(names) != found:
-        raise ValueError(f"--class-names names {len(names)} classes {names}, the model returns {found}")
-    check_batch_independence(loaded, 1, size, source, device)
-    info = ExternalSegmenter(str(model), found, 1, size, names, form=form)
-    if normalize:
-        info.normalize = parse_normalize(normalize, 1)
-        loaded = Normalized(loaded, *info.normalize).to(device).eval()  # one channel: broadcasts over (D, H, W)
-    return loaded, found, names, size, info.describe()
+    loaded, info = checked_external(loaded, str(model), form, found, 1, size, num_classes=num_classes,
+                                    class_names=class_names, normalize=normalize, device=device)
+    return loaded, found, info.class_names, size, info.describe()
 
 
 def certify_volume_file(path: str | Path, checkpoint: str | Path | None, denoiser: str, sigma: float, *,

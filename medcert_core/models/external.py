@@ -54,7 +54,7 @@ class ExternalSegmenter:
     source: str
     num_classes: int
     in_channels: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]  # (H, W), or (D, H, W) for a volume's model
     class_names: tuple[str, ...]
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     form: str = ""
@@ -245,7 +245,7 @@ def _fixed_batch(model: torch.nn.Module) -> int:
     return next((module.batch for module in model.modules() if isinstance(module, ExportedModule) and module.batch), 1)
 
 
-def check_batch_independence(model: torch.nn.Module, in_channels: int, image_size: tuple[int, int], source: str,
+def check_batch_independence(model: torch.nn.Module, in_channels: int, image_size: tuple[int, ...], source: str,
                              device: str | torch.device = "cpu", batch: int = 4) -> float:
     """Refuse a model whose output for one image depends on the other images of its batch.
 
@@ -299,16 +299,26 @@ def external_segmenter(spec: str, *, kwargs: dict[str, Any] | None = None, num_c
         raise ValueError(f"--model {spec}: the input size cannot be read from the model; give --image-size H,W "
                          f"(the size it was trained at; the image is resized to it)")
     found = probe_num_classes(model, in_channels, image_size, device)
+    return checked_external(model, spec, form, found, int(in_channels), tuple(image_size), num_classes=num_classes,
+                            class_names=class_names, normalize=normalize, device=device)
+
+
+def checked_external(model: torch.nn.Module, spec: str, form: str, found: int, in_channels: int,
+                     image_size: tuple[int, ...], *, num_classes: int | None, class_names: Sequence[str] | None,
+                     normalize: str | None, device: str | torch.device) -> tuple[torch.nn.Module, ExternalSegmenter]:
+    """What an external model of ``found`` classes at ``image_size`` (2D or 3D) must satisfy once K is known:
+    the options agree with it (``--num-classes``, ``--class-names``), its draws are independent of their
+    batch-mates; returns it with ``--normalize`` inside, and its description."""
     if num_classes is not None and num_classes != found:
         raise ValueError(f"--num-classes {num_classes}, but the model returns {found} channels of logits")
     names = tuple(class_names) if class_names else ("background", *(f"class_{k}" for k in range(1, found)))
     if len(names) != found:
         raise ValueError(f"--class-names names {len(names)} classes {names}, the model returns {found}")
-    check_batch_independence(model, int(in_channels), tuple(image_size), f"--model {spec}", device)
-    info = ExternalSegmenter(spec, found, int(in_channels), tuple(image_size), names, form=form)
+    check_batch_independence(model, in_channels, image_size, f"--model {spec}", device)
+    info = ExternalSegmenter(spec, found, in_channels, image_size, names, form=form)
     if normalize:
-        info.normalize = parse_normalize(normalize, info.in_channels)
-        model = Normalized(model, *info.normalize).to(device).eval()
+        info.normalize = parse_normalize(normalize, in_channels)
+        model = Normalized(model, *info.normalize).to(device).eval()  # broadcasts over every spatial axis
     return model, info
 
 

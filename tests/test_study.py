@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def test_a_run_is_complete_only_once_its_metadata_is_written(tmp_path, monkeypat
     assert aggregated["run"].tolist() == ["abc"] and aggregated["device"].tolist() == ["cpu"]
     assert pd.read_csv(tmp_path / store.AGGREGATE)["dice"].tolist() == [0.5]
     assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def test_the_aggregate_names_the_training_seed_of_every_run(tmp_path):
+    rows = pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]})
+    maps = {"labels": np.zeros((1, 2, 2), dtype=np.int64)}
+    split_seed = CertificationRun(DataSpec("phantom", None, 32, 3), TINY_TRAINING, "unet", ours("ddpm:auto"), 0.5)
+    reseeded = CertificationRun(DataSpec("phantom", None, 32, 3), replace(TINY_TRAINING, training_seed=7), "unet",
+                                ours("ddpm:auto"), 0.5)
+    for run in (split_seed, reseeded):
+        store.save_run(tmp_path, run.hash, rows, maps, run.parameters())
+    seeds = dict(zip(*store.aggregate(tmp_path)[["run", "training_seed"]].T.values))
+    assert seeds == {split_seed.hash: 3, reseeded.hash: 7}
+    assert pd.read_csv(tmp_path / store.AGGREGATE)["training_seed"].tolist() == [seeds[run] for run in sorted(seeds)]
 
 
 # --- runs ----------------------------------------------------------------------------------------

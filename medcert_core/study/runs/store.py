@@ -152,8 +152,16 @@ def load_metadata(results_dir: str | Path, run_hash: str) -> dict[str, Any]:
     return json.loads((run_folder(results_dir, run_hash) / METADATA).read_text())
 
 
+def training_seed_of(parameters: dict[str, Any]) -> int | None:
+    """The seed a run's models were trained from: its explicit ``training_seed``, else the split's seed
+    (None for parameters that name neither)."""
+    explicit = (parameters.get("training") or {}).get("training_seed")
+    seed = (parameters.get("data") or {}).get("seed") if explicit is None else explicit
+    return None if seed is None else int(seed)
+
+
 def aggregate(results_dir: str | Path) -> pd.DataFrame:
-    """Rows of every completed run, with its hash and device; written to aggregate.csv too (and
+    """Rows of every completed run, with its hash, device and training seed; written to aggregate.csv too (and
     the curve rows to aggregate_curves.csv).
 
     Read and written under ``locks/aggregate.lock``: the last writer's snapshot holds every run
@@ -167,7 +175,8 @@ def _aggregate(results_dir: str | Path) -> pd.DataFrame:
     frames, curve_frames = [], []
     for metadata_path in sorted(Path(results_dir).glob(f"runs/*/{METADATA}")):
         metadata = json.loads(metadata_path.read_text())
-        columns = {"run": metadata["hash"], "device": metadata.get("device", "")}
+        columns = {"run": metadata["hash"], "device": metadata.get("device", ""),
+                   "training_seed": training_seed_of(metadata["parameters"])}
         frames.append(pd.read_csv(metadata_path.parent / RESULTS).assign(**columns))
         if (metadata_path.parent / CURVES).exists():
             curve_frames.append(pd.read_csv(metadata_path.parent / CURVES).assign(**columns))

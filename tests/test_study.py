@@ -844,3 +844,26 @@ def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
     assert "`./run.sh grid grids/jsrt.yaml`" in rerun_grid_sentence(jsrt)
     assert "`./run.sh study --profile jsrt`" in rerun_grid_sentence(jsrt)
     assert rerun_grid_sentence(GridEntry("phantom", "phantom", {"profile": "quick"})) == ""
+
+
+def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
+    """scripts/chapter_cost.py: the certification seconds of one dataset's stored runs, not another's."""
+    import subprocess
+    import sys
+
+    rows = pd.DataFrame({"image_id": ["a"], "class_id": [1], "dice": [0.5]})
+    maps = {"labels": np.zeros((1, 2, 2), dtype=np.int64)}
+    mine = [CertificationRun(TINY_DATA, TINY_TRAINING, "unet", method, 0.5) for method in (ours("ddpm:auto"),
+                                                                                          segcertify())]
+    for run, seconds in zip(mine, (12.5, 30.0)):
+        store.save_run(tmp_path, run.hash, rows, maps, run.parameters(), device="cpu", seconds=seconds)
+    jsrt = {**mine[0].parameters(), "data": {**mine[0].parameters()["data"], "dataset": "jsrt"}}
+    store.save_run(tmp_path, "another dataset", rows, maps, jsrt, device="cpu", seconds=99.0)
+    output = tmp_path / "cost.json"
+    completed = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "chapter_cost.py"),
+                                "--dataset", "phantom", "--results", str(tmp_path), "--out", str(output)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    cost = json.loads(output.read_text())
+    assert {run["run"] for run in cost["runs"]} == {run.hash for run in mine}
+    assert sorted(run["seconds"] for run in cost["runs"]) == [12.5, 30.0] and cost["total_seconds"] == 42.5

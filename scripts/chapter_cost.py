@@ -1,0 +1,67 @@
+"""The certification time of a dataset chapter's stored runs, as committed JSON.
+
+Each completed run's ``metadata.json`` records the seconds its certification took (for runs that
+shared their draws, the group's time divided among its runs) and the commit and device it ran on.
+This script collects those of one dataset, so a chapter's cost can be cited from a committed file
+rather than the ignored ``runs/`` folder. Training is not included: models come from the cache.
+
+    python scripts/chapter_cost.py --dataset isic2017 --out results/isic2017_chapter_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from medcert_core.io import write_json_atomically
+from medcert_core.study.runs.store import METADATA
+
+
+def run_cost(metadata: dict[str, Any]) -> dict[str, Any]:
+    """One run's setting (method, arch, sigma, test images) and its certification seconds."""
+    parameters = metadata["parameters"]
+    return {"run": metadata["hash"], "method": parameters["method"], "arch": parameters["arch"],
+            "sigma": parameters["sigma"], "test_images": parameters["test_images"],
+            "seconds": round(float(metadata["seconds"]), 1), "device": metadata["device"],
+            "git_commit": metadata["git_commit"], "finished": metadata["finished"]}
+
+
+def chapter_costs(results_dir: Path, dataset: str) -> list[dict[str, Any]]:
+    """Every completed run of ``dataset`` in the results store, in the order they finished."""
+    runs = [json.loads(path.read_text()) for path in sorted(results_dir.glob(f"runs/*/{METADATA}"))]
+    mine = [run_cost(run) for run in runs if run["parameters"]["data"]["dataset"] == dataset]
+    return sorted(mine, key=lambda run: run["finished"])
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--results", type=Path, default=Path("runs/results"), help="the results store")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    runs = chapter_costs(args.results, args.dataset)
+    if not runs:
+        parser.error(f"no completed run of dataset {args.dataset!r} in {args.results}")
+    total = sum(run["seconds"] for run in runs)
+    write_json_atomically({
+        "what": f"certification seconds of every stored {args.dataset} run (training excluded)",
+        "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "load_average_when_written": list(os.getloadavg())}, args.out)
+    print(f"{len(runs)} runs of {args.dataset}: {total:.0f} s of certification ({total / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,11 @@
-"""The certification time of a dataset chapter's stored runs, as committed JSON.
+"""The time a dataset chapter's stored runs took, as committed JSON.
 
-Each completed run's ``metadata.json`` records the seconds its certification took (for runs that
+Each completed run's ``metadata.json`` records the seconds from its start to its end (for runs that
 shared their draws, the group's time divided among its runs) and the commit and device it ran on.
-This script collects those of one dataset, so a chapter's cost can be cited from a committed file
-rather than the ignored ``runs/`` folder. Training is not included: models come from the cache.
+A run trains the models it needs that are not cached yet, so the first run to need a segmenter or
+a denoiser carries its training time: on a fresh cache the total is the chapter's whole cost, on a
+warm one its certification alone. This script collects those of one dataset, so a chapter's cost
+can be cited from a committed file rather than the ignored ``runs/`` folder.
 
     python scripts/chapter_cost.py --dataset isic2017 --out results/isic2017_chapter_cost.json
 """
@@ -23,7 +25,7 @@ from medcert_core.study.runs.store import METADATA
 
 
 def run_cost(metadata: dict[str, Any]) -> dict[str, Any]:
-    """One run's setting (method, arch, sigma, test images) and its certification seconds."""
+    """One run's setting (method, arch, sigma, test images) and its seconds (training of uncached models included)."""
     parameters = metadata["parameters"]
     return {"run": metadata["hash"], "method": parameters["method"], "arch": parameters["arch"],
             "sigma": parameters["sigma"], "test_images": parameters["test_images"],
@@ -56,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no completed run of dataset {args.dataset!r} in {args.results}")
     total = sum(run["seconds"] for run in runs)
     write_json_atomically({
-        "what": f"certification seconds of every stored {args.dataset} run (training excluded)",
+        "what": (f"seconds of every stored {args.dataset} run, start to end: certification, and the training of "
+                 f"the models the run needed that were not cached yet (the first run to need one trains it)"),
         "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "load_average_when_written": list(os.getloadavg())}, args.out)
-    print(f"{len(runs)} runs of {args.dataset}: {total:.0f} s of certification ({total / 60:.1f} min)")
+        "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
+    print(f"{len(runs)} runs of {args.dataset}: {total:.0f} s ({total / 60:.1f} min)")
     return 0
 
 

@@ -847,7 +847,7 @@ def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
 
 
 def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
-    """scripts/chapter_cost.py: the certification seconds of one dataset's stored runs, not another's."""
+    """scripts/chapter_cost.py: the seconds of one dataset's stored runs, not another's."""
     import subprocess
     import sys
 

@@ -322,10 +322,12 @@ FFDNET_OURS = "ours (ffdnet, FFDNet, natural images only)"
 ARCH_LABELS = {"resunetpp": "ResUNet++", "unet": "UNet", "deeplabv2": "DeepLabV2"}
 
 
-def lung_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]) -> list[Claim]:
-    """A lung chapter of the dataset template in results/README.md: the certified lung Dice and whole-image
-    abstention per architecture and sigma (ours, with the paper's Table 1 in brackets, and SegCertify), ours
-    minus SegCertify (Dice and abstention) and each architecture minus ResUNet++."""
+def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]], target: str = "lung",
+                           segcertify_paper: tuple[str, str, str] | None = None) -> list[Claim]:
+    """A chapter of the dataset template in results/README.md: the certified ``target`` Dice and whole-image
+    abstention per architecture and sigma (ours, with the paper's numbers in brackets for the architectures
+    ``paper`` names, and SegCertify, with ``segcertify_paper``'s), ours minus SegCertify (Dice and abstention)
+    and each architecture minus ResUNet++."""
     def row(label: str, method: str, arch: str, code: str, papers: tuple[str, ...] | None) -> Claim:
         cells = [f"{{}}, {{}} % [{value}]" if papers else "{}, {} %" for value in (papers or ("",) * 3)]
         return Claim(RESULTS, f"| {label} | {' | '.join(cells)} |", notebook, tuple(
@@ -333,18 +335,65 @@ def lung_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]) -
                                                     cell(method, arch, sigma, column=7, spec=".1f", code=code))))
 
     return [
-        *[row(f"ours, {ARCH_LABELS[arch]}", OURS, arch, "paper_table(per_arch)", paper[arch]) for arch in ARCH_LABELS],
-        row("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", None),
-        Claim(RESULTS, "| ours − SegCertify, ResUNet++, lung Dice | {} | {} | {} |", notebook,
+        *[row(f"ours, {ARCH_LABELS[arch]}", OURS, arch, "paper_table(per_arch)", paper.get(arch)) for arch in ARCH_LABELS],
+        row("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", segcertify_paper),
+        Claim(RESULTS, f"| ours − SegCertify, ResUNet++, {target} Dice | {{}} | {{}} | {{}} |", notebook,
               tuple(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
                     for sigma in SIGMAS)),
         Claim(RESULTS, "| the same, abstention (points) | {} | {} | {} |", notebook,
               tuple(cell("resunetpp", OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
                     for sigma in SIGMAS)),
-        *[Claim(RESULTS, f"| {ARCH_LABELS[arch]} − ResUNet++ (ours), lung Dice | {{}} | {{}} | {{}} |", notebook,
+        *[Claim(RESULTS, f"| {ARCH_LABELS[arch]} − ResUNet++ (ours), {target} Dice | {{}} | {{}} | {{}} |", notebook,
                 tuple(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
                       for sigma in SIGMAS))
           for arch in ("unet", "deeplabv2")],
+    ]
+
+
+ISIC, ISIC_GATE = "book/isic2017.ipynb", "results/isic2017_denoiser_gate_val.json"
+ISIC_SEGMENTERS, ISIC_COST = "results/isic2017_segmenters_val.json", "results/isic2017_chapter_cost.json"
+
+
+def isic_claims() -> list[Claim]:
+    """The ISIC 2017 section of results/README.md and its sentences in the introduction: the chapter's tables
+    (the paper's Table 3 beside ResUNet++ and SegCertify), FFDNet against the set's DDPM on the test images and
+    in the gate, the segmenters' validation Dice and the chapter's cost."""
+    def val_dice(arch: str, noise: float) -> Value:
+        return at("segmenters", {"arch": arch, "noise_sigma": noise}, "best_val_dice", spec=".3f")
+
+    def gate(sigma: float, key: str, spec: str) -> Value:
+        return calc(lambda data: get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": FFDNET_SHRINK},
+                                            key)), spec)
+
+    ffdnet = [cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus", code="other_denoisers_against_ours")
+              for sigma in SIGMAS]
+    ours = [cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS]
+    return [
+        *dataset_chapter_claims(ISIC, {"resunetpp": ("0.85", "0.83", "0.77")}, "lesion", ("0.79", "0.41", "0.00")),
+        Claim(RESULTS, "Plain lesion Dice on the clean test images: ResUNet++ {} (trained without noise), {} (with "
+                       "sigma 0.25 noise)", ISIC,
+              tuple(cell(method, "resunetpp", column=4, code="paper_table(comparison)")
+                    for method in ("plain (noise 0)", "plain (noise 0.25)"))),
+        Claim(RESULTS, "FFDNet minus the set's DDPM in certified lesion Dice is {} / {} / {} at sigma 0.25 / 0.5 / 1.0, "
+                       "and it abstains on {} / {} / {} more points", ISIC,
+              (*ffdnet, *(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=4, code="other_denoisers_against_ours"),
+                                    lambda text: text.split()[0].lstrip("+")) for sigma in SIGMAS))),
+        Claim(RESULTS, "ties it at sigma 0.25 ({} dB [{}, {}]) and trails by {} and {} dB at 0.5 and 1.0", ISIC_GATE,
+              (*(gate(0.25, key, "signed2") for key in ("mean_db", "low_db", "high_db")),
+               pair_of(0.5, FFDNET_SHRINK, "mean_db", sign=-1), pair_of(1.0, FFDNET_SHRINK, "mean_db", sign=-1))),
+        Claim("book/intro.md", "validation PSNR at σ = 0.25 ({} dB [{}, {}])", ISIC_GATE,
+              tuple(gate(0.25, key, "signed2") for key in ("mean_db", "low_db", "high_db"))),
+        Claim("book/intro.md", "it certifies less lesion than the DDPM at every σ, by little: {} / {} / {}", ISIC,
+              tuple(calc_from(value, lambda text: text.split()[0].lstrip(MINUS)) for value in ffdnet)),
+        Claim(RESULTS, "best validation Dice ResUNet++ {}, UNet {}, DeepLabV2 {}, noise-trained ResUNet++ {}, each at "
+                       "its last epoch", ISIC_SEGMENTERS,
+              (val_dice("resunetpp", 0.0), val_dice("unet", 0.0), val_dice("deeplabv2", 0.0), val_dice("resunetpp", 0.25))),
+        Claim(RESULTS, "chapter's runs took {} s of a 2-core CPU, training included", ISIC_COST,
+              (at("total_seconds", spec=",.0f"),)),
+        Claim("book/intro.md", "ResUNet++ certifies lesion Dice {} / {} / {} on 40 test images", ISIC, tuple(ours)),
+        Claim("book/intro.md", "ahead of SegCertify at σ = 0.5 and 1.0 ({} and {}, the paired interval", ISIC,
+              tuple(calc_from(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify"),
+                              lambda text: text.split()[0]) for sigma in SIGMAS[1:])),
     ]
 
 
@@ -823,11 +872,12 @@ CLAIMS: list[Claim] = [
            *(cell(OURS, arch, "1.00", column=13, spec=".1f", code="paper_table(per_arch)")
              for arch in ("resunetpp", "unet", "deeplabv2")))),
     # Montgomery and Shenzhen, from the shared dataset template: the tables of results/README.md
-    *lung_chapter_claims(MONTGOMERY, {"resunetpp": ("0.96", "0.94", "0.89"), "unet": ("0.93", "0.89", "0.88"),
-                                      "deeplabv2": ("0.93", "0.91", "0.85")}),
-    *lung_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
-                                    "deeplabv2": ("0.80", "0.34", "0.04")}),
+    *dataset_chapter_claims(MONTGOMERY, {"resunetpp": ("0.96", "0.94", "0.89"), "unet": ("0.93", "0.89", "0.88"),
+                                         "deeplabv2": ("0.93", "0.91", "0.85")}),
+    *dataset_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
+                                       "deeplabv2": ("0.80", "0.34", "0.04")}),
     *hippocampus_claims(),
+    *isic_claims(),
     Claim(RESULTS, "same ResUNet++ on the 27 test images, FFDNet minus the set's DDPM in certified lung Dice is {} / {} / {} "
                    "at sigma 0.25 / 0.5 / 1.0, and it abstains on {} / {} / {} more points", MONTGOMERY,
           tuple(cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus", code="other_denoisers_against_ours")

@@ -323,11 +323,14 @@ ARCH_LABELS = {"resunetpp": "ResUNet++", "unet": "UNet", "deeplabv2": "DeepLabV2
 
 
 def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]], target: str = "lung",
-                           segcertify_paper: tuple[str, str, str] | None = None) -> list[Claim]:
+                           segcertify_paper: tuple[str, str, str] | None = None,
+                           archs: tuple[str, ...] = tuple(ARCH_LABELS)) -> list[Claim]:
     """A chapter of the dataset template in results/README.md: the certified ``target`` Dice and whole-image
     abstention per architecture and sigma (ours, with the paper's numbers in brackets for the architectures
-    ``paper`` names, and SegCertify, with ``segcertify_paper``'s), ours minus SegCertify (Dice and abstention)
-    and each architecture minus ResUNet++."""
+    ``paper`` names, and SegCertify with the first of ``archs``, with ``segcertify_paper``'s), ours minus
+    SegCertify (Dice and abstention) and each other architecture minus the first."""
+    first = ARCH_LABELS[archs[0]]
+
     def row(label: str, method: str, arch: str, code: str, papers: tuple[str, ...] | None) -> Claim:
         cells = [f"{{}}, {{}} % [{value}]" if papers else "{}, {} %" for value in (papers or ("",) * 3)]
         return Claim(RESULTS, f"| {label} | {' | '.join(cells)} |", notebook, tuple(
@@ -335,18 +338,18 @@ def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]
                                                     cell(method, arch, sigma, column=7, spec=".1f", code=code))))
 
     return [
-        *[row(f"ours, {ARCH_LABELS[arch]}", OURS, arch, "paper_table(per_arch)", paper.get(arch)) for arch in ARCH_LABELS],
-        row("SegCertify, ResUNet++", SEGCERTIFY, "resunetpp", "paper_table(comparison)", segcertify_paper),
-        Claim(RESULTS, f"| ours − SegCertify, ResUNet++, {target} Dice | {{}} | {{}} | {{}} |", notebook,
-              tuple(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
+        *[row(f"ours, {ARCH_LABELS[arch]}", OURS, arch, "paper_table(per_arch)", paper.get(arch)) for arch in archs],
+        row(f"SegCertify, {first}", SEGCERTIFY, archs[0], "paper_table(comparison)", segcertify_paper),
+        Claim(RESULTS, f"| ours − SegCertify, {first}, {target} Dice | {{}} | {{}} | {{}} |", notebook,
+              tuple(cell(archs[0], OURS, sigma, column=3, spec="minus", code="ours_against_segcertify")
                     for sigma in SIGMAS)),
-        Claim(RESULTS, "| the same, abstention (points) | {} | {} | {} |", notebook,
-              tuple(cell("resunetpp", OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
+        Claim(RESULTS, f"| the same, abstention (points) | {{}} | {{}} | {{}} |", notebook,
+              tuple(cell(archs[0], OURS, sigma, column=4, spec="minus", code="ours_against_segcertify")
                     for sigma in SIGMAS)),
-        *[Claim(RESULTS, f"| {ARCH_LABELS[arch]} − ResUNet++ (ours), {target} Dice | {{}} | {{}} | {{}} |", notebook,
+        *[Claim(RESULTS, f"| {ARCH_LABELS[arch]} − {first} (ours), {target} Dice | {{}} | {{}} | {{}} |", notebook,
                 tuple(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
                       for sigma in SIGMAS))
-          for arch in ("unet", "deeplabv2")],
+          for arch in archs[1:]],
     ]
 
 

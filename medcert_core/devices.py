@@ -69,3 +69,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """Autocast of the networks at ``precision`` (resolved: not ``auto``) on ``device`` (nothing for fp32)."""
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else ``platform.processor()``), for benchmark and cost records."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+from medcert_core.devices import cpu_model_name
 from medcert_core.io import write_json_atomically
 from medcert_core.study.runs.store import METADATA
 
@@ -40,13 +40,6 @@ def chapter_costs(results_dir: Path, dataset: str) -> list[dict[str, Any]]:
     return sorted(mine, key=lambda run: run["finished"])
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True)
@@ -60,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomically({
         "what": (f"seconds of every stored {args.dataset} run, start to end: certification, and the training of "
                  f"the models the run needed that were not cached yet (the first run to need one trains it)"),
-        "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model_name(), "cpus": os.cpu_count(),
         "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
     print(f"{len(runs)} runs of {args.dataset}: {total:.0f} s ({total / 60:.1f} min)")
     return 0

@@ -8,6 +8,7 @@ warm one its certification alone. This script collects those of one dataset, so 
 can be cited from a committed file rather than the ignored ``runs/`` folder.
 
     python scripts/chapter_cost.py --dataset isic2017 --out results/isic2017_chapter_cost.json
+    python scripts/chapter_cost.py --dataset montgomery --image-size 256 --out results/montgomery_256_chapter_cost.json
 """
 
 from __future__ import annotations
@@ -29,33 +30,39 @@ def run_cost(metadata: dict[str, Any]) -> dict[str, Any]:
     parameters = metadata["parameters"]
     return {"run": metadata["hash"], "method": parameters["method"], "arch": parameters["arch"],
             "sigma": parameters["sigma"], "test_images": parameters["test_images"],
+            "image_size": parameters["data"]["image_size"],
+            "training_seed": parameters["training"].get("training_seed"),
             "seconds": round(float(metadata["seconds"]), 1), "device": metadata["device"],
             "git_commit": metadata["git_commit"], "finished": metadata["finished"]}
 
 
-def chapter_costs(results_dir: Path, dataset: str) -> list[dict[str, Any]]:
-    """Every completed run of ``dataset`` in the results store, in the order they finished."""
+def chapter_costs(results_dir: Path, dataset: str, image_size: int | None = None) -> list[dict[str, Any]]:
+    """Every completed run of ``dataset`` (at ``image_size`` px, None: any) in the results store, in the order
+    they finished."""
     runs = [json.loads(path.read_text()) for path in sorted(results_dir.glob(f"runs/*/{METADATA}"))]
-    mine = [run_cost(run) for run in runs if run["parameters"]["data"]["dataset"] == dataset]
+    mine = [run_cost(run) for run in runs if run["parameters"]["data"]["dataset"] == dataset
+            and image_size in (None, run["parameters"]["data"]["image_size"])]
     return sorted(mine, key=lambda run: run["finished"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True)
+    parser.add_argument("--image-size", type=int, default=None, help="only runs at this size (default: any)")
     parser.add_argument("--results", type=Path, default=Path("runs/results"), help="the results store")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    runs = chapter_costs(args.results, args.dataset)
+    runs = chapter_costs(args.results, args.dataset, args.image_size)
+    at_size = "" if args.image_size is None else f" at {args.image_size} px"
     if not runs:
-        parser.error(f"no completed run of dataset {args.dataset!r} in {args.results}")
+        parser.error(f"no completed run of dataset {args.dataset!r}{at_size} in {args.results}")
     total = sum(run["seconds"] for run in runs)
     write_json_atomically({
-        "what": (f"seconds of every stored {args.dataset} run, start to end: certification, and the training of "
+        "what": (f"seconds of every stored {args.dataset} run{at_size}, start to end: certification, and the training of "
                  f"the models the run needed that were not cached yet (the first run to need one trains it)"),
         "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model_name(), "cpus": os.cpu_count(),
         "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
-    print(f"{len(runs)} runs of {args.dataset}: {total:.0f} s ({total / 60:.1f} min)")
+    print(f"{len(runs)} runs of {args.dataset}{at_size}: {total:.0f} s ({total / 60:.1f} min)")
     return 0
 
 

@@ -353,6 +353,46 @@ def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]
     ]
 
 
+MONTGOMERY_256 = "book/montgomery_256.ipynb"
+MONTGOMERY_256_SEGMENTERS = "results/montgomery_256_segmenters_val.json"
+
+
+def montgomery_256_claims() -> list[Claim]:
+    """The Montgomery at 256 px section of results/README.md: the chapter's tables (the paper's UNet column of
+    Table 1 beside ours), the plain Dice, the segmenters' validation Dice and the chapter's cost."""
+    def val_dice(noise: float, key: str, spec: str) -> Value:
+        return at("segmenters", {"arch": "unet", "noise_sigma": noise}, key, spec=spec)
+
+    return [
+        *dataset_chapter_claims(MONTGOMERY_256, {"unet": ("0.93", "0.89", "0.88")}, archs=("unet",)),
+        Claim(RESULTS, "Plain lung Dice on the clean test images: UNet {} (trained without noise), {} (with sigma 0.25",
+              MONTGOMERY_256, tuple(cell(method, "unet", column=4, code="paper_table(comparison)")
+                                    for method in ("plain (noise 0)", "plain (noise 0.25)"))),
+        Claim(RESULTS, "Dice {} at epoch {}, patience stopping it at {}; noise-trained {} at epoch {} of {}",
+              MONTGOMERY_256_SEGMENTERS, (val_dice(0.0, "best_val_dice", ".3f"), val_dice(0.0, "best_epoch", "d"),
+                                          val_dice(0.0, "epochs", "d"), val_dice(0.25, "best_val_dice", ".3f"),
+                                          val_dice(0.25, "best_epoch", "d"), val_dice(0.25, "epochs", "d"))),
+        Claim(RESULTS, "the chapter's runs took {} s of a 2-core CPU, training included (the DDPM, both UNets",
+              "results/montgomery_256_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
+        Claim(RESULTS, "({} / {} / {} against Table 1's 0.93 / 0.89 / 0.88)", MONTGOMERY_256,
+              tuple(cell(OURS, "unet", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+        Claim(RESULTS, "as at 128 px ({} / {} / {} there, the Montgomery chapter above)", MONTGOMERY,
+              tuple(cell(OURS, "unet", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+        Claim(RESULTS, "(by {}, the interval excluding 0, while ours abstains on {} point less of the image), **far "
+                       "behind at 0.5** ({}:", MONTGOMERY_256,
+              (calc_from(cell("unet", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.split()[0].lstrip(MINUS)),
+               calc_from(cell("unet", OURS, "0.25", column=4, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.split()[0].lstrip(MINUS)),
+               cell(SEGCERTIFY, "unet", "0.50", column=4, code="paper_table(comparison)"))),
+        Claim(RESULTS, "abstains less than ours ({} points). At 128 px SegCertify kept {} at sigma 0.5 with ResUNet++",
+              MONTGOMERY_256, (calc_from(cell("unet", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
+                                         lambda text: text.split()[0]),
+                               lambda _: cell(SEGCERTIFY, "resunetpp", "0.50", column=4,
+                                              code="paper_table(comparison)")(load(MONTGOMERY)))),
+    ]
+
+
 ISIC, ISIC_GATE = "book/isic2017.ipynb", "results/isic2017_denoiser_gate_val.json"
 ISIC_SEGMENTERS, ISIC_COST = "results/isic2017_segmenters_val.json", "results/isic2017_chapter_cost.json"
 
@@ -879,6 +919,7 @@ CLAIMS: list[Claim] = [
                                          "deeplabv2": ("0.93", "0.91", "0.85")}),
     *dataset_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
                                        "deeplabv2": ("0.80", "0.34", "0.04")}),
+    *montgomery_256_claims(),
     *hippocampus_claims(),
     *isic_claims(),
     Claim(RESULTS, "same ResUNet++ on the 27 test images, FFDNet minus the set's DDPM in certified lung Dice is {} / {} / {} "

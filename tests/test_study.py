@@ -847,7 +847,7 @@ def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
 
 
 def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
-    """scripts/chapter_cost.py: the seconds of one dataset's stored runs, not another's."""
+    """scripts/chapter_cost.py: the seconds of one dataset's stored runs (at one size, with --image-size), not another's."""
     import subprocess
     import sys
 
@@ -859,11 +859,19 @@ def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
         store.save_run(tmp_path, run.hash, rows, maps, run.parameters(), device="cpu", seconds=seconds)
     jsrt = {**mine[0].parameters(), "data": {**mine[0].parameters()["data"], "dataset": "jsrt"}}
     store.save_run(tmp_path, "another dataset", rows, maps, jsrt, device="cpu", seconds=99.0)
-    output = tmp_path / "cost.json"
-    completed = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "chapter_cost.py"),
-                                "--dataset", "phantom", "--results", str(tmp_path), "--out", str(output)],
-                               capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    cost = json.loads(output.read_text())
+    larger = {**mine[0].parameters(), "data": {**mine[0].parameters()["data"], "image_size": 64}}
+    store.save_run(tmp_path, "another size", rows, maps, larger, device="cpu", seconds=7.0)
+
+    def cost_of(*size: str) -> dict:
+        output = tmp_path / "cost.json"
+        completed = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "chapter_cost.py"),
+                                    "--dataset", "phantom", *size, "--results", str(tmp_path), "--out", str(output)],
+                                   capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr
+        return json.loads(output.read_text())
+
+    assert cost_of()["total_seconds"] == 49.5
+    cost = cost_of("--image-size", "32")
     assert {run["run"] for run in cost["runs"]} == {run.hash for run in mine}
+    assert {run["image_size"] for run in cost["runs"]} == {32} and "at 32 px" in cost["what"]
     assert sorted(run["seconds"] for run in cost["runs"]) == [12.5, 30.0] and cost["total_seconds"] == 42.5

@@ -328,6 +328,9 @@ def test_paired_differences_over_training_seeds_resample_seeds_and_images():
     alone = tables.paired_differences(frame[frame["training_seed"] == 1].drop(columns="training_seed"),
                                       reference="ref", resamples=500)
     pd.testing.assert_frame_equal(single, alone)
+    shown = tables.paired_table(tables.paired_differences(frame, reference="ref", resamples=500))
+    assert shown.loc[("unet", "other", 0.5), "lung"].endswith(f" sd {expected['seed_spread']:.2f}")
+    assert " sd " not in tables.paired_table(single).loc[("unet", "other", 0.5), "lung"]
     assert "seeds" not in single
 
 

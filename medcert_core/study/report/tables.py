@@ -187,11 +187,14 @@ def _side_of_zero(interval: Mapping[str, float]) -> str:
 
 def paired_table(differences: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     """``paired_differences`` as a chapter shows it: one row per arch x method x σ, one column per
-    class, "+0.05 [+0.01, +0.09]" (abstention in percentage points)."""
+    class, "+0.05 [+0.01, +0.09]" (abstention in percentage points); over several training seeds also the
+    standard deviation over seeds of each seed's mean difference, "+0.05 [+0.01, +0.09] sd 0.02"."""
     def cell(row: pd.Series) -> str:
         scale = 100 if row["class"] == "all %⊘" else 1
         shown = digits if scale == 1 else 1
-        return (f"{row['mean'] * scale:+.{shown}f} [{row['low'] * scale:+.{shown}f}, {row['high'] * scale:+.{shown}f}]")
+        spread = f" sd {row['seed_spread'] * scale:.{shown}f}" if row.get("seeds", 1) > 1 else ""
+        return (f"{row['mean'] * scale:+.{shown}f} [{row['low'] * scale:+.{shown}f}, {row['high'] * scale:+.{shown}f}]"
+                + spread)
 
     if differences.empty:  # fewer than 2 images per pair: no interval
         return pd.DataFrame({"note": ["fewer than 2 test images per pair: no paired intervals"]})

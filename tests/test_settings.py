@@ -134,6 +134,16 @@ def test_the_settings_table_names_the_chapters_training_overrides():
     assert Experiment(profile="jsrt").profile_description() == "jsrt"
     experiment = Experiment(profile="jsrt", training_overrides={"preset": "tiny", "epochs": 5})
     assert experiment.profile_description() == "jsrt (epochs 5, preset tiny)"
+    assert experiment.with_training_seed(0).profile_description() == "jsrt (epochs 5, preset tiny)"
+    assert experiment.with_training_seed(3).profile_description() == "jsrt (epochs 5, preset tiny, training_seed 3)"
+
+
+def test_the_settings_table_names_the_seeds_models_are_trained_from():
+    experiment = Experiment(profile="smoke", dataset="phantom")
+    assert experiment.settings_table().loc["training seeds", "value"] == "0"
+    assert experiment.with_training_seed(2).settings_table().loc["training seeds", "value"] == "2"
+    chapter = _chapter("dataset", profile="smoke", dataset="phantom", data_root=None, training_seeds=[0, 1, 2])
+    assert chapter.settings_table().loc["training seeds", "value"] == "0, 1, 2"
 
 
 @pytest.mark.parametrize(("input_size", "setting", "expected"), [

@@ -100,6 +100,11 @@ class DatasetChapter:
     def _comparison_methods(self) -> list[Method]:
         return [*clean_baselines(self.segcertify_noise), self.segcertify, self.ours]
 
+    def settings_table(self) -> pd.DataFrame:
+        """The experiment's settings table with the chapter's training seeds (every seed its models are
+        trained from)."""
+        return self.experiment.settings_table(self.training_seeds)
+
     def runs(self) -> list[CertificationRun]:
         """Every run the chapter reads, each once (what ``certify-runs`` computes for it), for every seed."""
         runs = [run for seed in self.training_seeds for experiment in [self.experiment.with_training_seed(seed)]

@@ -193,24 +193,27 @@ class Experiment:
         return panels
 
     def profile_description(self) -> str:
-        """The training profile, with the chapter's overrides of it, e.g. "jsrt (epochs 5)"."""
-        overrides = ", ".join(f"{name} {value}" for name, value in sorted((self.training_overrides or {}).items()))
+        """The training profile, with the chapter's overrides of it, e.g. "jsrt (epochs 5)" (a None override
+        keeps the profile's value and is not named; the training seeds have their own row)."""
+        overrides = ", ".join(f"{name} {value}" for name, value in sorted((self.training_overrides or {}).items())
+                              if value is not None)
         return f"{self.profile} ({overrides})" if overrides else self.profile
 
-    def settings_table(self) -> pd.DataFrame:
-        """The settings a chapter states: data, input space, certificate parameters, profile, device."""
+    def settings_table(self, training_seeds: Sequence[int] | None = None) -> pd.DataFrame:
+        """The settings a chapter states: data, input space, certificate parameters, profile, the seeds its
+        models are trained from (``training_seeds``, else :meth:`training_seeds`), device."""
         test_set = self.data.load("test")
         image, _ = test_set[0]
         shown = min(len(test_set), self.test_images or len(test_set))
         split = f"split seed {self.seed}" + (f", runs of {self.split_block} consecutive ids" if self.split_block else "")
         return pd.DataFrame({"setting": [
-            "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile", "device",
-            "precision", "training precision",
+            "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile",
+            "training seeds", "device", "precision", "training precision",
         ], "value": [
             self.dataset, f"[0, 1]^({'×'.join(map(str, image.shape))})",
             f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
-            str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
+            ", ".join(map(str, self.training_seeds(training_seeds))), str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
             + (" (auto)" if self.precision == AUTO else ""), self.training.training_precision,
         ]}).set_index("setting")
 

@@ -398,6 +398,66 @@ def montgomery_256_claims() -> list[Claim]:
     ]
 
 
+MONTGOMERY_SEEDS = "book/montgomery_seeds.ipynb"
+
+
+def montgomery_seeds_claims() -> list[Claim]:
+    """The Montgomery over three training seeds section of results/README.md: the chapter's tables (means over
+    seeds and images, ours minus SegCertify with its two-level interval and seed spread) and the per-seed
+    certified lung Dice of ours and SegCertify."""
+    def seed_row(label: str, method: str, sigma: str, shown: str) -> Claim:
+        return Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} | {{}} | {{}} | {{}} |", MONTGOMERY_SEEDS,
+                     tuple(cell(method, "resunetpp", sigma, column=column, code="seeds_table") for column in range(4, 9)))
+
+    return [
+        *dataset_chapter_claims(MONTGOMERY_SEEDS, {"resunetpp": ("0.96", "0.94", "0.89")}, archs=("resunetpp",)),
+        *[seed_row(label, method, sigma, shown) for label, method in (("ours", OURS), ("SegCertify", SEGCERTIFY))
+          for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+        Claim(RESULTS, "runs of this chapter took {} s of a 2-core CPU, training included",
+              "results/montgomery_seeds_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
+        Claim(RESULTS, "Certified lung Dice per training seed (mean over the {} images)", MONTGOMERY_SEEDS,
+              (calc_from(cell("test images", column=1, code="settings_table"), lambda text: text.split()[0]),)),
+        Claim(RESULTS, "**Ours does not move between trainings**: {} / {} / {} at every seed, the single-training "
+                       "chapter's numbers", MONTGOMERY,
+              tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+        Claim(RESULTS, "**SegCertify at sigma 1.0 depends on its training**: {} / {} / {} certified lung Dice",
+              MONTGOMERY_SEEDS, tuple(cell(SEGCERTIFY, "resunetpp", "1.00", column=column, code="seeds_table")
+                                      for column in (4, 5, 6))),
+        Claim(RESULTS, "The single-training chapter's {} lead of ours at sigma 1.0", MONTGOMERY,
+              (calc_from(cell("resunetpp", OURS, "1.00", column=3, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.split()[0]),)),
+        Claim(RESULTS, "over three seeds ours is ahead by {}, the interval [{}, {}] excluding 0. At sigma 0.5 ours is "
+                       "ahead at every seed ({}, interval", MONTGOMERY_SEEDS,
+              (*(calc_from(cell("resunetpp", OURS, "1.00", column=3, spec="minus", code="ours_against_segcertify"),
+                           lambda text, index=index: text.replace("[", "").replace("]", "").replace(",", "").split()[index])
+                 for index in (0, 1, 2)),
+               calc_from(cell("resunetpp", OURS, "0.50", column=3, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.split()[0]))),
+        Claim(RESULTS, "ahead at sigma 0.25 by {}; over three seeds the difference is {}, a tie", MONTGOMERY,
+              (calc_from(cell("resunetpp", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.rsplit(" sd", 1)[0]),
+               lambda _: calc_from(cell("resunetpp", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
+                                   lambda text: text.rsplit(" sd", 1)[0])(load(MONTGOMERY_SEEDS)))),
+        Claim(RESULTS, "(ours still abstains on {} points less of the image). Its abstention difference at sigma 1.0 "
+                       "({} points, SegCertify", MONTGOMERY_SEEDS,
+              (calc_from(cell("resunetpp", OURS, "0.25", column=4, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.split()[0].lstrip(MINUS)),
+               lambda _: calc_from(cell("resunetpp", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
+                                   lambda text: text.split()[0])(load(MONTGOMERY)))),
+        Claim("book/intro.md", "ours certifies {} / {} / {} at every seed and stays ahead of SegCertify at σ = 0.5 and 1.0 "
+                               "({} and {}, the interval", MONTGOMERY_SEEDS,
+              (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
+               *(calc_from(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify"),
+                           lambda text: text.split()[0]) for sigma in SIGMAS[1:]))),
+        Claim("book/intro.md", "certified Dice at σ = 1.0 moves between {} and {} from one training", MONTGOMERY_SEEDS,
+              (cell(SEGCERTIFY, "resunetpp", "1.00", column=4, code="seeds_table"),
+               cell(SEGCERTIFY, "resunetpp", "1.00", column=5, code="seeds_table"))),
+        Claim(RESULTS, "background) becomes {}: no direction", MONTGOMERY_SEEDS,
+              (calc_from(cell("resunetpp", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
+                         lambda text: text.rsplit(" sd", 1)[0]),)),
+    ]
+
+
 ISIC, ISIC_GATE = "book/isic2017.ipynb", "results/isic2017_denoiser_gate_val.json"
 ISIC_SEGMENTERS, ISIC_COST = "results/isic2017_segmenters_val.json", "results/isic2017_chapter_cost.json"
 
@@ -925,6 +985,7 @@ CLAIMS: list[Claim] = [
     *dataset_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
                                        "deeplabv2": ("0.80", "0.34", "0.04")}),
     *montgomery_256_claims(),
+    *montgomery_seeds_claims(),
     *hippocampus_claims(),
     *isic_claims(),
     Claim(RESULTS, "same ResUNet++ on the 27 test images, FFDNet minus the set's DDPM in certified lung Dice is {} / {} / {} "

@@ -206,6 +206,7 @@ class Experiment:
         image, _ = test_set[0]
         shown = min(len(test_set), self.test_images or len(test_set))
         split = f"split seed {self.seed}" + (f", runs of {self.split_block} consecutive ids" if self.split_block else "")
+        seeds = ", ".join(map(str, self.training_seeds(training_seeds)))
         return pd.DataFrame({"setting": [
             "dataset", "certified input space", "test images", "σ", "n0 / n", "α (Holm) / τ", "profile",
             "training seeds", "device", "precision", "training precision",
@@ -213,7 +214,7 @@ class Experiment:
             self.dataset, f"[0, 1]^({'×'.join(map(str, image.shape))})",
             f"{shown} of {len(test_set)} ({split})", ", ".join(f"{s:g}" for s in self.sigmas),
             f"{self.n0} / {self.n}", f"{self.alpha:g} / {self.tau:g}", self.profile_description(),
-            ", ".join(map(str, self.training_seeds(training_seeds))), str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
+            seeds, str(resolve_device(self.device)), resolve_precision(self.precision, self.device)
             + (" (auto)" if self.precision == AUTO else ""), self.training.training_precision,
         ]}).set_index("setting")
 

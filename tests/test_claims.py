@@ -353,6 +353,11 @@ def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]
     ]
 
 
+def against_segcertify(arch: str, sigma: str, column: int = 3, transform: Callable[[str], str] = str) -> Value:
+    """A cell of a chapter's ours-minus-SegCertify table (Unicode minus), transformed (e.g. its mean alone)."""
+    return calc_from(cell(arch, OURS, sigma, column=column, spec="minus", code="ours_against_segcertify"), transform)
+
+
 MONTGOMERY_256 = "book/montgomery_256.ipynb"
 MONTGOMERY_256_SEGMENTERS = "results/montgomery_256_segmenters_val.json"
 
@@ -379,22 +384,17 @@ def montgomery_256_claims() -> list[Claim]:
         Claim("book/intro.md", "at the shared copy's 256 px, UNet certifies {} / {} / {} against the paper's UNet 0.93 / "
                                "0.89 / 0.88, ahead of SegCertify at σ = 0.5 and 1.0 and behind it by {} at 0.25", MONTGOMERY_256,
               (*(cell(OURS, "unet", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
-               calc_from(cell("unet", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip(MINUS)))),
+               against_segcertify("unet", "0.25", transform=lambda text: text.split()[0].lstrip(MINUS)))),
         Claim(RESULTS, "as at 128 px ({} / {} / {} there, the Montgomery chapter above)", MONTGOMERY,
               tuple(cell(OURS, "unet", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
         Claim(RESULTS, "(by {}, the interval excluding 0, while ours abstains on {} point less of the image), **far "
                        "behind at 0.5** ({}:", MONTGOMERY_256,
-              (calc_from(cell("unet", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip(MINUS)),
-               calc_from(cell("unet", OURS, "0.25", column=4, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip(MINUS)),
+              (against_segcertify("unet", "0.25", transform=lambda text: text.split()[0].lstrip(MINUS)),
+               against_segcertify("unet", "0.25", 4, lambda text: text.split()[0].lstrip(MINUS)),
                cell(SEGCERTIFY, "unet", "0.50", column=4, code="paper_table(comparison)"))),
         Claim(RESULTS, "abstains less than ours ({} points). At 128 px SegCertify kept {} at sigma 0.5 with ResUNet++",
-              MONTGOMERY_256, (calc_from(cell("unet", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
-                                         lambda text: text.split()[0]),
-                               lambda _: cell(SEGCERTIFY, "resunetpp", "0.50", column=4,
-                                              code="paper_table(comparison)")(load(MONTGOMERY)))),
+              MONTGOMERY_256, (against_segcertify("unet", "1.00", 4, lambda text: text.split()[0]),
+                               elsewhere(cell(SEGCERTIFY, "resunetpp", "0.50", column=4, code="paper_table(comparison)"), MONTGOMERY))),
     ]
 
 
@@ -424,37 +424,28 @@ def montgomery_seeds_claims() -> list[Claim]:
               MONTGOMERY_SEEDS, tuple(cell(SEGCERTIFY, "resunetpp", "1.00", column=column, code="seeds_table")
                                       for column in (4, 5, 6))),
         Claim(RESULTS, "The single-training chapter's {} lead of ours at sigma 1.0", MONTGOMERY,
-              (calc_from(cell("resunetpp", OURS, "1.00", column=3, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0]),)),
+              (against_segcertify("resunetpp", "1.00", transform=lambda text: text.split()[0]),)),
         Claim(RESULTS, "over three seeds ours is ahead by {}, the interval [{}, {}] excluding 0. At sigma 0.5 ours is "
                        "ahead at every seed ({}, interval", MONTGOMERY_SEEDS,
-              (*(calc_from(cell("resunetpp", OURS, "1.00", column=3, spec="minus", code="ours_against_segcertify"),
-                           lambda text, index=index: text.replace("[", "").replace("]", "").replace(",", "").split()[index])
+              (*(against_segcertify("resunetpp", "1.00", transform=lambda text, index=index: text.replace("[", "").replace("]", "").replace(",", "").split()[index])
                  for index in (0, 1, 2)),
-               calc_from(cell("resunetpp", OURS, "0.50", column=3, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0]))),
+               against_segcertify("resunetpp", "0.50", transform=lambda text: text.split()[0]))),
         Claim(RESULTS, "ahead at sigma 0.25 by {}; over three seeds the difference is {}, a tie", MONTGOMERY,
-              (calc_from(cell("resunetpp", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.rsplit(" sd", 1)[0]),
-               lambda _: calc_from(cell("resunetpp", OURS, "0.25", column=3, spec="minus", code="ours_against_segcertify"),
-                                   lambda text: text.rsplit(" sd", 1)[0])(load(MONTGOMERY_SEEDS)))),
+              (against_segcertify("resunetpp", "0.25", transform=lambda text: text.rsplit(" sd", 1)[0]),
+               elsewhere(against_segcertify("resunetpp", "0.25", transform=lambda text: text.rsplit(" sd", 1)[0]), MONTGOMERY_SEEDS))),
         Claim(RESULTS, "(ours still abstains on {} points less of the image). Its abstention difference at sigma 1.0 "
                        "({} points, SegCertify", MONTGOMERY_SEEDS,
-              (calc_from(cell("resunetpp", OURS, "0.25", column=4, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip(MINUS)),
-               lambda _: calc_from(cell("resunetpp", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
-                                   lambda text: text.split()[0])(load(MONTGOMERY)))),
+              (against_segcertify("resunetpp", "0.25", 4, lambda text: text.split()[0].lstrip(MINUS)),
+               elsewhere(against_segcertify("resunetpp", "1.00", 4, lambda text: text.split()[0]), MONTGOMERY))),
         Claim("book/intro.md", "ours certifies {} / {} / {} at every seed and stays ahead of SegCertify at σ = 0.5 and 1.0 "
                                "({} and {}, the interval", MONTGOMERY_SEEDS,
               (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
-               *(calc_from(cell("resunetpp", OURS, sigma, column=3, spec="minus", code="ours_against_segcertify"),
-                           lambda text: text.split()[0]) for sigma in SIGMAS[1:]))),
+               *(against_segcertify("resunetpp", sigma, transform=lambda text: text.split()[0]) for sigma in SIGMAS[1:]))),
         Claim("book/intro.md", "certified Dice at σ = 1.0 moves between {} and {} from one training", MONTGOMERY_SEEDS,
               (cell(SEGCERTIFY, "resunetpp", "1.00", column=4, code="seeds_table"),
                cell(SEGCERTIFY, "resunetpp", "1.00", column=5, code="seeds_table"))),
         Claim(RESULTS, "background) becomes {}: no direction", MONTGOMERY_SEEDS,
-              (calc_from(cell("resunetpp", OURS, "1.00", column=4, spec="minus", code="ours_against_segcertify"),
-                         lambda text: text.rsplit(" sd", 1)[0]),)),
+              (against_segcertify("resunetpp", "1.00", 4, lambda text: text.rsplit(" sd", 1)[0]),)),
     ]
 
 

@@ -279,8 +279,8 @@ SETTINGS: dict[str, Setting] = {
     "sigmas": Setting([0.25, 0.5, 1.0], (list,), "noise levels, in the [0, 1] input scale", check=_ranged("sigma")),
     "n0": Setting(10, (int,), "selection draws per image", check=_ranged("n0")),
     "n": Setting(100, (int,), "estimation draws per image", check=_ranged("n")),
-    "alpha": Setting(0.001, (int, float), "family-wise error level (Holm over all pixels)", check=_ranged("alpha")),
-    "tau": Setting(0.75, (int, float), "class probability a pixel must exceed to be certified", check=_ranged("tau")),
+    "alpha": Setting(0.001, (int, float), "family-wise error level (Holm over all pixels or voxels)", check=_ranged("alpha")),
+    "tau": Setting(0.75, (int, float), "class probability a pixel (voxel) must exceed to be certified", check=_ranged("tau")),
     # execution
     "device": Setting("auto", (str,), "auto | cpu | cuda | cuda:1 ..."),
     "batch_size": Setting(32, (int, str), 'noisy draws per forward pass, or "auto" (largest that fits the GPU)',

@@ -358,17 +358,24 @@ def against_segcertify(arch: str, sigma: str, column: int = 3, transform: Callab
     return calc_from(cell(arch, OURS, sigma, column=column, spec="minus", code="ours_against_segcertify"), transform)
 
 
+def ffdnet_difference(sigma: str, column: int = 3, spec: str | None = "minus") -> Value:
+    """A cell of a chapter's FFDNet-minus-its-DDPM table in front of ResUNet++ (3: Dice, 4: abstention)."""
+    return cell("resunetpp", FFDNET_OURS, sigma, column=column, spec=spec, code="other_denoisers_against_ours")
+
+
+def unsigned_mean(value: Value) -> Value:
+    """The mean alone of a paired cell such as "−0.02 [−0.02, −0.01]", without its sign ("0.02")."""
+    return calc_from(value, lambda text: text.split()[0].lstrip("+" + MINUS))
+
+
 def ffdnet_against_ddpm(notebook: str, images: int, target: str) -> Claim:
     """results/README.md's sentence on a dataset chapter's FFDNet rows: FFDNet minus the set's DDPM in front of
-    ResUNet++, certified ``target`` Dice (mean [interval]) and abstention (the mean alone, unsigned) per sigma."""
-    def difference(sigma: str, column: int) -> Value:
-        return cell("resunetpp", FFDNET_OURS, sigma, column=column, spec="minus", code="other_denoisers_against_ours")
-
+    ResUNet++, certified ``target`` Dice (mean [interval]) and abstention (the mean alone, without its +) per sigma."""
     return Claim(RESULTS, f"same ResUNet++ on the {images} test images, FFDNet minus the set's DDPM in certified {target} "
                           "Dice is {} / {} / {} at sigma 0.25 / 0.5 / 1.0, and it abstains on {} / {} / {} more points",
-                 notebook, (*(difference(sigma, 3) for sigma in SIGMAS),
-                            *(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=4, code="other_denoisers_against_ours"),
-                                        lambda text: text.split()[0].lstrip("+")) for sigma in SIGMAS)))
+                 notebook, (*(ffdnet_difference(sigma) for sigma in SIGMAS),
+                            *(calc_from(ffdnet_difference(sigma, 4, spec=None), lambda text: text.split()[0].lstrip("+"))
+                              for sigma in SIGMAS)))
 
 
 MONTGOMERY_256 = "book/montgomery_256.ipynb"
@@ -428,9 +435,6 @@ def shenzhen_claims() -> list[Claim]:
     def ours(arch: str) -> tuple[Value, ...]:
         return tuple(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
 
-    def unsigned_mean(value: Value) -> Value:
-        return calc_from(value, lambda text: text.split()[0].lstrip("+" + MINUS))
-
     segcertify_1 = cell(SEGCERTIFY, "resunetpp", "1.00", column=4, code="paper_table(comparison)")
     return [
         *dataset_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
@@ -463,15 +467,13 @@ def shenzhen_claims() -> list[Claim]:
         Claim(RESULTS, "DeepLabV2 certifies {} / {} / {} here", SHENZHEN, ours("deeplabv2")),
         ffdnet_against_ddpm(SHENZHEN, 40, "lung"),
         Claim("book/intro.md", "and on Shenzhen's 40 by {} / {} / {} (each interval below 0", SHENZHEN,
-              tuple(unsigned_mean(cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus",
-                                       code="other_denoisers_against_ours")) for sigma in SIGMAS)),
+              tuple(unsigned_mean(ffdnet_difference(sigma)) for sigma in SIGMAS)),
         Claim("book/intro.md", "it abstains less at every σ (by {} points of the image at 1.0), and the previous training "
                                "of the same settings had SegCertify at {} at σ = 1.0 where this one has {}", SHENZHEN,
               (unsigned_mean(against_segcertify("resunetpp", "1.00", 4)), elsewhere(segcertify_1, SHENZHEN_BEFORE),
                segcertify_1)),
         Claim(RESULTS, "further behind than on Montgomery ({} / {} / {})", MONTGOMERY,
-              tuple(unsigned_mean(cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus",
-                                       code="other_denoisers_against_ours")) for sigma in SIGMAS)),
+              tuple(unsigned_mean(ffdnet_difference(sigma)) for sigma in SIGMAS)),
     ]
 
 
@@ -541,8 +543,6 @@ def isic_claims() -> list[Claim]:
         return calc(lambda data: get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": FFDNET_SHRINK},
                                             key)), spec)
 
-    ffdnet = [cell("resunetpp", FFDNET_OURS, sigma, column=3, spec="minus", code="other_denoisers_against_ours")
-              for sigma in SIGMAS]
     ours = [cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS]
     return [
         *dataset_chapter_claims(ISIC, {"resunetpp": ("0.85", "0.83", "0.77")}, "lesion", ("0.79", "0.41", "0.00")),
@@ -557,7 +557,7 @@ def isic_claims() -> list[Claim]:
         Claim("book/intro.md", "validation PSNR at σ = 0.25 ({} dB [{}, {}])", ISIC_GATE,
               tuple(gate(0.25, key, "signed2") for key in ("mean_db", "low_db", "high_db"))),
         Claim("book/intro.md", "it certifies less lesion than the DDPM at every σ, by little: {} / {} / {}", ISIC,
-              tuple(calc_from(value, lambda text: text.split()[0].lstrip(MINUS)) for value in ffdnet)),
+              tuple(calc_from(ffdnet_difference(sigma), lambda text: text.split()[0].lstrip(MINUS)) for sigma in SIGMAS)),
         Claim(RESULTS, "best validation Dice ResUNet++ {}, UNet {}, DeepLabV2 {}, noise-trained ResUNet++ {}, each at "
                        "its last epoch", ISIC_SEGMENTERS,
               (val_dice("resunetpp", 0.0), val_dice("unet", 0.0), val_dice("deeplabv2", 0.0), val_dice("resunetpp", 0.25))),
@@ -999,7 +999,7 @@ CLAIMS: list[Claim] = [
       for label, method in [("DDPM, single-step", "ours (ddpm, this dataset, single-step)"),
                             ("UNet denoiser (one per sigma)", "ours (unet)"),
                             ("none", "ours (no denoiser)"),
-                            ("FFDNet, natural images only", "ours (ffdnet, FFDNet, natural images only)"),
+                            ("FFDNet, natural images only", FFDNET_OURS),
                             ("DDPM trained on cxr_lungs", "ours (ddpm, trained on cxr_lungs, single-step)")]],
     Claim(RESULTS, "(mean certified Dice over the classes {} / {} / {} against the UNet denoisers' {} / {} / {})",
           "book/ablation_denoiser_jsrt.ipynb",

@@ -12,7 +12,8 @@ dataset, profile, image size...). A grid value, a ``--set`` override, a notebook
 Profiles (:data:`PROFILES`), how much training a run may spend:
 
 quick: embedded phantoms, tiny models and a tiny DDPM; minutes on 2 CPU cores (the main job).
-jsrt:  the real JSRT data at a CPU-feasible 128 px with tiny models and an in-project DDPM.
+jsrt:  the real JSRT data at a CPU-feasible 128 px with capacity-matched segmenters trained to
+       convergence on validation Dice, and an in-project DDPM.
 paper: the paper's sizes and models, for a GPU (its denoiser is OpenAI's 256x256 checkpoint).
 smoke: one epoch, a couple of DDPM steps: checks that the pipeline runs, numbers mean nothing.
 """

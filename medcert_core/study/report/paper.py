@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.study.report.tables import paper_table
+from medcert_core.study.report.tables import paired_differences, paper_table
 
 CLASSES = ("lung", "heart", "clavicle")
 _ROW = ("method", "train_noise", "arch", "sigma")
@@ -187,7 +187,9 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
         classes = per_arch["class_id"].nunique()
         weights = {arch: count_parameters(preset_model(training.preset, arch, num_classes=classes)) for arch in archs}
         sizes = ", ".join(f"{arch} {count / 1e6:.1f} M" for arch, count in weights.items())
-        lines.append(f"**Segmenters.** The `{training.preset}` preset ({training.epochs} epochs; parameters: {sizes}) "
+        epochs = (f"at most {training.epochs} epochs, stopped after {training.patience} without a better "
+                  "validation Dice, the best kept" if training.patience else f"{training.epochs} epochs")
+        lines.append(f"**Segmenters.** The `{training.preset}` preset ({epochs}; parameters: {sizes}) "
                      "replaces the paper's full-size models trained for longer on a GPU.")
     if shown < test_count:
         lines.append(f"**Test images.** The first {shown} of the {test_count} test images (split seed "
@@ -215,32 +217,30 @@ def differences_from_paper(experiment, denoiser: str, per_arch: pd.DataFrame, co
     return "\n".join(f"- {line}" for line in lines)
 
 
-TIE = 0.01  # certified Dice differences below this are called a tie
-
-
 def segcertify_against_ours(comparison: pd.DataFrame) -> list[str]:
     """One sentence per sigma: on how many (architecture, class) pairs ours' certified Dice is ahead of,
-    tied with (within ``TIE``) or behind SegCertify's, naming the pairs where it is not ahead."""
-    table = measured(comparison[comparison["method"].isin(["ours", "segcertify"])])
-    if table.empty or set(table.index.get_level_values("method")) != {"ours", "segcertify"}:
+    tied with or behind SegCertify's by the paired 95 % interval over the test images
+    (``tables.paired_differences``: ahead when it lies above 0, behind when below, tied when it holds 0),
+    naming the pairs where ours is not ahead with their intervals."""
+    smoothed = comparison[comparison["method"].isin(["ours", "segcertify"])]
+    if set(smoothed["method"]) != {"ours", "segcertify"}:
         return []
-    dice = table.xs("Dice", level=1, axis=1)[[name for name in CLASSES if (name, "Dice") in table.columns]]
-    ours, theirs = (dice.xs(method, level="method").droplevel("train_noise") for method in ("ours", "segcertify"))
+    reference = smoothed.loc[smoothed["method"] == "segcertify", "method_label"].iloc[0]
+    differences = paired_differences(smoothed, reference=reference)
+    if differences.empty:
+        return []
+    dice = differences[differences["class"] != "all %⊘"]
     lines = []
-    for sigma in sorted(set(ours.index.get_level_values("sigma")) & set(theirs.index.get_level_values("sigma"))):
-        mine, other = ours.xs(sigma, level="sigma"), theirs.xs(sigma, level="sigma")
-        archs = [arch for arch in mine.index if arch in other.index]
-        pairs = [(arch, name, float(mine.loc[arch, name]), float(other.loc[arch, name])) for arch in archs
-                 for name in dice.columns if not (np.isnan(mine.loc[arch, name]) or np.isnan(other.loc[arch, name]))]
-        ahead = [pair for pair in pairs if pair[2] - pair[3] >= TIE]
-        tied = [pair for pair in pairs if abs(pair[2] - pair[3]) < TIE]
-        behind = [pair for pair in pairs if pair[3] - pair[2] >= TIE]
-        detail = "; ".join(f"{kind} {arch} {name} {mine_value:.2f} vs {other_value:.2f}"
-                           for kind, group in (("tied:", tied), ("behind:", behind))
-                           for arch, name, mine_value, other_value in group)
-        lines.append(f"**SegCertify against ours, σ = {sigma:g}.** Ours' certified Dice is ahead on {len(ahead)}, "
-                     f"tied (within {TIE:g}) on {len(tied)} and behind on {len(behind)} of {len(pairs)} "
-                     f"(architecture, class) pairs" + (f" ({detail})." if detail else "."))
+    for sigma, rows in dice.groupby("σ", sort=True):
+        count = {side: int((rows["ahead"] == side).sum()) for side in ("yes", "–", "no")}
+        detail = "; ".join(f"{kind} {row['arch']} {row['class']} {row['mean']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]"
+                           for kind, side in (("tied:", "–"), ("behind:", "no"))
+                           for row in rows[rows["ahead"] == side].to_dict("records"))
+        images = int(rows["images"].min())
+        lines.append(f"**SegCertify against ours, σ = {sigma:g}.** By the paired 95 % interval over the test images "
+                     f"({images} or more per pair), ours' certified Dice is ahead on {count['yes']}, tied (the interval "
+                     f"holds 0) on {count['–']} and behind on {count['no']} of {len(rows)} (architecture, class) "
+                     "pairs" + (f" ({detail})." if detail else "."))
     return lines
 
 

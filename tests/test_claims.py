@@ -695,6 +695,7 @@ JSRT_LABELS = {(OURS, "resunetpp"): "ours, ResUNet++", (OURS, "unet"): "ours, UN
                (SEGCERTIFY, "unet"): "SegCertify, UNet", (SEGCERTIFY, "deeplabv2"): "SegCertify, DeepLabV2"}
 
 
+STEPS_JSRT, MULTI_STEP = "book/ablation_denoising_steps_jsrt.ipynb", "ours (ddpm, 10-step)"
 JSRT_SEGCERTIFY_COUNT = (r"σ = 0\.25\.\*\* By the paired 95 % interval over the test images \(\d+ or more per pair\), ours' "
                          r"certified Dice is ahead on (\d+), tied \(the interval holds 0\) on (\d+) and behind on (\d+)")
 """The chapter's "SegCertify against ours" sentence at σ = 0.25: pairs ahead, tied and behind by the paired intervals."""
@@ -1024,6 +1025,12 @@ CLAIMS: list[Claim] = [
           "book/ablation_denoising_steps_jsrt.ipynb",
           tuple(ranked(sigma, method) for method in (OURS, "ours (ddpm, 10-step)") for sigma in SIGMAS)
           + tuple(ranked(sigma, "ours (ddpm, 10-step)", column=4, unsigned=True) for sigma in SIGMAS)),
+    *[Claim(RESULTS, f"| {sigma:g}{'.0' if sigma == 1 else ''} | {{}} | {{}} | {{}} | {{}} |", STEPS_JSRT,
+            tuple(cell("resunetpp", MULTI_STEP, f"{sigma:.2f}", column=column, spec="minus", code="paired_differences")
+                  for column in (3, 4, 5, 6)))
+      for sigma in (0.25, 0.5, 1.0)],
+    Claim("book/intro.md", "e.g. clavicle {} at σ = 0.5", STEPS_JSRT,
+          (cell("resunetpp", MULTI_STEP, "0.50", column=5, spec="minus", code="paired_differences"),)),
     *[Claim(RESULTS, f"| ours − SegCertify, {label} | {sigma:g}{'.0' if sigma == 1 else ''} | {{}} | {{}} | {{}} | {{}} |",
             "book/jsrt.ipynb", tuple(cell(arch, OURS, f"{sigma:.2f}", column=column, spec="minus",
                                           code="ours_against_segcertify") for column in (3, 4, 5, 6)))

@@ -418,6 +418,11 @@ def montgomery_256_claims() -> list[Claim]:
     ]
 
 
+def best_epoch(choose: Callable[..., int]) -> Value:
+    """``choose`` (min or max) of the best epochs of a segmenters' validation JSON (scripts/segmenter_history.py)."""
+    return calc(lambda data: choose(item["best_epoch"] for item in data["segmenters"]), "d")
+
+
 SHENZHEN_BEFORE = "b73656d:book/shenzhen.ipynb"
 SHENZHEN_SEGMENTERS = "results/shenzhen_segmenters_val.json"
 
@@ -428,9 +433,6 @@ def shenzhen_claims() -> list[Claim]:
     chapter's previous execution (commit b73656d) beside this one."""
     def val_dice(arch: str, noise: float) -> Value:
         return at("segmenters", {"arch": arch, "noise_sigma": noise}, "best_val_dice", spec=".3f")
-
-    def best_epoch(choose: Callable[..., int]) -> Value:
-        return calc(lambda data: choose(item["best_epoch"] for item in data["segmenters"]), "d")
 
     def ours(arch: str) -> tuple[Value, ...]:
         return tuple(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
@@ -1063,14 +1065,12 @@ CLAIMS: list[Claim] = [
     Claim(RESULTS, "every model and the DDPM trained afresh, {} s on the 2-core CPU with the training", JSRT_COST,
           (at("total_seconds", spec=",.0f"),)),
     Claim(RESULTS, "(best validation epochs {} to {} of 60, `jsrt_segmenters_val.json`)", JSRT_VAL,
-          (calc(lambda data: min(model["best_epoch"] for model in data["segmenters"]), "d"),
-           calc(lambda data: max(model["best_epoch"] for model in data["segmenters"]), "d"))),
+          (best_epoch(min), best_epoch(max))),
     Claim(RESULTS, "DeepLabV2 is ahead of ResUNet++ by {} and UNet behind it by {}", JSRT,
           tuple(cell(arch, OURS, "1.00", column=5, spec="minus", code="architectures_against_first")
                 for arch in ("deeplabv2", "unet"))),
     Claim("book/intro.md", "at σ = 1.0 DeepLabV2 is ahead of ResUNet++ on the clavicle by {} (25 test images)", JSRT,
-          (calc_from(cell("deeplabv2", OURS, "1.00", column=5, code="architectures_against_first"),
-                     lambda text: text.split()[0].lstrip("+")),)),
+          (unsigned_mean(cell("deeplabv2", OURS, "1.00", column=5, code="architectures_against_first")),)),
     Claim(RESULTS, "for each architecture by 0.01 with the interval excluding 0 (ResUNet++ {}); ours is ahead on "
                    "UNet's lung ({})", JSRT,
           (cell("resunetpp", OURS, "0.25", column=4, spec="minus", code="ours_against_segcertify"),

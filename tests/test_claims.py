@@ -723,6 +723,68 @@ def jsrt_row(method: str, arch: str, index: int) -> Claim:
     return Claim(RESULTS, text, JSRT, values + (abstain, elsewhere(abstain, JSRT_BEFORE)))
 
 
+JSRT_256_BEFORE, JSRT_256_VAL = "9d0493c:book/jsrt_256.ipynb", "results/jsrt_256_segmenters_val.json"
+
+
+def certified_row(method: str, arch: str, sigma: str, code: str) -> tuple[Value, ...]:
+    """A three-class chapter's ``lung / heart / clavicle, % abstain`` at one σ, from its paper-layout table."""
+    return (*(cell(method, arch, sigma, column=column, code=code) for column in (4, 7, 10)),
+            cell(method, arch, sigma, column=13, spec=".1f", code=code))
+
+
+def unet_256_val(noise: float, key: str, spec: str) -> Value:
+    """``best_val_dice`` or ``best_epoch`` of the 256 px UNet trained with ``noise`` (results/jsrt_256_segmenters_val.json)."""
+    return calc(lambda data: next(item[key] for item in data["segmenters"] if item["noise_sigma"] == noise), spec)
+
+
+def jsrt_256_claims() -> list[Claim]:
+    """results/README.md's section on UNet at 256 px: ours and SegCertify at 256 px, the 128 px chapter's UNet on
+    the same images, the paired differences, the segmenters' validation, the cost and the previous execution."""
+    table = "paper_table(comparison)"
+    return [
+        *[Claim(RESULTS, f"| {shown} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | "
+                         f"{{}} / {{}} / {{}}, {{}} % | {paper} |", JSRT_256,
+                (*certified_row(OURS, "unet", sigma, table), *certified_row(SEGCERTIFY, "unet", sigma, table),
+                 *(elsewhere(value, JSRT) for value in certified_row(OURS, "unet", sigma, "paper_table(per_arch)"))))
+          for sigma, shown, paper in zip(SIGMAS, ("0.25 (0.17)", "0.5 (0.34)", "1.0 (0.67)"),
+                                         ("0.94 / 0.88 / 0.75, 7 %", "0.90 / 0.88 / 0.61, 9 %", "0.87 / 0.84 / 0.23, 15 %"))],
+        *[Claim(RESULTS, f"| {shown} | {{}} | {{}} | {{}} | {{}} |", JSRT_256,
+                paired("unet", OURS, sigma, (3, 4, 5, 6), "ours_against_segcertify"))
+          for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+        Claim(RESULTS, "Plain Dice on clean images: {} / {} / {} (no noise), {} / {} / {} (noise-trained)", JSRT_256,
+              tuple(cell(method, "unet", "0.00", column=column, code=table)
+                    for method in ("plain (noise 0)", "plain (noise 0.25)") for column in (4, 7, 10))),
+        Claim(RESULTS, "best validation Dice {} at epoch {} (no noise) and {} at epoch {} (trained with sigma 0.25 "
+                       "noise), `jsrt_256_segmenters_val.json`", JSRT_256_VAL,
+              tuple(unet_256_val(noise, key, spec) for noise in (0.0, 0.25)
+                    for key, spec in (("best_val_dice", ".3f"), ("best_epoch", "d")))),
+        Claim(RESULTS, "both trainings included, took {} s on 2 CPU cores (`jsrt_256_chapter_cost.json`)",
+              "results/jsrt_256_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
+        Claim(RESULTS, "SegCertify slightly ahead on heart and clavicle** (heart {}, clavicle {}, both intervals below 0, "
+                       "the clavicle's only just), ours {} ahead on lung and abstaining {} points less", JSRT_256,
+              (*(calc_from(cell("unet", OURS, "0.25", column=column, spec="minus", code="ours_against_segcertify"),
+                           lambda text: text.split()[0]) for column in (4, 5)),
+               calc_from(cell("unet", OURS, "0.25", column=3, code="ours_against_segcertify"),
+                         lambda text: text.split()[0].lstrip("+")),
+               calc_from(cell("unet", OURS, "0.25", column=6, code="ours_against_segcertify"),
+                         lambda text: text.split()[0].lstrip("-")))),
+        Claim(RESULTS, "it abstains on no pixel ({} %) while certifying no organ; ours abstains on {} % and keeps "
+                       "{} / {} / {}", JSRT_256,
+              (cell(SEGCERTIFY, "unet", "1.00", column=13, spec=".1f", code=table),
+               cell(OURS, "unet", "1.00", column=13, spec=".1f", code=table),
+               *(cell(OURS, "unet", "1.00", column=column, code=table) for column in (4, 7, 10)))),
+        Claim("book/intro.md", "JSRT's UNet at 256 px (the same 25 images) has SegCertify ahead on heart and clavicle, by "
+                               "{} and {} (`jsrt_256.ipynb`)", JSRT_256,
+              tuple(reversed_difference(cell("unet", OURS, "0.25", column=column, code="ours_against_segcertify"))
+                    for column in (4, 5))),
+        Claim("book/reference.md", "lung / heart / clavicle {} / {} / {} at sigma 1.0 with {} % abstaining, against "
+                                   "SegCertify's {} / {} / {} (background certified everywhere, {} % abstaining)", JSRT_256,
+              (*certified_row(OURS, "unet", "1.00", table), *certified_row(SEGCERTIFY, "unet", "1.00", table))),
+        Claim(RESULTS, "test images) ours certified {} / {} / {}, {} / {} / {} and {} / {} / {} at sigma", JSRT_256_BEFORE,
+              tuple(cell(OURS, "unet", sigma, column=column, code=table) for sigma in SIGMAS for column in (4, 7, 10))),
+    ]
+
+
 CLAIMS: list[Claim] = [
     # results/README.md: plain JSRT Dice per architecture
     *[Claim(RESULTS, f"| {label} | {epochs} | {{}} | {{}} | {{}} |", "results/jsrt_segmenters.json",
@@ -1196,18 +1258,7 @@ CLAIMS: list[Claim] = [
                             ("UNet denoisers", "ours (unet)")]
       for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
     # UNet at 256 px
-    *[Claim(RESULTS, f"| {shown} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | {paper} |", JSRT_256,
-            tuple(value for method in (OURS, SEGCERTIFY) for value in (
-                *(cell(method, "unet", sigma, column=column, code="paper_table(comparison)") for column in (4, 7, 10)),
-                cell(method, "unet", sigma, column=13, spec=".1f", code="paper_table(comparison)"))))
-      for sigma, shown, paper in zip(SIGMAS, ("0.25 (0.17)", "0.5 (0.34)", "1.0 (0.67)"),
-                                     ("0.94 / 0.88 / 0.75, 7 %", "0.90 / 0.88 / 0.61, 9 %", "0.87 / 0.84 / 0.23, 15 %"))],
-    *[Claim(RESULTS, f"| {shown} | {{}} | {{}} | {{}} | {{}} |", JSRT_256,
-            paired("unet", OURS, sigma, (3, 4, 5, 6), "ours_against_segcertify"))
-      for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
-    Claim(RESULTS, "Plain Dice on clean images: {} / {} / {} (no noise), {} / {} / {} (noise-trained)", JSRT_256,
-          tuple(cell(method, "unet", "0.00", column=column, code="paper_table(comparison)")
-                for method in ("plain (noise 0)", "plain (noise 0.25)") for column in (4, 7, 10))),
+    *jsrt_256_claims(),
     # book/intro.md: the off-the-shelf denoiser on JSRT and on cxr_lungs
     Claim("book/intro.md", "FFDNet certifies lungs {} lower than the in-domain DDPM, and hearts {} lower. It certifies "
                            "the clavicles at half the DDPM's Dice ({} against {})", ABLATION_JSRT,

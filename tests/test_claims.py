@@ -292,11 +292,15 @@ def said(pattern: str, group: int = 1) -> Value:
 SIGMAS = ("0.25", "0.50", "1.00")  # as the chapters' tables print them
 
 
+def certified_row(method: str, arch: str, sigma: str, code: str) -> tuple[Value, ...]:
+    """A three-class chapter's ``lung / heart / clavicle, % abstain`` at one σ, from its paper-layout table."""
+    return (*(cell(method, arch, sigma, column=column, code=code) for column in (4, 7, 10)),
+            cell(method, arch, sigma, column=13, spec=".1f", code=code))
+
+
 def dice_row(method: str, arch: str) -> tuple[Value, ...]:
     """A chapter's paper-layout row as ``lung / heart / clavicle, % abstain`` at each of the three σ."""
-    return tuple(value for sigma in SIGMAS for value in (
-        *(cell(method, arch, sigma, column=column, code="paper_table") for column in (4, 7, 10)),
-        cell(method, arch, sigma, column=13, spec=".1f", code="paper_table")))
+    return tuple(value for sigma in SIGMAS for value in certified_row(method, arch, sigma, "paper_table"))
 
 
 def ranked(sigma: str, method: str, column: int = 2, unsigned: bool = False) -> Value:
@@ -726,16 +730,6 @@ def jsrt_row(method: str, arch: str, index: int) -> Claim:
 JSRT_256_BEFORE, JSRT_256_VAL = "9d0493c:book/jsrt_256.ipynb", "results/jsrt_256_segmenters_val.json"
 
 
-def certified_row(method: str, arch: str, sigma: str, code: str) -> tuple[Value, ...]:
-    """A three-class chapter's ``lung / heart / clavicle, % abstain`` at one σ, from its paper-layout table."""
-    return (*(cell(method, arch, sigma, column=column, code=code) for column in (4, 7, 10)),
-            cell(method, arch, sigma, column=13, spec=".1f", code=code))
-
-
-def unet_256_val(noise: float, key: str, spec: str) -> Value:
-    """``best_val_dice`` or ``best_epoch`` of the 256 px UNet trained with ``noise`` (results/jsrt_256_segmenters_val.json)."""
-    return calc(lambda data: next(item[key] for item in data["segmenters"] if item["noise_sigma"] == noise), spec)
-
 
 def jsrt_256_claims() -> list[Claim]:
     """results/README.md's section on UNet at 256 px: ours and SegCertify at 256 px, the 128 px chapter's UNet on
@@ -756,7 +750,7 @@ def jsrt_256_claims() -> list[Claim]:
                     for method in ("plain (noise 0)", "plain (noise 0.25)") for column in (4, 7, 10))),
         Claim(RESULTS, "best validation Dice {} at epoch {} (no noise) and {} at epoch {} (trained with sigma 0.25 "
                        "noise), `jsrt_256_segmenters_val.json`", JSRT_256_VAL,
-              tuple(unet_256_val(noise, key, spec) for noise in (0.0, 0.25)
+              tuple(at("segmenters", {"noise_sigma": noise}, key, spec=spec) for noise in (0.0, 0.25)
                     for key, spec in (("best_val_dice", ".3f"), ("best_epoch", "d")))),
         Claim(RESULTS, "both trainings included, took {} s on 2 CPU cores (`jsrt_256_chapter_cost.json`)",
               "results/jsrt_256_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
@@ -764,10 +758,8 @@ def jsrt_256_claims() -> list[Claim]:
                        "the clavicle's only just), ours {} ahead on lung and abstaining {} points less", JSRT_256,
               (*(calc_from(cell("unet", OURS, "0.25", column=column, spec="minus", code="ours_against_segcertify"),
                            lambda text: text.split()[0]) for column in (4, 5)),
-               calc_from(cell("unet", OURS, "0.25", column=3, code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip("+")),
-               calc_from(cell("unet", OURS, "0.25", column=6, code="ours_against_segcertify"),
-                         lambda text: text.split()[0].lstrip("-")))),
+               *(unsigned_mean(cell("unet", OURS, "0.25", column=column, spec="minus", code="ours_against_segcertify"))
+                 for column in (3, 6)))),
         Claim(RESULTS, "it abstains on no pixel ({} %) while certifying no organ; ours abstains on {} % and keeps "
                        "{} / {} / {}", JSRT_256,
               (cell(SEGCERTIFY, "unet", "1.00", column=13, spec=".1f", code=table),
@@ -1078,14 +1070,13 @@ CLAIMS: list[Claim] = [
                             ("none", "ours (no denoiser)"),
                             ("FFDNet, natural images only", FFDNET_OURS),
                             ("DDPM trained on cxr_lungs", "ours (ddpm, trained on cxr_lungs, single-step)")]],
-    Claim(RESULTS, "(mean certified Dice over the classes {} / {} / {} against the UNet denoisers' {} / {} / {})",
-          "book/ablation_denoiser_jsrt.ipynb",
-          tuple(ranked(sigma, method) for method in ("ours (ddpm, this dataset, single-step)", "ours (unet)")
-                for sigma in SIGMAS)),
-    Claim("book/reference.md", "certifies more than the UNet denoisers (mean certified Dice {} / {} / {} against {} / {} / {} at sigma",
-          "book/ablation_denoiser_jsrt.ipynb",
-          tuple(ranked(sigma, method) for method in ("ours (ddpm, this dataset, single-step)", "ours (unet)")
-                for sigma in SIGMAS)),
+    *[Claim(markdown, text, "book/ablation_denoiser_jsrt.ipynb",
+            tuple(ranked(sigma, method) for method in ("ours (ddpm, this dataset, single-step)", "ours (unet)")
+                  for sigma in SIGMAS))
+      for markdown, text in [
+          (RESULTS, "(mean certified Dice over the classes {} / {} / {} against the UNet denoisers' {} / {} / {})"),
+          ("book/reference.md", "certifies more than the UNet denoisers (mean certified Dice {} / {} / {} against "
+                                "{} / {} / {} at sigma")]],
     *[Claim(RESULTS, f"| {label} | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % | {{}} / {{}} / {{}}, {{}} % |",
             "book/ablation_denoising_steps_jsrt.ipynb", dice_row(method, "resunetpp"))
       for label, method in [("single-step", OURS), ("10-step DDPM posterior", "ours (ddpm, 10-step)")]],

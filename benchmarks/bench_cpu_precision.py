@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -46,7 +45,7 @@ import torch
 from medcert_core.data import load_dataset
 from medcert_core.denoisers import DDPM_PRESETS, DiffusionDenoiser, linear_scheduler, load_denoiser
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
-from medcert_core.devices import BF16_CPU_FLAGS, autocast, cpu_flags, cpu_model_name
+from medcert_core.devices import BF16_CPU_FLAGS, autocast, cpu_flags, machine_record
 from medcert_core.io import write_json_atomically
 from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
 from medcert_core.models import create_model
@@ -64,11 +63,8 @@ SIZE, CHANNELS, CLASSES, BATCH = 128, 3, 4, 16
 
 def machine() -> dict[str, Any]:
     """CPU model, its bf16 flags, threads, torch version, commit."""
-    model = cpu_model_name()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "bf16_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node()}
+    return {**machine_record(), "commit": commit, "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def networks(sigma: float) -> dict[str, torch.nn.Module]:

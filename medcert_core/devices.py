@@ -71,11 +71,25 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (else ``platform.processor()``), for benchmark and cost records."""
+def cpu_model_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name from ``cpuinfo`` (else ``platform.processor()``), for benchmark and cost records."""
     import platform
 
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        lines = []
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
+                platform.processor() or platform.machine())
+
+
+def machine_record() -> dict[str, object]:
+    """What a benchmark, cost or choice JSON records of the machine it ran on: CPU model, its native bf16
+    flags, cores, torch threads and version, host name (the sessions of this project do not all get the same
+    CPU, so a timing is only compared with one taken on the same model)."""
+    import os
+    import platform
+
+    return {"cpu": cpu_model_name(), "bf16_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "host": platform.node()}

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medcert_core.devices import cpu_model_name
+from medcert_core.devices import machine_record
 from medcert_core.io import write_json_atomically
 from medcert_core.study.runs.store import METADATA
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomically({
         "what": (f"seconds of every stored {args.dataset} run{at_size}, start to end: certification, and the training of "
                  f"the models the run needed that were not cached yet (the first run to need one trains it)"),
-        "total_seconds": round(total, 1), "runs": runs, "cpu": cpu_model_name(), "cpus": os.cpu_count(),
+        "total_seconds": round(total, 1), "runs": runs, "machine": machine_record(),
         "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
     print(f"{len(runs)} runs of {args.dataset}{at_size}: {total:.0f} s ({total / 60:.1f} min)")
     return 0

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from medcert_core.data import load_dataset
-from medcert_core.devices import cpu_flags, resolve_precision
+from medcert_core.devices import machine_record, resolve_precision
 from medcert_core.io import write_json_atomically
 from medcert_core.models import IMAGE_ARCHITECTURES, create_model, model_capacity
 from medcert_core.training import PRESETS, preset_capacity, train_segmenter
@@ -85,9 +84,7 @@ def main() -> None:
         "what": __doc__.split("\n\n")[0], "dataset": args.dataset, "image_size": list(size),
         "split_block": args.split_block, "train_images": len(train), "val_images": len(val),
         "recipe": recipe,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "bf16_flags": sorted(
-                        flag for flag in cpu_flags() if "bf16" in flag)},
+        "machine": machine_record(),
     })
     result["presets"] = {  # every preset's widths at this dataset's input, for the reference's table
         preset: {arch: preset_capacity(preset, arch, in_channels=image.shape[0], num_classes=len(train.class_names),

@@ -13,7 +13,7 @@ from medcert_core.smoothing import SmoothedSegmenter
 from medcert_core.study.experiment import Experiment
 from medcert_core.study.runs.run import CertificationRun, Method
 
-XEON_AMX = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+XEON_AMX = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 OLD_XEON = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
 
 
@@ -24,6 +24,17 @@ def test_the_cpu_flags_say_whether_bf16_is_native(tmp_path, cpuinfo, native):
     flags = cpu_flags(path)
     assert any(flag in flags for flag in devices.BF16_CPU_FLAGS) is native
     assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_a_record_names_the_cpu_model_and_only_its_native_bf16_flags(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(XEON_AMX)
+    assert devices.cpu_model_name(path) == "Intel(R) Xeon(R) Processor"
+    assert devices.cpu_model_name(tmp_path / "absent")  # platform's name where there is no cpuinfo, never empty
+    record = devices.machine_record()
+    assert set(record) == {"cpu", "bf16_flags", "cpus", "torch_threads", "torch", "host"}
+    assert set(record["bf16_flags"]) == set(devices.BF16_CPU_FLAGS) & cpu_flags()
+    assert record["torch_threads"] == torch.get_num_threads() and record["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -885,3 +886,4 @@ def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
     assert {run["run"] for run in cost["runs"]} == {run.hash for run in mine}
     assert {run["image_size"] for run in cost["runs"]} == {32} and "at 32 px" in cost["what"]
     assert sorted(run["seconds"] for run in cost["runs"]) == [12.5, 30.0] and cost["total_seconds"] == 42.5
+    assert cost["machine"]["cpu"] and cost["machine"]["cpus"] == os.cpu_count()  # which CPU the seconds are of

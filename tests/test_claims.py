@@ -687,6 +687,15 @@ def paired(first: str, second: str, sigma: str, columns: tuple[int, ...], code: 
     return tuple(cell(first, second, sigma, column=column, spec="minus", code=code) for column in columns)
 
 
+def jsrt_ddpm_cost_on_cxr(pick: Callable[[list[float]], float]) -> Value:
+    """The least or largest lung Dice the JSRT DDPM costs against cxr_lungs' own, over the three sigmas."""
+    def text(notebook: Any) -> frozenset[str]:
+        means = [abs(float(next(iter(cell("resunetpp", "ours (ddpm, trained on jsrt, single-step)", sigma, column=3,
+                                          code="paired_differences")(notebook))).split()[0])) for sigma in SIGMAS]
+        return fmt(pick(means), ".2f")
+    return text
+
+
 # the JSRT chapter's table in results/README.md: each cell "now (before) [paper]"; the paper's numbers are constants
 JSRT_PAPER = {
     (OURS, "resunetpp"): (("0.95", "0.93", "0.78", "5"), ("0.94", "0.91", "0.63", "8"), ("0.90", "0.87", "0.28", "12")),
@@ -1277,6 +1286,13 @@ CLAIMS: list[Claim] = [
           (reversed_difference(cell("resunetpp", FFDNET_OURS, "0.25", column=3, code="paired_differences")),
            *(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=3, code="paired_differences"),
                        lambda text: text.split()[0].lstrip("-")) for sigma in ("0.50", "1.00")))),
+    Claim(RESULTS, "FFDNet {} / {} / {} behind, JSRT's DDPM {} to {}.", "9ac772d:" + ABLATION_CXR,
+          (*(calc_from(cell("resunetpp", FFDNET_OURS, sigma, column=3, code="paired_differences"),
+                       lambda text: text.split()[0].lstrip("-")) for sigma in SIGMAS),
+           *(jsrt_ddpm_cost_on_cxr(pick) for pick in (min, max)))),
+    *[Claim(markdown, text, ABLATION_CXR, tuple(jsrt_ddpm_cost_on_cxr(pick) for pick in (min, max)))
+      for markdown, text in [("book/intro.md", "on JSRT's adult radiographs costs {} to {} (capacity-matched"),
+                             (RESULTS, "**The DDPM trained on JSRT's adult radiographs** costs {} to {} (at σ = 1.0")]],
     # the main job at fp32, and the paper grid's hours
     Claim(README, "{} at fp32 on 2026-12-02", FP32_MAIN_JOB,
           (lambda data: frozenset([f"{int(round(data['seconds']['total'])) // 60} min "

@@ -56,6 +56,7 @@ from paper_reference import (  # noqa: E402
     synchronize,
 )
 
+from medcert_core.devices import cpu_model_name  # noqa: E402
 from medcert_core.io import user_cache_dir, write_json_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -218,15 +219,7 @@ def rss_peak_bytes() -> int:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
 def git_state() -> dict[str, Any]:

@@ -704,6 +704,10 @@ def test_differences_from_paper_state_settings_and_numbers():
             "is ahead on 1, tied (the interval holds 0) on 1 and behind on 1 of 3 (architecture, class) pairs "
             "(tied: resunetpp heart +0.00 [-0.05, +0.05]; behind: resunetpp clavicle -0.10 [-0.10, -0.10])."
             ) in text, "counted by the paired intervals, not by a margin of the means"
+    seeded = pd.concat([frame.assign(training_seed=seed) for seed in (0, 1)])
+    seeded_text = " ".join(paper.segcertify_against_ours(seeded))
+    assert "By the paired 95 % interval over 2 training seeds and the test images (3 or more per pair)" in seeded_text, \
+        "with repeated trainings the interval resamples seeds too, and the sentence says so"
     assert "at most 60 epochs, stopped after 8 without a better validation Dice, the best kept" in text
     assert "parameters: resunetpp 2.3 M" in text and "(0.6 M parameters)" in text and "ADM checkpoint (552.8 M)" in text
 

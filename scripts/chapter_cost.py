@@ -9,6 +9,9 @@ can be cited from a committed file rather than the ignored ``runs/`` folder.
 
     python scripts/chapter_cost.py --dataset isic2017 --out results/isic2017_chapter_cost.json
     python scripts/chapter_cost.py --dataset montgomery --image-size 256 --out results/montgomery_256_chapter_cost.json
+
+A grid trains the models its chapters lack before running them (``study.warm``); those seconds are in the
+grid's log, not in any run: ``--warm-up MODELS SECONDS`` records them beside the runs'.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="only runs at this size (default: any)")
     parser.add_argument("--results", type=Path, default=Path("runs/results"), help="the results store")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--warm-up", nargs=2, type=float, default=None, metavar=("MODELS", "SECONDS"),
+                        help="models the grid's warm-up trained before the runs and its wall seconds (its log's "
+                             "'[medcert] N models trained in S s'): not in the runs' own seconds")
     args = parser.parse_args(argv)
     runs = chapter_costs(args.results, args.dataset, args.image_size)
     at_size = "" if args.image_size is None else f" at {args.image_size} px"
@@ -60,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomically({
         "what": (f"seconds of every stored {args.dataset} run{at_size}, start to end: certification, and the training of "
                  f"the models the run needed that were not cached yet (the first run to need one trains it)"),
-        "total_seconds": round(total, 1), "runs": runs, "machine": machine_record(),
+        "total_seconds": round(total, 1), "runs": runs,
+        **({"warm_up": {"models": int(args.warm_up[0]), "wall_seconds": round(args.warm_up[1], 1),
+                        "what": "models trained before the runs, in one-thread processes, one per CPU core"}}
+           if args.warm_up else {}),
+        "machine": machine_record(),
         "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
     print(f"{len(runs)} runs of {args.dataset}{at_size}: {total:.0f} s ({total / 60:.1f} min)")
     return 0

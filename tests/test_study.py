@@ -891,3 +891,7 @@ def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
     assert {run["image_size"] for run in cost["runs"]} == {32} and "at 32 px" in cost["what"]
     assert sorted(run["seconds"] for run in cost["runs"]) == [12.5, 30.0] and cost["total_seconds"] == 42.5
     assert cost["machine"]["cpu"] and cost["machine"]["cpus"] == os.cpu_count()  # which CPU the seconds are of
+    assert "warm_up" not in cost
+    warmed = cost_of("--image-size", "32", "--warm-up", "2", "300.5")
+    assert warmed["warm_up"]["models"] == 2 and warmed["warm_up"]["wall_seconds"] == 300.5
+    assert warmed["total_seconds"] == 42.5, "the warm-up is recorded beside the runs' seconds, not added to them"

@@ -119,8 +119,9 @@ def test_certify_runs_builds_the_chapter_the_notebook_builds():
 
     experiment, runs = chapter_runs(REPO / "grids" / "jsrt.yaml", data_root="/data", device="cpu", root=REPO)
     notebook = _chapter("jsrt", data_root=experiment.data_root, test_images=25, device="cpu", interactive=False,
-                        precision="auto")  # as the grid says
+                        precision="auto", training_seeds=[0, 1, 2])  # as the grid says
     assert runs == notebook.runs() and experiment.test_images == 25
+    assert {run.training.training_seed for run in runs} == {None, 1, 2}, "seed 0 keeps the split's seed (its keys unchanged)"
     assert {run.arch for run in runs if run.method.name == "segcertify"} == {"resunetpp", "unet", "deeplabv2"}
 
 

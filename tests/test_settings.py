@@ -187,3 +187,17 @@ def test_a_grid_may_name_several_training_seeds_and_each_is_checked():
     check_setting("training_seeds", None, defaults)
     with pytest.raises(ValueError, match="parameter 'training_seeds': each training seed must be null or an integer"):
         check_setting("training_seeds", [0, -1], defaults)
+
+
+def test_every_dataset_chapter_template_shows_the_settings_of_all_its_training_seeds():
+    """A chapter run over several training seeds names them all: its settings table is the chapter's
+    (``DatasetChapter.settings_table``), not its first seed's experiment's (which says 'training seeds 0')."""
+    import nbformat
+
+    chapters = []
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        code = "\n".join(cell.source for cell in nbformat.read(str(path), as_version=4).cells if cell.cell_type == "code")
+        if "DatasetChapter.from_parameters" in code:
+            chapters.append(path.stem)
+            assert "chapter.settings_table()" in code and "experiment.settings_table()" not in code, path.name
+    assert {"jsrt", "cxr_lungs", "cvc_clinicdb", "dataset"} <= set(chapters)

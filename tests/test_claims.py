@@ -503,18 +503,22 @@ def shenzhen_claims() -> list[Claim]:
 MONTGOMERY_SEEDS = "book/montgomery_seeds.ipynb"
 
 
+def resunetpp_seed_rows(notebook: str) -> list[Claim]:
+    """A seeds chapter's per-seed table in results/README.md: ours and SegCertify with ResUNet++ at each sigma,
+    the certified Dice of the chapter's one class per training seed, their mean and sd (its seeds_table)."""
+    return [Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} | {{}} | {{}} | {{}} |", notebook,
+                  tuple(cell(method, "resunetpp", sigma, column=column, code="seeds_table") for column in range(4, 9)))
+            for label, method in (("ours", OURS), ("SegCertify", SEGCERTIFY))
+            for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))]
+
+
 def montgomery_seeds_claims() -> list[Claim]:
     """The Montgomery over three training seeds section of results/README.md: the chapter's tables (means over
     seeds and images, ours minus SegCertify with its two-level interval and seed spread) and the per-seed
     certified lung Dice of ours and SegCertify."""
-    def seed_row(label: str, method: str, sigma: str, shown: str) -> Claim:
-        return Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} | {{}} | {{}} | {{}} |", MONTGOMERY_SEEDS,
-                     tuple(cell(method, "resunetpp", sigma, column=column, code="seeds_table") for column in range(4, 9)))
-
     return [
         *dataset_chapter_claims(MONTGOMERY_SEEDS, {"resunetpp": ("0.96", "0.94", "0.89")}, archs=("resunetpp",)),
-        *[seed_row(label, method, sigma, shown) for label, method in (("ours", OURS), ("SegCertify", SEGCERTIFY))
-          for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))],
+        *resunetpp_seed_rows(MONTGOMERY_SEEDS),
         Claim(RESULTS, "runs of this chapter took {} s of a 2-core CPU, training included",
               "results/montgomery_seeds_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
         Claim(RESULTS, "Certified lung Dice per training seed (mean over the {} images)", MONTGOMERY_SEEDS,
@@ -548,6 +552,57 @@ def montgomery_seeds_claims() -> list[Claim]:
                cell(SEGCERTIFY, "resunetpp", "1.00", column=5, code="seeds_table"))),
         Claim(RESULTS, "background) becomes {}: no direction", MONTGOMERY_SEEDS,
               (against_segcertify("resunetpp", "1.00", 4, lambda text: text.rsplit(" sd", 1)[0]),)),
+    ]
+
+
+CVC_SEEDS, CVC_SEEDS_COST = "book/cvc_clinicdb_seeds.ipynb", "results/cvc_clinicdb_seeds_chapter_cost.json"
+
+
+def cvc_seeds_claims() -> list[Claim]:
+    """The CVC-ClinicDB over three training seeds section of results/README.md: the chapter's tables (means over
+    seeds and frames, ours minus SegCertify with its two-level interval and seed spread), the per-seed certified
+    polyp Dice, the segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
+    return [
+        *dataset_chapter_claims(CVC_SEEDS, {}, target="polyp", archs=("resunetpp",)),
+        *resunetpp_seed_rows(CVC_SEEDS),
+        Claim(RESULTS, "Best validation polyp Dice of ResUNet++ per seed: {} / {} / {} without noise, {} / {} / {} "
+                       "trained with noise 0.25", CVC_VAL,
+              tuple(at("segmenters", {"model": cvc_model("resunetpp", noise)["model"].replace("seed0", f"seed{seed}")},
+                       "best_val_dice", spec=".3f") for noise in ("0.0", "0.25") for seed in (0, 1, 2))),
+        Claim(RESULTS, "That chapter had ours ahead of SegCertify at every sigma ({}, {}, {}, intervals excluding 0); "
+                       "over three seeds ours − SegCertify is {}, {} and {} polyp Dice", CVC,
+              (*(against_segcertify("resunetpp", sigma, transform=lambda text: text.split()[0]) for sigma in SIGMAS),
+               *(elsewhere(against_segcertify("resunetpp", sigma, transform=lambda text: text.split()[0]), CVC_SEEDS)
+                 for sigma in SIGMAS))),
+        Claim(RESULTS, "Seed 0 was SegCertify's weakest training ({} / {} / {} at sigma 0.25 / 0.5 / 1.0, against "
+                       "{} / {} / {} and {} / {} / {} from seeds 1 and 2) and ours' strongest ({} / {} / {}, against "
+                       "{} / {} / {} and {} / {} / {})", CVC_SEEDS,
+              tuple(cell(method, "resunetpp", sigma, column=column, code="seeds_table")
+                    for method in (SEGCERTIFY, OURS) for column in (4, 5, 6) for sigma in SIGMAS)),
+        Claim(RESULTS, "**Ours abstains less** at sigma 0.25 ({} points less of the frame, [{}, {}]) and 0.5 ({} "
+                       "points, [{}, {}])", CVC_SEEDS,
+              tuple(against_segcertify("resunetpp", sigma, 4, lambda text, index=index: text.replace("[", "").replace(
+                  "]", "").replace(",", "").split()[index].lstrip(MINUS) if index == 0 else text.replace("[", "").replace(
+                  "]", "").replace(",", "").split()[index]) for sigma in SIGMAS[:2] for index in (0, 1, 2))),
+        Claim(RESULTS, "plain polyp Dice on the 40 clean frames {} / {} / {} for seeds 0 / 1 / 2; ours certifies "
+                       "{} / {} / {} over the seeds", CVC_SEEDS,
+              (*(cell("plain (noise 0)", "resunetpp", "0.00", column=column, code="seeds_table") for column in (4, 5, 6)),
+               *(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS))),
+        Claim(RESULTS, "(sd over seeds up to {} for ours and {} for SegCertify)", CVC_SEEDS,
+              tuple(calc_from(lambda data, method=method: frozenset(
+                  [max(texts, key=float) for texts in [[next(iter(cell(method, "resunetpp", sigma, column=8,
+                                                                       code="seeds_table")(data))) for sigma in SIGMAS]]]),
+                  str) for method in (OURS, SEGCERTIFY))),
+        Claim(RESULTS, "the 16 runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", CVC_SEEDS_COST,
+              (calc(lambda data: sum(run["seconds"] for run in data["runs"] if run["training_seed"] in (1, 2)),
+                    spec=",.0f"),)),
+        Claim(RESULTS, "before, in two one-thread processes, in {} s of wall time", CVC_SEEDS_COST,
+              (at("warm_up", "wall_seconds", spec=",.0f"),)),
+        Claim("book/intro.md", "ours certifies {} / {} / {} and ours − SegCertify is {}, {} and {} at σ = 0.25 / 0.5 / 1.0, "
+                               "no direction", CVC_SEEDS,
+              (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
+               *(against_segcertify("resunetpp", sigma, transform=lambda text: text.rsplit(" sd", 1)[0])
+                 for sigma in SIGMAS))),
     ]
 
 
@@ -1255,6 +1310,7 @@ CLAIMS: list[Claim] = [
     *shenzhen_claims(),
     *montgomery_256_claims(),
     *montgomery_seeds_claims(),
+    *cvc_seeds_claims(),
     *hippocampus_claims(),
     *isic_claims(),
     ffdnet_against_ddpm(MONTGOMERY, 27, "lung"),

@@ -851,7 +851,7 @@ def test_the_rerun_box_names_the_grid_file_an_entry_came_from(monkeypatch):
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    (cvc,) = load_grid(repo / "grids" / "cvc_clinicdb.yaml", repo / "notebooks")
+    cvc = load_grid(repo / "grids" / "cvc_clinicdb.yaml", repo / "notebooks")[0]
     sentence = rerun_grid_sentence(cvc)
     assert "`./run.sh grid grids/cvc_clinicdb.yaml`" in sentence, "relative to the project root"
     assert "study" not in sentence, "the jsrt study does not run this grid"

@@ -374,6 +374,11 @@ def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]]
     ]
 
 
+def interval_part(text: str, index: int) -> str:
+    """The mean (0), low (1) or high (2) of a printed "+0.04 [+0.02, +0.06] sd 0.02"."""
+    return text.replace("[", "").replace("]", "").replace(",", "").split()[index]
+
+
 def against_segcertify(arch: str, sigma: str, column: int = 3, transform: Callable[[str], str] = str) -> Value:
     """A cell of a chapter's ours-minus-SegCertify table (Unicode minus), transformed (e.g. its mean alone)."""
     return calc_from(cell(arch, OURS, sigma, column=column, spec="minus", code="ours_against_segcertify"), transform)
@@ -533,7 +538,7 @@ def montgomery_seeds_claims() -> list[Claim]:
               (against_segcertify("resunetpp", "1.00", transform=lambda text: text.split()[0]),)),
         Claim(RESULTS, "over three seeds ours is ahead by {}, the interval [{}, {}] excluding 0. At sigma 0.5 ours is "
                        "ahead at every seed ({}, interval", MONTGOMERY_SEEDS,
-              (*(against_segcertify("resunetpp", "1.00", transform=lambda text, index=index: text.replace("[", "").replace("]", "").replace(",", "").split()[index])
+              (*(against_segcertify("resunetpp", "1.00", transform=lambda text, index=index: interval_part(text, index))
                  for index in (0, 1, 2)),
                against_segcertify("resunetpp", "0.50", transform=lambda text: text.split()[0]))),
         Claim(RESULTS, "ahead at sigma 0.25 by {}; over three seeds the difference is {}, a tie", MONTGOMERY,
@@ -581,9 +586,8 @@ def cvc_seeds_claims() -> list[Claim]:
                     for method in (SEGCERTIFY, OURS) for column in (4, 5, 6) for sigma in SIGMAS)),
         Claim(RESULTS, "**Ours abstains less** at sigma 0.25 ({} points less of the frame, [{}, {}]) and 0.5 ({} "
                        "points, [{}, {}])", CVC_SEEDS,
-              tuple(against_segcertify("resunetpp", sigma, 4, lambda text, index=index: text.replace("[", "").replace(
-                  "]", "").replace(",", "").split()[index].lstrip(MINUS) if index == 0 else text.replace("[", "").replace(
-                  "]", "").replace(",", "").split()[index]) for sigma in SIGMAS[:2] for index in (0, 1, 2))),
+              tuple(against_segcertify("resunetpp", sigma, 4, lambda text, index=index: interval_part(text, index).lstrip(
+                  MINUS) if index == 0 else interval_part(text, index)) for sigma in SIGMAS[:2] for index in (0, 1, 2))),
         Claim(RESULTS, "plain polyp Dice on the 40 clean frames {} / {} / {} for seeds 0 / 1 / 2; ours certifies "
                        "{} / {} / {} over the seeds", CVC_SEEDS,
               (*(cell("plain (noise 0)", "resunetpp", "0.00", column=column, code="seeds_table") for column in (4, 5, 6)),

@@ -508,13 +508,14 @@ def shenzhen_claims() -> list[Claim]:
 MONTGOMERY_SEEDS = "book/montgomery_seeds.ipynb"
 
 
-def resunetpp_seed_rows(notebook: str) -> list[Claim]:
-    """A seeds chapter's per-seed table in results/README.md: ours and SegCertify with ResUNet++ at each sigma,
-    the certified Dice of the chapter's one class per training seed, their mean and sd (its seeds_table)."""
+def seed_rows(notebook: str, rows: tuple[tuple[str, str, str], ...] = (("ours", OURS, "resunetpp"),
+                                                                        ("SegCertify", SEGCERTIFY, "resunetpp"))
+              ) -> list[Claim]:
+    """A seeds chapter's per-seed table in results/README.md: each (label, method, arch) row at each sigma, the
+    certified Dice of the chapter's one class per training seed, their mean and sd (its seeds_table)."""
     return [Claim(RESULTS, f"| {label} | {shown} | {{}} | {{}} | {{}} | {{}} | {{}} |", notebook,
-                  tuple(cell(method, "resunetpp", sigma, column=column, code="seeds_table") for column in range(4, 9)))
-            for label, method in (("ours", OURS), ("SegCertify", SEGCERTIFY))
-            for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))]
+                  tuple(cell(method, arch, sigma, column=column, code="seeds_table") for column in range(4, 9)))
+            for label, method, arch in rows for sigma, shown in zip(SIGMAS, ("0.25", "0.5", "1.0"))]
 
 
 def montgomery_seeds_claims() -> list[Claim]:
@@ -523,7 +524,7 @@ def montgomery_seeds_claims() -> list[Claim]:
     certified lung Dice of ours and SegCertify."""
     return [
         *dataset_chapter_claims(MONTGOMERY_SEEDS, {"resunetpp": ("0.96", "0.94", "0.89")}, archs=("resunetpp",)),
-        *resunetpp_seed_rows(MONTGOMERY_SEEDS),
+        *seed_rows(MONTGOMERY_SEEDS),
         Claim(RESULTS, "runs of this chapter took {} s of a 2-core CPU, training included",
               "results/montgomery_seeds_chapter_cost.json", (at("total_seconds", spec=",.0f"),)),
         Claim(RESULTS, "Certified lung Dice per training seed (mean over the {} images)", MONTGOMERY_SEEDS,
@@ -564,16 +565,46 @@ CVC_SEEDS, CVC_SEEDS_COST = "book/cvc_clinicdb_seeds.ipynb", "results/cvc_clinic
 
 
 def cvc_seeds_claims() -> list[Claim]:
-    """The CVC-ClinicDB over three training seeds section of results/README.md: the chapter's tables (means over
-    seeds and frames, ours minus SegCertify with its two-level interval and seed spread), the per-seed certified
-    polyp Dice, the segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
+    """The CVC-ClinicDB over three training seeds section of results/README.md and its sentences in the
+    introduction: the chapter's tables (means over seeds and frames, ours minus SegCertify and each architecture
+    minus ResUNet++ with their two-level intervals and seed spread), the per-seed certified polyp Dice, the
+    segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
+    others = ("unet", "deeplabv2")
+
+    def val_dice(arch: str, noise: str) -> tuple[Value, ...]:
+        return tuple(at("segmenters", {"model": cvc_model(arch, noise)["model"].replace("seed0", f"seed{seed}")},
+                        "best_val_dice", spec=".3f") for seed in (0, 1, 2))
+
+    def ours(arch: str, column: int = 4, code: str = "paper_table(per_arch)") -> tuple[Value, ...]:
+        return tuple(cell(OURS, arch, sigma, column=column, code=code) for sigma in SIGMAS)
+
+    def against_resunetpp(data: Any) -> list[float]:
+        return [float(next(iter(interval(data))).split()[0]) for interval in
+                (cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
+                 for arch in others for sigma in SIGMAS)]
+
     return [
-        *dataset_chapter_claims(CVC_SEEDS, {}, target="polyp", archs=("resunetpp",)),
-        *resunetpp_seed_rows(CVC_SEEDS),
-        Claim(RESULTS, "Best validation polyp Dice of ResUNet++ per seed: {} / {} / {} without noise, {} / {} / {} "
-                       "trained with noise 0.25", CVC_VAL,
-              tuple(at("segmenters", {"model": cvc_model("resunetpp", noise)["model"].replace("seed0", f"seed{seed}")},
-                       "best_val_dice", spec=".3f") for noise in ("0.0", "0.25") for seed in (0, 1, 2))),
+        *dataset_chapter_claims(CVC_SEEDS, {}, target="polyp", archs=("resunetpp", *others)),
+        *seed_rows(CVC_SEEDS, (("ours", OURS, "resunetpp"), ("SegCertify", SEGCERTIFY, "resunetpp"),
+                               ("ours, UNet", OURS, "unet"), ("ours, DeepLabV2", OURS, "deeplabv2"))),
+        Claim(RESULTS, "ResUNet++ {} / {} / {} without noise, {} / {} / {} trained with noise 0.25; UNet {} / {} / {}; "
+                       "DeepLabV2 {} / {} / {}", CVC_VAL,
+              (*val_dice("resunetpp", "0.0"), *val_dice("resunetpp", "0.25"), *val_dice("unet", "0.0"),
+               *val_dice("deeplabv2", "0.0"))),
+        Claim(RESULTS, "UNet and DeepLabV2 certify more polyp than ResUNet++ at every sigma, by {} to {}, every "
+                       "interval excluding 0", CVC_SEEDS,
+              (calc(lambda data: min(against_resunetpp(data))), calc(lambda data: max(against_resunetpp(data))))),
+        Claim(RESULTS, "With ours, UNet certifies {} / {} / {} and DeepLabV2 {} / {} / {} at sigma 0.25 / 0.5 / 1.0: "
+                       "the paper's 0.45 is passed at sigma 0.25 by both, and by every seed of each ({} / {} / {} and "
+                       "{} / {} / {})", CVC_SEEDS,
+              (*ours("unet"), *ours("deeplabv2"),
+               *(cell(OURS, arch, "0.25", column=column, code="seeds_table") for arch in others for column in (4, 5, 6)))),
+        Claim("book/intro.md", "UNet certifies {} / {} / {} and DeepLabV2 {} / {} / {}, so the paper's 0.45 is passed at "
+                               "σ = 0.25 by the other two architectures", CVC_SEEDS, (*ours("unet"), *ours("deeplabv2"))),
+        Claim("book/intro.md", "DeepLabV2 − ResUNet++ {}, {}, {} and UNet − ResUNet++ {}, {}, {} at σ = 0.25 / 0.5 / 1.0 "
+                               "(`cvc_clinicdb_seeds.ipynb`", CVC_SEEDS,
+              tuple(calc_from(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first"),
+                              lambda text: text.rsplit(" sd", 1)[0]) for arch in reversed(others) for sigma in SIGMAS)),
         Claim(RESULTS, "That chapter had ours ahead of SegCertify at every sigma ({}, {}, {}, intervals excluding 0); "
                        "over three seeds ours − SegCertify is {}, {} and {} polyp Dice", CVC,
               (*(against_segcertify("resunetpp", sigma, transform=lambda text: text.split()[0]) for sigma in SIGMAS),
@@ -597,13 +628,14 @@ def cvc_seeds_claims() -> list[Claim]:
                   [max(texts, key=float) for texts in [[next(iter(cell(method, "resunetpp", sigma, column=8,
                                                                        code="seeds_table")(data))) for sigma in SIGMAS]]]),
                   str) for method in (OURS, SEGCERTIFY))),
-        Claim(RESULTS, "the 16 runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", CVC_SEEDS_COST,
-              (calc(lambda data: sum(run["seconds"] for run in data["runs"] if run["training_seed"] in (1, 2)),
-                    spec=",.0f"),)),
+        Claim(RESULTS, "the {} runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", CVC_SEEDS_COST,
+              (calc(lambda data: len([run for run in data["runs"] if run["training_seed"] in (1, 2)]), spec="d"),
+               calc(lambda data: sum(run["seconds"] for run in data["runs"] if run["training_seed"] in (1, 2)),
+                    spec=",.0f"))),
         Claim(RESULTS, "before, in two one-thread processes, in {} s of wall time", CVC_SEEDS_COST,
               (at("warm_up", "wall_seconds", spec=",.0f"),)),
-        Claim("book/intro.md", "ours certifies {} / {} / {} and ours − SegCertify is {}, {} and {} at σ = 0.25 / 0.5 / 1.0, "
-                               "no direction", CVC_SEEDS,
+        Claim("book/intro.md", "ours with ResUNet++ certifies {} / {} / {} and ours − SegCertify is {}, {} and {} at "
+                               "σ = 0.25 / 0.5 / 1.0, no direction", CVC_SEEDS,
               (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
                *(against_segcertify("resunetpp", sigma, transform=lambda text: text.rsplit(" sd", 1)[0])
                  for sigma in SIGMAS))),
@@ -1297,10 +1329,6 @@ CLAIMS: list[Claim] = [
                 for arch in ("resunetpp", "deeplabv2", "unet") for sigma in SIGMAS)),
     Claim("book/intro.md", "its validation Dice stopped improving at {} (half-size frames", CVC_VAL,
           (cvc_segmenter("resunetpp", "0.0", "best_val_dice", ".2f"),)),
-    Claim("book/intro.md", "DeepLabV2 − ResUNet++ {}, {}, {} and UNet − ResUNet++ {}, {}, {} at σ = 0.25 / 0.5 / 1.0 "
-                           "(`cvc_clinicdb.ipynb`)", CVC,
-          tuple(value for arch in ("deeplabv2", "unet") for sigma in SIGMAS
-                for value in paired(arch, OURS, sigma, (3,), "architectures_against_first"))),
     Claim("book/intro.md", "ResUNet++ itself is weak here: its plain polyp Dice on the same clean frames is {}", "book/cvc_clinicdb.ipynb",
           (cell("plain (noise 0)", "resunetpp", column=4, code="paper_table(comparison)"),)),
     Claim("book/intro.md", "certified lung Dice {} against the paper's 0.94; at σ = 1.0 it abstains on {} % of the image "

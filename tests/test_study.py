@@ -877,19 +877,36 @@ def test_a_chapters_cost_sums_its_own_runs_seconds(tmp_path):
     larger = {**mine[0].parameters(), "data": {**mine[0].parameters()["data"], "image_size": 64}}
     store.save_run(tmp_path, "another size", rows, maps, larger, device="cpu", seconds=7.0)
 
+    cache = tmp_path / "cache"
+    trained = {"segmenters/phantom_32_unet_smoke_noise0.0_seed0.pt": 60.0, "denoisers/ddpm_phantom_32_tiny_seed0": 90.0,
+               "denoisers/unet_phantom_64_sigma0.5_seed0": 5.0, "segmenters/phantom2_32_unet_seed0.pt": 7.0,
+               "segmenters/jsrt_32_unet_seed0.pt": 8.0}
+    for name, seconds in trained.items():  # completion markers as assets.mark_complete writes them
+        record = {"seconds": seconds, "machine": {"torch_threads": 1}, "load_average": [1.0, 1.0, 1.0],
+                  "finished": f"2026-12-07T10:00:{int(seconds):02d}+0000"}
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / f"{name}.complete").write_text(json.dumps({"model": Path(name).name, "files": {}, "training": record}))
+    (cache / "segmenters" / "phantom_32_resunetpp_seed0.pt.complete").write_text(  # marked before markers kept it
+        json.dumps({"model": "phantom_32_resunetpp_seed0.pt", "files": {}}))
+
     def cost_of(*size: str) -> dict:
         output = tmp_path / "cost.json"
         completed = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "chapter_cost.py"),
-                                    "--dataset", "phantom", *size, "--results", str(tmp_path), "--out", str(output)],
+                                    "--dataset", "phantom", *size, "--results", str(tmp_path), "--cache", str(cache),
+                                    "--out", str(output)],
                                    capture_output=True, text=True, timeout=120)
         assert completed.returncode == 0, completed.stderr
         return json.loads(output.read_text())
 
     assert cost_of()["total_seconds"] == 49.5
+    assert [model["model"] for model in cost_of()["models"]["trained"]] == [
+        "unet_phantom_64_sigma0.5_seed0", "phantom_32_unet_smoke_noise0.0_seed0.pt", "ddpm_phantom_32_tiny_seed0"]
     cost = cost_of("--image-size", "32")
     assert {run["run"] for run in cost["runs"]} == {run.hash for run in mine}
     assert {run["image_size"] for run in cost["runs"]} == {32} and "at 32 px" in cost["what"]
     assert sorted(run["seconds"] for run in cost["runs"]) == [12.5, 30.0] and cost["total_seconds"] == 42.5
+    assert cost["models"]["seconds"] == 150.0, "this dataset's models at 32 px, each from its marker, in no run's sum"
+    assert {model["threads"] for model in cost["models"]["trained"]} == {1}
     assert cost["machine"]["cpu"] and cost["machine"]["cpus"] == os.cpu_count()  # which CPU the seconds are of
     assert "warm_up" not in cost
     warmed = cost_of("--image-size", "32", "--warm-up", "2", "300.5")

@@ -3,6 +3,7 @@ parallel processes are the cache entries the chapters then find (nothing trained
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,9 @@ def test_models_trained_in_parallel_are_the_cache_entries_the_chapters_find(tmp_
     trained = warm_cache(jobs, workers=2)
     assert sorted(name for name, _ in trained) == sorted(job.path.name for job in jobs)
     assert all(job.complete for job in jobs) and missing_models([]) == []
+    records = [json.loads(assets.marker_path(job.path).read_text())["training"] for job in jobs]
+    assert [record["machine"]["torch_threads"] for record in records] == [1, 1], "trained in one-thread processes"
+    assert all(0 < record["seconds"] < 600 and len(record["load_average"]) == 3 for record in records)
     capsys.readouterr()
     assets.segmenter(tmp_path, data, training, "unet", 0.0, device="cpu")  # what a chapter calls: from the cache
     assets.resolve_denoiser_spec("unet:auto", 0.5, tmp_path, data, training, "cpu")

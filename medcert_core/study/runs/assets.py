@@ -7,7 +7,8 @@ it is trained on included (``_data<digest>``: the training splits' case ids and 
 silently reusing an old one.
 
 A cached model is complete when its marker ``<model>.complete`` exists: written atomically after the
-model's files (fsynced), it lists their sizes and sha256. A model without its marker is incomplete:
+model's files (fsynced), it lists their sizes and sha256, and what its training took (seconds, threads,
+machine, load: ``scripts/chapter_cost.py`` reads them). A model without its marker is incomplete:
 trained again (resumed from a checkpoint that loads; one that does not load is deleted). A model
 with its marker is never deleted: one that does not match its marker or does not load raises,
 naming the file.
@@ -27,8 +28,10 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +51,7 @@ from medcert_core.io import (
     load_weights,
     write_json_atomically,
 )
-from medcert_core.devices import AUTO, resolve_device
+from medcert_core.devices import AUTO, machine_record, resolve_device
 from medcert_core.study.runs.store import weight_files, weights_digest
 from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
 from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
@@ -106,16 +109,27 @@ def model_files(model: Path) -> dict[str, Path]:
     return {file.relative_to(model).as_posix(): file for file in weight_files(model)}
 
 
-def mark_complete(model: Path) -> Path:
+def training_record(started: float) -> dict[str, Any]:
+    """What a marker keeps of the training that ``started`` at this ``time.perf_counter()``: its seconds (of
+    the process that finished it: a resumed training counts its last part only), the machine and its threads,
+    the load average and when it ended."""
+    return {"seconds": round(time.perf_counter() - started, 1), "machine": machine_record(),
+            "load_average": [round(load, 2) for load in os.getloadavg()],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def mark_complete(model: Path, training: dict[str, Any] | None = None) -> Path:
     """Write the model's completion marker, atomically, once its files are on the disk (fsynced):
-    each file's size and sha256, checked by :func:`check_complete`."""
+    each file's size and sha256, checked by :func:`check_complete`, and ``training`` (its
+    :func:`training_record`) when it was trained here."""
     files = model_files(model)
     if not files:
         raise FileNotFoundError(f"no model files at {model} to mark complete")
     for file in {*files.values(), *(file.parent for file in files.values())}:
         fsync_path(file)
     entries = {name: {"size": file.stat().st_size, "sha256": file_digest(file)} for name, file in files.items()}
-    return write_json_atomically({"model": Path(model).name, "files": entries}, marker_path(model))
+    record = {"model": Path(model).name, "files": entries, **({"training": training} if training else {})}
+    return write_json_atomically(record, marker_path(model))
 
 
 def check_complete(model: Path) -> None:
@@ -170,13 +184,14 @@ def _cached_or_trained_segmenter(path: Path, data: DataSpec, training: TrainingS
     discard_unreadable_checkpoint(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     announce_training("segmenter", path)
+    started = time.perf_counter()
     model, config, _ = train_segmenter(
         data.load("train"), data.load("val"), arch=arch, preset=training.preset, noise_sigma=noise_sigma,
         epochs=training.epochs, seed=training_seed(data, training), checkpoint=path, device=device,
         precision=training.training_precision,
         patience=training.patience, flips=training.flips,
     )
-    mark_complete(path)
+    mark_complete(path, training_record(started))
     return model, config
 
 
@@ -282,6 +297,7 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
             return f"{kind}:{folder}"
         discard_unloadable_denoiser(kind, folder, sigma)
         announce_training(f"{kind} denoiser", folder)
+        started = time.perf_counter()
         train_set = data.load("train")
         if kind == "ddpm":
             train_ddpm(train_set, folder, preset=training.ddpm_preset, steps=training.ddpm_steps,
@@ -294,7 +310,7 @@ def resolve_denoiser_spec(spec: str, sigma: float, cache: Path, data: DataSpec, 
                                 batch_size=training.unet_denoiser_batch_size, seed=training_seed(data, training),
                                 device=device,
                                 precision=training.training_precision)
-        mark_complete(folder)
+        mark_complete(folder, training_record(started))
     return f"{kind}:{folder}"
 
 

@@ -93,3 +93,10 @@ def machine_record() -> dict[str, object]:
     return {"cpu": cpu_model_name(), "bf16_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "host": platform.node()}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: how busy the machine was when a timing was taken."""
+    import os
+
+    return [round(load, 2) for load in os.getloadavg()]

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from medcert_core.devices import machine_record
+from medcert_core.devices import load_average, machine_record
 from medcert_core.io import user_cache_dir, write_json_atomically
 from medcert_core.study.runs.store import METADATA
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         "what": "models trained before the runs, in one-thread processes, one per CPU core"}}
            if args.warm_up else {}),
         "machine": machine_record(),
-        "load_average_when_written": [round(load, 2) for load in os.getloadavg()]}, args.out)
+        "load_average_when_written": load_average()}, args.out)
     print(f"{len(runs)} runs of {args.dataset}{at_size}: {total:.0f} s ({total / 60:.1f} min); "
           f"{len(models)} models with a training record")
     return 0

@@ -561,6 +561,16 @@ def montgomery_seeds_claims() -> list[Claim]:
     ]
 
 
+def added_seeds_cost(cost: str) -> Claim:
+    """A seeds section's cost sentence: how many runs seeds 1 and 2 added to the chapter and their seconds."""
+    def added(data: Any) -> list[dict[str, Any]]:
+        return [run for run in data["runs"] if run["training_seed"] in (1, 2)]
+
+    return Claim(RESULTS, "the {} runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", cost,
+                 (calc(lambda data: len(added(data)), spec="d"),
+                  calc(lambda data: sum(run["seconds"] for run in added(data)), spec=",.0f")))
+
+
 CXR_SEEDS, CXR_SEEDS_COST = "book/cxr_lungs_seeds.ipynb", "results/cxr_lungs_seeds_chapter_cost.json"
 CXR_SEEDS_VAL = "results/cxr_lungs_seeds_segmenters_val.json"
 
@@ -575,15 +585,12 @@ def cxr_seeds_claims() -> list[Claim]:
                                                 f"_data948d4695474a.pt"}, "best_val_dice", spec=".3f")
                      for seed in (0, 1, 2))
 
-    seeds_1_2 = lambda data: [run for run in data["runs"] if run["training_seed"] in (1, 2)]  # noqa: E731
     return [
         *dataset_chapter_claims(CXR_SEEDS, {}, archs=("resunetpp",)),
         *seed_rows(CXR_SEEDS),
         Claim(RESULTS, "Best validation lung Dice of ResUNet++ per seed: {} / {} / {} without noise, {} / {} / {} "
                        "trained with noise 0.25", CXR_SEEDS_VAL, (*val_dice("0.0"), *val_dice("0.25"))),
-        Claim(RESULTS, "the {} runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", CXR_SEEDS_COST,
-              (calc(lambda data: len(seeds_1_2(data)), spec="d"),
-               calc(lambda data: sum(run["seconds"] for run in seeds_1_2(data)), spec=",.0f"))),
+        added_seeds_cost(CXR_SEEDS_COST),
         Claim(RESULTS, "in two one-thread processes, in {} s of wall time", CXR_SEEDS_COST,
               (at("warm_up", "wall_seconds", spec=",.0f"),)),
         Claim(RESULTS, "Ours is ahead of SegCertify at sigma 0.5 ({}, [{}, {}]) and 1.0 ({}, [{}, {}]), and at sigma "
@@ -594,8 +601,8 @@ def cxr_seeds_claims() -> list[Claim]:
         Claim(RESULTS, "**Ours does not move between trainings**: {} / {} / {} (sd over seeds {} at every sigma), "
                        "while SegCertify's sigma 0.5 moves from {} and {} to {} with its third training", CXR_SEEDS,
               (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
-               calc_from(lambda data: frozenset().union(*(cell(OURS, "resunetpp", sigma, column=8, code="seeds_table")(
-                   data) for sigma in SIGMAS)), lambda text: text),
+               lambda data: frozenset().union(*(cell(OURS, "resunetpp", sigma, column=8, code="seeds_table")(data)
+                                                for sigma in SIGMAS)),
                *(cell(SEGCERTIFY, "resunetpp", "0.50", column=column, code="seeds_table") for column in (4, 5, 6)))),
         Claim("book/intro.md", "over three training seeds of every model too, {}, `cxr_lungs_seeds.ipynb`", CXR_SEEDS,
               (against_segcertify("resunetpp", "0.25", transform=lambda text: text.rsplit(" sd", 1)[0]),)),
@@ -669,10 +676,7 @@ def cvc_seeds_claims() -> list[Claim]:
                   [max(texts, key=float) for texts in [[next(iter(cell(method, "resunetpp", sigma, column=8,
                                                                        code="seeds_table")(data))) for sigma in SIGMAS]]]),
                   str) for method in (OURS, SEGCERTIFY))),
-        Claim(RESULTS, "the {} runs of seeds 1 and 2 took {} s on the 2-core Intel Xeon", CVC_SEEDS_COST,
-              (calc(lambda data: len([run for run in data["runs"] if run["training_seed"] in (1, 2)]), spec="d"),
-               calc(lambda data: sum(run["seconds"] for run in data["runs"] if run["training_seed"] in (1, 2)),
-                    spec=",.0f"))),
+        added_seeds_cost(CVC_SEEDS_COST),
         Claim(RESULTS, "before, in two one-thread processes, in {} s of wall time", CVC_SEEDS_COST,
               (at("warm_up", "wall_seconds", spec=",.0f"),)),
         Claim("book/intro.md", "ours with ResUNet++ certifies {} / {} / {} and ours − SegCertify is {}, {} and {} at "

@@ -51,7 +51,7 @@ from medcert_core.io import (
     load_weights,
     write_json_atomically,
 )
-from medcert_core.devices import AUTO, machine_record, resolve_device
+from medcert_core.devices import AUTO, load_average, machine_record, resolve_device
 from medcert_core.study.runs.store import weight_files, weights_digest
 from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
 from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
@@ -114,7 +114,7 @@ def training_record(started: float) -> dict[str, Any]:
     the process that finished it: a resumed training counts its last part only), the machine and its threads,
     the load average and when it ended."""
     return {"seconds": round(time.perf_counter() - started, 1), "machine": machine_record(),
-            "load_average": [round(load, 2) for load in os.getloadavg()],
+            "load_average": load_average(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -100,3 +100,11 @@ def load_average() -> list[float]:
     import os
 
     return [round(load, 2) for load in os.getloadavg()]
+
+
+def local_timestamp() -> str:
+    """Now, to the second, in local time with its UTC offset (e.g. ``2026-12-07T16:49:51+0000``): when a run,
+    a training or a job a record describes ended or started."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

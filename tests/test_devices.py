@@ -3,6 +3,8 @@ and what it resolved to is what a certificate, a run's key and a chapter record.
 
 from __future__ import annotations
 
+import datetime
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,13 @@ def test_a_record_names_the_cpu_model_and_only_its_native_bf16_flags(tmp_path):
     assert set(record) == {"cpu", "bf16_flags", "cpus", "torch_threads", "torch", "host"}
     assert set(record["bf16_flags"]) == set(devices.BF16_CPU_FLAGS) & cpu_flags()
     assert record["torch_threads"] == torch.get_num_threads() and record["torch"] == torch.__version__
+
+
+def test_a_timestamp_is_now_to_the_second_with_its_utc_offset():
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    stamp = datetime.datetime.strptime(devices.local_timestamp(), "%Y-%m-%dT%H:%M:%S%z")
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert stamp.utcoffset() is not None and before <= stamp <= after
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])

@@ -63,6 +63,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from medcert_core.devices import local_timestamp
 from medcert_core.errors import NotebookFailed
 from medcert_core.io import file_lock, write_json_atomically
 from medcert_core.study.grid.local import execute, is_done
@@ -302,7 +303,7 @@ def run_on_slurm(entries: list[GridEntry], *, notebooks_dir: Path, book_dir: Pat
         jobs[entry.output] = (entry, job)
         submitted[entry.output] = {"job_id": str(job.job_id), "hash": entry.hash, "folder": str(job.paths.folder),
                                    "log": str(job.paths.stderr),
-                                   "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                                   "submitted": local_timestamp()}
     if submitted:
         _record_jobs(results_dir, submitted)
     if not wait:

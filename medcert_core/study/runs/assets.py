@@ -51,7 +51,7 @@ from medcert_core.io import (
     load_weights,
     write_json_atomically,
 )
-from medcert_core.devices import AUTO, load_average, machine_record, resolve_device
+from medcert_core.devices import AUTO, load_average, local_timestamp, machine_record, resolve_device
 from medcert_core.study.runs.store import weight_files, weights_digest
 from medcert_core.study.settings import UNET_DENOISER_BATCH, DataSpec, TrainingSpec
 from medcert_core.training import TrainConfig, load_segmenter, train_segmenter
@@ -115,7 +115,7 @@ def training_record(started: float) -> dict[str, Any]:
     the load average and when it ended."""
     return {"seconds": round(time.perf_counter() - started, 1), "machine": machine_record(),
             "load_average": load_average(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "finished": local_timestamp()}
 
 
 def mark_complete(model: Path, training: dict[str, Any] | None = None) -> Path:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import platform
 import subprocess
-import time
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medcert_core.devices import local_timestamp
 from medcert_core.io import (
     file_digest,
     file_lock,
@@ -128,7 +128,7 @@ def save_run(results_dir: str | Path, run_hash: str, rows: pd.DataFrame, maps: d
     write_json_atomically({
         "hash": run_hash, "parameters": parameters, "versions": package_versions(),
         "git_commit": git_commit(Path(__file__).parent), "platform": platform.platform(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+        "finished": local_timestamp(), **extra,
     }, folder / METADATA)
     return folder
 

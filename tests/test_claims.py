@@ -571,6 +571,19 @@ def added_seeds_cost(cost: str) -> Claim:
                   calc(lambda data: sum(run["seconds"] for run in added(data)), spec=",.0f")))
 
 
+def seed_val_dice(model: str) -> tuple[Value, ...]:
+    """A segmenter's best validation Dice (three decimals) for training seeds 0, 1 and 2, from a segmenters JSON;
+    ``model`` is the seed-0 file name."""
+    return tuple(at("segmenters", {"model": model.replace("seed0", f"seed{seed}")}, "best_val_dice", spec=".3f")
+                 for seed in (0, 1, 2))
+
+
+def largest_seed_sd(method: str, arch: str = "resunetpp") -> Value:
+    """The largest sd over training seeds, over the sigmas, of a seeds chapter's ``method`` row, as printed."""
+    return lambda data: frozenset([max((next(iter(cell(method, arch, sigma, column=8, code="seeds_table")(data)))
+                                        for sigma in SIGMAS), key=float)])
+
+
 CXR_SEEDS, CXR_SEEDS_COST = "book/cxr_lungs_seeds.ipynb", "results/cxr_lungs_seeds_chapter_cost.json"
 CXR_SEEDS_VAL = "results/cxr_lungs_seeds_segmenters_val.json"
 
@@ -581,9 +594,7 @@ def cxr_seeds_claims() -> list[Claim]:
     two-level interval and seed spread), the per-seed certified lung Dice, the segmenters' validation Dice per
     seed and the cost of the seeds the chapter added."""
     def val_dice(noise: str) -> tuple[Value, ...]:
-        return tuple(at("segmenters", {"model": f"folder_128_resunetpp_matched_e11_noise{noise}_p8_bf16_seed{seed}"
-                                                f"_data948d4695474a.pt"}, "best_val_dice", spec=".3f")
-                     for seed in (0, 1, 2))
+        return seed_val_dice(f"folder_128_resunetpp_matched_e11_noise{noise}_p8_bf16_seed0_data948d4695474a.pt")
 
     return [
         *dataset_chapter_claims(CXR_SEEDS, {}, archs=("resunetpp",)),
@@ -620,8 +631,7 @@ def cvc_seeds_claims() -> list[Claim]:
     others = ("unet", "deeplabv2")
 
     def val_dice(arch: str, noise: str) -> tuple[Value, ...]:
-        return tuple(at("segmenters", {"model": cvc_model(arch, noise)["model"].replace("seed0", f"seed{seed}")},
-                        "best_val_dice", spec=".3f") for seed in (0, 1, 2))
+        return seed_val_dice(cvc_model(arch, noise)["model"])
 
     def ours(arch: str, column: int = 4, code: str = "paper_table(per_arch)") -> tuple[Value, ...]:
         return tuple(cell(OURS, arch, sigma, column=column, code=code) for sigma in SIGMAS)
@@ -672,10 +682,7 @@ def cvc_seeds_claims() -> list[Claim]:
               (*(cell("plain (noise 0)", "resunetpp", "0.00", column=column, code="seeds_table") for column in (4, 5, 6)),
                *(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS))),
         Claim(RESULTS, "(sd over seeds up to {} for ours and {} for SegCertify)", CVC_SEEDS,
-              tuple(calc_from(lambda data, method=method: frozenset(
-                  [max(texts, key=float) for texts in [[next(iter(cell(method, "resunetpp", sigma, column=8,
-                                                                       code="seeds_table")(data))) for sigma in SIGMAS]]]),
-                  str) for method in (OURS, SEGCERTIFY))),
+              (largest_seed_sd(OURS), largest_seed_sd(SEGCERTIFY))),
         added_seeds_cost(CVC_SEEDS_COST),
         Claim(RESULTS, "before, in two one-thread processes, in {} s of wall time", CVC_SEEDS_COST,
               (at("warm_up", "wall_seconds", spec=",.0f"),)),
@@ -739,9 +746,7 @@ def isic_seeds_claims() -> list[Claim]:
     SegCertify with its two-level interval and seed spread), the per-seed certified lesion Dice, the
     segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
     def val_dice(noise: str) -> tuple[Value, ...]:
-        return tuple(at("segmenters", {"model": f"isic2017_128_resunetpp_matched_e4_noise{noise}_p8_flips_bf16_seed{seed}"
-                                                f"_datac455ee7b4247.pt"}, "best_val_dice", spec=".3f")
-                     for seed in (0, 1, 2))
+        return seed_val_dice(f"isic2017_128_resunetpp_matched_e4_noise{noise}_p8_flips_bf16_seed0_datac455ee7b4247.pt")
 
     ours = tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
     return [
@@ -758,9 +763,7 @@ def isic_seeds_claims() -> list[Claim]:
         Claim(RESULTS, "their nine models (three DDPMs, six ResUNet++) were trained before, in two one-thread "
                        "processes, in {} s of wall time", ISIC_SEEDS_COST, (at("warm_up", "wall_seconds", spec=",.0f"),)),
         Claim(RESULTS, "**Ours hardly moves between trainings**: {} / {} / {} over three seeds (sd at most {})",
-              ISIC_SEEDS, (*ours, calc(lambda data: max(float(next(iter(sd(data)))) for sd in
-                                                    (cell(OURS, "resunetpp", sigma, column=8, code="seeds_table")
-                                                     for sigma in SIGMAS)), spec=".2f"))),
+              ISIC_SEEDS, (*ours, largest_seed_sd(OURS))),
         Claim(RESULTS, "even with seed 2's segmenter at {} validation Dice", ISIC_SEEDS_VAL, (val_dice("0.0")[2],)),
         Claim(RESULTS, "at sigma 0.5 it certifies {} / {} / {} lesion Dice from three trainings of the same settings, "
                        "at sigma 1.0 {} / {} / {}", ISIC_SEEDS,

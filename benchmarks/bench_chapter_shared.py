@@ -16,7 +16,6 @@ full image count would take at that rate:
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from medcert_core.devices import load_average, local_timestamp
 from medcert_core.io import write_json_atomically
 from medcert_core.study.runs import assets
 from medcert_core.study.runs.run import run_all, run_certification
@@ -73,11 +73,11 @@ def main() -> None:
     payload = {
         "what": "a dataset chapter's certification runs one by one against run_all with shared draws "
                 "(benchmarks/bench_chapter_shared.py): same runs, same images, identical stored rows",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": local_timestamp(),
         "grid": args.grid, "chapter": args.chapter, "runs": len(runs),
         "smoothed_runs": sum(run.sigma > 0 for run in runs), "images": args.images,
         "segmenter_epochs": args.epochs, "device": args.device, "threads": torch.get_num_threads(),
-        "machine": platform.node(), "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
+        "machine": platform.node(), "cpus": os.cpu_count(), "load_average_before": load_average(),
         "seconds": {"one_by_one": round(before, 1), "shared_draws": round(after, 1)},
         "ratio": round(before / after, 3), "chapter_images": full,
         "seconds_per_image": {"one_by_one": round(before / args.images, 1),

@@ -30,10 +30,7 @@ the commit: timings taken while other work runs say little.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +42,8 @@ import torch
 from medcert_core.data import load_dataset
 from medcert_core.denoisers import DDPM_PRESETS, DiffusionDenoiser, linear_scheduler, load_denoiser
 from medcert_core.denoisers.unet_denoiser import UNetDenoiser
-from medcert_core.devices import BF16_CPU_FLAGS, autocast, cpu_flags, machine_record
+from medcert_core.devices import (BF16_CPU_FLAGS, autocast, cpu_flags, git_commit, load_average, local_timestamp,
+                                  machine_record)
 from medcert_core.io import write_json_atomically
 from medcert_core.metrics import MetricAccumulator, paired_bootstrap_interval
 from medcert_core.models import create_model
@@ -63,8 +61,7 @@ SIZE, CHANNELS, CLASSES, BATCH = 128, 3, 4, 16
 
 def machine() -> dict[str, Any]:
     """CPU model, its bf16 flags, threads, torch version, commit."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {**machine_record(), "commit": commit, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {**machine_record(), "commit": git_commit(ROOT), "date": local_timestamp()}
 
 
 def networks(sigma: float) -> dict[str, torch.nn.Module]:
@@ -239,9 +236,9 @@ def main() -> None:
         parser.error("agreement and certification use the models trained by the training part")
     if not any(flag in cpu_flags() for flag in BF16_CPU_FLAGS):
         print("this CPU has no AMX / AVX-512 BF16: bf16 runs emulated; the ratios say little about other machines")
-    load_before = os.getloadavg()
+    load_before = load_average()
     result: dict[str, Any] = {"what": __doc__.split("\n\n")[0], "machine": machine(),
-                              "load_average_before": [round(v, 2) for v in load_before],
+                              "load_average_before": load_before,
                               "settings": {"image_size": SIZE, "channels": CHANNELS, "batch": BATCH, "sigma": args.sigma,
                                            "epochs": args.epochs, "images": args.images, "repeats": args.repeats,
                                            "archs": list(archs), "parts": list(parts)}}
@@ -253,7 +250,7 @@ def main() -> None:
         result["agreement"] = agreement(models, args.data_root, args.sigma)
     if "certification" in parts:
         result["certification"] = certification(models, args.data_root, args.sigma, args.images)
-    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["load_average_after"] = load_average()
     write_json_atomically(result, args.output)
     print(f"-> {args.output}")
 

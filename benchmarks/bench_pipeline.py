@@ -56,7 +56,7 @@ from paper_reference import (  # noqa: E402
     synchronize,
 )
 
-from medcert_core.devices import cpu_model_name  # noqa: E402
+from medcert_core.devices import cpu_model_name, load_average  # noqa: E402
 from medcert_core.io import user_cache_dir, write_json_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -632,7 +632,7 @@ def run_header(args: argparse.Namespace, device: torch.device, form: str) -> dic
         "complete": False,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
+                   "cpus": os.cpu_count(), "load_average_at_start": load_average()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "numpy": np.__version__, "scipy": scipy.__version__, "statsmodels": statsmodels.__version__},
         "git": git_state(),
@@ -730,7 +730,7 @@ def main() -> None:
         write_json_atomically(result, output)
 
     best = summarize(result, reference, target)
-    result["device"]["load_average_at_end"] = list(os.getloadavg())
+    result["device"]["load_average_at_end"] = load_average()
     if device.type == "cpu":
         result["rss_peak_bytes"] = rss_peak_bytes()
     result["total_seconds"] = time.perf_counter() - start

@@ -19,7 +19,6 @@ denoiser the chapter trains.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cpu_precision, when run as a script
 from bench_cpu_precision import machine  # noqa: E402
 
-from medcert_core.devices import resolve_device  # noqa: E402
+from medcert_core.devices import load_average, resolve_device  # noqa: E402
 from medcert_core.io import write_json_atomically  # noqa: E402
 from medcert_core.study.runs.run import certify_image, smoothed_segmenter  # noqa: E402
 from medcert_core.study.workflow import chapter_runs  # noqa: E402
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volumes", type=int, default=3)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()
+    load_before = load_average()
     experiment, runs = chapter_runs(GRID, data_root=str(DATA), device="cpu")
     chosen = [run for run in runs if run.sigma == args.sigma]
     rows = []
@@ -122,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     first = chosen[0]
     result = {"what": __doc__.split("\n\n")[0], "grid": str(GRID.relative_to(ROOT)), "n0": first.n0, "n": first.n,
               "volume voxels (padded)": list(first.data.image_size), "precision": first.precision,
-              "machine": machine(), "load_average_before": [round(v, 2) for v in load_before],
-              "load_average_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
+              "machine": machine(), "load_average_before": load_before,
+              "load_average_after": load_average(), "rows": rows}
     result["training_rows"] = training_rows(tuple(first.data.image_size))
-    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["load_average_after"] = load_average()
     write_json_atomically(result, args.output)
     print(f"-> {args.output}")
     return 0

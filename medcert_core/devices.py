@@ -108,3 +108,17 @@ def local_timestamp() -> str:
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def git_commit(folder: str | Path = ".") -> str | None:
+    """The checked-out commit of the repository holding ``folder`` (+ "-dirty" with local changes; None outside
+    a repository or without git): which code a run, benchmark or choice was made with."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")

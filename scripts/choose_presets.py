@@ -19,10 +19,7 @@ and input (resumable); an output of another recipe is refused.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from typing import Any
 import torch
 
 from medcert_core.data import load_dataset
-from medcert_core.devices import machine_record, resolve_precision
+from medcert_core.devices import git_commit, load_average, local_timestamp, machine_record, resolve_precision
 from medcert_core.io import write_json_atomically
 from medcert_core.models import IMAGE_ARCHITECTURES, create_model, model_capacity
 from medcert_core.training import PRESETS, preset_capacity, train_segmenter
@@ -79,7 +76,7 @@ def main() -> None:
                                  or result.get("split_block") != args.split_block):
         parser.error(f"{output} holds candidates of another recipe or input ({result.get('recipe')}, "
                      f"{result.get('image_size')}, split block {result.get('split_block')}): give another --output")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(ROOT)
     result.update({
         "what": __doc__.split("\n\n")[0], "dataset": args.dataset, "image_size": list(size),
         "split_block": args.split_block, "train_images": len(train), "val_images": len(val),
@@ -95,7 +92,7 @@ def main() -> None:
             print(f"{name}: done before, kept")
             continue
         candidate = CANDIDATES[name]
-        load_before = os.getloadavg()[0]
+        load_before = load_average()[0]
         start = time.perf_counter()
         _, config, history = train_segmenter(
             train, val, arch=candidate["arch"], preset="matched", model_kwargs=candidate["model_kwargs"],
@@ -108,8 +105,8 @@ def main() -> None:
                                                        **candidate["model_kwargs"]), (1, image.shape[0], *size)),
             "best_val_dice": best, "best_epoch": curve.index(best) + 1, "epochs_run": len(curve),
             "val_dice_per_epoch": curve, "seconds": round(time.perf_counter() - start, 1),
-            "load_average_before": round(load_before, 2),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "load_average_before": load_before,
+            "date": local_timestamp(), "commit": commit,
         }
         print(f"{name}: best val Dice {best} at epoch {curve.index(best) + 1} of {len(curve)}", flush=True)
         write_json_atomically(result, output)

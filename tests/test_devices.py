@@ -4,6 +4,7 @@ and what it resolved to is what a certificate, a run's key and a chapter record.
 from __future__ import annotations
 
 import datetime
+import subprocess
 
 import numpy as np
 import pytest
@@ -44,6 +45,23 @@ def test_a_timestamp_is_now_to_the_second_with_its_utc_offset():
     stamp = datetime.datetime.strptime(devices.local_timestamp(), "%Y-%m-%dT%H:%M:%S%z")
     after = datetime.datetime.now(datetime.timezone.utc)
     assert stamp.utcoffset() is not None and before <= stamp <= after
+
+
+def test_git_commit_names_the_checked_out_commit_and_marks_local_changes(tmp_path):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    subprocess.run([*git, "-C", str(tmp_path), "add", "a.txt"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-qm", "one"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert devices.git_commit(tmp_path) == head and len(head) == 40
+    (tmp_path / "a.txt").write_text("two")
+    assert devices.git_commit(tmp_path) == f"{head}-dirty"
+    (tmp_path / "untracked.txt").write_text("not part of the code")
+    (tmp_path / "a.txt").write_text("one")
+    assert devices.git_commit(tmp_path) == head
+    assert devices.git_commit(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])

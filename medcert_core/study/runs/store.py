@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import subprocess
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcert_core.devices import local_timestamp
+from medcert_core.devices import git_commit, local_timestamp
 from medcert_core.io import (
     file_digest,
     file_lock,
@@ -99,17 +98,6 @@ def package_versions() -> dict[str, str]:
             versions[name] = "not installed"
     versions["python"] = platform.python_version()
     return versions
-
-
-def git_commit(folder: str | Path = ".") -> str | None:
-    """The checked-out commit of the repository holding ``folder`` (+ "-dirty" with local changes)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def save_run(results_dir: str | Path, run_hash: str, rows: pd.DataFrame, maps: dict[str, np.ndarray],

@@ -584,6 +584,25 @@ def largest_seed_sd(method: str, arch: str = "resunetpp") -> Value:
                                         for sigma in SIGMAS), key=float)])
 
 
+def retrained_seeds_claims(val: str, model: str, chapter_segmenters: str, cost: str, target: str) -> list[Claim]:
+    """A seeds section whose three seeds were all trained here (the chapter's own models were trained on another
+    CPU): ResUNet++'s best validation ``target`` Dice per seed without and with noise 0.25 (``model``: seed 0's
+    file without noise, in ``val``), the chapter's own two from ``chapter_segmenters``, and from ``cost`` the runs'
+    seconds and the warm-up that trained the nine models."""
+    return [
+        Claim(RESULTS, f"Best validation {target} Dice of ResUNet++ per seed: {{}} / {{}} / {{}} without noise, "
+                       "{} / {} / {} trained with noise 0.25", val,
+              (*seed_val_dice(model), *seed_val_dice(model.replace("noise0.0", "noise0.25")))),
+        Claim(RESULTS, "the chapter's own, trained on another CPU, had {} and {})", chapter_segmenters,
+              tuple(at("segmenters", {"arch": "resunetpp", "noise_sigma": noise}, "best_val_dice", spec=".3f")
+                    for noise in (0.0, 0.25))),
+        Claim(RESULTS, "the {} runs of the three seeds took {} s on the 2-core Intel Xeon", cost,
+              (calc(lambda data: len(data["runs"]), spec="d"), at("total_seconds", spec=",.0f"))),
+        Claim(RESULTS, "their nine models (three DDPMs, six ResUNet++) were trained before, in two one-thread "
+                       "processes, in {} s of wall time", cost, (at("warm_up", "wall_seconds", spec=",.0f"),)),
+    ]
+
+
 CXR_SEEDS, CXR_SEEDS_COST = "book/cxr_lungs_seeds.ipynb", "results/cxr_lungs_seeds_chapter_cost.json"
 CXR_SEEDS_VAL = "results/cxr_lungs_seeds_segmenters_val.json"
 
@@ -745,26 +764,16 @@ def isic_seeds_claims() -> list[Claim]:
     introduction: the chapter's tables (means over seeds and images beside the paper's Table 3, ours minus
     SegCertify with its two-level interval and seed spread), the per-seed certified lesion Dice, the
     segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
-    def val_dice(noise: str) -> tuple[Value, ...]:
-        return seed_val_dice(f"isic2017_128_resunetpp_matched_e4_noise{noise}_p8_flips_bf16_seed0_datac455ee7b4247.pt")
-
+    model = "isic2017_128_resunetpp_matched_e4_noise0.0_p8_flips_bf16_seed0_datac455ee7b4247.pt"
     ours = tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
     return [
         *dataset_chapter_claims(ISIC_SEEDS, {"resunetpp": ("0.85", "0.83", "0.77")}, "lesion", ("0.79", "0.41", "0.00"),
                                 archs=("resunetpp",)),
         *seed_rows(ISIC_SEEDS),
-        Claim(RESULTS, "Best validation lesion Dice of ResUNet++ per seed: {} / {} / {} without noise, {} / {} / {} "
-                       "trained with noise 0.25", ISIC_SEEDS_VAL, (*val_dice("0.0"), *val_dice("0.25"))),
-        Claim(RESULTS, "the chapter's own, trained on another CPU, had {} and {})", ISIC_SEGMENTERS,
-              tuple(at("segmenters", {"arch": "resunetpp", "noise_sigma": noise}, "best_val_dice", spec=".3f")
-                    for noise in (0.0, 0.25))),
-        Claim(RESULTS, "the {} runs of the three seeds took {} s on the 2-core Intel Xeon", ISIC_SEEDS_COST,
-              (calc(lambda data: len(data["runs"]), spec="d"), at("total_seconds", spec=",.0f"))),
-        Claim(RESULTS, "their nine models (three DDPMs, six ResUNet++) were trained before, in two one-thread "
-                       "processes, in {} s of wall time", ISIC_SEEDS_COST, (at("warm_up", "wall_seconds", spec=",.0f"),)),
+        *retrained_seeds_claims(ISIC_SEEDS_VAL, model, ISIC_SEGMENTERS, ISIC_SEEDS_COST, "lesion"),
         Claim(RESULTS, "**Ours hardly moves between trainings**: {} / {} / {} over three seeds (sd at most {})",
               ISIC_SEEDS, (*ours, largest_seed_sd(OURS))),
-        Claim(RESULTS, "even with seed 2's segmenter at {} validation Dice", ISIC_SEEDS_VAL, (val_dice("0.0")[2],)),
+        Claim(RESULTS, "even with seed 2's segmenter at {} validation Dice", ISIC_SEEDS_VAL, (seed_val_dice(model)[2],)),
         Claim(RESULTS, "at sigma 0.5 it certifies {} / {} / {} lesion Dice from three trainings of the same settings, "
                        "at sigma 1.0 {} / {} / {}", ISIC_SEEDS,
               tuple(cell(SEGCERTIFY, "resunetpp", sigma, column=column, code="seeds_table")

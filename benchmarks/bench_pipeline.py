@@ -35,7 +35,6 @@ import os
 import platform
 import resource
 import statistics as stats
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,7 +55,7 @@ from paper_reference import (  # noqa: E402
     synchronize,
 )
 
-from medcert_core.devices import cpu_model_name, load_average  # noqa: E402
+from medcert_core.devices import cpu_model_name, git_commit, load_average  # noqa: E402
 from medcert_core.io import user_cache_dir, write_json_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,14 +222,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_state() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"commit": commit or None, "uncommitted_changes": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
+    """devices.git_commit in this JSON's older form: the commit and whether tracked files had local changes."""
+    commit = git_commit(PROJECT)
+    if commit is None:
         return {"commit": None}
+    return {"commit": commit.removesuffix("-dirty"), "uncommitted_changes": commit.endswith("-dirty")}
 
 
 def labels_numpy(labels: Any) -> np.ndarray:

@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     first = chosen[0]
     result = {"what": __doc__.split("\n\n")[0], "grid": str(GRID.relative_to(ROOT)), "n0": first.n0, "n": first.n,
               "volume voxels (padded)": list(first.data.image_size), "precision": first.precision,
-              "machine": machine(), "load_average_before": load_before,
-              "load_average_after": load_average(), "rows": rows}
+              "machine": machine(), "load_average_before": load_before, "rows": rows}
     result["training_rows"] = training_rows(tuple(first.data.image_size))
     result["load_average_after"] = load_average()
     write_json_atomically(result, args.output)

@@ -343,6 +343,11 @@ FFDNET_OURS = "ours (ffdnet, FFDNet, natural images only)"
 ARCH_LABELS = {"resunetpp": "ResUNet++", "unet": "UNet", "deeplabv2": "DeepLabV2"}
 
 
+def ours_dice(arch: str = "resunetpp") -> tuple[Value, ...]:
+    """Ours' certified Dice with ``arch`` at sigma 0.25 / 0.5 / 1.0, from a dataset chapter's per-architecture table."""
+    return tuple(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
+
+
 def dataset_chapter_claims(notebook: str, paper: dict[str, tuple[str, str, str]], target: str = "lung",
                            segcertify_paper: tuple[str, str, str] | None = None,
                            archs: tuple[str, ...] = tuple(ARCH_LABELS)) -> list[Claim]:
@@ -460,9 +465,6 @@ def shenzhen_claims() -> list[Claim]:
     def val_dice(arch: str, noise: float) -> Value:
         return at("segmenters", {"arch": arch, "noise_sigma": noise}, "best_val_dice", spec=".3f")
 
-    def ours(arch: str) -> tuple[Value, ...]:
-        return tuple(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
-
     segcertify_1 = cell(SEGCERTIFY, "resunetpp", "1.00", column=4, code="paper_table(comparison)")
     return [
         *dataset_chapter_claims(SHENZHEN, {"resunetpp": ("0.95", "0.93", "0.90"), "unet": ("0.95", "0.93", "0.89"),
@@ -477,7 +479,7 @@ def shenzhen_claims() -> list[Claim]:
                        "sigma 0.25 noise). Paired differences over the 40 images", SHENZHEN,
               tuple(cell(method, "resunetpp", column=4, code="paper_table(comparison)")
                     for method in ("plain (noise 0)", "plain (noise 0.25)"))),
-        Claim(RESULTS, "matches the paper**: {} / {} / {} against its 0.95 / 0.93 / 0.90", SHENZHEN, ours("resunetpp")),
+        Claim(RESULTS, "matches the paper**: {} / {} / {} against its 0.95 / 0.93 / 0.90", SHENZHEN, ours_dice("resunetpp")),
         Claim(RESULTS, "ahead at 0.5 by less than 0.01 ({}, the interval's lower end just above 0), tied at 0.25 and "
                        "tied at 1.0 ({})", SHENZHEN, (against_segcertify("resunetpp", "0.50"),
                                                      against_segcertify("resunetpp", "1.00"))),
@@ -491,8 +493,8 @@ def shenzhen_claims() -> list[Claim]:
         Claim(RESULTS, "certified SegCertify at {} at sigma 1.0, and ours ahead by {}; this training of its "
                        "noise-trained segmenter certifies {}", SHENZHEN_BEFORE,
               (segcertify_1, against_segcertify("resunetpp", "1.00"), elsewhere(segcertify_1, SHENZHEN))),
-        Claim(RESULTS, "Ours moved by at most 0.01 ({} / {} / {} before)", SHENZHEN_BEFORE, ours("resunetpp")),
-        Claim(RESULTS, "DeepLabV2 certifies {} / {} / {} here", SHENZHEN, ours("deeplabv2")),
+        Claim(RESULTS, "Ours moved by at most 0.01 ({} / {} / {} before)", SHENZHEN_BEFORE, ours_dice("resunetpp")),
+        Claim(RESULTS, "DeepLabV2 certifies {} / {} / {} here", SHENZHEN, ours_dice("deeplabv2")),
         ffdnet_against_ddpm(SHENZHEN, 40, "lung"),
         Claim("book/intro.md", "and on Shenzhen's 40 by {} / {} / {} (each interval below 0", SHENZHEN,
               tuple(unsigned_mean(ffdnet_difference(sigma)) for sigma in SIGMAS)),
@@ -531,7 +533,7 @@ def montgomery_seeds_claims() -> list[Claim]:
               (calc_from(cell("test images", column=1, code="settings_table"), lambda text: text.split()[0]),)),
         Claim(RESULTS, "**Ours does not move between trainings**: {} / {} / {} at every seed, the single-training "
                        "chapter's numbers", MONTGOMERY,
-              tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+              ours_dice()),
         Claim(RESULTS, "**SegCertify at sigma 1.0 depends on its training**: {} / {} / {} certified lung Dice",
               MONTGOMERY_SEEDS, tuple(cell(SEGCERTIFY, "resunetpp", "1.00", column=column, code="seeds_table")
                                       for column in (4, 5, 6))),
@@ -551,7 +553,7 @@ def montgomery_seeds_claims() -> list[Claim]:
                elsewhere(against_segcertify("resunetpp", "1.00", 4, lambda text: text.split()[0]), MONTGOMERY))),
         Claim("book/intro.md", "ours certifies {} / {} / {} at every seed and stays ahead of SegCertify at σ = 0.5 and 1.0 "
                                "({} and {}, the interval", MONTGOMERY_SEEDS,
-              (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
+              (*ours_dice(),
                *(against_segcertify("resunetpp", sigma, transform=lambda text: text.split()[0]) for sigma in SIGMAS[1:]))),
         Claim("book/intro.md", "certified Dice at σ = 1.0 moves between {} and {} from one training", MONTGOMERY_SEEDS,
               (cell(SEGCERTIFY, "resunetpp", "1.00", column=4, code="seeds_table"),
@@ -630,7 +632,7 @@ def cxr_seeds_claims() -> list[Claim]:
                against_segcertify("resunetpp", "0.25", transform=lambda text: text.rsplit(" sd", 1)[0]))),
         Claim(RESULTS, "**Ours does not move between trainings**: {} / {} / {} (sd over seeds {} at every sigma), "
                        "while SegCertify's sigma 0.5 moves from {} and {} to {} with its third training", CXR_SEEDS,
-              (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
+              (*ours_dice(),
                lambda data: frozenset().union(*(cell(OURS, "resunetpp", sigma, column=8, code="seeds_table")(data)
                                                 for sigma in SIGMAS)),
                *(cell(SEGCERTIFY, "resunetpp", "0.50", column=column, code="seeds_table") for column in (4, 5, 6)))),
@@ -652,9 +654,6 @@ def cvc_seeds_claims() -> list[Claim]:
     def val_dice(arch: str, noise: str) -> tuple[Value, ...]:
         return seed_val_dice(cvc_model(arch, noise)["model"])
 
-    def ours(arch: str, column: int = 4, code: str = "paper_table(per_arch)") -> tuple[Value, ...]:
-        return tuple(cell(OURS, arch, sigma, column=column, code=code) for sigma in SIGMAS)
-
     def against_resunetpp(data: Any) -> list[float]:
         return [float(next(iter(interval(data))).split()[0]) for interval in
                 (cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
@@ -674,10 +673,10 @@ def cvc_seeds_claims() -> list[Claim]:
         Claim(RESULTS, "With ours, UNet certifies {} / {} / {} and DeepLabV2 {} / {} / {} at sigma 0.25 / 0.5 / 1.0: "
                        "the paper's 0.45 is passed at sigma 0.25 by both, and by every seed of each ({} / {} / {} and "
                        "{} / {} / {})", CVC_SEEDS,
-              (*ours("unet"), *ours("deeplabv2"),
+              (*ours_dice("unet"), *ours_dice("deeplabv2"),
                *(cell(OURS, arch, "0.25", column=column, code="seeds_table") for arch in others for column in (4, 5, 6)))),
         Claim("book/intro.md", "UNet certifies {} / {} / {} and DeepLabV2 {} / {} / {}, so the paper's 0.45 is passed at "
-                               "σ = 0.25 by the other two architectures", CVC_SEEDS, (*ours("unet"), *ours("deeplabv2"))),
+                               "σ = 0.25 by the other two architectures", CVC_SEEDS, (*ours_dice("unet"), *ours_dice("deeplabv2"))),
         Claim("book/intro.md", "DeepLabV2 − ResUNet++ {}, {}, {} and UNet − ResUNet++ {}, {}, {} at σ = 0.25 / 0.5 / 1.0 "
                                "(`cvc_clinicdb_seeds.ipynb`", CVC_SEEDS,
               tuple(calc_from(cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first"),
@@ -699,7 +698,7 @@ def cvc_seeds_claims() -> list[Claim]:
         Claim(RESULTS, "plain polyp Dice on the 40 clean frames {} / {} / {} for seeds 0 / 1 / 2; ours certifies "
                        "{} / {} / {} over the seeds", CVC_SEEDS,
               (*(cell("plain (noise 0)", "resunetpp", "0.00", column=column, code="seeds_table") for column in (4, 5, 6)),
-               *(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS))),
+               *ours_dice())),
         Claim(RESULTS, "(sd over seeds up to {} for ours and {} for SegCertify)", CVC_SEEDS,
               (largest_seed_sd(OURS), largest_seed_sd(SEGCERTIFY))),
         added_seeds_cost(CVC_SEEDS_COST),
@@ -707,7 +706,7 @@ def cvc_seeds_claims() -> list[Claim]:
               (at("warm_up", "wall_seconds", spec=",.0f"),)),
         Claim("book/intro.md", "ours with ResUNet++ certifies {} / {} / {} and ours − SegCertify is {}, {} and {} at "
                                "σ = 0.25 / 0.5 / 1.0, no direction", CVC_SEEDS,
-              (*(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS),
+              (*ours_dice(),
                *(against_segcertify("resunetpp", sigma, transform=lambda text: text.rsplit(" sd", 1)[0])
                  for sigma in SIGMAS))),
     ]
@@ -728,7 +727,7 @@ def isic_claims() -> list[Claim]:
         return calc(lambda data: get(data, ("paired_against_single_step", {"sigma": sigma, "denoiser": FFDNET_BOX},
                                             key)), spec)
 
-    ours = [cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS]
+    ours = list(ours_dice())
     return [
         *dataset_chapter_claims(ISIC, {"resunetpp": ("0.85", "0.83", "0.77")}, "lesion", ("0.79", "0.41", "0.00")),
         Claim(RESULTS, "Plain lesion Dice on the clean test images: ResUNet++ {} (trained without noise), {} (with "
@@ -765,7 +764,7 @@ def isic_seeds_claims() -> list[Claim]:
     SegCertify with its two-level interval and seed spread), the per-seed certified lesion Dice, the
     segmenters' validation Dice per seed and the cost of the seeds the chapter added."""
     model = "isic2017_128_resunetpp_matched_e4_noise0.0_p8_flips_bf16_seed0_datac455ee7b4247.pt"
-    ours = tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)
+    ours = ours_dice()
     return [
         *dataset_chapter_claims(ISIC_SEEDS, {"resunetpp": ("0.85", "0.83", "0.77")}, "lesion", ("0.79", "0.41", "0.00"),
                                 archs=("resunetpp",)),
@@ -1518,9 +1517,9 @@ CLAIMS: list[Claim] = [
     *paper_gap_claims(),
     ffdnet_against_ddpm(MONTGOMERY, 27, "lung"),
     Claim("book/intro.md", "On Montgomery ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
-          MONTGOMERY, tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+          MONTGOMERY, ours_dice()),
     Claim("book/intro.md", "Shenzhen it certifies {} / {} / {} on 40 test images", SHENZHEN,
-          tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+          ours_dice()),
     Claim("book/intro.md", "is not seen ({} and {} here)", SHENZHEN,
           tuple(cell(OURS, "deeplabv2", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS[1:])),
     Claim(RESULTS, "has the higher PSNR at sigma 0.25 (+{} dB [+{}, +{}]; the DDPM works at 64 px", MONTGOMERY_GATE,
@@ -1621,7 +1620,7 @@ CLAIMS: list[Claim] = [
           (*(cell("blocked (20 ids)", "polyp", column=column, code="plain_dice_by_split") for column in (2, 3, 4)),
            *(elsewhere(cvc_resunetpp_last_five(pick), CVC_VAL) for pick in (min, max)))),
     Claim(RESULTS, "Ours with ResUNet++ certifies {} / {} / {} at sigma 0.25 / 0.5 / 1.0, below the paper's 0.45", CVC,
-          tuple(cell(OURS, "resunetpp", sigma, column=4, code="paper_table(per_arch)") for sigma in SIGMAS)),
+          ours_dice()),
     Claim(RESULTS, "UNet certifies {} / {} at sigma 0.25 / 0.5 and DeepLabV2 {} / {} (validation Dice {} and {})", CVC,
           (*(cell(OURS, arch, sigma, column=4, code="paper_table(per_arch)")
              for arch in ("unet", "deeplabv2") for sigma in SIGMAS[:2]),

@@ -10,6 +10,11 @@ the website (the job's own lines). The load average before the start is recorded
 
     python benchmarks/main_job_timing.py                 # clones HEAD of this checkout into a temporary folder
     python benchmarks/main_job_timing.py --keep DIR      # ... into DIR, kept afterwards
+    python benchmarks/main_job_timing.py --out benchmarks/results/main_job_timing_without_bf16.json  # another CPU
+
+The machine (CPU model, its native bf16 flags, cores) is recorded by the package's own
+``devices.machine_record``, run in the clone's environment once the job has installed it: what
+``precision: auto`` resolves to depends on those flags, so a time is only compared with one of the same CPU.
 
 The package cache of pip is whatever this machine has (a warm cache: about 2 minutes of install).
 """
@@ -20,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -77,9 +81,18 @@ def model_phases(lines: list[tuple[float, str]], cache: Path, start_wall: float)
     return models
 
 
+def machine_of(clone: Path) -> dict:
+    """``medcert_core.devices.machine_record()`` as the clone's own environment reports it."""
+    code = "import json; from medcert_core.devices import machine_record; print(json.dumps(machine_record()))"
+    output = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", code], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, default=None, help="clone into this folder and keep it")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the JSON to write (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
     load_before = os.getloadavg()
     work = args.keep or Path(tempfile.mkdtemp(prefix="medcert_main_job_"))
@@ -98,7 +111,7 @@ def main() -> None:
         "what": "./run.sh (the README's main job: the quick study on the embedded phantoms, ending in the website) "
                 "from a fresh clone, install included",
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit.strip(),
-        "machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+        "machine": machine_of(clone), "python": sys.version.split()[0],
         "load_average_before": [round(value, 2) for value in load_before],
         "seconds": {"total": round(seconds, 1), "install": None if install is None else round(install, 1),
                     "grid": grid, "of_which_models_trained_before_the_chapters": warm_up, "website": website},
@@ -106,8 +119,8 @@ def main() -> None:
         "chapters": chapter_phases(clone / "book", start_wall),
         "log": "each output line with its time is in main_job.log next to the clone (not committed)",
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["seconds"]), f"-> {RESULTS}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["seconds"]), f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -860,6 +860,51 @@ QUICK, PAPER_SMALL = "benchmarks/results/bench_pipeline_quick_cpu.json", "benchm
 SHARED, CHAPTER_SHARED = "benchmarks/results/bench_shared_draws_cpu.json", "benchmarks/results/bench_chapter_shared_cpu.json"
 GRID_COST, MAIN_JOB = "benchmarks/results/paper_grid_cost.json", "benchmarks/results/main_job_timing.json"
 FP32_MAIN_JOB = "bac0672:benchmarks/results/main_job_timing.json"  # the main job before bf16, as committed then
+NO_BF16_MAIN_JOB = "benchmarks/results/main_job_timing_without_bf16.json"  # the main job on a CPU without native bf16
+
+
+def minutes_and_seconds(data: Any) -> frozenset[str]:
+    """A main-job JSON's total as ``12 min 46 s``."""
+    total = int(round(data["seconds"]["total"]))
+    return frozenset([f"{total // 60} min {total % 60} s"])
+
+
+def without_native_bf16(data: Any) -> frozenset[str]:
+    """``AMD EPYC with neither AMX nor avx512_bf16``: the CPU of a main-job JSON, said to lack bf16 only if it does."""
+    machine = data["machine"]
+    assert machine["bf16_flags"] == [], f"{machine['cpu']} has {machine['bf16_flags']}"
+    return frozenset([f"{machine['cpu']} with neither AMX nor avx512_bf16"])
+
+
+def main_job_without_bf16_claims() -> list[Claim]:
+    """The main job on a CPU without native bf16, in the README and the performance chapter."""
+    commit = lambda data: frozenset([data["commit"][:7]])
+    day = lambda data: frozenset([data["date"][:10]])
+    seconds = lambda *path: at("seconds", *path, spec=".0f")
+    trained = lambda index: at("models_trained", index, "seconds", spec=".0f")
+    return [
+        Claim(README, "the same job takes longer: **{}** on a 2-core {}, from a fresh clone on {} at commit {}",
+              NO_BF16_MAIN_JOB, (minutes_and_seconds,
+                                 calc_from(without_native_bf16, lambda text: text.replace("with neither AMX nor", "without AMX or")),
+                                 day, commit)),
+        Claim(PERFORMANCE, "2-core {}, `auto` resolves to fp32 (the models' names carry no `_bf16`), and on {} at commit "
+                           "{}, load average {} at the start, the main job took {}: {} s of install, {} s for the grid "
+                           "and {} s for the website. Of the grid, the six models took {} s, two at a time (the DDPM {} s; "
+                           "the two segmenters {} and {} s; the three UNet denoisers {}, {} and {} s), and the four "
+                           "chapters {}, {}, {} and {} s", NO_BF16_MAIN_JOB,
+              (without_native_bf16, day, commit, at("load_average_before", 0, spec=".1f"), minutes_and_seconds,
+               seconds("install"), seconds("grid"), seconds("website"),
+               seconds("of_which_models_trained_before_the_chapters"),
+               *(trained(index) for index in range(6)),
+               *(at("chapters", index, "seconds", spec=".0f") for index in range(4)))),
+        Claim(PERFORMANCE, "its DDPM took {} s where the Xeon's fp32 run (bac0672) took {} s, its segmenters {} and {} s "
+                           "against {} and {} s", NO_BF16_MAIN_JOB,
+              (trained(0), elsewhere(trained(0), FP32_MAIN_JOB), trained(1), trained(2),
+               elsewhere(trained(1), FP32_MAIN_JOB), elsewhere(trained(2), FP32_MAIN_JOB))),
+        Claim(PERFORMANCE, "on one without it, plan for about {} the time", NO_BF16_MAIN_JOB,
+              (lambda data: frozenset(["twice"] if round(data["seconds"]["total"] / load(MAIN_JOB)["seconds"]["total"]) == 2
+                                      else []),)),
+    ]
 PRESET_CHOICE = "results/preset_choice_jsrt_val.json"
 CVC_CHOICE, CVC_VAL = "results/preset_choice_cvc_clinicdb_val.json", "results/cvc_clinicdb_segmenters_val.json"
 
@@ -1515,6 +1560,7 @@ CLAIMS: list[Claim] = [
     *isic_claims(),
     *isic_seeds_claims(),
     *paper_gap_claims(),
+    *main_job_without_bf16_claims(),
     ffdnet_against_ddpm(MONTGOMERY, 27, "lung"),
     Claim("book/intro.md", "On Montgomery ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
           MONTGOMERY, ours_dice()),

@@ -876,6 +876,37 @@ def without_native_bf16(data: Any) -> frozenset[str]:
     return frozenset([f"{machine['cpu']} with neither AMX nor avx512_bf16"])
 
 
+NO_BF16_BENCH = "benchmarks/results/bench_cpu_precision_without_bf16.json"
+
+
+def emulated_slowdown(setting: str, pick: Callable[[list[float]], float], spec: str) -> Value:
+    """The least or largest factor by which ``setting`` is slower than fp32 over the benchmark's networks."""
+    return calc(lambda data: pick([row[setting]["seconds_per_batch"] / row["fp32"]["seconds_per_batch"]
+                                   for row in data["throughput"].values()]), spec)
+
+
+def bf16_without_hardware_claims() -> list[Claim]:
+    """The performance chapter's throughput table on a CPU without native bf16 and what it concludes."""
+    def row(label: str, network: str) -> Claim:
+        return Claim(PERFORMANCE, f"| {label} | {{}} s | {{}}× | {{}}× |", NO_BF16_BENCH,
+                     (at("throughput", network, "fp32", "seconds_per_batch", spec=".3f"),
+                      *(at("throughput", network, setting, "ratio_to_fp32") for setting in ("bf16", "bf16+cl"))))
+
+    return [
+        *(row(label, network) for label, network in (
+            ("UNet (tiny)", "unet"), ("ResUNet++ (tiny)", "resunetpp"), ("DeepLabV2 (tiny)", "deeplabv2"),
+            ("DDPM (tiny, single step)", "ddpm (64 px, single step)"), ("FFDNet", "ffdnet"),
+            ("UNet denoiser", "unet denoiser"))),
+        Claim(PERFORMANCE, "on a 2-core {} that has neither flag", NO_BF16_BENCH,
+              (lambda data: frozenset([data["machine"]["cpu"]] if data["machine"]["bf16_flags"] == [] else []),)),
+        Claim(PERFORMANCE, "load average {} before and {} after", NO_BF16_BENCH,
+              (at("load_average_before", 0), at("load_average_after", 0))),
+        Claim(PERFORMANCE, "emulated: {} to {} times slower than fp32, and {} to {} times slower with channels_last",
+              NO_BF16_BENCH, (emulated_slowdown("bf16", min, ".0f"), emulated_slowdown("bf16", max, ".0f"),
+                              emulated_slowdown("bf16+cl", min, ".1f"), emulated_slowdown("bf16+cl", max, ".1f"))),
+    ]
+
+
 def main_job_without_bf16_claims() -> list[Claim]:
     """The main job on a CPU without native bf16, in the README and the performance chapter."""
     commit = lambda data: frozenset([data["commit"][:7]])
@@ -901,6 +932,8 @@ def main_job_without_bf16_claims() -> list[Claim]:
                            "against {} and {} s", NO_BF16_MAIN_JOB,
               (trained(0), elsewhere(trained(0), FP32_MAIN_JOB), trained(1), trained(2),
                elsewhere(trained(1), FP32_MAIN_JOB), elsewhere(trained(2), FP32_MAIN_JOB))),
+        Claim(REFERENCE, "On a 2-core {} without native bf16, where `auto` is fp32, the same job took {} on {}",
+              NO_BF16_MAIN_JOB, (lambda data: frozenset([data["machine"]["cpu"]]), minutes_and_seconds, day)),
         Claim(PERFORMANCE, "on one without it, plan for about {} the time", NO_BF16_MAIN_JOB,
               (lambda data: frozenset(["twice"] if round(data["seconds"]["total"] / load(MAIN_JOB)["seconds"]["total"]) == 2
                                       else []),)),
@@ -1561,6 +1594,7 @@ CLAIMS: list[Claim] = [
     *isic_seeds_claims(),
     *paper_gap_claims(),
     *main_job_without_bf16_claims(),
+    *bf16_without_hardware_claims(),
     ffdnet_against_ddpm(MONTGOMERY, 27, "lung"),
     Claim("book/intro.md", "On Montgomery ResUNet++ certifies lung Dice {} / {} / {} at σ = 0.25 / 0.5 / 1.0 on all 27 test",
           MONTGOMERY, ours_dice()),

@@ -286,6 +286,11 @@ def cell(*key: str, column: int, code: str, spec: str | None = None) -> Value:
     return text
 
 
+def printed_number(value: Value, data: Any) -> float:
+    """The number a one-text ``value`` prints in ``data`` (its first word: the mean of "+0.04 [+0.02, +0.06]")."""
+    return float(next(iter(value(data))).split()[0])
+
+
 def reversed_difference(value: Value) -> Value:
     """``-0.01 [-0.01, -0.00]`` (ours minus SegCertify) read the other way: ``0.01 [0.00, 0.01]``."""
     def text(notebook: Any) -> frozenset[str]:
@@ -655,7 +660,7 @@ def cvc_seeds_claims() -> list[Claim]:
         return seed_val_dice(cvc_model(arch, noise)["model"])
 
     def against_resunetpp(data: Any) -> list[float]:
-        return [float(next(iter(interval(data))).split()[0]) for interval in
+        return [printed_number(interval, data) for interval in
                 (cell(arch, OURS, sigma, column=3, spec="minus", code="architectures_against_first")
                  for arch in others for sigma in SIGMAS)]
 
@@ -869,11 +874,11 @@ def minutes_and_seconds(data: Any) -> frozenset[str]:
     return frozenset([f"{total // 60} min {total % 60} s"])
 
 
-def without_native_bf16(data: Any) -> frozenset[str]:
-    """``AMD EPYC with neither AMX nor avx512_bf16``: the CPU of a main-job JSON, said to lack bf16 only if it does."""
+def cpu_without_bf16(data: Any) -> frozenset[str]:
+    """The CPU model a benchmark JSON records, said to lack native bf16 only if its flags are empty."""
     machine = data["machine"]
     assert machine["bf16_flags"] == [], f"{machine['cpu']} has {machine['bf16_flags']}"
-    return frozenset([f"{machine['cpu']} with neither AMX nor avx512_bf16"])
+    return frozenset([machine["cpu"]])
 
 
 NO_BF16_BENCH = "benchmarks/results/bench_cpu_precision_without_bf16.json"
@@ -897,8 +902,7 @@ def bf16_without_hardware_claims() -> list[Claim]:
             ("UNet (tiny)", "unet"), ("ResUNet++ (tiny)", "resunetpp"), ("DeepLabV2 (tiny)", "deeplabv2"),
             ("DDPM (tiny, single step)", "ddpm (64 px, single step)"), ("FFDNet", "ffdnet"),
             ("UNet denoiser", "unet denoiser"))),
-        Claim(PERFORMANCE, "on a 2-core {} that has neither flag", NO_BF16_BENCH,
-              (lambda data: frozenset([data["machine"]["cpu"]] if data["machine"]["bf16_flags"] == [] else []),)),
+        Claim(PERFORMANCE, "on a 2-core {} that has neither flag", NO_BF16_BENCH, (cpu_without_bf16,)),
         Claim(PERFORMANCE, "load average {} before and {} after", NO_BF16_BENCH,
               (at("load_average_before", 0), at("load_average_after", 0))),
         Claim(PERFORMANCE, "emulated: {} to {} times slower than fp32, and {} to {} times slower with channels_last",
@@ -914,16 +918,14 @@ def main_job_without_bf16_claims() -> list[Claim]:
     seconds = lambda *path: at("seconds", *path, spec=".0f")
     trained = lambda index: at("models_trained", index, "seconds", spec=".0f")
     return [
-        Claim(README, "the same job takes longer: **{}** on a 2-core {}, from a fresh clone on {} at commit {}",
-              NO_BF16_MAIN_JOB, (minutes_and_seconds,
-                                 calc_from(without_native_bf16, lambda text: text.replace("with neither AMX nor", "without AMX or")),
-                                 day, commit)),
-        Claim(PERFORMANCE, "2-core {}, `auto` resolves to fp32 (the models' names carry no `_bf16`), and on {} at commit "
+        Claim(README, "the same job takes longer: **{}** on a 2-core {} without AMX or avx512_bf16, from a fresh clone "
+                      "on {} at commit {}", NO_BF16_MAIN_JOB, (minutes_and_seconds, cpu_without_bf16, day, commit)),
+        Claim(PERFORMANCE, "2-core {} with neither AMX nor avx512_bf16, `auto` resolves to fp32 (the models' names carry no `_bf16`), and on {} at commit "
                            "{}, load average {} at the start, the main job took {}: {} s of install, {} s for the grid "
                            "and {} s for the website. Of the grid, the six models took {} s, two at a time (the DDPM {} s; "
                            "the two segmenters {} and {} s; the three UNet denoisers {}, {} and {} s), and the four "
                            "chapters {}, {}, {} and {} s", NO_BF16_MAIN_JOB,
-              (without_native_bf16, day, commit, at("load_average_before", 0, spec=".1f"), minutes_and_seconds,
+              (cpu_without_bf16, day, commit, at("load_average_before", 0, spec=".1f"), minutes_and_seconds,
                seconds("install"), seconds("grid"), seconds("website"),
                seconds("of_which_models_trained_before_the_chapters"),
                *(trained(index) for index in range(6)),
@@ -933,7 +935,7 @@ def main_job_without_bf16_claims() -> list[Claim]:
               (trained(0), elsewhere(trained(0), FP32_MAIN_JOB), trained(1), trained(2),
                elsewhere(trained(1), FP32_MAIN_JOB), elsewhere(trained(2), FP32_MAIN_JOB))),
         Claim(REFERENCE, "On a 2-core {} without native bf16, where `auto` is fp32, the same job took {} on {}",
-              NO_BF16_MAIN_JOB, (lambda data: frozenset([data["machine"]["cpu"]]), minutes_and_seconds, day)),
+              NO_BF16_MAIN_JOB, (cpu_without_bf16, minutes_and_seconds, day)),
         Claim(PERFORMANCE, "on one without it, plan for about {} the time", NO_BF16_MAIN_JOB,
               (lambda data: frozenset(["twice"] if round(data["seconds"]["total"] / load(MAIN_JOB)["seconds"]["total"]) == 2
                                       else []),)),
@@ -1014,8 +1016,8 @@ def paired(first: str, second: str, sigma: str, columns: tuple[int, ...], code: 
 def jsrt_ddpm_cost_on_cxr(pick: Callable[[list[float]], float]) -> Value:
     """The least or largest lung Dice the JSRT DDPM costs against cxr_lungs' own, over the three sigmas."""
     def text(notebook: Any) -> frozenset[str]:
-        means = [abs(float(next(iter(cell("resunetpp", "ours (ddpm, trained on jsrt, single-step)", sigma, column=3,
-                                          code="paired_differences")(notebook))).split()[0])) for sigma in SIGMAS]
+        means = [abs(printed_number(cell("resunetpp", "ours (ddpm, trained on jsrt, single-step)", sigma, column=3,
+                                         code="paired_differences"), notebook)) for sigma in SIGMAS]
         return fmt(pick(means), ".2f")
     return text
 
@@ -1121,7 +1123,7 @@ def paper_lead_over_others(pick: Callable[[list[float]], float]) -> Value:
     """The least or largest lead of the paper's ResUNet++ over its UNet and DeepLabV2 (Table 1, Montgomery),
     over the three sigmas, as the Montgomery chapter prints the paper's numbers."""
     def text(notebook: Any) -> frozenset[str]:
-        number = lambda arch, sigma: float(next(iter(beside_paper(arch, sigma, 5)(notebook))))
+        number = lambda arch, sigma: printed_number(beside_paper(arch, sigma, 5), notebook)
         return fmt(pick([number("resunetpp", sigma) - number(other, sigma)
                          for other in ("unet", "deeplabv2") for sigma in SIGMAS]), ".2f")
     return text
@@ -1131,7 +1133,7 @@ def matched_against_tiny_abstention(pick: Callable[[list[float]], float]) -> Val
     """The least or largest extra whole-image abstention (points) of the matched JSRT segmenters (0471317) over the
     earlier `tiny` ones (4d7945a), ours, over the three architectures and sigmas."""
     def abstained(notebook: Any, arch: str, sigma: str) -> float:
-        return float(next(iter(cell(OURS, arch, sigma, column=13, code="paper_table(per_arch)")(notebook))))
+        return printed_number(cell(OURS, arch, sigma, column=13, code="paper_table(per_arch)"), notebook)
 
     return calc(lambda _: pick([abstained(load(JSRT_BEFORE), arch, sigma) - abstained(load("4d7945a:" + JSRT), arch, sigma)
                                 for arch in ARCH_LABELS for sigma in SIGMAS]), ".1f")
